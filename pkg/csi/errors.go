@@ -1,0 +1,58 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/store"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// errNotCached is returned for pullPolicy=Never when the node lacks the model.
+var errNotCached = errors.New("not cached")
+
+// errDigestMismatch is returned when a digest pin does not match the model.
+var errDigestMismatch = errors.New("digest mismatch")
+
+// publishError maps an error from resolving, downloading or mounting a model
+// onto the CSI code kubelet acts on, with a sentence saying what to do next.
+// This is the only place that chooses codes for the publish path.
+func publishError(uri string, err error) error {
+	var inProgress *store.InProgressError
+	switch {
+	case errors.As(err, &inProgress):
+		// Non-final: kubelet keeps the target directory and retries, and the
+		// retry joins the running download (invariant 4).
+		return status.Errorf(codes.Aborted, "model %s is still downloading to this node: %v; kubelet retries and the retry joins the same download", uri, inProgress)
+	case errors.Is(err, source.ErrUnsafePath):
+		return status.Errorf(codes.InvalidArgument, "model %s cannot be cached: %v; rename or remove that object at the remote", uri, err)
+	case errors.Is(err, source.ErrInvalid):
+		return status.Errorf(codes.InvalidArgument, "%v", err)
+	case errors.Is(err, source.ErrNotFound):
+		return status.Errorf(codes.NotFound, "model %s was not found: %v; check the modelUri's bucket and path", uri, err)
+	case errors.Is(err, source.ErrDenied):
+		return status.Errorf(codes.PermissionDenied, "the remote refused the credentials for %s: %v; check the node-publish secret grants read and list access", uri, err)
+	case errors.Is(err, source.ErrChanged):
+		return status.Errorf(codes.Unavailable, "model %s changed at the remote while downloading: %v", uri, err)
+	case errors.Is(err, source.ErrUnavailable):
+		return status.Errorf(codes.Unavailable, "the remote for %s could not be reached: %v; kubelet will retry", uri, err)
+	case errors.Is(err, store.ErrNoSpace):
+		return status.Errorf(codes.ResourceExhausted, "the cache filesystem on this node is full while storing %s: %v; free space or raise the cache budget", uri, err)
+	case errors.Is(err, errNotCached):
+		return status.Errorf(codes.FailedPrecondition, "model %s is not cached on this node and pullPolicy is Never; prefetch it or use pullPolicy IfNotPresent", uri)
+	case errors.Is(err, errDigestMismatch):
+		return status.Errorf(codes.FailedPrecondition, "model %s: %v; update the digest attribute or restore the pinned model at the remote", uri, err)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		return status.Errorf(codes.DeadlineExceeded, "publishing %s: %v; kubelet will retry", uri, err)
+	default:
+		return status.Errorf(codes.Internal, "publishing %s: %v", uri, err)
+	}
+}
+
+// mismatch formats a digest pin failure.
+func mismatch(want, got string) error {
+	return fmt.Errorf("%w: the digest attribute pins %s but the model's content digest is %s", errDigestMismatch, want, got)
+}

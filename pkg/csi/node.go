@@ -1,0 +1,334 @@
+package csi
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/mount"
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/state"
+	"github.com/modelcache/modelcache/pkg/store"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+)
+
+// Volume attributes (DESIGN.md "Names").
+const (
+	AttrModelURI   = "modelUri"
+	AttrPullPolicy = "pullPolicy"
+	AttrDigest     = "digest"
+
+	podNameKey      = "csi.storage.k8s.io/pod.name"
+	podNamespaceKey = "csi.storage.k8s.io/pod.namespace"
+	podUIDKey       = "csi.storage.k8s.io/pod.uid"
+)
+
+// PullPolicy values.
+const (
+	PullIfNotPresent = "IfNotPresent"
+	PullAlways       = "Always"
+	PullNever        = "Never"
+)
+
+// Node serves the CSI Node service.
+type Node struct {
+	csi.UnimplementedNodeServer
+	NodeID   string
+	Resolver source.Resolver
+	Store    *store.Store
+	State    *state.DB
+	Mounter  mount.Mounter
+
+	targets keyedMutex
+}
+
+// publishArgs are a validated NodePublishVolume request.
+type publishArgs struct {
+	volumeID, target       string
+	uri, policy, digest    string
+	podName, podNS, podUID string
+	hash                   string // identifies the arguments for ALREADY_EXISTS
+}
+
+func parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
+	a := publishArgs{volumeID: req.GetVolumeId(), target: req.GetTargetPath()}
+	switch {
+	case a.volumeID == "":
+		return a, status.Error(codes.InvalidArgument, "volume_id is required")
+	case a.target == "":
+		return a, status.Error(codes.InvalidArgument, "target_path is required")
+	case !filepath.IsAbs(a.target) || filepath.Clean(a.target) != a.target:
+		return a, status.Errorf(codes.InvalidArgument, "target_path %q must be an absolute, clean path", a.target)
+	}
+	vc := req.GetVolumeCapability()
+	if vc == nil {
+		return a, status.Error(codes.InvalidArgument, "volume_capability is required")
+	}
+	if vc.GetBlock() != nil {
+		return a, status.Error(codes.InvalidArgument, "block access is not supported: a model cache volume is a read-only directory; use a mount volume")
+	}
+	if vc.GetMount() == nil {
+		return a, status.Error(codes.InvalidArgument, "volume_capability must request mount access")
+	}
+	ctx := req.GetVolumeContext()
+	for k := range ctx {
+		// Namespaced keys are added by Kubernetes (pod info, provisioner identity).
+		if !strings.Contains(k, "/") && k != AttrModelURI && k != AttrPullPolicy && k != AttrDigest {
+			return a, status.Errorf(codes.InvalidArgument, "unknown volume attribute %q: the attributes are %s (required), %s and %s", k, AttrModelURI, AttrPullPolicy, AttrDigest)
+		}
+	}
+	a.uri = ctx[AttrModelURI]
+	if a.uri == "" {
+		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s is required, e.g. %s: \"mys3:bucket/model\"", AttrModelURI, AttrModelURI)
+	}
+	if _, err := source.ParseURI(a.uri); err != nil {
+		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s: %v", AttrModelURI, err)
+	}
+	a.policy = ctx[AttrPullPolicy]
+	switch a.policy {
+	case "":
+		a.policy = PullIfNotPresent
+	case PullIfNotPresent, PullAlways, PullNever:
+	default:
+		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s is %q; use %s, %s or %s", AttrPullPolicy, a.policy, PullIfNotPresent, PullAlways, PullNever)
+	}
+	a.digest = ctx[AttrDigest]
+	if a.digest != "" && !store.ValidDigest(a.digest) {
+		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s is %q; it must be sha256: followed by 64 lowercase hex digits (see modelcachectl ls)", AttrDigest, a.digest)
+	}
+	a.podName, a.podNS, a.podUID = ctx[podNameKey], ctx[podNamespaceKey], ctx[podUIDKey]
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\x00%s\x00%s\x00%s\x00%t\x00%s", a.volumeID, a.uri, a.policy, a.digest, req.GetReadonly(), vc.GetAccessMode().GetMode())
+	a.hash = hex.EncodeToString(h.Sum(nil))
+	return a, nil
+}
+
+// NodePublishVolume validates the request, resolves the model to a tree
+// (downloading it once per node when needed), bind-mounts the tree read-only
+// at the target and records the reference.
+func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	start := time.Now()
+	a, err := parsePublish(req)
+	if err != nil {
+		return nil, err
+	}
+	unlock := n.targets.Lock(a.target)
+	defer unlock()
+
+	if done, err := n.alreadyPublished(a); done || err != nil {
+		return &csi.NodePublishVolumeResponse{}, err
+	}
+	remote, err := n.Resolver.Resolve(ctx, a.uri, req.GetSecrets())
+	if err != nil {
+		return nil, publishError(a.uri, err)
+	}
+	tree, sourceKey, hit, err := n.resolveTree(ctx, a, remote)
+	if err != nil {
+		return nil, publishError(a.uri, err)
+	}
+	if a.digest != "" && tree.Digest != a.digest {
+		return nil, publishError(a.uri, mismatch(a.digest, tree.Digest))
+	}
+	if err := n.Mounter.BindReadOnly(n.Store.TreePath(tree.Digest), a.target); err != nil {
+		return nil, status.Errorf(codes.Internal, "mounting model %s at %s: %v", a.uri, a.target, err)
+	}
+	ref := state.Ref{
+		VolumeID: a.volumeID, TargetPath: a.target, Tree: tree.Digest, ArgsHash: a.hash,
+		URI: a.uri, PodName: a.podName, PodNS: a.podNS, PodUID: a.podUID, Published: time.Now(),
+	}
+	if err := n.State.AddRef(ref, sourceKey); err != nil {
+		// Without a record the mount could not be found again after a restart.
+		if uerr := n.Mounter.Unpublish(a.target); uerr != nil {
+			klog.ErrorS(uerr, "rolling back mount after state failure", "target", a.target)
+		}
+		return nil, status.Errorf(codes.Internal, "recording the mount of %s: %v", a.uri, err)
+	}
+	klog.InfoS("published", "volume", a.volumeID, "target", a.target, "model", a.uri,
+		"tree", tree.Digest, "cacheHit", hit, "took", time.Since(start))
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// alreadyPublished applies the CSI idempotency rules: the same volume with
+// the same arguments at a live target is OK; anything else there is
+// ALREADY_EXISTS. A recorded target whose mount is gone is published again.
+func (n *Node) alreadyPublished(a publishArgs) (bool, error) {
+	ref, ok, err := n.State.Ref(a.target)
+	if err != nil {
+		return false, status.Errorf(codes.Internal, "reading state for %s: %v", a.target, err)
+	}
+	if !ok {
+		return false, nil
+	}
+	live, err := n.Mounter.MountedFrom(a.target, n.Store.TreePath(ref.Tree))
+	if err != nil {
+		return false, status.Errorf(codes.Internal, "checking mount at %s: %v", a.target, err)
+	}
+	if !live {
+		return false, nil
+	}
+	if ref.VolumeID != a.volumeID || ref.ArgsHash != a.hash {
+		return false, status.Errorf(codes.AlreadyExists, "target %s already has volume %s published with other arguments; unpublish it first", a.target, ref.VolumeID)
+	}
+	return true, nil
+}
+
+// resolveTree finds or fetches the tree for a model according to its pull policy.
+func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Remote) (tree store.Tree, sourceKey string, hit bool, err error) {
+	sourceKey = source.SourceKey(remote)
+	if a.policy != PullAlways {
+		if t, ok := n.cachedTree(sourceKey); ok && (a.digest == "" || a.digest == t.Digest) {
+			return t, sourceKey, true, nil
+		}
+		if a.policy == PullNever {
+			return store.Tree{}, "", false, errNotCached
+		}
+	}
+	m, err := remote.List(ctx)
+	if err != nil {
+		return store.Tree{}, "", false, err
+	}
+	t, fetched, err := n.Store.Ensure(waitContext(ctx), source.ContentKey(remote.Identity(), m), m, remote)
+	if err != nil {
+		return store.Tree{}, "", false, err
+	}
+	return t, sourceKey, !fetched, nil
+}
+
+// cachedTree returns the tree a source resolved to before, if it is still on disk.
+func (n *Node) cachedTree(sourceKey string) (store.Tree, bool) {
+	src, ok, err := n.State.SourceTree(sourceKey)
+	if err != nil {
+		klog.ErrorS(err, "reading source index; treating as not cached")
+		return store.Tree{}, false
+	}
+	if !ok || !n.Store.HasTree(src.Tree) {
+		return store.Tree{}, false
+	}
+	rec, ok, err := n.State.Tree(src.Tree)
+	if err != nil || !ok {
+		return store.Tree{}, false
+	}
+	return rec.Tree, true
+}
+
+// waitContext ends a little before the RPC deadline so the non-final
+// "still downloading" answer reaches kubelet before kubelet gives up.
+func waitContext(ctx context.Context) context.Context {
+	d, ok := ctx.Deadline()
+	if !ok {
+		return ctx
+	}
+	margin := min(time.Until(d)/10, 2*time.Second)
+	wctx, cancel := context.WithDeadline(ctx, d.Add(-margin))
+	context.AfterFunc(wctx, cancel)
+	return wctx
+}
+
+// NodeUnpublishVolume unmounts the target and removes it. Unknown and
+// already-unmounted targets are OK (invariant 3).
+func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	switch {
+	case id == "":
+		return nil, status.Error(codes.InvalidArgument, "volume_id is required")
+	case target == "":
+		return nil, status.Error(codes.InvalidArgument, "target_path is required")
+	case !filepath.IsAbs(target):
+		return nil, status.Errorf(codes.InvalidArgument, "target_path %q must be absolute", target)
+	}
+	unlock := n.targets.Lock(target)
+	defer unlock()
+	if err := n.Mounter.Unpublish(target); err != nil {
+		return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", target, err)
+	}
+	if err := n.State.DeleteRef(target); err != nil {
+		return nil, status.Errorf(codes.Internal, "forgetting %s after unmount: %v", target, err)
+	}
+	klog.InfoS("unpublished", "volume", id, "target", target)
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// NodeGetVolumeStats reports the model's size and whether its mount is healthy.
+func (n *Node) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	id, p := req.GetVolumeId(), req.GetVolumePath()
+	switch {
+	case id == "":
+		return nil, status.Error(codes.InvalidArgument, "volume_id is required")
+	case p == "":
+		return nil, status.Error(codes.InvalidArgument, "volume_path is required")
+	}
+	ref, ok, err := n.State.Ref(filepath.Clean(p))
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "reading state for %s: %v", p, err)
+	}
+	if !ok || ref.VolumeID != id {
+		return nil, status.Errorf(codes.NotFound, "volume %s is not published at %s on this node", id, p)
+	}
+	rec, _, err := n.State.Tree(ref.Tree)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "reading tree %s: %v", ref.Tree, err)
+	}
+	cond := &csi.VolumeCondition{Message: fmt.Sprintf("model %s mounted read-only from %s", ref.URI, ref.Tree)}
+	switch live, err := n.Mounter.MountedFrom(ref.TargetPath, n.Store.TreePath(ref.Tree)); {
+	case !n.Store.HasTree(ref.Tree):
+		cond.Abnormal, cond.Message = true, fmt.Sprintf("tree %s is missing from the cache; delete the pod to publish again", ref.Tree)
+	case err != nil || !live:
+		cond.Abnormal, cond.Message = true, fmt.Sprintf("%s is not mounted from tree %s; delete the pod to publish again", ref.TargetPath, ref.Tree)
+	}
+	return &csi.NodeGetVolumeStatsResponse{
+		Usage: []*csi.VolumeUsage{
+			{Unit: csi.VolumeUsage_BYTES, Total: rec.Size, Used: rec.Size},
+			{Unit: csi.VolumeUsage_INODES, Total: int64(rec.Files), Used: int64(rec.Files)},
+		},
+		VolumeCondition: cond,
+	}, nil
+}
+
+// NodeGetCapabilities implements csi.NodeServer.
+func (n *Node) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	var caps []*csi.NodeServiceCapability
+	for _, c := range []csi.NodeServiceCapability_RPC_Type{
+		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csi.NodeServiceCapability_RPC_VOLUME_CONDITION,
+	} {
+		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: c}}})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// NodeGetInfo implements csi.NodeServer.
+func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{NodeId: n.NodeID}, nil
+}
+
+// Recover checks every recorded reference against the kernel's mounts after
+// a restart (invariant 5). Live mounts are kept as they are; references whose
+// mount is gone stay recorded so that kubelet's unpublish still succeeds, and
+// their trees stay protected.
+func (n *Node) Recover() (live, gone int, err error) {
+	refs, err := n.State.Refs()
+	if err != nil {
+		return 0, 0, fmt.Errorf("reading references: %w", err)
+	}
+	for _, r := range refs {
+		ok, err := n.Mounter.MountedFrom(r.TargetPath, n.Store.TreePath(r.Tree))
+		if err != nil {
+			return live, gone, err
+		}
+		if ok {
+			live++
+			continue
+		}
+		gone++
+		klog.InfoS("reference without a mount; kept until kubelet unpublishes it", "volume", r.VolumeID, "target", r.TargetPath, "tree", r.Tree)
+	}
+	return live, gone, nil
+}
+

@@ -1,0 +1,94 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+
+	"github.com/rclone/rclone/fs"
+)
+
+// Error kinds callers branch on with errors.Is. Every error this package
+// returns wraps exactly one of them.
+var (
+	ErrInvalid     = errors.New("invalid model reference")              // bad modelUri, secret or option
+	ErrNotFound    = errors.New("model not found at the remote")        // no such bucket, prefix or object
+	ErrDenied      = errors.New("remote refused the credentials")       // 401/403
+	ErrUnavailable = errors.New("remote unavailable")                   // network, 5xx, timeouts: retryable
+	ErrUnsafePath  = errors.New("remote object key is not a safe path") // would escape the tree
+	ErrChanged     = errors.New("remote object changed during download")
+)
+
+// kindError carries a message scrubbed of secrets and the kind it belongs to.
+// The original rclone error is dropped on purpose: its text may hold
+// credentials and callers only need the kind.
+type kindError struct {
+	kind error
+	msg  string
+}
+
+func (e *kindError) Error() string { return e.msg }
+func (e *kindError) Unwrap() error { return e.kind }
+
+// classify maps an rclone or SDK error onto one of the kinds above and scrubs
+// every secret value out of its text.
+func classify(op string, err error, secrets map[string]string) error {
+	if err == nil {
+		return nil
+	}
+	kind := ErrUnavailable
+	var httpErr interface{ HTTPStatusCode() int }
+	var apiErr interface{ ErrorCode() string }
+	var netErr net.Error
+	switch {
+	case errors.Is(err, fs.ErrorObjectNotFound), errors.Is(err, fs.ErrorDirNotFound),
+		errors.Is(err, fs.ErrorNotAFile), errors.Is(err, fs.ErrorIsDir):
+		kind = ErrNotFound
+	case errors.As(err, &apiErr) && deniedCode(apiErr.ErrorCode()):
+		kind = ErrDenied
+	case errors.As(err, &apiErr) && notFoundCode(apiErr.ErrorCode()):
+		kind = ErrNotFound
+	case errors.As(err, &httpErr):
+		switch code := httpErr.HTTPStatusCode(); {
+		case code == http.StatusUnauthorized || code == http.StatusForbidden:
+			kind = ErrDenied
+		case code == http.StatusNotFound:
+			kind = ErrNotFound
+		case code >= 400 && code < 500:
+			kind = ErrInvalid
+		}
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr):
+		kind = ErrUnavailable
+	}
+	return &kindError{kind: kind, msg: op + ": " + Scrub(err.Error(), secrets)}
+}
+
+func deniedCode(c string) bool {
+	switch c {
+	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+		"InvalidToken", "AuthorizationHeaderMalformed", "AllAccessDisabled", "AccountProblem":
+		return true
+	}
+	return false
+}
+
+func notFoundCode(c string) bool {
+	switch c {
+	case "NoSuchBucket", "NoSuchKey", "NotFound":
+		return true
+	}
+	return false
+}
+
+// Scrub replaces every secret value found in s. Short values are skipped:
+// replacing "s3" or "true" would mangle the message without protecting anything.
+func Scrub(s string, secrets map[string]string) string {
+	for _, v := range secrets {
+		if len(v) >= 6 {
+			s = strings.ReplaceAll(s, v, "[redacted]")
+		}
+	}
+	return s
+}

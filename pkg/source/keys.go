@@ -1,0 +1,46 @@
+package source
+
+import (
+	"fmt"
+	"strings"
+	"unicode/utf8"
+)
+
+// Limits on remote object keys. They match what Linux filesystems accept so a
+// key that passes can always be created inside a tree.
+const (
+	maxSegment = 255
+	maxPath    = 4096
+)
+
+// ValidateKey checks that a remote object key, relative to the model root, is
+// a clean relative path that stays inside the tree once created. Invariant 7:
+// no remote input becomes a path unchecked.
+func ValidateKey(key string) error {
+	bad := func(why string) error {
+		return fmt.Errorf("%w: %q %s", ErrUnsafePath, key, why)
+	}
+	switch {
+	case key == "":
+		return bad("is empty")
+	case len(key) > maxPath:
+		return bad(fmt.Sprintf("is longer than %d bytes", maxPath))
+	case !utf8.ValidString(key):
+		return bad("is not valid UTF-8")
+	case strings.HasPrefix(key, "/"):
+		return bad("is absolute")
+	case strings.ContainsAny(key, "\x00\\"):
+		return bad("contains NUL or a backslash")
+	}
+	for _, seg := range strings.Split(key, "/") {
+		switch {
+		case seg == "":
+			return bad("has an empty segment")
+		case seg == "." || seg == "..":
+			return bad(fmt.Sprintf("has a %q segment", seg))
+		case len(seg) > maxSegment:
+			return bad(fmt.Sprintf("has a segment longer than %d bytes", maxSegment))
+		}
+	}
+	return nil
+}

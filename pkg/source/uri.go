@@ -1,0 +1,121 @@
+// Package source owns everything about remotes: parsing a modelUri, turning a
+// node-publish secret into an in-memory rclone backend configuration,
+// listing a model into a Manifest and opening its objects. Nothing here
+// touches the process environment or an rclone config file, so requests with
+// different credentials can run at the same time.
+package source
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+)
+
+// Scheme is the form a modelUri was written in.
+type Scheme string
+
+// The modelUri forms the driver accepts.
+const (
+	SchemeRemote Scheme = "remote" // mys3:bucket/prefix, settings from RCLONE_CONFIG_MYS3_* secret keys
+	SchemeS3     Scheme = "s3"     // s3://bucket/prefix with AWS_* secret keys
+	SchemeGCS    Scheme = "gs"     // gs://bucket/prefix with GOOGLE_APPLICATION_CREDENTIALS content
+	SchemeHTTPS  Scheme = "https"  // https://host/path, a plain HTTPS directory or file
+)
+
+// formsHelp is appended to every modelUri error so the operator sees what is valid.
+const formsHelp = `valid forms are "remote:bucket/path" (an rclone remote defined by RCLONE_CONFIG_<REMOTE>_* keys in the node-publish secret), "s3://bucket/path", "gs://bucket/path" and "https://host/path"`
+
+// URI is a parsed modelUri.
+type URI struct {
+	Scheme Scheme
+	Remote string // rclone remote name, for SchemeRemote
+	Host   string // host[:port], for SchemeHTTPS
+	Path   string // bucket/prefix (object stores) or path (https), cleaned, no leading or trailing slash
+}
+
+// String gives the URI back in its canonical form.
+func (u URI) String() string {
+	switch u.Scheme {
+	case SchemeRemote:
+		return u.Remote + ":" + u.Path
+	case SchemeHTTPS:
+		return "https://" + u.Host + "/" + u.Path
+	default:
+		return string(u.Scheme) + "://" + u.Path
+	}
+}
+
+var (
+	remoteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
+	hostPort   = regexp.MustCompile(`^[A-Za-z0-9.-]+(:[0-9]{1,5})?$`)
+)
+
+// ParseURI validates a modelUri. It does no I/O.
+func ParseURI(s string) (URI, error) {
+	if s == "" {
+		return URI{}, fmt.Errorf("%w: modelUri is empty; %s", ErrInvalid, formsHelp)
+	}
+	if len(s) > 2048 {
+		return URI{}, fmt.Errorf("%w: modelUri is %d bytes long, the limit is 2048", ErrInvalid, len(s))
+	}
+	if strings.ContainsAny(s, "\x00\\") || strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		return URI{}, fmt.Errorf("%w: modelUri contains a control character or backslash; %s", ErrInvalid, formsHelp)
+	}
+	if scheme, rest, ok := strings.Cut(s, "://"); ok {
+		switch Scheme(scheme) {
+		case SchemeS3, SchemeGCS:
+			p, err := cleanPath(rest)
+			if err != nil {
+				return URI{}, err
+			}
+			return URI{Scheme: Scheme(scheme), Path: p}, nil
+		case SchemeHTTPS:
+			host, p, _ := strings.Cut(rest, "/")
+			if !hostPort.MatchString(host) {
+				return URI{}, fmt.Errorf("%w: modelUri %q has an invalid host %q", ErrInvalid, s, host)
+			}
+			if strings.ContainsAny(p, "?#") {
+				return URI{}, fmt.Errorf("%w: modelUri %q carries a query or fragment; put tokens in the node-publish secret, not in the URI", ErrInvalid, s)
+			}
+			p, err := cleanPath(p)
+			if err != nil {
+				return URI{}, err
+			}
+			return URI{Scheme: SchemeHTTPS, Host: host, Path: p}, nil
+		default:
+			return URI{}, fmt.Errorf("%w: modelUri scheme %q is not supported; %s", ErrInvalid, scheme, formsHelp)
+		}
+	}
+	name, rest, ok := strings.Cut(s, ":")
+	if !ok {
+		return URI{}, fmt.Errorf("%w: modelUri %q has no remote or scheme; %s", ErrInvalid, s, formsHelp)
+	}
+	if !remoteName.MatchString(name) {
+		// Also rejects rclone connection strings (":s3,key=...:" or "name,key=...:"),
+		// which would let a volume attribute set backend options.
+		return URI{}, fmt.Errorf("%w: modelUri remote name %q is invalid (letters, digits, '-' and '_' only; connection strings are not accepted); %s", ErrInvalid, name, formsHelp)
+	}
+	p, err := cleanPath(rest)
+	if err != nil {
+		return URI{}, err
+	}
+	return URI{Scheme: SchemeRemote, Remote: name, Path: p}, nil
+}
+
+// cleanPath trims slashes and rejects paths that could escape a bucket or
+// address something other than what was written.
+func cleanPath(p string) (string, error) {
+	p = strings.Trim(p, "/")
+	if p == "" {
+		return "", fmt.Errorf("%w: modelUri has no bucket or path; %s", ErrInvalid, formsHelp)
+	}
+	for _, seg := range strings.Split(p, "/") {
+		switch seg {
+		case "":
+			return "", fmt.Errorf("%w: modelUri path %q has an empty segment (\"//\")", ErrInvalid, p)
+		case ".", "..":
+			return "", fmt.Errorf("%w: modelUri path %q has a %q segment", ErrInvalid, p, seg)
+		}
+	}
+	return p, nil
+}

@@ -1,0 +1,234 @@
+// Package state is the node plugin's embedded database (bbolt): which tree a
+// content key produced, which tree a source last resolved to, and which
+// volumes reference which trees. It never stores a secret: sources are keyed
+// by an HMAC fingerprint and URIs carry no credentials.
+package state
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/store"
+	bolt "go.etcd.io/bbolt"
+)
+
+var (
+	bucketKeys    = []byte("content-keys") // content key → store.Tree
+	bucketSources = []byte("sources")      // source key → Source
+	bucketTrees   = []byte("trees")        // tree digest → TreeRecord
+	bucketRefs    = []byte("refs")         // target path → Ref
+	bucketMeta    = []byte("meta")
+	keyNodeKey    = []byte("fingerprint-key")
+)
+
+// Ref records that a volume is published at a target path from a tree.
+type Ref struct {
+	VolumeID   string    `json:"volumeID"`
+	TargetPath string    `json:"targetPath"`
+	Tree       string    `json:"tree"`
+	ArgsHash   string    `json:"argsHash"` // digest of the publish arguments, for ALREADY_EXISTS
+	URI        string    `json:"uri"`
+	PodName    string    `json:"podName,omitempty"`
+	PodNS      string    `json:"podNamespace,omitempty"`
+	PodUID     string    `json:"podUID,omitempty"`
+	Published  time.Time `json:"published"`
+}
+
+// Source records the tree a model reference last resolved to with one set of credentials.
+type Source struct {
+	Tree string `json:"tree"`
+	URI  string `json:"uri"`
+}
+
+// TreeRecord is what the node knows about a committed tree.
+type TreeRecord struct {
+	store.Tree
+	URIs     []string  `json:"uris"`
+	LastUsed time.Time `json:"lastUsed"`
+}
+
+// DB is the state database.
+type DB struct {
+	db *bolt.DB
+}
+
+// Open opens (creating if needed) the database file at path.
+func Open(path string) (*DB, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("creating state directory: %w", err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("state database %s is locked: is another modelcache-csi running on this cache directory? %w", path, err)
+		}
+		return nil, fmt.Errorf("opening state database %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketMeta} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("initialising state database: %w", err)
+	}
+	return &DB{db: db}, nil
+}
+
+// Close closes the database.
+func (d *DB) Close() error { return d.db.Close() }
+
+// NodeKey returns the node-local key used to fingerprint credentials,
+// creating it on first use.
+func (d *DB) NodeKey() ([]byte, error) {
+	var key []byte
+	err := d.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketMeta)
+		if v := b.Get(keyNodeKey); len(v) == 32 {
+			key = append([]byte(nil), v...)
+			return nil
+		}
+		key = make([]byte, 32)
+		if _, err := rand.Read(key); err != nil {
+			return err
+		}
+		return b.Put(keyNodeKey, key)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading node key: %w", err)
+	}
+	return key, nil
+}
+
+// TreeForKey implements store.Index.
+func (d *DB) TreeForKey(key string) (store.Tree, bool, error) {
+	var t store.Tree
+	ok, err := d.get(bucketKeys, key, &t)
+	return t, ok, err
+}
+
+// RecordTree implements store.Index.
+func (d *DB) RecordTree(key string, t store.Tree) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if err := put(tx, bucketKeys, key, t); err != nil {
+			return err
+		}
+		var rec TreeRecord
+		if _, err := get(tx, bucketTrees, t.Digest, &rec); err != nil {
+			return err
+		}
+		rec.Tree = t
+		if rec.LastUsed.IsZero() {
+			rec.LastUsed = time.Now()
+		}
+		return put(tx, bucketTrees, t.Digest, rec)
+	})
+}
+
+// SourceTree returns the tree a source key last resolved to.
+func (d *DB) SourceTree(sourceKey string) (Source, bool, error) {
+	var s Source
+	ok, err := d.get(bucketSources, sourceKey, &s)
+	return s, ok, err
+}
+
+// Tree returns what is known about a tree.
+func (d *DB) Tree(digest string) (TreeRecord, bool, error) {
+	var rec TreeRecord
+	ok, err := d.get(bucketTrees, digest, &rec)
+	return rec, ok, err
+}
+
+// AddRef records a publish in one transaction: the reference, the tree the
+// source resolved to, and the tree's last use.
+func (d *DB) AddRef(r Ref, sourceKey string) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if err := put(tx, bucketRefs, r.TargetPath, r); err != nil {
+			return err
+		}
+		if sourceKey != "" {
+			if err := put(tx, bucketSources, sourceKey, Source{Tree: r.Tree, URI: r.URI}); err != nil {
+				return err
+			}
+		}
+		var rec TreeRecord
+		if _, err := get(tx, bucketTrees, r.Tree, &rec); err != nil {
+			return err
+		}
+		rec.Digest = r.Tree
+		rec.LastUsed = r.Published
+		if !slices.Contains(rec.URIs, r.URI) {
+			rec.URIs = append(rec.URIs, r.URI)
+		}
+		return put(tx, bucketTrees, r.Tree, rec)
+	})
+}
+
+// Ref returns the reference for a target path.
+func (d *DB) Ref(targetPath string) (Ref, bool, error) {
+	var r Ref
+	ok, err := d.get(bucketRefs, targetPath, &r)
+	return r, ok, err
+}
+
+// DeleteRef forgets a target path; forgetting an unknown one is not an error.
+func (d *DB) DeleteRef(targetPath string) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketRefs).Delete([]byte(targetPath))
+	})
+}
+
+// Refs returns every reference.
+func (d *DB) Refs() ([]Ref, error) {
+	var refs []Ref
+	err := d.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketRefs).ForEach(func(k, v []byte) error {
+			var r Ref
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("decoding reference %q: %w", k, err)
+			}
+			refs = append(refs, r)
+			return nil
+		})
+	})
+	return refs, err
+}
+
+func (d *DB) get(bucket []byte, key string, v any) (bool, error) {
+	var ok bool
+	err := d.db.View(func(tx *bolt.Tx) error {
+		var err error
+		ok, err = get(tx, bucket, key, v)
+		return err
+	})
+	return ok, err
+}
+
+func get(tx *bolt.Tx, bucket []byte, key string, v any) (bool, error) {
+	raw := tx.Bucket(bucket).Get([]byte(key))
+	if raw == nil {
+		return false, nil
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return false, fmt.Errorf("decoding %s/%s: %w", bucket, key, err)
+	}
+	return true, nil
+}
+
+func put(tx *bolt.Tx, bucket []byte, key string, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return tx.Bucket(bucket).Put([]byte(key), raw)
+}

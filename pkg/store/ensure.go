@@ -1,0 +1,140 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync/atomic"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"k8s.io/klog/v2"
+)
+
+// Fetcher opens one object of a model. source.Remote implements it.
+type Fetcher interface {
+	Open(ctx context.Context, e source.Entry) (io.ReadCloser, error)
+}
+
+// Progress counts the bytes of one running download.
+type Progress struct {
+	Total int64
+	done  atomic.Int64
+}
+
+// Done is the number of bytes ingested so far.
+func (p *Progress) Done() int64 { return p.done.Load() }
+
+// InProgressError says a download is still running when the caller stopped
+// waiting. It is not a failure: asking again joins the same download.
+type InProgressError struct {
+	Done, Total int64
+}
+
+func (e *InProgressError) Error() string {
+	pct := 0.0
+	if e.Total > 0 {
+		pct = 100 * float64(e.Done) / float64(e.Total)
+	}
+	return fmt.Sprintf("download still running: %s of %s (%.0f%%)", HumanBytes(e.Done), HumanBytes(e.Total), pct)
+}
+
+// Ensure returns the tree for a content key, downloading the manifest's
+// files once however many callers ask at the same time. The download runs on
+// the store's own context: when ctx ends first, Ensure returns an
+// *InProgressError and the download goes on for the next caller to join.
+// fetched says whether any bytes were downloaded for this answer.
+func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fetcher) (t Tree, fetched bool, err error) {
+	if t, ok := s.lookup(key); ok {
+		return t, false, nil
+	}
+	ch := s.flights.DoChan(key, func() (any, error) {
+		// A flight that finished between lookup and DoChan recorded its tree.
+		if t, ok := s.lookup(key); ok {
+			return flight{tree: t}, nil
+		}
+		p := &Progress{Total: m.Size()}
+		s.mu.Lock()
+		s.running[key] = p
+		s.wg.Add(1)
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			delete(s.running, key)
+			s.mu.Unlock()
+			s.wg.Done()
+		}()
+		t, err := s.ingest(s.ctx, m, f, p)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.index.RecordTree(key, t); err != nil {
+			return nil, fmt.Errorf("recording tree %s: %w", t.Digest, err)
+		}
+		return flight{tree: t, fetched: true}, nil
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return Tree{}, false, r.Err
+		}
+		fl := r.Val.(flight)
+		return fl.tree, fl.fetched, nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		p := s.running[key]
+		s.mu.Unlock()
+		if p == nil {
+			return Tree{}, false, &InProgressError{Total: m.Size()}
+		}
+		return Tree{}, false, &InProgressError{Done: p.Done(), Total: p.Total}
+	}
+}
+
+// flight is what one download hands to everyone who joined it.
+type flight struct {
+	tree    Tree
+	fetched bool
+}
+
+// lookup finds a committed tree for key; an index error or a missing tree
+// counts as absent, which costs a download, never a wrong answer.
+func (s *Store) lookup(key string) (Tree, bool) {
+	t, ok, err := s.index.TreeForKey(key)
+	if err != nil {
+		klog.ErrorS(err, "reading content key index; treating as not cached", "key", key)
+		return Tree{}, false
+	}
+	if !ok || !s.HasTree(t.Digest) {
+		return Tree{}, false
+	}
+	return t, true
+}
+
+// Downloading reports the progress of a running download for key, if any.
+func (s *Store) Downloading(key string) (*Progress, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.running[key]
+	return p, ok
+}
+
+// IsInProgress reports whether err says a download is still running.
+func IsInProgress(err error) bool {
+	var e *InProgressError
+	return errors.As(err, &e)
+}
+
+// HumanBytes formats n in binary units for operator messages.
+func HumanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for v := n / unit; v >= unit; v /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,214 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"slices"
+	"sync"
+	"syscall"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"golang.org/x/sync/errgroup"
+	"k8s.io/klog/v2"
+)
+
+// Modes of committed content (invariant 6).
+const (
+	blobMode = 0o444
+	dirMode  = 0o555
+)
+
+// ErrNoSpace means the cache filesystem filled up during a download.
+var ErrNoSpace = errors.New("cache filesystem is full")
+
+// bufPool holds copy buffers: large enough that hashing and writing run in
+// big sequential chunks, pooled so concurrent downloads do not each allocate.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+// ingest downloads every file of m into a private ingest directory, commits
+// each blob, builds the tree beside them and renames it into trees/. The
+// rename is the only step that makes the model visible (invariant 1).
+func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress) (Tree, error) {
+	dir := path.Join(IngestDir, randomName())
+	if err := s.root.Mkdir(dir, 0o700); err != nil {
+		return Tree{}, fmt.Errorf("creating ingest directory: %w", err)
+	}
+	defer func() {
+		if err := removeAll(s.root, dir); err != nil {
+			klog.ErrorS(err, "removing ingest directory", "dir", dir)
+		}
+	}()
+
+	sums := make([]string, len(m))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(s.transfers)
+	for i, e := range m {
+		g.Go(func() error {
+			sum, err := s.ingestBlob(gctx, path.Join(dir, fmt.Sprintf("blob-%d", i)), e, f, p)
+			sums[i] = sum
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return Tree{}, err
+	}
+	if err := s.syncDir(BlobsDir); err != nil {
+		return Tree{}, err
+	}
+
+	t := Tree{Digest: TreeDigest(m, sums), Size: m.Size(), Files: len(m)}
+	tmp := path.Join(dir, "tree")
+	if err := s.buildTree(tmp, m, sums); err != nil {
+		return Tree{}, err
+	}
+	final := path.Join(TreesDir, t.Digest[len("sha256:"):])
+	if err := s.root.Rename(tmp, final); err != nil {
+		if s.HasTree(t.Digest) {
+			// Another content key with identical files committed it first.
+			return t, nil
+		}
+		return Tree{}, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
+	}
+	if err := s.root.Chmod(final, dirMode); err != nil {
+		return Tree{}, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
+	}
+	if err := s.syncDir(TreesDir); err != nil {
+		return Tree{}, err
+	}
+	return t, nil
+}
+
+// ingestBlob streams one entry into name, hashing as it writes, fsyncs it and
+// links it into blobs/. A blob that is already committed is a normal,
+// cheap outcome: the new copy is dropped.
+func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f Fetcher, p *Progress) (string, error) {
+	rc, err := f.Open(ctx, e)
+	if err != nil {
+		return "", err
+	}
+	defer rc.Close()
+	w, err := s.root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return "", noSpace(fmt.Errorf("creating ingest file: %w", err))
+	}
+	defer w.Close()
+
+	h := sha256.New()
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var n int64
+	// Read one byte past the listed size so a grown object is caught.
+	r := io.LimitReader(rc, e.Size+1)
+	for {
+		k, rerr := r.Read(buf)
+		if k > 0 {
+			if _, err := w.Write(buf[:k]); err != nil {
+				return "", noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
+			}
+			h.Write(buf[:k])
+			n += int64(k)
+			p.done.Add(int64(k))
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return "", fmt.Errorf("downloading %s: %w", e.Path, rerr)
+		}
+	}
+	if n != e.Size {
+		return "", fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
+	}
+	if err := w.Sync(); err != nil {
+		return "", noSpace(fmt.Errorf("syncing %s: %w", e.Path, err))
+	}
+	if err := w.Chmod(blobMode); err != nil {
+		return "", fmt.Errorf("sealing %s: %w", e.Path, err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	// link, not rename: it never replaces a committed blob, so trees already
+	// linking it keep sharing one inode.
+	if err := s.root.Link(name, path.Join(BlobsDir, sum)); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", noSpace(fmt.Errorf("committing blob for %s: %w", e.Path, err))
+	}
+	return sum, nil
+}
+
+// buildTree creates dir as a tree of hardlinks into blobs/, then drops the
+// write bits of every directory below it, deepest first.
+func (s *Store) buildTree(dir string, m source.Manifest, sums []string) error {
+	dirs := []string{dir}
+	seen := map[string]bool{dir: true}
+	if err := s.root.Mkdir(dir, 0o700); err != nil {
+		return noSpace(fmt.Errorf("creating tree: %w", err))
+	}
+	for i, e := range m {
+		parent := path.Join(dir, path.Dir(e.Path))
+		if !seen[parent] {
+			if err := s.root.MkdirAll(parent, 0o700); err != nil {
+				return noSpace(fmt.Errorf("creating directory for %s: %w", e.Path, err))
+			}
+			for d := parent; !seen[d]; d = path.Dir(d) {
+				seen[d] = true
+				dirs = append(dirs, d)
+			}
+		}
+		if err := s.root.Link(path.Join(BlobsDir, sums[i]), path.Join(dir, e.Path)); err != nil {
+			return noSpace(fmt.Errorf("linking %s: %w", e.Path, err))
+		}
+	}
+	// Deepest first so a parent is sealed after its children; the tree root
+	// stays writable until it has been renamed into place.
+	slices.SortFunc(dirs, func(a, b string) int { return len(b) - len(a) })
+	for _, d := range dirs {
+		if err := s.syncDir(d); err != nil {
+			return err
+		}
+		if d != dir {
+			if err := s.root.Chmod(d, dirMode); err != nil {
+				return fmt.Errorf("sealing %s: %w", d, err)
+			}
+		}
+	}
+	return nil
+}
+
+// syncDir fsyncs a directory so the entries created in it survive a crash.
+func (s *Store) syncDir(name string) error {
+	d, err := s.root.Open(name)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", name, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", name, err)
+	}
+	return nil
+}
+
+// noSpace marks ENOSPC and EDQUOT errors so callers can report a full cache.
+func noSpace(err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%w: %w", ErrNoSpace, err)
+	}
+	return err
+}
+
+// TreeDigest is the digest of a model's content: every path with its mode
+// and file digest, in path order. Where the files came from is not part of
+// it, so identical models from different URIs share one tree.
+func TreeDigest(m source.Manifest, sums []string) string {
+	h := sha256.New()
+	io.WriteString(h, "modelcache tree v1\x00")
+	for i, e := range m {
+		fmt.Fprintf(h, "%o %s %s\x00", blobMode, sums[i], e.Path)
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}

@@ -1,0 +1,154 @@
+// Package store is the content-addressed model store under --cache-dir.
+// Files are streamed into ingest/, hashed while they stream, fsynced and
+// linked into blobs/sha256/<hex>; a model is a tree of read-only hardlinks
+// into blobs/, named by the digest of its content and made visible by one
+// atomic rename. Every write goes through an os.Root opened on the cache
+// directory, so no path built from remote input can leave it.
+package store
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"regexp"
+	"sync"
+
+	"golang.org/x/sync/singleflight"
+	"k8s.io/klog/v2"
+)
+
+// Layout under the cache directory (DESIGN.md "Store layout").
+const (
+	BlobsDir  = "blobs/sha256"
+	TreesDir  = "trees/sha256"
+	IngestDir = "ingest"
+)
+
+// ErrNotCached means the model is not in the store.
+var ErrNotCached = errors.New("model is not cached on this node")
+
+var digestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
+
+// ValidDigest reports whether d is "sha256:<64 lowercase hex>". Digests are
+// checked before they become paths.
+func ValidDigest(d string) bool { return digestRE.MatchString(d) }
+
+// Tree describes a committed model.
+type Tree struct {
+	Digest string // sha256:<hex> of paths, modes and file digests
+	Size   int64  // bytes of file content
+	Files  int
+}
+
+// Index remembers which tree a content key produced. pkg/state implements it;
+// keeping it behind an interface lets the store record a finished download
+// even when every RPC that asked for it has already returned.
+type Index interface {
+	TreeForKey(key string) (Tree, bool, error)
+	RecordTree(key string, t Tree) error
+}
+
+// Store is a content-addressed model store.
+type Store struct {
+	dir       string
+	root      *os.Root
+	index     Index
+	transfers int
+
+	flights singleflight.Group
+	mu      sync.Mutex
+	running map[string]*Progress
+
+	// Downloads are detached from RPC contexts and end only with the store.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// Options tune a Store.
+type Options struct {
+	// Transfers is how many files of one model download at once (default 4).
+	Transfers int
+}
+
+// Open prepares the layout under dir and removes ingest left by a crash:
+// nothing in ingest/ was ever visible as a model, so it is safe to drop.
+func Open(dir string, index Index, opt Options) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating cache directory: %w", err)
+	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, fmt.Errorf("opening cache directory: %w", err)
+	}
+	if err := removeAll(root, IngestDir); err != nil {
+		root.Close()
+		return nil, fmt.Errorf("cleaning leftover ingest: %w", err)
+	}
+	for _, d := range []string{BlobsDir, TreesDir, IngestDir} {
+		if err := root.MkdirAll(d, 0o700); err != nil {
+			root.Close()
+			return nil, fmt.Errorf("creating %s: %w", d, err)
+		}
+	}
+	if opt.Transfers <= 0 {
+		opt.Transfers = 4
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Store{
+		dir: dir, root: root, index: index, transfers: opt.Transfers,
+		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
+	}, nil
+}
+
+// Close cancels running downloads and waits for them to clean up.
+func (s *Store) Close() error {
+	s.cancel()
+	s.wg.Wait()
+	return s.root.Close()
+}
+
+// Dir is the cache directory.
+func (s *Store) Dir() string { return s.dir }
+
+// TreePath is the absolute path of a tree; digest must be valid.
+func (s *Store) TreePath(digest string) string {
+	return filepath.Join(s.dir, TreesDir, digest[len("sha256:"):])
+}
+
+// HasTree reports whether a committed tree exists.
+func (s *Store) HasTree(digest string) bool {
+	if !ValidDigest(digest) {
+		return false
+	}
+	fi, err := s.root.Lstat(path.Join(TreesDir, digest[len("sha256:"):]))
+	return err == nil && fi.IsDir()
+}
+
+// randomName is an ingest directory name no other download uses.
+func randomName() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// removeAll removes name under root even where earlier commits dropped the
+// write bits (0555 directories), which RemoveAll alone cannot do as non-root.
+func removeAll(root *os.Root, name string) error {
+	err := fs.WalkDir(root.FS(), name, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			_ = root.Chmod(p, 0o700)
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		klog.V(4).InfoS("walking before removal", "path", name, "err", err)
+	}
+	return root.RemoveAll(name)
+}
