@@ -90,7 +90,16 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 		if !ok {
 			return backendConfig{}, fmt.Errorf("%w: remote %q has type %q, which is not supported: use s3, gcs, azureblob or http", ErrInvalid, u.Remote, t)
 		}
-		for k := range opts {
+		for k, v := range opts {
+			if k == "env_auth" {
+				// Seldon's example secrets say ENV_AUTH "false"; only true would
+				// hand the node's own credentials to the tenant.
+				if v != "" && !strings.EqualFold(v, "false") {
+					return backendConfig{}, fmt.Errorf("%w: secret key %sENV_AUTH=%s is not accepted: it would use the node's own credentials; set ACCESS_KEY_ID and SECRET_ACCESS_KEY", ErrInvalid, prefix, v)
+				}
+				delete(opts, k)
+				continue
+			}
 			if strings.HasPrefix(k, "global.") || strings.HasPrefix(k, "override.") || !slices.Contains(allowedOptions[typ], k) {
 				return backendConfig{}, fmt.Errorf("%w: secret key %s%s is not an allowed option for a %s remote", ErrInvalid, prefix, strings.ToUpper(k), t)
 			}

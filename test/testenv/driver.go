@@ -1,0 +1,139 @@
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// BuildDriver compiles cmd/modelcache-csi into dir and returns its path.
+func BuildDriver(dir string) (string, error) {
+	out := filepath.Join(dir, "modelcache-csi")
+	cmd := exec.Command("go", "build", "-o", out, "./cmd/modelcache-csi")
+	cmd.Dir = RepoRoot()
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building modelcache-csi: %v\n%s", err, b)
+	}
+	return out, nil
+}
+
+// Driver is a running modelcache-csi process.
+type Driver struct {
+	Socket   string
+	CacheDir string
+	Conn     *grpc.ClientConn
+	Node     csi.NodeClient
+	Identity csi.IdentityClient
+
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	logs bytes.Buffer
+	done chan struct{}
+}
+
+// StartDriver runs bin in node mode on a socket under runDir with its cache
+// in cacheDir, and waits until Probe answers.
+func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) {
+	d := &Driver{Socket: filepath.Join(runDir, "csi.sock"), CacheDir: cacheDir, done: make(chan struct{})}
+	all := append([]string{"--mode=node", "--endpoint=unix://" + d.Socket, "--node-id=test-node", "--cache-dir=" + cacheDir, "-v=2"}, args...)
+	d.cmd = exec.Command(bin, all...)
+	d.cmd.Stdout, d.cmd.Stderr = (*lockedWriter)(d), (*lockedWriter)(d)
+	if err := d.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = d.cmd.Wait(); close(d.done) }()
+	conn, err := grpc.NewClient("unix://"+d.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		d.Kill()
+		return nil, err
+	}
+	d.Conn, d.Node, d.Identity = conn, csi.NewNodeClient(conn), csi.NewIdentityClient(conn)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		resp, err := d.Identity.Probe(ctx, &csi.ProbeRequest{})
+		cancel()
+		if err == nil && resp.GetReady().GetValue() {
+			return d, nil
+		}
+		select {
+		case <-d.done:
+			return nil, fmt.Errorf("modelcache-csi exited during start-up:\n%s", d.Logs())
+		default:
+		}
+		if time.Now().After(deadline) {
+			d.Kill()
+			return nil, fmt.Errorf("modelcache-csi did not answer Probe: %v\n%s", err, d.Logs())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Kill sends SIGKILL, as a node crash or OOM kill would, and waits.
+func (d *Driver) Kill() { d.signal(syscall.SIGKILL) }
+
+// Stop sends SIGTERM, as Kubernetes does on a rolling update, and waits.
+func (d *Driver) Stop() { d.signal(syscall.SIGTERM) }
+
+func (d *Driver) signal(s os.Signal) {
+	if d.Conn != nil {
+		d.Conn.Close()
+	}
+	_ = d.cmd.Process.Signal(s)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.done
+	}
+}
+
+// Logs returns what the driver printed.
+func (d *Driver) Logs() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.logs.String()
+}
+
+type lockedWriter Driver
+
+func (w *lockedWriter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.logs.Write(b)
+}
+
+// PublishRequest is a NodePublishVolumeRequest as kubelet sends it for an
+// inline volume.
+func PublishRequest(volumeID, target string, attrs, secrets map[string]string) *csi.NodePublishVolumeRequest {
+	ctx := map[string]string{
+		"csi.storage.k8s.io/pod.name":      "model-server-0",
+		"csi.storage.k8s.io/pod.namespace": "default",
+		"csi.storage.k8s.io/pod.uid":       "0d6a4a6e-0000-4000-8000-" + fmt.Sprintf("%012x", len(target)),
+		"csi.storage.k8s.io/ephemeral":     "true",
+	}
+	for k, v := range attrs {
+		ctx[k] = v
+	}
+	return &csi.NodePublishVolumeRequest{
+		VolumeId:   volumeID,
+		TargetPath: target,
+		Readonly:   true,
+		VolumeCapability: &csi.VolumeCapability{
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		},
+		VolumeContext: ctx,
+		Secrets:       secrets,
+	}
+}

@@ -1,0 +1,137 @@
+package testenv
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Proxy sits between the driver and MinIO. It counts the object bytes the
+// remote served, can slow object downloads down, and can rewrite listings
+// to play a hostile remote.
+type Proxy struct {
+	URL string
+
+	objectGets  atomic.Int64
+	objectBytes atomic.Int64
+	// RateBytesPerSec, when positive, throttles object downloads.
+	RateBytesPerSec atomic.Int64
+
+	mu      sync.Mutex
+	rewrite func([]byte) []byte
+
+	srv *http.Server
+}
+
+// StartProxy proxies loopback traffic to target (an http:// URL).
+func StartProxy(target string) (*Proxy, error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, err
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	p := &Proxy{URL: "http://" + l.Addr().String()}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.FlushInterval = -1
+	rp.ModifyResponse = func(resp *http.Response) error {
+		p.mu.Lock()
+		rw := p.rewrite
+		p.mu.Unlock()
+		if rw == nil || !isList(resp.Request) {
+			return nil
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return err
+		}
+		body = rw(body)
+		resp.Body = io.NopCloser(bytes.NewReader(body))
+		resp.ContentLength = int64(len(body))
+		resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
+		return nil
+	}
+	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isObjectGet(r) {
+			p.objectGets.Add(1)
+			w = &countingWriter{ResponseWriter: w, p: p, start: time.Now()}
+		}
+		rp.ServeHTTP(w, r)
+	})}
+	go p.srv.Serve(l)
+	return p, nil
+}
+
+// Stop closes the proxy.
+func (p *Proxy) Stop() { _ = p.srv.Close() }
+
+// ObjectBytes is the number of object bytes served so far.
+func (p *Proxy) ObjectBytes() int64 { return p.objectBytes.Load() }
+
+// ObjectGets is the number of object GET requests so far.
+func (p *Proxy) ObjectGets() int64 { return p.objectGets.Load() }
+
+// Reset zeroes the counters.
+func (p *Proxy) Reset() { p.objectBytes.Store(0); p.objectGets.Store(0) }
+
+// RewriteListings sets a function applied to every listing response body
+// (nil to stop rewriting).
+func (p *Proxy) RewriteListings(f func([]byte) []byte) {
+	p.mu.Lock()
+	p.rewrite = f
+	p.mu.Unlock()
+}
+
+// RenameKey returns a listing rewrite that makes key from appear as key to.
+func RenameKey(from, to string) func([]byte) []byte {
+	return func(b []byte) []byte {
+		return bytes.ReplaceAll(b, []byte("<Key>"+from+"</Key>"), []byte("<Key>"+to+"</Key>"))
+	}
+}
+
+// isObjectGet tells object downloads from bucket-level requests in
+// path-style S3 URLs: /bucket/key versus /bucket?list-type=2.
+func isObjectGet(r *http.Request) bool {
+	return r.Method == http.MethodGet && strings.Contains(strings.Trim(r.URL.Path, "/"), "/")
+}
+
+func isList(r *http.Request) bool {
+	return r.Method == http.MethodGet && !isObjectGet(r) && r.URL.Query().Has("list-type")
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	p     *Proxy
+	start time.Time
+	n     int64
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(b)
+	c.n += int64(n)
+	c.p.objectBytes.Add(int64(n))
+	if rate := c.p.RateBytesPerSec.Load(); rate > 0 {
+		want := time.Duration(float64(c.n) / float64(rate) * float64(time.Second))
+		if d := want - time.Since(c.start); d > 0 {
+			time.Sleep(d)
+		}
+	}
+	return n, err
+}
+
+func (c *countingWriter) Flush() {
+	if f, ok := c.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
