@@ -73,7 +73,7 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 	case SchemeRemote:
 		prefix := "RCLONE_CONFIG_" + strings.ToUpper(strings.ReplaceAll(u.Remote, "-", "_")) + "_"
 		for k, v := range secrets {
-			if opt, ok := strings.CutPrefix(k, prefix); ok {
+			if opt, ok := strings.CutPrefix(k, prefix); ok && !ofLongerRemote(k, prefix, secrets) {
 				opts[strings.ToLower(opt)] = v
 			}
 		}
@@ -103,6 +103,11 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 			if strings.HasPrefix(k, "global.") || strings.HasPrefix(k, "override.") || !slices.Contains(allowedOptions[typ], k) {
 				return backendConfig{}, fmt.Errorf("%w: secret key %s%s is not an allowed option for a %s remote", ErrInvalid, prefix, strings.ToUpper(k), t)
 			}
+		}
+		if typ == "google cloud storage" && opts["service_account_credentials"] == "" && opts["access_token"] == "" {
+			// Without credentials rclone falls back to the node's own Google
+			// credentials (metadata server); a remote without any is public.
+			opts["anonymous"] = "true"
 		}
 	case SchemeS3:
 		typ = "s3"
@@ -195,6 +200,18 @@ func credentialID(key []byte, cfg backendConfig) string {
 		fmt.Fprintf(mac, "\x00%s=%s", k, cfg.Options[k])
 	}
 	return hex.EncodeToString(mac.Sum(nil))
+}
+
+// ofLongerRemote reports whether secret key k, which starts with prefix,
+// belongs to another remote whose name extends this one's: with remotes
+// "mys3" and "mys3-eu" defined, RCLONE_CONFIG_MYS3_EU_ENDPOINT is mys3-eu's.
+func ofLongerRemote(k, prefix string, secrets map[string]string) bool {
+	for t := range secrets {
+		if p, ok := strings.CutSuffix(t, "_TYPE"); ok && len(p) >= len(prefix) && strings.HasPrefix(p, prefix) && strings.HasPrefix(k, p+"_") {
+			return true
+		}
+	}
+	return false
 }
 
 // definedRemotes lists remote names (never values) defined in a secret, for error messages.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/rclone/rclone/fs"
@@ -56,6 +57,8 @@ func classify(op string, err error, secrets map[string]string) error {
 			kind = ErrDenied
 		case code == http.StatusNotFound:
 			kind = ErrNotFound
+		case code == http.StatusRequestTimeout || code == http.StatusTooManyRequests:
+			// Throttled or slow: retryable, stays ErrUnavailable.
 		case code >= 400 && code < 500:
 			kind = ErrInvalid
 		}
@@ -84,11 +87,18 @@ func notFoundCode(c string) bool {
 
 // Scrub replaces every secret value found in s. Short values are skipped:
 // replacing "s3" or "true" would mangle the message without protecting anything.
+// Longer values go first, so a value that starts with another one is not left
+// half visible.
 func Scrub(s string, secrets map[string]string) string {
+	var vs []string
 	for _, v := range secrets {
 		if len(v) >= 6 {
-			s = strings.ReplaceAll(s, v, "[redacted]")
+			vs = append(vs, v)
 		}
+	}
+	slices.SortFunc(vs, func(a, b string) int { return len(b) - len(a) })
+	for _, v := range vs {
+		s = strings.ReplaceAll(s, v, "[redacted]")
 	}
 	return s
 }

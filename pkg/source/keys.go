@@ -13,6 +13,10 @@ const (
 	maxPath    = 4096
 )
 
+// encodedDot is how rclone's encoder (EncodeDot) shows a "." that is a whole
+// path segment at the remote: U+FF0E FULLWIDTH FULL STOP.
+const encodedDot = "\uff0e"
+
 // ValidateKey checks that a remote object key, relative to the model root, is
 // a clean relative path that stays inside the tree once created. Invariant 7:
 // no remote input becomes a path unchecked.
@@ -38,6 +42,11 @@ func ValidateKey(key string) error {
 			return bad("has an empty segment")
 		case seg == "." || seg == "..":
 			return bad(fmt.Sprintf("has a %q segment", seg))
+		case seg == encodedDot || seg == encodedDot+encodedDot:
+			// rclone's backends hand a remote "." or ".." segment over in
+			// this encoded form so it cannot walk out of a local directory.
+			// It is still a key built to escape, not a model file.
+			return bad(fmt.Sprintf("has a %q segment at the remote", strings.ReplaceAll(seg, encodedDot, ".")))
 		case len(seg) > maxSegment:
 			return bad(fmt.Sprintf("has a segment longer than %d bytes", maxSegment))
 		}

@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/rclone/rclone/fs"
+	"github.com/rclone/rclone/fs/config/configmap"
 	"github.com/rclone/rclone/fs/hash"
 	"github.com/rclone/rclone/fs/walk"
 
@@ -112,8 +113,7 @@ func (r *rcloneRemote) backend(ctx context.Context) (fs.Fs, string, error) {
 	if r.f != nil {
 		return r.f, r.file, nil
 	}
-	m := fs.ConfigMap(r.info.Prefix, r.info.Options, "", r.cfg.Options)
-	f, err := r.info.NewFs(ctx, "model", r.cfg.Root, m)
+	f, err := r.info.NewFs(ctx, "model", r.cfg.Root, configMap(r.info, r.cfg.Options))
 	if errors.Is(err, fs.ErrorIsFile) {
 		// The modelUri names one object; f is rooted at its parent.
 		r.file, err = path.Base(r.cfg.Root), nil
@@ -123,6 +123,31 @@ func (r *rcloneRemote) backend(ctx context.Context) (fs.Fs, string, error) {
 	}
 	r.f = f
 	return f, r.file, nil
+}
+
+// configMap gives a backend the request's options over the backend's
+// defaults and nothing else. fs.ConfigMap would also read RCLONE_<BACKEND>_*
+// variables from the node's environment, so a node with, say,
+// RCLONE_S3_ENV_AUTH=true would hand its own credentials to every tenant.
+func configMap(info *fs.RegInfo, opts configmap.Simple) *configmap.Map {
+	m := configmap.New()
+	m.AddGetter(opts, configmap.PriorityNormal)
+	m.AddGetter(optionDefaults(info.Options), configmap.PriorityDefault)
+	return m
+}
+
+// optionDefaults reads a backend's registered default values, ignoring any
+// value set on the process (flags).
+type optionDefaults fs.Options
+
+func (o optionDefaults) Get(key string) (string, bool) {
+	opt := fs.Options(o).Get(key)
+	if opt == nil {
+		return "", false
+	}
+	d := *opt
+	d.Value = nil
+	return d.String(), true
 }
 
 func (r *rcloneRemote) URI() URI             { return r.uri }

@@ -48,6 +48,7 @@ func (u URI) String() string {
 var (
 	remoteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
 	hostPort   = regexp.MustCompile(`^[A-Za-z0-9.-]+(:[0-9]{1,5})?$`)
+	schemeName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*$`)
 )
 
 // ParseURI validates a modelUri. It does no I/O.
@@ -56,12 +57,12 @@ func ParseURI(s string) (URI, error) {
 		return URI{}, fmt.Errorf("%w: modelUri is empty; %s", ErrInvalid, formsHelp)
 	}
 	if len(s) > 2048 {
-		return URI{}, fmt.Errorf("%w: modelUri is %d bytes long, the limit is 2048", ErrInvalid, len(s))
+		return URI{}, fmt.Errorf("%w: modelUri is %d bytes long, the limit is 2048; %s", ErrInvalid, len(s), formsHelp)
 	}
 	if strings.ContainsAny(s, "\x00\\") || strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
 		return URI{}, fmt.Errorf("%w: modelUri contains a control character or backslash; %s", ErrInvalid, formsHelp)
 	}
-	if scheme, rest, ok := strings.Cut(s, "://"); ok {
+	if scheme, rest, ok := strings.Cut(s, "://"); ok && schemeName.MatchString(scheme) {
 		switch Scheme(scheme) {
 		case SchemeS3, SchemeGCS:
 			p, err := cleanPath(rest)
@@ -70,12 +71,17 @@ func ParseURI(s string) (URI, error) {
 			}
 			return URI{Scheme: Scheme(scheme), Path: p}, nil
 		case SchemeHTTPS:
-			host, p, _ := strings.Cut(rest, "/")
-			if !hostPort.MatchString(host) {
-				return URI{}, fmt.Errorf("%w: modelUri %q has an invalid host %q", ErrInvalid, s, host)
+			// The messages below never repeat a query or user info: they
+			// may hold tokens, and errors end up in events and logs.
+			if strings.ContainsAny(rest, "?#") {
+				return URI{}, fmt.Errorf("%w: modelUri carries a query or fragment; put tokens in the node-publish secret, not in the URI; %s", ErrInvalid, formsHelp)
 			}
-			if strings.ContainsAny(p, "?#") {
-				return URI{}, fmt.Errorf("%w: modelUri %q carries a query or fragment; put tokens in the node-publish secret, not in the URI", ErrInvalid, s)
+			host, p, _ := strings.Cut(rest, "/")
+			if strings.Contains(host, "@") {
+				return URI{}, fmt.Errorf("%w: modelUri carries user info before the host; put credentials in the node-publish secret, not in the URI; %s", ErrInvalid, formsHelp)
+			}
+			if !hostPort.MatchString(host) {
+				return URI{}, fmt.Errorf("%w: modelUri host %q is invalid; %s", ErrInvalid, host, formsHelp)
 			}
 			p, err := cleanPath(p)
 			if err != nil {
@@ -89,6 +95,10 @@ func ParseURI(s string) (URI, error) {
 	name, rest, ok := strings.Cut(s, ":")
 	if !ok {
 		return URI{}, fmt.Errorf("%w: modelUri %q has no remote or scheme; %s", ErrInvalid, s, formsHelp)
+	}
+	if strings.ContainsAny(name, ",=") || name == "" {
+		// Not repeated: a connection string may hold credentials.
+		return URI{}, fmt.Errorf("%w: modelUri is an rclone connection string, which is not accepted: define the remote with RCLONE_CONFIG_<REMOTE>_* keys in the node-publish secret; %s", ErrInvalid, formsHelp)
 	}
 	if !remoteName.MatchString(name) {
 		// Also rejects rclone connection strings (":s3,key=...:" or "name,key=...:"),
@@ -112,9 +122,9 @@ func cleanPath(p string) (string, error) {
 	for _, seg := range strings.Split(p, "/") {
 		switch seg {
 		case "":
-			return "", fmt.Errorf("%w: modelUri path %q has an empty segment (\"//\")", ErrInvalid, p)
+			return "", fmt.Errorf("%w: modelUri path %q has an empty segment (\"//\"); %s", ErrInvalid, p, formsHelp)
 		case ".", "..":
-			return "", fmt.Errorf("%w: modelUri path %q has a %q segment", ErrInvalid, p, seg)
+			return "", fmt.Errorf("%w: modelUri path %q has a %q segment; %s", ErrInvalid, p, seg, formsHelp)
 		}
 	}
 	return p, nil

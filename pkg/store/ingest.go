@@ -35,6 +35,13 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 // each blob, builds the tree beside them and renames it into trees/. The
 // rename is the only step that makes the model visible (invariant 1).
 func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress) (Tree, error) {
+	// Joined onto the tree below, a key with ".." or empty segments would
+	// link outside the tree (invariant 7); check here, not only at listing.
+	for _, e := range m {
+		if err := source.ValidateKey(e.Path); err != nil {
+			return Tree{}, err
+		}
+	}
 	dir := path.Join(IngestDir, randomName())
 	if err := s.root.Mkdir(dir, 0o700); err != nil {
 		return Tree{}, fmt.Errorf("creating ingest directory: %w", err)

@@ -97,6 +97,10 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 			return nil, fmt.Errorf("creating %s: %w", d, err)
 		}
 	}
+	if err := sealTrees(root); err != nil {
+		root.Close()
+		return nil, err
+	}
 	if opt.Transfers <= 0 {
 		opt.Transfers = 4
 	}
@@ -129,6 +133,28 @@ func (s *Store) HasTree(digest string) bool {
 	}
 	fi, err := s.root.Lstat(path.Join(TreesDir, digest[len("sha256:"):]))
 	return err == nil && fi.IsDir()
+}
+
+// sealTrees drops the write bits of every tree's top directory. A tree is
+// renamed into trees/ before its top is sealed, so a crash between the two
+// steps leaves a complete tree that is still writable (invariant 6).
+func sealTrees(root *os.Root) error {
+	des, err := fs.ReadDir(root.FS(), TreesDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", TreesDir, err)
+	}
+	for _, d := range des {
+		if !d.IsDir() {
+			continue
+		}
+		if err := root.Chmod(path.Join(TreesDir, d.Name()), dirMode); err != nil {
+			return fmt.Errorf("sealing tree %s: %w", d.Name(), err)
+		}
+	}
+	return nil
 }
 
 // randomName is an ingest directory name no other download uses.

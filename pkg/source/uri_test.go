@@ -1,0 +1,174 @@
+package source
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestParseURIAcceptsEveryForm(t *testing.T) {
+	longest := "mys3:" + strings.Repeat("a", 2048-len("mys3:"))
+	tests := []struct {
+		name       string
+		in         string
+		want       URI
+		wantString string
+	}{
+		{"remote", "mys3:models/iris", URI{Scheme: SchemeRemote, Remote: "mys3", Path: "models/iris"}, "mys3:models/iris"},
+		{"remote with dash, underscore, digits", "my-s3_2:bucket/a/b", URI{Scheme: SchemeRemote, Remote: "my-s3_2", Path: "bucket/a/b"}, "my-s3_2:bucket/a/b"},
+		{"remote with mixed case", "MyS3:bucket", URI{Scheme: SchemeRemote, Remote: "MyS3", Path: "bucket"}, "MyS3:bucket"},
+		{"remote trims slashes", "mys3:/bucket/model/", URI{Scheme: SchemeRemote, Remote: "mys3", Path: "bucket/model"}, "mys3:bucket/model"},
+		{"remote name of 63 bytes", strings.Repeat("r", 63) + ":b", URI{Scheme: SchemeRemote, Remote: strings.Repeat("r", 63), Path: "b"}, strings.Repeat("r", 63) + ":b"},
+		{"remote path with unicode and spaces", "mys3:bücket/模型/my model", URI{Scheme: SchemeRemote, Remote: "mys3", Path: "bücket/模型/my model"}, "mys3:bücket/模型/my model"},
+		{"remote path with colon", "mys3:bucket/a:b", URI{Scheme: SchemeRemote, Remote: "mys3", Path: "bucket/a:b"}, "mys3:bucket/a:b"},
+		{"remote uri of exactly 2048 bytes", longest, URI{Scheme: SchemeRemote, Remote: "mys3", Path: longest[len("mys3:"):]}, longest},
+		{"s3 bucket and prefix", "s3://bucket/prefix/model", URI{Scheme: SchemeS3, Path: "bucket/prefix/model"}, "s3://bucket/prefix/model"},
+		{"s3 bucket only", "s3://bucket", URI{Scheme: SchemeS3, Path: "bucket"}, "s3://bucket"},
+		{"s3 trailing slash", "s3://bucket/model/", URI{Scheme: SchemeS3, Path: "bucket/model"}, "s3://bucket/model"},
+		{"gs bucket and prefix", "gs://bucket/p/m", URI{Scheme: SchemeGCS, Path: "bucket/p/m"}, "gs://bucket/p/m"},
+		{"https host and path", "https://models.example.com/m/model.bin", URI{Scheme: SchemeHTTPS, Host: "models.example.com", Path: "m/model.bin"}, "https://models.example.com/m/model.bin"},
+		{"https host with port", "https://models.example.com:8443/m/", URI{Scheme: SchemeHTTPS, Host: "models.example.com:8443", Path: "m"}, "https://models.example.com:8443/m"},
+		{"https ip address", "https://10.0.0.1/x", URI{Scheme: SchemeHTTPS, Host: "10.0.0.1", Path: "x"}, "https://10.0.0.1/x"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseURI(tc.in)
+			if err != nil {
+				t.Fatalf("ParseURI(%q) = error %v, want %+v", tc.in, err, tc.want)
+			}
+			if got != tc.want {
+				t.Errorf("ParseURI(%q) = %+v, want %+v", tc.in, got, tc.want)
+			}
+			if s := got.String(); s != tc.wantString {
+				t.Errorf("ParseURI(%q).String() = %q, want %q", tc.in, s, tc.wantString)
+			}
+			// The canonical form parses back to the same URI.
+			again, err := ParseURI(got.String())
+			if err != nil || again != got {
+				t.Errorf("ParseURI(%q) = %+v, %v; want the round trip to give %+v", got.String(), again, err, got)
+			}
+		})
+	}
+}
+
+func TestParseURIRejects(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		wantMsg string // a fragment the operator needs to see
+	}{
+		{"empty", "", "empty"},
+		{"blank", "   ", "no remote or scheme"},
+		{"bare path", "models/iris", "no remote or scheme"},
+		{"absolute local path", "/x", "no remote or scheme"},
+		{"relative local path", "./x", "no remote or scheme"},
+		{"ftp scheme", "ftp://host/x", `scheme "ftp" is not supported`},
+		{"file scheme", "file:///etc/passwd", `scheme "file" is not supported`},
+		{"plain http", "http://host/x", `scheme "http" is not supported`},
+		{"upper-case scheme", "S3://bucket/x", `scheme "S3" is not supported`},
+		{"hdfs scheme", "hdfs://namenode/x", `scheme "hdfs" is not supported`},
+		{"windows path", `C:\models`, "backslash"},
+		{"backslash in path", `mys3:bucket\x`, "backslash"},
+		{"connection string on-the-fly backend", ":s3,provider=AWS:bucket", "connection string"},
+		{"connection string on-the-fly no options", ":s3:bucket", "connection string"},
+		{"connection string named remote", "mys3,provider=x:b", "connection string"},
+		{"connection string with equals only", "mys3=x:b", "connection string"},
+		{"remote name with dot", "my.s3:b", `remote name "my.s3" is invalid`},
+		{"remote name starting with dash", "-x:b", `remote name "-x" is invalid`},
+		{"remote name of 64 bytes", strings.Repeat("r", 64) + ":b", "is invalid"},
+		{"remote dotdot segment", "mys3:bucket/../x", `".." segment`},
+		{"remote only dotdot", "mys3:..", `".." segment`},
+		{"remote dot segment", "mys3:bucket/./x", `"." segment`},
+		{"remote trailing dot", "mys3:bucket/.", `"." segment`},
+		{"remote empty segment", "mys3:bucket//x", "empty segment"},
+		{"remote without path", "mys3:", "no bucket or path"},
+		{"remote with only a slash", "mys3:/", "no bucket or path"},
+		{"unknown scheme spelled like a remote", "mys3:///", `scheme "mys3" is not supported`},
+		{"s3 dotdot", "s3://bucket/../other", `".." segment`},
+		{"s3 dot", "s3://./x", `"." segment`},
+		{"s3 empty segment", "s3://bucket//x", "empty segment"},
+		{"s3 without bucket", "s3://", "no bucket or path"},
+		{"gs dotdot", "gs://a/../b", `".." segment`},
+		{"https dotdot", "https://host/a/../b", `".." segment`},
+		{"https empty segment", "https://host/a//b", "empty segment"},
+		{"https without path", "https://host", "no bucket or path"},
+		{"https root only", "https://host/", "no bucket or path"},
+		{"https empty host", "https:///x", "host"},
+		{"https host with underscore", "https://bad_host/x", `host "bad_host" is invalid`},
+		{"https port too long", "https://host:123456/x", "is invalid"},
+		{"https user info", "https://user:pw@host/x", "user info"},
+		{"https query", "https://host/x?token=abc", "query or fragment"},
+		{"https fragment", "https://host/x#frag", "query or fragment"},
+		{"https query without path", "https://host?x=1", "query or fragment"},
+		{"NUL", "mys3:bucket/a\x00b", "control character"},
+		{"newline", "mys3:bucket/a\nb", "control character"},
+		{"tab", "s3://bucket\tx", "control character"},
+		{"DEL", "mys3:bucket/\x7f", "control character"},
+		{"escape", "https://host/\x1b[31m", "control character"},
+		{"too long", "mys3:" + strings.Repeat("a", 2044), "the limit is 2048"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseURI(tc.in)
+			if err == nil {
+				t.Fatalf("ParseURI(%q) = %+v, want an error", tc.in, got)
+			}
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("ParseURI(%q) error %v is not ErrInvalid", tc.in, err)
+			}
+			if got != (URI{}) {
+				t.Errorf("ParseURI(%q) returned %+v with its error, want the zero URI", tc.in, got)
+			}
+			if !strings.Contains(err.Error(), tc.wantMsg) {
+				t.Errorf("ParseURI(%q) error %q does not say %q", tc.in, err, tc.wantMsg)
+			}
+			if !strings.Contains(err.Error(), formsHelp) {
+				t.Errorf("ParseURI(%q) error %q does not list the valid forms", tc.in, err)
+			}
+		})
+	}
+}
+
+// A modelUri that carries credentials is rejected without repeating them:
+// the message reaches kubelet events and logs (invariant 8).
+func TestParseURIDoesNotEchoCredentials(t *testing.T) {
+	const secret = "SUPERSECRETVALUE123"
+	for _, in := range []string{
+		":s3,secret_access_key=" + secret + ":bucket",
+		"mys3,secret_access_key=" + secret + ":bucket/model",
+		"mys3,secret_access_key=" + secret + ":bucket/a://b",
+		"https://user:" + secret + "@host/model",
+		"https://" + secret + "@host/model",
+		"https://host/model?X-Amz-Signature=" + secret,
+		"https://host?sig=" + secret,
+		"https://host/model#" + secret,
+		"https://user:" + secret + "@host/model?x=" + secret,
+	} {
+		t.Run(in, func(t *testing.T) {
+			_, err := ParseURI(in)
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("ParseURI(%q) error = %v, want ErrInvalid", in, err)
+			}
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("ParseURI(%q) error repeats the credential: %q", in, err)
+			}
+		})
+	}
+}
+
+func TestURIStringPerScheme(t *testing.T) {
+	tests := []struct {
+		u    URI
+		want string
+	}{
+		{URI{Scheme: SchemeRemote, Remote: "r", Path: "b/p"}, "r:b/p"},
+		{URI{Scheme: SchemeS3, Path: "b/p"}, "s3://b/p"},
+		{URI{Scheme: SchemeGCS, Path: "b/p"}, "gs://b/p"},
+		{URI{Scheme: SchemeHTTPS, Host: "h:1", Path: "p"}, "https://h:1/p"},
+	}
+	for _, tc := range tests {
+		if got := tc.u.String(); got != tc.want {
+			t.Errorf("%+v.String() = %q, want %q", tc.u, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,502 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/test/testenv"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// publish sends a NodePublishVolume as kubelet does for an inline volume.
+func (e *env) publish(ctx context.Context, volumeID, target string, attrs, secrets map[string]string) error {
+	_, err := e.driver.Node.NodePublishVolume(ctx, testenv.PublishRequest(volumeID, target, attrs, secrets))
+	return err
+}
+
+func (e *env) mustPublish(volumeID, target string, attrs map[string]string) {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := e.publish(ctx, volumeID, target, attrs, e.secret()); err != nil {
+		e.t.Fatalf("publishing %s at %s: %v", volumeID, target, err)
+	}
+}
+
+func (e *env) mustUnpublish(volumeID, target string) {
+	e.t.Helper()
+	_, err := e.driver.Node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: volumeID, TargetPath: target})
+	if err != nil {
+		e.t.Fatalf("unpublishing %s: %v", target, err)
+	}
+	if _, err := os.Lstat(target); !os.IsNotExist(err) {
+		e.t.Fatalf("target %s still exists after unpublish (err=%v)", target, err)
+	}
+	if opts := mountInfo(e.t, target); opts != "" {
+		e.t.Fatalf("target %s is still mounted (%s) after unpublish", target, opts)
+	}
+}
+
+func (e *env) model(prefix string) map[string]string {
+	return map[string]string{"modelUri": "mys3:" + e.bucket + "/" + prefix}
+}
+
+func wantCode(t *testing.T, err error, code codes.Code) {
+	t.Helper()
+	if status.Code(err) != code {
+		t.Fatalf("got %v, want code %v", err, code)
+	}
+}
+
+// Invariant 2: one download per content key per node, however many
+// publishes arrive at once.
+func TestPublish_50ConcurrentPods_RemoteServesModelOnce_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(1, map[string]int{"model.safetensors": 8 << 20, "config.json": 300, "tokenizer/vocab.json": 200 << 10})
+	e.upload("llm", files)
+
+	const pods = 50
+	var wg sync.WaitGroup
+	errs := make([]error, pods)
+	for i := range pods {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			errs[i] = e.publish(ctx, fmt.Sprintf("vol-%d", i), e.target(fmt.Sprintf("pod-%d", i)), e.model("llm"), e.secret())
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+	}
+	if got, want := e.proxy.ObjectBytes(), total(files); got != want {
+		t.Fatalf("the remote served %d object bytes for %d publishes, want exactly one copy of the model (%d)", got, pods, want)
+	}
+	if got := e.proxy.ObjectGets(); got != int64(len(files)) {
+		t.Fatalf("the remote served %d object GETs, want %d (one per file)", got, len(files))
+	}
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 1 {
+		t.Fatalf("store holds trees %v, want exactly one", trees)
+	}
+	for i := range pods {
+		sameFiles(t, e.target(fmt.Sprintf("pod-%d", i)), files)
+	}
+	for i := range pods {
+		e.mustUnpublish(fmt.Sprintf("vol-%d", i), e.target(fmt.Sprintf("pod-%d", i)))
+	}
+}
+
+// Invariant 1: a crash mid-download leaves no partial tree; the next start
+// cleans ingest and the next publish serves correct bytes.
+func TestPublish_Kill9MidDownload_NoPartialTree_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(2, map[string]int{"a.bin": 6 << 20, "b.bin": 6 << 20})
+	e.upload("m", files)
+	e.proxy.RateBytesPerSec.Store(2 << 20)
+
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_ = e.publish(ctx, "vol", e.target("pod-a"), e.model("m"), e.secret())
+	}()
+	// Kill only once bytes are on disk in ingest/, so the crash is really mid-download.
+	ingest := filepath.Join(e.cacheDir(), "ingest")
+	deadline := time.Now().Add(time.Minute)
+	for ingestedBytes(ingest) < 1<<20 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no download started within a minute; driver logs:\n%s", e.driver.Logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.driver.Kill()
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 0 {
+		t.Fatalf("a tree %v is visible after a crash mid-download", trees)
+	}
+	if opts := mountInfo(t, e.target("pod-a")); opts != "" {
+		t.Fatalf("target mounted (%s) although the download never finished", opts)
+	}
+
+	e.proxy.RateBytesPerSec.Store(0)
+	e.start()
+	if left := entries(t, ingest); len(left) != 0 {
+		t.Fatalf("ingest/ still holds %v after restart; leftovers must be cleaned at start-up", left)
+	}
+	e.mustPublish("vol", e.target("pod-a"), e.model("m"))
+	sameFiles(t, e.target("pod-a"), files)
+	e.mustUnpublish("vol", e.target("pod-a"))
+}
+
+func ingestedBytes(dir string) int64 {
+	var n int64
+	_ = filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n
+}
+
+// Invariant 5: mounts survive a driver restart and stay unpublishable.
+func TestRestart_ThreeLiveMounts_StayReadableAndUnpublish_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	m1 := randomModel(3, map[string]int{"w.bin": 1 << 20})
+	m2 := randomModel(4, map[string]int{"w.bin": 512 << 10, "cfg/c.json": 100})
+	e.upload("m1", m1)
+	e.upload("m2", m2)
+	pods := []struct {
+		vol, pod, prefix string
+		files            map[string][]byte
+	}{
+		{"vol-1", "pod-1", "m1", m1},
+		{"vol-2", "pod-2", "m1", m1},
+		{"vol-3", "pod-3", "m2", m2},
+	}
+	for _, p := range pods {
+		e.mustPublish(p.vol, e.target(p.pod), e.model(p.prefix))
+	}
+	e.driver.Kill()
+	e.start()
+	if !strings.Contains(e.driver.Logs(), "liveMounts=3") {
+		t.Fatalf("driver did not find the 3 live mounts on start:\n%s", e.driver.Logs())
+	}
+	for _, p := range pods {
+		sameFiles(t, e.target(p.pod), p.files)
+		resp, err := e.driver.Node.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: p.vol, VolumePath: e.target(p.pod)})
+		if err != nil {
+			t.Fatalf("volume stats of %s after restart: %v", p.vol, err)
+		}
+		if resp.GetVolumeCondition().GetAbnormal() {
+			t.Fatalf("volume %s reported abnormal after restart: %s", p.vol, resp.GetVolumeCondition().GetMessage())
+		}
+	}
+	// Kubelet retries a publish it already saw succeed: still OK, no download.
+	e.proxy.Reset()
+	e.mustPublish("vol-1", e.target("pod-1"), e.model("m1"))
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("idempotent publish after restart downloaded %d bytes", n)
+	}
+	for _, p := range pods {
+		e.mustUnpublish(p.vol, e.target(p.pod))
+	}
+}
+
+// Invariant 6: read-only for real.
+func TestPublish_TargetIsReadOnly_EROFS_RealMounts(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(5, map[string]int{"config.json": 100, "sub/w.bin": 4096})
+	e.upload("m", files)
+	target := e.target("pod")
+	e.mustPublish("vol", target, e.model("m"))
+
+	opts := mountInfo(t, target)
+	for _, o := range []string{"ro", "nosuid", "nodev"} {
+		if !contains(strings.Split(opts, ","), o) {
+			t.Fatalf("mount options of %s are %q, want %s among them", target, opts, o)
+		}
+	}
+	writes := map[string]func() error{
+		"overwrite a file": func() error { return os.WriteFile(filepath.Join(target, "config.json"), []byte("{}"), 0o644) },
+		"create a file":    func() error { return os.WriteFile(filepath.Join(target, "new"), []byte("x"), 0o644) },
+		"make a directory": func() error { return os.Mkdir(filepath.Join(target, "d"), 0o755) },
+		"remove a file":    func() error { return os.Remove(filepath.Join(target, "sub/w.bin")) },
+		"chmod a file":     func() error { return os.Chmod(filepath.Join(target, "config.json"), 0o666) },
+	}
+	for name, write := range writes {
+		if err := write(); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("%s in the published target: got %v, want EROFS", name, err)
+		}
+	}
+	sameFiles(t, target, files)
+	fi, err := os.Stat(filepath.Join(target, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o444 {
+		t.Fatalf("published file mode %v, want 0444", fi.Mode().Perm())
+	}
+	e.mustUnpublish("vol", target)
+}
+
+func contains(xs []string, x string) bool {
+	for _, v := range xs {
+		if v == x {
+			return true
+		}
+	}
+	return false
+}
+
+// Invariant 7: no remote input becomes a path unchecked.
+func TestPublish_EscapingObjectKey_InvalidArgument_RealMinIO(t *testing.T) {
+	for _, evil := range []string{"../escape", "a/../../x", "/abs", "a//b"} {
+		t.Run(strings.NewReplacer("/", "_", ".", "d").Replace(evil), func(t *testing.T) {
+			e := newEnv(t)
+			e.upload("m", map[string][]byte{"config.json": []byte("{}"), "evil": []byte("payload")})
+			e.proxy.RewriteListings(testenv.RenameKey("m/evil", "m/"+evil))
+			target := e.target("pod")
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			err := e.publish(ctx, "vol", target, e.model("m"), e.secret())
+			wantCode(t, err, codes.InvalidArgument)
+			if !strings.Contains(status.Convert(err).Message(), "rename or remove that object") {
+				t.Fatalf("message does not tell the operator what to fix: %q", status.Convert(err).Message())
+			}
+			if n := e.proxy.ObjectBytes(); n != 0 {
+				t.Fatalf("%d object bytes were downloaded for a model with an unsafe key", n)
+			}
+			if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 0 {
+				t.Fatalf("a tree %v was committed for a model with an unsafe key", trees)
+			}
+			if _, err := os.Lstat(target); !os.IsNotExist(err) {
+				t.Fatalf("target %s was created for a failed publish", target)
+			}
+			_ = filepath.Walk(e.dir, func(p string, fi os.FileInfo, err error) error {
+				if err == nil && (fi.Name() == "escape" || fi.Name() == "x" || fi.Name() == "payload") {
+					t.Errorf("%s was created from a hostile object key", p)
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// pullPolicy Always: a changed model lands in a new tree; a pod already
+// running keeps the content it started with.
+func TestPublish_PullAlways_ChangedModel_NewTreeOldMountUnchanged_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	v1 := randomModel(6, map[string]int{"w.bin": 256 << 10, "config.json": 50})
+	e.upload("m", v1)
+	attrs := e.model("m")
+	attrs["pullPolicy"] = "Always"
+	e.mustPublish("vol-a", e.target("pod-a"), attrs)
+
+	v2 := randomModel(7, map[string]int{"w.bin": 300 << 10})
+	v2["config.json"] = v1["config.json"]
+	e.upload("m", v2)
+	e.proxy.Reset()
+	e.mustPublish("vol-b", e.target("pod-b"), attrs)
+
+	sameFiles(t, e.target("pod-a"), v1)
+	sameFiles(t, e.target("pod-b"), v2)
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 2 {
+		t.Fatalf("store holds trees %v, want the old and the new one", trees)
+	}
+	// Only the changed file crosses the network; both versions share config.json's blob.
+	if got, want := e.proxy.ObjectBytes(), int64(len(v2["w.bin"])+len(v2["config.json"])); got != want {
+		t.Fatalf("second publish downloaded %d bytes, want %d (the model as listed now)", got, want)
+	}
+	blobs := entries(t, filepath.Join(e.cacheDir(), "blobs/sha256"))
+	if len(blobs) != 3 {
+		t.Fatalf("store holds %d blobs, want 3 (two weights, one shared config)", len(blobs))
+	}
+
+	// Always with an unchanged remote lists again but downloads nothing.
+	e.proxy.Reset()
+	e.mustPublish("vol-c", e.target("pod-c"), attrs)
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("pullPolicy Always on an unchanged model downloaded %d bytes", n)
+	}
+	for _, p := range []string{"a", "b", "c"} {
+		e.mustUnpublish("vol-"+p, e.target("pod-"+p))
+	}
+}
+
+// Invariant 4: a publish that outlasts its deadline gets a non-final code
+// with progress, and the retry joins the same download.
+func TestPublish_SlowDownload_AbortedWithProgress_RetryJoins_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(8, map[string]int{"w.bin": 6 << 20})
+	e.upload("m", files)
+	e.proxy.RateBytesPerSec.Store(1 << 20)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	err := e.publish(ctx, "vol", e.target("pod"), e.model("m"), e.secret())
+	cancel()
+	wantCode(t, err, codes.Aborted)
+	if msg := status.Convert(err).Message(); !strings.Contains(msg, "%") || !strings.Contains(msg, "still downloading") {
+		t.Fatalf("ABORTED message carries no progress: %q", msg)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "kubelet")); err == nil {
+		if opts := mountInfo(t, e.target("pod")); opts != "" {
+			t.Fatalf("target mounted before the download finished")
+		}
+	}
+	e.proxy.RateBytesPerSec.Store(64 << 20)
+	e.mustPublish("vol", e.target("pod"), e.model("m"))
+	sameFiles(t, e.target("pod"), files)
+	if got, want := e.proxy.ObjectBytes(), total(files); got != want {
+		t.Fatalf("the remote served %d bytes, want %d: the retry must join the running download", got, want)
+	}
+	e.mustUnpublish("vol", e.target("pod"))
+}
+
+// The CSI idempotency rules and the unpublish edge cases (invariant 3).
+func TestPublish_IdempotencyAndAlreadyExists_RealMounts(t *testing.T) {
+	e := newEnv(t)
+	e.upload("m1", randomModel(9, map[string]int{"w": 1000}))
+	e.upload("m2", randomModel(10, map[string]int{"w": 1000}))
+	target := e.target("pod")
+	e.mustPublish("vol", target, e.model("m1"))
+	e.mustPublish("vol", target, e.model("m1"))
+
+	ctx := context.Background()
+	wantCode(t, e.publish(ctx, "vol", target, e.model("m2"), e.secret()), codes.AlreadyExists)
+	wantCode(t, e.publish(ctx, "other-vol", target, e.model("m1"), e.secret()), codes.AlreadyExists)
+	pinned := e.model("m1")
+	pinned["pullPolicy"] = "Never"
+	wantCode(t, e.publish(ctx, "vol", target, pinned, e.secret()), codes.AlreadyExists)
+
+	e.mustUnpublish("vol", target)
+	e.mustUnpublish("vol", target) // already unpublished: OK
+	e.mustUnpublish("never-published", e.target("nobody"))
+
+	// A target directory kubelet left without a mount is removed too.
+	stale := e.target("stale")
+	if err := os.MkdirAll(stale, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	e.mustUnpublish("stale-vol", stale)
+}
+
+// The error table of DESIGN.md, each against the real remote, and no secret
+// in any message or log line even at the highest verbosity (invariant 8).
+func TestPublish_ErrorCodes_NoSecretsInMessagesOrLogs_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	e.driver.Stop()
+	e.start("-v=10")
+	files := randomModel(11, map[string]int{"w.bin": 2048})
+	e.upload("m", files)
+
+	port, err := testenv.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrongKey := e.secret()
+	wrongKey["RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY"] = "wrong-secret-KxQ93jdlA0"
+	unknownUser := e.secret()
+	unknownUser["RCLONE_CONFIG_MYS3_ACCESS_KEY_ID"] = "nobody-AKIA7TESTKEY"
+	unreachable := testenv.RcloneSecret("mys3", fmt.Sprintf("http://127.0.0.1:%d", port))
+	localType := e.secret()
+	localType["RCLONE_CONFIG_MYS3_TYPE"] = "local"
+	envAuth := e.secret()
+	envAuth["RCLONE_CONFIG_MYS3_ENV_AUTH"] = "true"
+	cases := []struct {
+		name    string
+		attrs   map[string]string
+		secrets map[string]string
+		code    codes.Code
+		hint    string
+	}{
+		{"wrong secret key", e.model("m"), wrongKey, codes.PermissionDenied, "check the node-publish secret"},
+		{"unknown access key", e.model("m"), unknownUser, codes.PermissionDenied, "check the node-publish secret"},
+		{"no such bucket", map[string]string{"modelUri": "mys3:no-such-bucket-xyz/m"}, e.secret(), codes.NotFound, "check the modelUri"},
+		{"no such prefix", e.model("nothing-here"), e.secret(), codes.NotFound, "check the modelUri"},
+		{"remote unreachable", e.model("m"), unreachable, codes.Unavailable, "kubelet will retry"},
+		{"remote not in secret", map[string]string{"modelUri": "other:" + e.bucket + "/m"}, e.secret(), codes.InvalidArgument, "RCLONE_CONFIG_OTHER_"},
+		{"local backend", e.model("m"), localType, codes.InvalidArgument, "not supported"},
+		{"env_auth true", e.model("m"), envAuth, codes.InvalidArgument, "node's own credentials"},
+		{"bad modelUri", map[string]string{"modelUri": "ftp://host/x"}, e.secret(), codes.InvalidArgument, "valid forms are"},
+		{"missing modelUri", map[string]string{}, e.secret(), codes.InvalidArgument, "modelUri"},
+		{"bad pullPolicy", map[string]string{"modelUri": "mys3:b/m", "pullPolicy": "Sometimes"}, e.secret(), codes.InvalidArgument, "IfNotPresent"},
+		{"bad digest", map[string]string{"modelUri": "mys3:b/m", "digest": "md5:abc"}, e.secret(), codes.InvalidArgument, "sha256:"},
+		{"unknown attribute", map[string]string{"modelUri": "mys3:b/m", "modeluri": "x"}, e.secret(), codes.InvalidArgument, "unknown volume attribute"},
+		{"Never and not cached", map[string]string{"modelUri": "mys3:" + e.bucket + "/m", "pullPolicy": "Never"}, e.secret(), codes.FailedPrecondition, "prefetch"},
+		{"digest pin mismatch", map[string]string{"modelUri": "mys3:" + e.bucket + "/m", "digest": "sha256:" + strings.Repeat("0", 64)}, e.secret(), codes.FailedPrecondition, "digest"},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			target := e.target(fmt.Sprintf("err-%d", i))
+			err := e.publish(ctx, "vol", target, c.attrs, c.secrets)
+			wantCode(t, err, c.code)
+			msg := status.Convert(err).Message()
+			if !strings.Contains(msg, c.hint) {
+				t.Fatalf("message %q does not say %q", msg, c.hint)
+			}
+			for k, v := range c.secrets {
+				if strings.Contains(k, "KEY") && strings.Contains(msg, v) {
+					t.Fatalf("message leaks secret %s: %q", k, msg)
+				}
+			}
+			if _, err := os.Lstat(target); !os.IsNotExist(err) && c.code == codes.InvalidArgument {
+				t.Fatalf("target %s was created for an invalid request", target)
+			}
+		})
+	}
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 1 {
+		// Only the digest-mismatch case downloads (to learn the digest).
+		t.Fatalf("store holds trees %v after the error cases, want only the mismatched model's", trees)
+	}
+	logs := e.driver.Logs()
+	for _, v := range []string{testenv.SecretKey, "wrong-secret-KxQ93jdlA0", "nobody-AKIA7TESTKEY"} {
+		if strings.Contains(logs, v) {
+			t.Fatalf("driver logs at -v=10 contain a secret value %q", v)
+		}
+	}
+	if !strings.Contains(logs, "***stripped***") {
+		t.Fatalf("requests were not logged through the sanitizer at -v=10; the log check above proves nothing")
+	}
+	for _, p := range []string{"state", "blobs", "trees"} {
+		assertNotInFiles(t, filepath.Join(e.cacheDir(), p), testenv.SecretKey)
+	}
+}
+
+func assertNotInFiles(t *testing.T, dir, secret string) {
+	t.Helper()
+	_ = filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || !fi.Mode().IsRegular() {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err == nil && strings.Contains(string(b), secret) {
+			t.Errorf("%s holds a secret value", p)
+		}
+		return nil
+	})
+}
+
+// The storage-initializer form s3://bucket/prefix with AWS_* keys reaches the
+// same bytes as the rclone remote form: it shares the tree after its own
+// credentials were checked by a listing (invariant 10), downloading nothing.
+func TestPublish_S3URIForm_SharesTreeWithRemoteForm_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(12, map[string]int{"w.bin": 1 << 20})
+	e.upload("m", files)
+	e.mustPublish("vol-a", e.target("pod-a"), e.model("m"))
+
+	e.proxy.Reset()
+	aws := map[string]string{
+		"AWS_ACCESS_KEY_ID":     testenv.AccessKey,
+		"AWS_SECRET_ACCESS_KEY": testenv.SecretKey,
+		"AWS_ENDPOINT_URL":      e.proxy.URL,
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := e.publish(ctx, "vol-b", e.target("pod-b"), map[string]string{"modelUri": "s3://" + e.bucket + "/m"}, aws); err != nil {
+		t.Fatal(err)
+	}
+	sameFiles(t, e.target("pod-b"), files)
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("the s3:// form downloaded %d bytes of a model already cached", n)
+	}
+
+	bad := map[string]string{"AWS_ACCESS_KEY_ID": testenv.AccessKey, "AWS_SECRET_ACCESS_KEY": "not-the-key-123", "AWS_ENDPOINT_URL": e.proxy.URL}
+	err := e.publish(ctx, "vol-c", e.target("pod-c"), map[string]string{"modelUri": "s3://" + e.bucket + "/m"}, bad)
+	wantCode(t, err, codes.PermissionDenied)
+	e.mustUnpublish("vol-a", e.target("pod-a"))
+	e.mustUnpublish("vol-b", e.target("pod-b"))
+}
