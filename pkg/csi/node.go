@@ -331,4 +331,3 @@ func (n *Node) Recover() (live, gone int, err error) {
 	}
 	return live, gone, nil
 }
-
