@@ -1,0 +1,108 @@
+// Package bench measures publishes of the real modelcache-csi binary against
+// a loopback MinIO with real bind mounts. Run with `make bench` (root); the
+// numbers are reported, never asserted.
+package bench
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/test/testenv"
+)
+
+const modelBytes = 64 << 20
+
+var (
+	driverBin string
+	minio     *testenv.MinIO
+)
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "benchmarks need root (bind mounts): run `make bench` as root")
+		os.Exit(1)
+	}
+	dir, err := os.MkdirTemp("", "modelcache-bench-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := func() int {
+		defer os.RemoveAll(dir)
+		if driverBin, err = testenv.BuildDriver(dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		if minio, err = testenv.StartMinIO(filepath.Join(dir, "minio")); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer minio.Stop()
+		w := make([]byte, modelBytes)
+		_, _ = rand.NewChaCha8([32]byte{1}).Read(w)
+		if err := testenv.PutModel(context.Background(), testenv.Client(minio.Endpoint), "bench", "m", map[string][]byte{"w.bin": w, "config.json": []byte("{}")}); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		return m.Run()
+	}()
+	os.Exit(code)
+}
+
+func startDriver(b *testing.B, dir string) *testenv.Driver {
+	d, err := testenv.StartDriver(driverBin, dir, filepath.Join(dir, "cache"), "-v=0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(d.Stop)
+	return d
+}
+
+func publish(b *testing.B, d *testenv.Driver, vol, target string) {
+	req := testenv.PublishRequest(vol, target, map[string]string{"modelUri": "mys3:bench/m"}, testenv.RcloneSecret("mys3", minio.Endpoint))
+	if _, err := d.Node.NodePublishVolume(context.Background(), req); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func unpublish(b *testing.B, d *testenv.Driver, vol, target string) {
+	if _, err := d.Node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target}); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkPublishCold downloads the model into an empty cache each time.
+func BenchmarkPublishCold(b *testing.B) {
+	b.SetBytes(modelBytes)
+	for i := 0; b.Loop(); i++ {
+		b.StopTimer()
+		dir := b.TempDir()
+		d := startDriver(b, dir)
+		target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
+		b.StartTimer()
+		publish(b, d, "vol", target)
+		b.StopTimer()
+		unpublish(b, d, "vol", target)
+		b.StartTimer()
+	}
+}
+
+// BenchmarkPublishWarm publishes a model the node already holds.
+func BenchmarkPublishWarm(b *testing.B) {
+	dir := b.TempDir()
+	d := startDriver(b, dir)
+	publish(b, d, "warmup", filepath.Join(dir, "pods", "warmup", "mount"))
+	for i := 0; b.Loop(); i++ {
+		target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
+		publish(b, d, fmt.Sprint("vol-", i), target)
+		b.StopTimer()
+		unpublish(b, d, fmt.Sprint("vol-", i), target)
+		b.StartTimer()
+	}
+	unpublish(b, d, "warmup", filepath.Join(dir, "pods", "warmup", "mount"))
+}
