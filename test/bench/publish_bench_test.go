@@ -23,35 +23,24 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "benchmarks need root (bind mounts): run `make bench` as root")
-		os.Exit(1)
-	}
-	dir, err := os.MkdirTemp("", "modelcache-bench-")
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	suite, err := testenv.StartSuite("benchmarks")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+		return 1
 	}
-	code := func() int {
-		defer os.RemoveAll(dir)
-		if driverBin, err = testenv.BuildDriver(dir); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		if minio, err = testenv.StartMinIO(filepath.Join(dir, "minio")); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		defer minio.Stop()
-		w := make([]byte, modelBytes)
-		_, _ = rand.NewChaCha8([32]byte{1}).Read(w)
-		if err := testenv.PutModel(context.Background(), testenv.Client(minio.Endpoint), "bench", "m", map[string][]byte{"w.bin": w, "config.json": []byte("{}")}); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 1
-		}
-		return m.Run()
-	}()
-	os.Exit(code)
+	defer suite.Close()
+	driverBin, minio = suite.DriverBin, suite.MinIO
+	w := make([]byte, modelBytes)
+	_, _ = rand.NewChaCha8([32]byte{1}).Read(w)
+	if err := testenv.PutModel(context.Background(), testenv.Client(minio.Endpoint), "bench", "m", map[string][]byte{"w.bin": w, "config.json": []byte("{}")}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return m.Run()
 }
 
 func startDriver(b *testing.B, dir string) *testenv.Driver {

@@ -29,25 +29,13 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "integration tests need root (bind mounts): run `make test` as root")
-		return 1
-	}
-	dir, err := os.MkdirTemp("", "modelcache-integration-")
+	suite, err := testenv.StartSuite("integration tests")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
-	if driverBin, err = testenv.BuildDriver(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if minio, err = testenv.StartMinIO(filepath.Join(dir, "minio")); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer minio.Stop()
+	defer suite.Close()
+	driverBin, minio = suite.DriverBin, suite.MinIO
 	return m.Run()
 }
 
