@@ -183,10 +183,13 @@ func (n *Node) alreadyPublished(a publishArgs) (bool, error) {
 func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Remote) (tree store.Tree, sourceKey string, hit bool, err error) {
 	sourceKey = source.SourceKey(remote)
 	if a.policy != PullAlways {
-		if t, ok := n.cachedTree(sourceKey); ok && (a.digest == "" || a.digest == t.Digest) {
+		t, ok := n.cachedTree(sourceKey)
+		switch {
+		case ok && (a.digest == "" || a.digest == t.Digest):
 			return t, sourceKey, true, nil
-		}
-		if a.policy == PullNever {
+		case ok && a.policy == PullNever:
+			return store.Tree{}, "", false, mismatch(a.digest, t.Digest)
+		case a.policy == PullNever:
 			return store.Tree{}, "", false, errNotCached
 		}
 	}
@@ -243,6 +246,8 @@ func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 	case !filepath.IsAbs(target):
 		return nil, status.Errorf(codes.InvalidArgument, "target_path %q must be absolute", target)
 	}
+	// References are keyed by the clean path, as publish requires it.
+	target = filepath.Clean(target)
 	unlock := n.targets.Lock(target)
 	defer unlock()
 	if err := n.Mounter.Unpublish(target); err != nil {

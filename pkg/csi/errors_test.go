@@ -1,0 +1,59 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/store"
+	"google.golang.org/grpc/codes"
+)
+
+// TestPublishError checks the one place that chooses CSI codes for the
+// publish path against DESIGN.md "Error mapping". Every error is wrapped
+// once more, as callers up the stack do.
+func TestPublishError(t *testing.T) {
+	const uri = "mys3:models/iris"
+	pin := "sha256:" + strings.Repeat("a", 64)
+	got := "sha256:" + strings.Repeat("b", 64)
+	tests := []struct {
+		name  string
+		err   error
+		want  codes.Code
+		hints []string
+	}{
+		{"not found", source.ErrNotFound, codes.NotFound, []string{uri, "check the modelUri"}},
+		{"denied", source.ErrDenied, codes.PermissionDenied, []string{uri, "node-publish secret"}},
+		{"unavailable", source.ErrUnavailable, codes.Unavailable, []string{uri, "retry"}},
+		{"changed during download", source.ErrChanged, codes.Unavailable, []string{uri}},
+		{"unsafe path", source.ErrUnsafePath, codes.InvalidArgument, []string{uri, "rename or remove"}},
+		{"invalid", fmt.Errorf("%w: remote \"mys3\" has no type: add RCLONE_CONFIG_MYS3_TYPE", source.ErrInvalid), codes.InvalidArgument, []string{"RCLONE_CONFIG_MYS3_TYPE"}},
+		{"no space", fmt.Errorf("%w: %w", store.ErrNoSpace, syscall.ENOSPC), codes.ResourceExhausted, []string{uri, "free space"}},
+		{"in progress", &store.InProgressError{Done: 512 << 20, Total: 1 << 30}, codes.Aborted, []string{uri, "512.0 MiB of 1.0 GiB (50%)", "retry"}},
+		{"in progress, nothing yet", &store.InProgressError{Total: 1 << 30}, codes.Aborted, []string{"(0%)"}},
+		{"not cached", errNotCached, codes.FailedPrecondition, []string{uri, "pullPolicy", "IfNotPresent"}},
+		{"digest mismatch", mismatch(pin, got), codes.FailedPrecondition, []string{uri, pin, got}},
+		{"deadline", context.DeadlineExceeded, codes.DeadlineExceeded, []string{uri, "retry"}},
+		{"cancelled", context.Canceled, codes.DeadlineExceeded, []string{uri, "retry"}},
+		{"anything else", errors.New("tree record is corrupt"), codes.Internal, []string{uri, "tree record is corrupt"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := publishError(uri, fmt.Errorf("publishing: %w", tc.err))
+			wantCode(t, err, tc.want, tc.hints...)
+		})
+	}
+}
+
+// A download still running must never become a final error, even when the
+// error chain also carries a retryable or final kind.
+func TestPublishErrorInProgressWins(t *testing.T) {
+	for _, other := range []error{source.ErrUnavailable, source.ErrNotFound, context.DeadlineExceeded} {
+		err := publishError("mys3:m", errors.Join(&store.InProgressError{Done: 1, Total: 2}, other))
+		wantCode(t, err, codes.Aborted, "still downloading")
+	}
+}

@@ -1,0 +1,271 @@
+package csi
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+)
+
+// socketDir returns a short directory for unix sockets: t.TempDir's paths
+// can exceed the 108-byte limit of a socket address.
+func socketDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "mccsi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestListenRejectsOtherEndpoints(t *testing.T) {
+	for _, ep := range []string{
+		"",
+		"/csi/csi.sock",
+		"csi.sock",
+		"tcp://127.0.0.1:10000",
+		"http://localhost/csi.sock",
+		"unix://",
+		"unix://csi.sock", // a host, not a path
+		"unix",
+		"://bad",
+	} {
+		t.Run(ep, func(t *testing.T) {
+			l, err := Listen(ep)
+			if err == nil {
+				l.Close()
+				t.Fatalf("Listen(%q) succeeded, want an error", ep)
+			}
+			if !strings.Contains(err.Error(), "unix:///") {
+				t.Errorf("error %q does not show the expected form", err)
+			}
+		})
+	}
+}
+
+func TestListenReplacesStaleSocket(t *testing.T) {
+	// The socket directory does not exist yet: Listen creates it.
+	sock := filepath.Join(socketDir(t), "csi", "csi.sock")
+	endpoint := "unix://" + sock
+
+	// A previous run that died leaves its socket file behind.
+	old, err := Listen(endpoint)
+	if err != nil {
+		t.Fatalf("first Listen: %v", err)
+	}
+	old.(*net.UnixListener).SetUnlinkOnClose(false)
+	old.Close()
+	fi, err := os.Lstat(sock)
+	if err != nil || fi.Mode().Type() != fs.ModeSocket {
+		t.Fatalf("no stale socket to replace: %v, %v", fi, err)
+	}
+	if _, err := net.Dial("unix", sock); err == nil {
+		t.Fatal("stale socket still accepts connections")
+	}
+
+	l, err := Listen(endpoint)
+	if err != nil {
+		t.Fatalf("Listen over a stale socket: %v", err)
+	}
+	defer l.Close()
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			c.Close()
+		}
+		accepted <- err
+	}()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("dialing the new socket: %v", err)
+	}
+	c.Close()
+	if err := recv(t, accepted, "Accept"); err != nil {
+		t.Fatalf("Accept: %v", err)
+	}
+}
+
+// klogCapture sends klog output at verbosity v to a buffer for one test.
+type klogCapture struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (c *klogCapture) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.Write(p)
+}
+
+func (c *klogCapture) String() string {
+	klog.Flush()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.String()
+}
+
+// captureKlog must not be used by parallel tests: klog's settings are global.
+func captureKlog(t *testing.T, v int) *klogCapture {
+	t.Helper()
+	flags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(flags)
+	set := func(name, value string) {
+		if err := flags.Set(name, value); err != nil {
+			t.Fatalf("klog flag %s: %v", name, err)
+		}
+	}
+	c := &klogCapture{}
+	set("v", strconv.Itoa(v))
+	set("logtostderr", "false")
+	set("alsologtostderr", "false")
+	klog.SetOutput(c)
+	t.Cleanup(func() {
+		klog.Flush()
+		set("v", "0")
+		klog.SetOutput(io.Discard) // as TestMain left it
+	})
+	return c
+}
+
+// loggedRequest is a publish request as kubelet sends it, secrets included.
+func loggedRequest() *csi.NodePublishVolumeRequest {
+	return publishReq("vol-logged", "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/model/mount", testURI, nil)
+}
+
+func wantNoSecrets(t *testing.T, out string) {
+	t.Helper()
+	for _, s := range secretValues {
+		if strings.Contains(out, s) {
+			t.Fatalf("log output contains secret %q:\n%s", s, out)
+		}
+	}
+}
+
+func TestLogCallsStripsSecrets(t *testing.T) {
+	tests := []struct {
+		v          int
+		wantReq    bool // the request itself is logged
+		wantFailed bool // the failure is logged
+	}{
+		{0, false, false},
+		{2, false, true},
+		{5, true, true},
+		{10, true, true},
+	}
+	for _, tc := range tests {
+		t.Run("v="+strconv.Itoa(tc.v), func(t *testing.T) {
+			out := captureKlog(t, tc.v)
+			req := loggedRequest()
+			info := &grpc.UnaryServerInfo{FullMethod: "/csi.v1.Node/NodePublishVolume"}
+			handler := func(_ context.Context, got any) (any, error) {
+				// The handler still gets the secrets: only the log copy is stripped.
+				if r := got.(*csi.NodePublishVolumeRequest); r.GetSecrets()["RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY"] != secretKey {
+					t.Errorf("handler got secrets %v, want them intact", r.GetSecrets())
+				}
+				return nil, status.Error(codes.NotFound, "no such model at the remote")
+			}
+			_, err := logCalls(context.Background(), req, info, handler)
+			if status.Code(err) != codes.NotFound {
+				t.Fatalf("logCalls changed the handler's error: %v", err)
+			}
+			s := out.String()
+			wantNoSecrets(t, s)
+			for want, ok := range map[string]bool{
+				"vol-logged":        tc.wantReq,
+				testURI:             tc.wantReq,
+				"model-server-0":    tc.wantReq,
+				"***stripped***":    tc.wantReq,
+				"call failed":       tc.wantFailed,
+				"NodePublishVolume": tc.wantReq || tc.wantFailed,
+			} {
+				if strings.Contains(s, want) != ok {
+					t.Errorf("log output contains %q = %v, want %v:\n%s", want, !ok, ok, s)
+				}
+			}
+		})
+	}
+}
+
+func TestStripSecretsOnPublishRequest(t *testing.T) {
+	s := protosanitizer.StripSecrets(loggedRequest()).String()
+	wantNoSecrets(t, s)
+	for _, want := range []string{"vol-logged", testURI, "csi.storage.k8s.io/pod.name", "***stripped***"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("sanitized request %s lacks %q", s, want)
+		}
+	}
+}
+
+// TestServeOverUnixSocket runs the gRPC server the driver runs, on a unix
+// socket, and checks what kubelet sees and what the log holds.
+func TestServeOverUnixSocket(t *testing.T) {
+	out := captureKlog(t, 10)
+	h := newHarness(t)
+	l, err := Listen("unix://" + filepath.Join(socketDir(t), "csi.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(&Identity{Version: "test"}, h.node, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, srv, l, waitLimit) }()
+	defer func() {
+		cancel()
+		if err := recv(t, served, "Serve to return"); err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	}()
+
+	conn, err := grpc.NewClient("unix://"+l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	rpcCtx, rpcCancel := context.WithTimeout(context.Background(), waitLimit)
+	defer rpcCancel()
+
+	info, err := csi.NewIdentityClient(conn).GetPluginInfo(rpcCtx, &csi.GetPluginInfoRequest{})
+	if err != nil || info.GetName() != DriverName {
+		t.Fatalf("GetPluginInfo = %v, %v", info, err)
+	}
+	node := csi.NewNodeClient(conn)
+	target := h.target("pod-a")
+	if _, err := node.NodePublishVolume(rpcCtx, publishReq("vol-a", target, testURI, nil)); err != nil {
+		t.Fatalf("NodePublishVolume over gRPC: %v", err)
+	}
+	h.wantMounted(target, treeDigestOf(irisFiles()))
+	_, err = node.NodePublishVolume(rpcCtx, publishReq("vol-b", h.target("pod-b"), "mys3:models/missing", nil))
+	wantCode(t, err, codes.NotFound, "mys3:models/missing")
+
+	// No controller service was registered.
+	_, err = csi.NewControllerClient(conn).ControllerGetCapabilities(rpcCtx, &csi.ControllerGetCapabilitiesRequest{})
+	if status.Code(err) != codes.Unimplemented {
+		t.Errorf("Controller call on a node-only server = %v, want Unimplemented", err)
+	}
+
+	s := out.String()
+	wantNoSecrets(t, s)
+	for _, want := range []string{"vol-a", "vol-b", "***stripped***", "call failed", "published"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("log output lacks %q:\n%s", want, s)
+		}
+	}
+}
