@@ -55,6 +55,11 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 		}
 		p := &Progress{Total: m.Size()}
 		s.mu.Lock()
+		if err := s.ctx.Err(); err != nil {
+			// Close has begun: a WaitGroup must not grow while Close waits on it.
+			s.mu.Unlock()
+			return nil, fmt.Errorf("the model store is shutting down: %w", err)
+		}
 		s.running[key] = p
 		s.wg.Add(1)
 		s.mu.Unlock()

@@ -612,13 +612,38 @@ func TestEnsureAfterClose(t *testing.T) {
 	}
 	files := map[string][]byte{"a": []byte("a")}
 	f := newFetcher(files)
-	if _, _, err := s.Ensure(context.Background(), "key", manifestOf(files), f); err == nil {
-		t.Error("Ensure on a closed store succeeded")
+	_, _, err = s.Ensure(context.Background(), "key", manifestOf(files), f)
+	if err == nil || !strings.Contains(err.Error(), "shutting down") {
+		t.Errorf("Ensure on a closed store: %v, want an error saying the store is shutting down", err)
+	}
+	if n := f.readers.Load(); n != 0 {
+		t.Errorf("closed store opened %d objects at the remote", n)
 	}
 	checkNoTrees(t, dir)
 	if n, _ := filepath.Glob(filepath.Join(dir, store.BlobsDir, "*")); len(n) != 0 {
 		t.Errorf("closed store committed blobs %v", n)
 	}
+}
+
+// Close racing new downloads must neither trip the race detector nor leave
+// a download running on a closed store.
+func TestCloseRacingEnsure(t *testing.T) {
+	dir := t.TempDir()
+	s, err := store.Open(dir, newIndex(), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := map[string][]byte{"a": []byte("a")}
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Go(func() {
+			_, _, _ = s.Ensure(context.Background(), fmt.Sprint("key-", i), manifestOf(files), newFetcher(files))
+		})
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
 }
 
 // Transfers bounds how many files of one model stream at once.

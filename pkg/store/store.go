@@ -113,7 +113,10 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 
 // Close cancels running downloads and waits for them to clean up.
 func (s *Store) Close() error {
+	// Under mu, so no download registers itself after the cancel.
+	s.mu.Lock()
 	s.cancel()
+	s.mu.Unlock()
 	s.wg.Wait()
 	return s.root.Close()
 }
