@@ -23,24 +23,12 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	suite, err := testenv.StartSuite("benchmarks")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer suite.Close()
-	driverBin, minio = suite.DriverBin, suite.MinIO
-	w := make([]byte, modelBytes)
-	_, _ = rand.NewChaCha8([32]byte{1}).Read(w)
-	if err := testenv.PutModel(context.Background(), testenv.Client(minio.Endpoint), "bench", "m", map[string][]byte{"w.bin": w, "config.json": []byte("{}")}); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+	os.Exit(testenv.RunSuite(m, "benchmarks", func(s *testenv.Suite) error {
+		driverBin, minio = s.DriverBin, s.MinIO
+		w := make([]byte, modelBytes)
+		_, _ = rand.NewChaCha8([32]byte{1}).Read(w)
+		return testenv.PutModel(context.Background(), testenv.Client(minio.Endpoint), "bench", "m", map[string][]byte{"w.bin": w, "config.json": []byte("{}")})
+	}))
 }
 
 func startDriver(b *testing.B, dir string) *testenv.Driver {

@@ -8,7 +8,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -25,18 +24,10 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	suite, err := testenv.StartSuite("integration tests")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer suite.Close()
-	driverBin, minio = suite.DriverBin, suite.MinIO
-	return m.Run()
+	os.Exit(testenv.RunSuite(m, "integration tests", func(s *testenv.Suite) error {
+		driverBin, minio = s.DriverBin, s.MinIO
+		return nil
+	}))
 }
 
 // env is one test's world: a proxy in front of the shared MinIO, a driver

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"testing"
 )
 
 // Suite is what a root test package shares across its tests: a scratch
@@ -42,4 +43,23 @@ func (s *Suite) Close() {
 		s.MinIO.Stop()
 	}
 	_ = os.RemoveAll(s.Dir)
+}
+
+// RunSuite is a root test package's TestMain body: it starts a Suite, hands
+// it to setup (nil for none), runs the tests and stops the suite, returning
+// the exit code.
+func RunSuite(m *testing.M, what string, setup func(*Suite) error) int {
+	s, err := StartSuite(what)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer s.Close()
+	if setup != nil {
+		if err := setup(s); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	return m.Run()
 }
