@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
@@ -55,4 +56,22 @@ func publishError(uri string, err error) error {
 // mismatch formats a digest pin failure.
 func mismatch(want, got string) error {
 	return fmt.Errorf("%w: the digest attribute pins %s but the model's content digest is %s", errDigestMismatch, want, got)
+}
+
+// provisionError maps an error from listing a model with the provisioner
+// secret onto the CSI code the external-provisioner acts on. Final codes
+// become events on the claim; UNAVAILABLE is retried.
+func provisionError(uri string, err error) error {
+	switch {
+	case errors.Is(err, source.ErrInvalid), errors.Is(err, source.ErrUnsafePath):
+		return status.Errorf(codes.InvalidArgument, "model %s: %v", uri, err)
+	case errors.Is(err, source.ErrNotFound):
+		return status.Errorf(codes.NotFound, "model %s was not found with the provisioner secret: %v; check the StorageClass modelUri or the claim's %s annotation", uri, err, kube.AnnotationModelURI)
+	case errors.Is(err, source.ErrDenied):
+		return status.Errorf(codes.PermissionDenied, "the remote refused the provisioner secret for %s: %v; check the secret named by csi.storage.k8s.io/provisioner-secret-name grants list access, or remove it to skip the check", uri, err)
+	case errors.Is(err, source.ErrUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		return status.Errorf(codes.Unavailable, "the remote for %s could not be listed: %v; the provisioner will retry", uri, err)
+	default:
+		return status.Errorf(codes.Internal, "listing model %s: %v", uri, err)
+	}
 }

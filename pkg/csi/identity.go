@@ -1,7 +1,7 @@
-// Package csi serves the CSI Identity and Node services over gRPC. It
-// validates requests, calls pkg/source, pkg/store, pkg/mount and pkg/state in
-// that order, and maps their errors onto CSI codes in one place (errors.go).
-// It does no I/O of its own.
+// Package csi serves the CSI Identity, Node and Controller services over
+// gRPC. It validates requests, calls pkg/source, pkg/store, pkg/mount,
+// pkg/state and pkg/kube, and maps their errors onto CSI codes in one place
+// (errors.go). It does no I/O of its own.
 package csi
 
 import (

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -78,31 +77,11 @@ func parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
 		return a, status.Error(codes.InvalidArgument, "volume_capability must request mount access")
 	}
 	ctx := req.GetVolumeContext()
-	for k := range ctx {
-		// Namespaced keys are added by Kubernetes (pod info, provisioner identity).
-		if !strings.Contains(k, "/") && k != AttrModelURI && k != AttrPullPolicy && k != AttrDigest {
-			return a, status.Errorf(codes.InvalidArgument, "unknown volume attribute %q: the attributes are %s (required), %s and %s", k, AttrModelURI, AttrPullPolicy, AttrDigest)
-		}
+	m, err := parseModelRef(ctx, "volume attribute")
+	if err != nil {
+		return a, status.Errorf(codes.InvalidArgument, "%v", err)
 	}
-	a.uri = ctx[AttrModelURI]
-	if a.uri == "" {
-		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s is required, e.g. %s: \"mys3:bucket/model\"", AttrModelURI, AttrModelURI)
-	}
-	if _, err := source.ParseURI(a.uri); err != nil {
-		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s: %v", AttrModelURI, err)
-	}
-	a.policy = ctx[AttrPullPolicy]
-	switch a.policy {
-	case "":
-		a.policy = PullIfNotPresent
-	case PullIfNotPresent, PullAlways, PullNever:
-	default:
-		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s is %q; use %s, %s or %s", AttrPullPolicy, a.policy, PullIfNotPresent, PullAlways, PullNever)
-	}
-	a.digest = ctx[AttrDigest]
-	if a.digest != "" && !store.ValidDigest(a.digest) {
-		return a, status.Errorf(codes.InvalidArgument, "volume attribute %s is %q; it must be sha256: followed by 64 lowercase hex digits (see modelcachectl ls)", AttrDigest, a.digest)
-	}
+	a.uri, a.policy, a.digest = m.URI, m.Policy, m.Digest
 	a.podName, a.podNS, a.podUID = ctx[podNameKey], ctx[podNamespaceKey], ctx[podUIDKey]
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\x00%s\x00%s\x00%s\x00%t\x00%s", a.volumeID, a.uri, a.policy, a.digest, req.GetReadonly(), vc.GetAccessMode().GetMode())

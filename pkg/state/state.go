@@ -1,6 +1,6 @@
-// Package state is the node plugin's embedded database (bbolt): which tree a
-// content key produced, which tree a source last resolved to, and which
-// volumes reference which trees. It never stores a secret: sources are keyed
+// Package state is the driver's embedded database (bbolt): which tree a
+// content key produced, which tree a source last resolved to, which
+// volumes reference which trees, and the volumes the controller created. It never stores a secret: sources are keyed
 // by an HMAC fingerprint and URIs carry no credentials.
 package state
 
@@ -23,6 +23,7 @@ var (
 	bucketSources = []byte("sources")      // source key → Source
 	bucketTrees   = []byte("trees")        // tree digest → TreeRecord
 	bucketRefs    = []byte("refs")         // target path → Ref
+	bucketVolumes = []byte("volumes")      // volume ID → Volume (controller)
 	bucketMeta    = []byte("meta")
 	keyNodeKey    = []byte("fingerprint-key")
 )
@@ -71,7 +72,7 @@ func Open(path string) (*DB, error) {
 		return nil, fmt.Errorf("opening state database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketMeta} {
+		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketVolumes, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -231,4 +232,37 @@ func put(tx *bolt.Tx, bucket []byte, key string, v any) error {
 		return err
 	}
 	return tx.Bucket(bucket).Put([]byte(key), raw)
+}
+
+// Volume records a volume the controller created: enough to answer a
+// repeated CreateVolume with the same volume, or ALREADY_EXISTS when the
+// repeat asks for something else. It holds no secret.
+type Volume struct {
+	ID       string            `json:"id"`
+	Name     string            `json:"name"`
+	SpecHash string            `json:"specHash"` // digest of the model reference
+	Capacity int64             `json:"capacity"` // bytes reported to the CO; 0 is unknown
+	Context  map[string]string `json:"context"`  // volume_context handed to the node
+	Created  time.Time         `json:"created"`
+}
+
+// Volume returns the controller's record of a volume ID.
+func (d *DB) Volume(id string) (Volume, bool, error) {
+	var v Volume
+	ok, err := d.get(bucketVolumes, id, &v)
+	return v, ok, err
+}
+
+// PutVolume records a created volume.
+func (d *DB) PutVolume(v Volume) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		return put(tx, bucketVolumes, v.ID, v)
+	})
+}
+
+// DeleteVolume forgets a volume; forgetting an unknown one is not an error.
+func (d *DB) DeleteVolume(id string) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketVolumes).Delete([]byte(id))
+	})
 }

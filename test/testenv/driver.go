@@ -29,11 +29,12 @@ func BuildDriver(dir string) (string, error) {
 
 // Driver is a running modelcache-csi process.
 type Driver struct {
-	Socket   string
-	CacheDir string
-	Conn     *grpc.ClientConn
-	Node     csi.NodeClient
-	Identity csi.IdentityClient
+	Socket     string
+	CacheDir   string
+	Conn       *grpc.ClientConn
+	Node       csi.NodeClient
+	Identity   csi.IdentityClient
+	Controller csi.ControllerClient // answers only with --mode=controller or all
 
 	cmd  *exec.Cmd
 	mu   sync.Mutex
@@ -41,8 +42,9 @@ type Driver struct {
 	done chan struct{}
 }
 
-// StartDriver runs bin in node mode on a socket under runDir with its cache
-// in cacheDir, and waits until Probe answers.
+// StartDriver runs bin in node mode (args may override, e.g. "--mode=all")
+// on a socket under runDir with its cache in cacheDir, and waits until
+// Probe answers.
 func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) {
 	d := &Driver{Socket: filepath.Join(runDir, "csi.sock"), CacheDir: cacheDir, done: make(chan struct{})}
 	all := append([]string{"--mode=node", "--endpoint=unix://" + d.Socket, "--node-id=test-node", "--cache-dir=" + cacheDir, "-v=2"}, args...)
@@ -57,7 +59,7 @@ func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) 
 		d.Kill()
 		return nil, err
 	}
-	d.Conn, d.Node, d.Identity = conn, csi.NewNodeClient(conn), csi.NewIdentityClient(conn)
+	d.Conn, d.Node, d.Identity, d.Controller = conn, csi.NewNodeClient(conn), csi.NewIdentityClient(conn), csi.NewControllerClient(conn)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
