@@ -1,0 +1,244 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+const gib = int64(1) << 30
+
+// readOnlyMany is the capability a ReadOnlyMany claim sends.
+func readOnlyMany() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY},
+	}
+}
+
+// createVolume sends CreateVolume as the external-provisioner does with
+// --extra-create-metadata for a claim of 1Gi against a class with params.
+func (e *env) createVolume(name string, params, secrets map[string]string, caps ...*csi.VolumeCapability) (*csi.Volume, error) {
+	all := map[string]string{
+		"csi.storage.k8s.io/pvc/name":      "models",
+		"csi.storage.k8s.io/pvc/namespace": "serving",
+		"csi.storage.k8s.io/pv/name":       name,
+	}
+	for k, v := range params {
+		all[k] = v
+	}
+	if len(caps) == 0 {
+		caps = []*csi.VolumeCapability{readOnlyMany()}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	resp, err := e.driver.Controller.CreateVolume(ctx, &csi.CreateVolumeRequest{
+		Name:               name,
+		CapacityRange:      &csi.CapacityRange{RequiredBytes: gib},
+		VolumeCapabilities: caps,
+		Parameters:         all,
+		Secrets:            secrets,
+	})
+	return resp.GetVolume(), err
+}
+
+// publishPV sends NodePublishVolume as kubelet does for a PV: the PV's
+// volume handle and attributes, the provisioner's identity key, pod info,
+// no ephemeral flag, and the claim's access mode.
+func (e *env) publishPV(volumeID, target string, volumeContext map[string]string) error {
+	vc := map[string]string{
+		"storage.kubernetes.io/csiProvisionerIdentity": "1764000000000-1234-modelcache.csi.dev",
+		"csi.storage.k8s.io/pod.name":                  "model-server-0",
+		"csi.storage.k8s.io/pod.namespace":             "serving",
+		"csi.storage.k8s.io/ephemeral":                 "false",
+	}
+	for k, v := range volumeContext {
+		vc[k] = v
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, err := e.driver.Node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{
+		VolumeId:         volumeID,
+		TargetPath:       target,
+		Readonly:         true,
+		VolumeCapability: readOnlyMany(),
+		VolumeContext:    vc,
+		Secrets:          e.secret(),
+	})
+	return err
+}
+
+// A StorageClass-provisioned volume: CreateVolume lists the model with the
+// provisioner secret (no object bytes), two pods on the node publish the PV,
+// the node downloads once, and an inline volume of the same model reuses
+// the same tree.
+func TestPVC_CreateVolume_TwoPublishes_OneDownload_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	e.driver.Stop()
+	e.start("--mode=all")
+	files := randomModel(21, map[string]int{"model.safetensors": 4 << 20, "config.json": 512, "tokenizer/vocab.json": 64 << 10})
+	e.upload("llm", files)
+	uri := "mys3:" + e.bucket + "/llm"
+
+	vol, err := e.createVolume("pvc-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", map[string]string{"modelUri": uri}, e.secret())
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch id := vol.GetVolumeId(); {
+	case len(id) > 128:
+		t.Fatalf("volume ID %q is %d bytes; Kubernetes allows 128", id, len(id))
+	case strings.Contains(id, e.bucket) || strings.Contains(id, "llm"):
+		t.Fatalf("volume ID %q carries the model reference", id)
+	}
+	if got := vol.GetVolumeContext()["modelUri"]; got != uri {
+		t.Fatalf("volume_context modelUri = %q, want %q", got, uri)
+	}
+	if got := vol.GetCapacityBytes(); got != gib {
+		t.Fatalf("capacity = %d, want the claim's 1Gi (the %d-byte model fits)", got, total(files))
+	}
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("CreateVolume downloaded %d object bytes; it should only list", n)
+	}
+
+	again, err := e.createVolume("pvc-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", map[string]string{"modelUri": uri}, e.secret())
+	if err != nil || again.GetVolumeId() != vol.GetVolumeId() {
+		t.Fatalf("repeated CreateVolume = %v, %v; want the same volume %s", again.GetVolumeId(), err, vol.GetVolumeId())
+	}
+
+	for _, pod := range []string{"pod-a", "pod-b"} {
+		if err := e.publishPV(vol.GetVolumeId(), e.target(pod), vol.GetVolumeContext()); err != nil {
+			t.Fatalf("publishing the PV for %s: %v", pod, err)
+		}
+		sameFiles(t, e.target(pod), files)
+		if opts := mountInfo(t, e.target(pod)); !strings.Contains(opts, "ro") {
+			t.Fatalf("%s mounted with %q, want read-only", pod, opts)
+		}
+	}
+	if got, want := e.proxy.ObjectBytes(), total(files); got != want {
+		t.Fatalf("the remote served %d object bytes for two PV publishes, want one copy (%d)", got, want)
+	}
+
+	e.proxy.Reset()
+	e.mustPublish("inline-vol", e.target("pod-inline"), map[string]string{"modelUri": uri})
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("an inline volume of the PV's model downloaded %d bytes", n)
+	}
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 1 {
+		t.Fatalf("store holds trees %v, want the one tree shared by the PV and the inline volume", trees)
+	}
+
+	for _, pod := range []string{"pod-a", "pod-b"} {
+		e.mustUnpublish(vol.GetVolumeId(), e.target(pod))
+	}
+	e.mustUnpublish("inline-vol", e.target("pod-inline"))
+	for range 2 {
+		if _, err := e.driver.Controller.DeleteVolume(context.Background(), &csi.DeleteVolumeRequest{VolumeId: vol.GetVolumeId()}); err != nil {
+			t.Fatalf("DeleteVolume: %v", err)
+		}
+	}
+	_, err = e.driver.Controller.ValidateVolumeCapabilities(context.Background(), &csi.ValidateVolumeCapabilitiesRequest{
+		VolumeId: vol.GetVolumeId(), VolumeCapabilities: []*csi.VolumeCapability{readOnlyMany()},
+	})
+	wantCode(t, err, codes.NotFound)
+}
+
+// What a platform team sees in the claim's events when the class or the
+// claim is wrong: each case gets the code the external-provisioner acts on
+// and a message naming the fix, and nothing is recorded.
+func TestPVC_CreateVolume_Refusals_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	e.driver.Stop()
+	e.start("--mode=all")
+	files := randomModel(22, map[string]int{"w.bin": 3 << 20})
+	e.upload("m", files)
+	uri := "mys3:" + e.bucket + "/m"
+	rwo := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	wrongKey := e.secret()
+	for k := range wrongKey {
+		if strings.HasSuffix(k, "_SECRET_ACCESS_KEY") {
+			wrongKey[k] = "not-the-secret-42"
+		}
+	}
+	cases := []struct {
+		name    string
+		params  map[string]string
+		secrets map[string]string
+		caps    []*csi.VolumeCapability
+		code    codes.Code
+		msg     string
+	}{
+		{"ReadWriteOnce claim", map[string]string{"modelUri": uri}, e.secret(), []*csi.VolumeCapability{rwo}, codes.InvalidArgument, "read-only model cache"},
+		{"no model named", nil, e.secret(), nil, codes.InvalidArgument, "modelcache.csi.dev/model-uri"},
+		{"misspelt parameter", map[string]string{"modelUri": uri, "pullpolicy": "Always"}, e.secret(), nil, codes.InvalidArgument, `unknown StorageClass parameter "pullpolicy"`},
+		{"model not at the remote", map[string]string{"modelUri": uri + "-missing"}, e.secret(), nil, codes.NotFound, "check the StorageClass modelUri"},
+		{"provisioner secret refused", map[string]string{"modelUri": uri}, wrongKey, nil, codes.PermissionDenied, "provisioner-secret-name"},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := e.createVolume(fmt.Sprintf("pvc-refused-%d", i), c.params, c.secrets, c.caps...)
+			wantCode(t, err, c.code)
+			if msg := status.Convert(err).Message(); !strings.Contains(msg, c.msg) || strings.Contains(msg, "not-the-secret-42") {
+				t.Fatalf("message %q: want it to contain %q and no secret", msg, c.msg)
+			}
+			// Nothing was recorded: the same name with a good request succeeds.
+			if _, err := e.createVolume(fmt.Sprintf("pvc-refused-%d", i), map[string]string{"modelUri": uri}, e.secret()); err != nil {
+				t.Fatalf("a corrected request for the same name failed: %v", err)
+			}
+		})
+	}
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("CreateVolume downloaded %d object bytes", n)
+	}
+
+	t.Run("no provisioner secret: capacity unknown", func(t *testing.T) {
+		vol, err := e.createVolume("pvc-no-secret", map[string]string{"modelUri": uri}, nil)
+		if err != nil || vol.GetCapacityBytes() != 0 {
+			t.Fatalf("got %v bytes, %v; want capacity 0 (unknown) and success", vol.GetCapacityBytes(), err)
+		}
+	})
+	t.Run("model larger than the claim's limit", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_, err := e.driver.Controller.CreateVolume(ctx, &csi.CreateVolumeRequest{
+			Name: "pvc-too-small", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20, LimitBytes: 1 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{readOnlyMany()},
+			Parameters:         map[string]string{"modelUri": uri}, Secrets: e.secret(),
+		})
+		wantCode(t, err, codes.OutOfRange)
+	})
+}
+
+// A static PV written by hand (any volumeHandle, volumeAttributes.modelUri)
+// mounts through the node alone, and shares the tree an inline volume of
+// the same model already put in the cache.
+func TestStaticPV_HandWrittenHandle_SharesInlineTree_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(23, map[string]int{"w.bin": 2 << 20, "config.json": 100})
+	e.upload("m", files)
+	uri := "mys3:" + e.bucket + "/m"
+	e.mustPublish("inline-vol", e.target("pod-inline"), map[string]string{"modelUri": uri})
+
+	e.proxy.Reset()
+	if err := e.publishPV("llama-3-8b-static", e.target("pod-static"), map[string]string{"modelUri": uri, "pullPolicy": "IfNotPresent"}); err != nil {
+		t.Fatal(err)
+	}
+	sameFiles(t, e.target("pod-static"), files)
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("the static PV downloaded %d bytes of a cached model", n)
+	}
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 1 {
+		t.Fatalf("store holds trees %v, want one", trees)
+	}
+	e.mustUnpublish("llama-3-8b-static", e.target("pod-static"))
+	e.mustUnpublish("inline-vol", e.target("pod-inline"))
+}
