@@ -81,7 +81,7 @@ lint:
 
 .PHONY: unit
 unit:
-	$(GO) test -race -count=1 $(GOTEST_FLAGS) ./cmd/... ./pkg/...
+	$(GO) test -race -count=1 $(GOTEST_FLAGS) ./cmd/... ./pkg/... ./test/manifests/...
 
 .PHONY: require-root
 require-root:
