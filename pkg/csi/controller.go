@@ -159,6 +159,9 @@ func (c *Controller) modelRef(ctx context.Context, params map[string]string) (mo
 			}
 			return modelRef{}, status.Errorf(codes.Unavailable, "reading the annotations of claim %s/%s: %v; the provisioner will retry", pvcNS, pvcName, err)
 		}
+		if err := checkClaimAnnotations(ann); err != nil {
+			return modelRef{}, status.Errorf(codes.InvalidArgument, "claim %s/%s: %v", pvcNS, pvcName, err)
+		}
 		overrideFromClaim(class, ann)
 	}
 	if class[AttrModelURI] == "" {
@@ -169,6 +172,15 @@ func (c *Controller) modelRef(ctx context.Context, params map[string]string) (mo
 		return modelRef{}, status.Errorf(codes.InvalidArgument, "%v", err)
 	}
 	return ref, nil
+}
+
+// checkClaimAnnotations validates a claim's annotations in the claim's own
+// words, so its author is not sent to a StorageClass they may not own.
+func checkClaimAnnotations(ann map[string]string) error {
+	names := map[string]string{AttrModelURI: kube.AnnotationModelURI, AttrPullPolicy: kube.AnnotationPullPolicy, AttrDigest: kube.AnnotationDigest}
+	return checkModelValues(ann[kube.AnnotationModelURI], ann[kube.AnnotationPullPolicy], ann[kube.AnnotationDigest], func(attr string) string {
+		return "annotation " + names[attr]
+	})
 }
 
 // overrideFromClaim applies a claim's annotations over the class parameters.
@@ -246,10 +258,8 @@ func (c *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.Vali
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
-	if _, named := req.GetParameters()[AttrModelURI]; named {
-		if _, err := parseModelRef(req.GetParameters(), "StorageClass parameter"); err != nil {
-			return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
-		}
+	if err := checkModelAttrs(req.GetParameters(), "StorageClass parameter"); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
 	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
 		VolumeContext:      req.GetVolumeContext(),

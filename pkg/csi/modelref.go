@@ -19,35 +19,53 @@ type modelRef struct {
 // parseModelRef reads a model reference from volume attributes or
 // StorageClass parameters. noun says which of the two the operator wrote
 // ("volume attribute", "StorageClass parameter") so errors point at the
-// right place. Namespaced keys ("csi.storage.k8s.io/...") are added by
-// Kubernetes and ignored; any other unknown key is a typo worth refusing.
+// right place.
 func parseModelRef(attrs map[string]string, noun string) (modelRef, error) {
-	for k := range attrs {
-		if !strings.Contains(k, "/") && k != AttrModelURI && k != AttrPullPolicy && k != AttrDigest {
-			return modelRef{}, fmt.Errorf("unknown %s %q: the %ss are %s (required), %s and %s", noun, k, noun, AttrModelURI, AttrPullPolicy, AttrDigest)
-		}
+	if err := checkModelAttrs(attrs, noun); err != nil {
+		return modelRef{}, err
 	}
 	m := modelRef{URI: attrs[AttrModelURI], Policy: attrs[AttrPullPolicy], Digest: attrs[AttrDigest]}
 	if m.URI == "" {
 		return m, fmt.Errorf("%s %s is required, e.g. %s: \"mys3:bucket/model\"", noun, AttrModelURI, AttrModelURI)
 	}
-	return m, m.check(noun)
+	if m.Policy == "" {
+		m.Policy = PullIfNotPresent
+	}
+	return m, nil
 }
 
-// check validates the values of a reference, defaulting the pull policy.
-func (m *modelRef) check(noun string) error {
-	if _, err := source.ParseURI(m.URI); err != nil {
-		return fmt.Errorf("%s %s: %w", noun, AttrModelURI, err)
+// checkModelAttrs checks the keys and whichever values are present.
+// Namespaced keys ("csi.storage.k8s.io/...") are added by Kubernetes and
+// ignored; any other unknown key is a typo worth refusing.
+func checkModelAttrs(attrs map[string]string, noun string) error {
+	for k := range attrs {
+		if !strings.Contains(k, "/") && k != AttrModelURI && k != AttrPullPolicy && k != AttrDigest {
+			return fmt.Errorf("unknown %s %q: the %ss are %s (required), %s and %s", noun, k, noun, AttrModelURI, AttrPullPolicy, AttrDigest)
+		}
 	}
-	switch m.Policy {
-	case "":
-		m.Policy = PullIfNotPresent
-	case PullIfNotPresent, PullAlways, PullNever:
+	if uri, ok := attrs[AttrModelURI]; ok && uri == "" {
+		return fmt.Errorf("%s %s is empty; name a model, e.g. %s: \"mys3:bucket/model\"", noun, AttrModelURI, AttrModelURI)
+	}
+	return checkModelValues(attrs[AttrModelURI], attrs[AttrPullPolicy], attrs[AttrDigest], func(attr string) string {
+		return noun + " " + attr
+	})
+}
+
+// checkModelValues validates the non-empty values of a reference. name
+// turns an attribute name into the words the operator wrote it under.
+func checkModelValues(uri, policy, digest string, name func(attr string) string) error {
+	if uri != "" {
+		if _, err := source.ParseURI(uri); err != nil {
+			return fmt.Errorf("%s: %w", name(AttrModelURI), err)
+		}
+	}
+	switch policy {
+	case "", PullIfNotPresent, PullAlways, PullNever:
 	default:
-		return fmt.Errorf("%s %s is %q; use %s, %s or %s", noun, AttrPullPolicy, m.Policy, PullIfNotPresent, PullAlways, PullNever)
+		return fmt.Errorf("%s is %q; use %s, %s or %s", name(AttrPullPolicy), policy, PullIfNotPresent, PullAlways, PullNever)
 	}
-	if m.Digest != "" && !store.ValidDigest(m.Digest) {
-		return fmt.Errorf("%s %s is %q; it must be sha256: followed by 64 lowercase hex digits (see modelcachectl ls)", noun, AttrDigest, m.Digest)
+	if digest != "" && !store.ValidDigest(digest) {
+		return fmt.Errorf("%s is %q; it must be sha256: followed by 64 lowercase hex digits (see modelcachectl ls)", name(AttrDigest), digest)
 	}
 	return nil
 }
