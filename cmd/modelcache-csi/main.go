@@ -10,16 +10,22 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/admin"
 	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/kube"
+	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 )
 
@@ -28,7 +34,10 @@ var version = "dev"
 
 type options struct {
 	mode, endpoint, nodeID, cacheDir, kubeconfig string
+	adminSocket, metricsAddress                  string
+	cacheSize, minFree                           string
 	transfers                                    int
+	releaseGrace                                 time.Duration
 }
 
 func main() {
@@ -40,6 +49,11 @@ func main() {
 	flag.StringVar(&o.cacheDir, "cache-dir", "/var/lib/modelcache", "directory holding the model cache and the state database")
 	flag.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for reading PVC annotations in controller mode; empty means the pod's service account when in a cluster")
 	flag.IntVar(&o.transfers, "transfers", 4, "files of one model downloaded in parallel")
+	flag.StringVar(&o.adminSocket, "admin-socket", "", "operator API socket for modelcachectl (default <cache-dir>/admin.sock; \"none\" disables it)")
+	flag.StringVar(&o.metricsAddress, "metrics-address", "", "host:port serving Prometheus metrics at /metrics (off when empty)")
+	flag.StringVar(&o.cacheSize, "cache-size", "", "most the cache may hold: bytes (\"200Gi\", \"500G\") or a percentage of its filesystem (\"80%\"); empty is no limit besides --min-free")
+	flag.DurationVar(&o.releaseGrace, "release-grace", 10*time.Minute, "after a restart, how long a reference whose mount is gone waits for kubelet before it is released")
+	flag.StringVar(&o.minFree, "min-free", "10%", "space the cache filesystem keeps free: bytes or a percentage of its size")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if *showVersion {
@@ -85,17 +99,11 @@ func run(o options) error {
 
 	var node *csi.Node
 	if withNode {
-		st, err := store.Open(o.cacheDir, db, store.Options{Transfers: o.transfers})
-		if err != nil {
+		if node, err = startNode(ctx, o, db, resolver); err != nil {
 			return err
 		}
-		defer st.Close()
-		node = &csi.Node{NodeID: o.nodeID, Resolver: resolver, Store: st, State: db, Mounter: mount.NewKernel()}
-		live, gone, err := node.Recover()
-		if err != nil {
-			return fmt.Errorf("recovering references: %w", err)
-		}
-		klog.InfoS("state recovered", "liveMounts", live, "missingMounts", gone)
+		defer node.Store.Close()
+		defer node.Events.Shutdown()
 	}
 	var ctrl *csi.Controller
 	if withController {
@@ -142,4 +150,114 @@ func claimReader(kubeconfig string) (*kube.Claims, error) {
 		return nil, err
 	}
 	return claims, nil
+}
+
+// startNode opens the store with its budget, recovers references, and
+// starts the operator API and metrics endpoint that belong to the node.
+func startNode(ctx context.Context, o options, db *state.DB, resolver source.Resolver) (*csi.Node, error) {
+	budget, err := parseBudget(o.cacheSize, o.minFree)
+	if err != nil {
+		return nil, err
+	}
+	var m *metrics.Metrics
+	if o.metricsAddress != "" {
+		m = metrics.New()
+	}
+	st, err := store.Open(o.cacheDir, db, store.Options{
+		Transfers: o.transfers, Budget: budget, Evictor: db,
+		OnEvict: m.Evicted, OnDownload: m.DownloadStarted,
+	})
+	if err != nil {
+		return nil, err
+	}
+	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Store: st, State: db, Mounter: mount.NewKernel(), Metrics: m}
+	if client, err := eventClient(o.kubeconfig); err != nil {
+		klog.InfoS("pod events are off", "reason", err)
+	} else {
+		node.Events = kube.NewEvents(client, "modelcache-node", o.nodeID)
+	}
+	live, gone, err := node.Recover()
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("recovering references: %w", err)
+	}
+	forgotten, removed, err := node.Reconcile()
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("reconciling state and store: %w", err)
+	}
+	klog.InfoS("state recovered", "liveMounts", live, "missingMounts", len(gone), "recordsDropped", forgotten, "orphanTreesRemoved", removed)
+	go node.ReleaseStale(ctx, o.releaseGrace, gone)
+
+	if m != nil {
+		m.SetCacheStats(func() (metrics.CacheStats, error) {
+			u, err := st.Usage()
+			return metrics.CacheStats{BlobBytes: u.BlobBytes, TreeBytes: u.TreeBytes, IngestBytes: u.IngestBytes, Trees: u.Trees, Blobs: u.Blobs}, err
+		})
+		go func() {
+			if err := metrics.Serve(ctx, o.metricsAddress, m.Handler()); err != nil {
+				klog.ErrorS(err, "metrics endpoint stopped", "address", o.metricsAddress)
+			}
+		}()
+	}
+	if sock := adminSocket(o); sock != "" {
+		srv := &admin.Server{Store: st, State: db, Resolver: resolver}
+		go func() {
+			if err := admin.Serve(ctx, sock, srv.Handler()); err != nil {
+				klog.ErrorS(err, "admin API stopped", "socket", sock)
+			}
+		}()
+	}
+	return node, nil
+}
+
+func adminSocket(o options) string {
+	switch o.adminSocket {
+	case "none":
+		return ""
+	case "":
+		return filepath.Join(o.cacheDir, "admin.sock")
+	default:
+		return o.adminSocket
+	}
+}
+
+// eventClient connects for pod events; without a cluster the node works on.
+func eventClient(kubeconfig string) (kubernetes.Interface, error) {
+	if kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+		return nil, errors.New("not in a cluster and no --kubeconfig")
+	}
+	return kube.NewClient(kubeconfig)
+}
+
+// parseBudget reads --cache-size and --min-free: a Kubernetes quantity of
+// bytes ("200Gi", "500G", "1073741824") or a percentage ("80%").
+func parseBudget(cacheSize, minFree string) (store.Budget, error) {
+	var b store.Budget
+	var err error
+	if b.MaxBytes, b.MaxFraction, err = parseSize("--cache-size", cacheSize); err != nil {
+		return b, err
+	}
+	if b.MinFreeBytes, b.MinFreeFraction, err = parseSize("--min-free", minFree); err != nil {
+		return b, err
+	}
+	return b, nil
+}
+
+func parseSize(flagName, v string) (int64, float64, error) {
+	if v == "" {
+		return 0, 0, nil
+	}
+	if pct, ok := strings.CutSuffix(v, "%"); ok {
+		f, err := strconv.ParseFloat(pct, 64)
+		if err != nil || f < 0 || f > 100 {
+			return 0, 0, fmt.Errorf("%s %q: a percentage must be between 0%% and 100%%", flagName, v)
+		}
+		return 0, f / 100, nil
+	}
+	q, err := resource.ParseQuantity(v)
+	if err != nil || q.Sign() < 0 {
+		return 0, 0, fmt.Errorf("%s %q: use bytes such as 200Gi or 500G, or a percentage such as 80%%", flagName, v)
+	}
+	return q.Value(), 0, nil
 }

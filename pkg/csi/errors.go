@@ -15,6 +15,9 @@ import (
 // errNotCached is returned for pullPolicy=Never when the node lacks the model.
 var errNotCached = errors.New("not cached")
 
+// errDrained is returned when a drained node would have to download.
+var errDrained = errors.New("node is drained")
+
 // errDigestMismatch is returned when a digest pin does not match the model.
 var errDigestMismatch = errors.New("digest mismatch")
 
@@ -41,7 +44,9 @@ func publishError(uri string, err error) error {
 	case errors.Is(err, source.ErrUnavailable):
 		return status.Errorf(codes.Unavailable, "the remote for %s could not be reached: %v; kubelet will retry", uri, err)
 	case errors.Is(err, store.ErrNoSpace):
-		return status.Errorf(codes.ResourceExhausted, "the cache filesystem on this node is full while storing %s: %v; free space or raise the cache budget", uri, err)
+		return status.Errorf(codes.ResourceExhausted, "no room in this node's model cache for %s: %v; unpin or evict models (modelcachectl ls), free space on the disk, or raise --cache-size", uri, err)
+	case errors.Is(err, errDrained):
+		return status.Errorf(codes.Unavailable, "model %s is not cached on this node and the node is drained, so it starts no downloads; run modelcachectl undrain on the node, or let the pod schedule elsewhere", uri)
 	case errors.Is(err, errNotCached):
 		return status.Errorf(codes.FailedPrecondition, "model %s is not cached on this node and pullPolicy is Never; prefetch it or use pullPolicy IfNotPresent", uri)
 	case errors.Is(err, errDigestMismatch):

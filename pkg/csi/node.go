@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/kube"
+	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
@@ -44,6 +47,9 @@ type Node struct {
 	Store    *store.Store
 	State    *state.DB
 	Mounter  mount.Mounter
+	// Metrics and Events may be nil: both are optional.
+	Metrics *metrics.Metrics
+	Events  *kube.Events
 
 	targets keyedMutex
 }
@@ -92,8 +98,9 @@ func parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
 // NodePublishVolume validates the request, resolves the model to a tree
 // (downloading it once per node when needed), bind-mounts the tree read-only
 // at the target and records the reference.
-func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (_ *csi.NodePublishVolumeResponse, err error) {
 	start := time.Now()
+	defer func() { n.Metrics.Publish(status.Code(err).String()) }()
 	a, err := parsePublish(req)
 	if err != nil {
 		return nil, err
@@ -112,22 +119,35 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	if err != nil {
 		return nil, publishError(a.uri, err)
 	}
+	n.Metrics.Lookup(hit)
 	if a.digest != "" && tree.Digest != a.digest {
 		return nil, publishError(a.uri, mismatch(a.digest, tree.Digest))
 	}
-	if err := n.Mounter.BindReadOnly(n.Store.TreePath(tree.Digest), a.target); err != nil {
-		return nil, status.Errorf(codes.Internal, "mounting model %s at %s: %v", a.uri, a.target, err)
-	}
-	ref := state.Ref{
-		VolumeID: a.volumeID, TargetPath: a.target, Tree: tree.Digest, ArgsHash: a.hash,
-		URI: a.uri, PodName: a.podName, PodNS: a.podNS, PodUID: a.podUID, Published: time.Now(),
-	}
-	if err := n.State.AddRef(ref, sourceKey); err != nil {
-		// Without a record the mount could not be found again after a restart.
-		if uerr := n.Mounter.Unpublish(a.target); uerr != nil {
-			klog.ErrorS(uerr, "rolling back mount after state failure", "target", a.target)
+	// Mount and record under the store's tree lock: an eviction cannot
+	// remove the tree between the lookup and the reference that protects it.
+	err = n.Store.UseTree(tree.Digest, func() error {
+		if err := n.Mounter.BindReadOnly(n.Store.TreePath(tree.Digest), a.target); err != nil {
+			return status.Errorf(codes.Internal, "mounting model %s at %s: %v", a.uri, a.target, err)
 		}
-		return nil, status.Errorf(codes.Internal, "recording the mount of %s: %v", a.uri, err)
+		ref := state.Ref{
+			VolumeID: a.volumeID, TargetPath: a.target, Tree: tree.Digest, ArgsHash: a.hash,
+			URI: a.uri, PodName: a.podName, PodNS: a.podNS, PodUID: a.podUID, Published: time.Now(),
+		}
+		if err := n.State.AddRef(ref, sourceKey); err != nil {
+			// Without a record the mount could not be found again after a restart.
+			if uerr := n.Mounter.Unpublish(a.target); uerr != nil {
+				klog.ErrorS(uerr, "rolling back mount after state failure", "target", a.target)
+			}
+			return status.Errorf(codes.Internal, "recording the mount of %s: %v", a.uri, err)
+		}
+		return nil
+	})
+	if err != nil {
+		if _, ok := status.FromError(err); !ok {
+			// The tree was evicted after the lookup: kubelet retries.
+			return nil, status.Errorf(codes.Unavailable, "model %s was evicted while being mounted: %v; kubelet will retry", a.uri, err)
+		}
+		return nil, err
 	}
 	klog.InfoS("published", "volume", a.volumeID, "target", a.target, "model", a.uri,
 		"tree", tree.Digest, "cacheHit", hit, "took", time.Since(start))
@@ -165,6 +185,7 @@ func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Rem
 		t, ok := n.cachedTree(sourceKey)
 		switch {
 		case ok && (a.digest == "" || a.digest == t.Digest):
+			n.Events.CacheHit(kube.PodRef{Namespace: a.podNS, Name: a.podName, UID: a.podUID}, a.uri, t.Digest)
 			return t, sourceKey, true, nil
 		case ok && a.policy == PullNever:
 			return store.Tree{}, "", false, mismatch(a.digest, t.Digest)
@@ -176,7 +197,33 @@ func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Rem
 	if err != nil {
 		return store.Tree{}, "", false, err
 	}
-	t, fetched, err := n.Store.Ensure(waitContext(ctx), source.ContentKey(remote.Identity(), m), m, remote)
+	key := source.ContentKey(remote.Identity(), m)
+	if _, cached := n.Store.Cached(key); !cached {
+		// A drained node serves what it has and starts no download; one
+		// already running may still be joined.
+		if _, running := n.Store.Downloading(key); !running {
+			if drained, err := n.State.Drained(); err != nil || drained {
+				return store.Tree{}, "", false, errors.Join(errDrained, err)
+			}
+		}
+	}
+	pod := kube.PodRef{Namespace: a.podNS, Name: a.podName, UID: a.podUID}
+	_, joining := n.Store.Downloading(key)
+	if _, cached := n.Store.Cached(key); !cached && !joining {
+		n.Events.DownloadStarted(pod, a.uri, m.Size())
+	}
+	stop := n.reportProgress(pod, a.uri, key)
+	start := time.Now()
+	t, fetched, err := n.Store.Ensure(waitContext(ctx), key, m, remote)
+	stop()
+	switch {
+	case store.IsInProgress(err):
+		// Not a failure: the retry joins and reports on.
+	case err != nil:
+		n.Events.DownloadFailed(pod, a.uri, status.Convert(publishError(a.uri, err)).Message())
+	case fetched:
+		n.Events.DownloadFinished(pod, a.uri, t.Size, time.Since(start))
+	}
 	if err != nil {
 		return store.Tree{}, "", false, err
 	}
@@ -198,6 +245,41 @@ func (n *Node) cachedTree(sourceKey string) (store.Tree, bool) {
 		return store.Tree{}, false
 	}
 	return rec.Tree, true
+}
+
+// progressEvery is how often a waiting publish reports download progress
+// on its pod; kube.Events limits it further.
+const progressEvery = 10 * time.Second
+
+// reportProgress records progress events on pod while the download of key
+// runs, until the returned stop is called.
+func (n *Node) reportProgress(pod kube.PodRef, uri, key string) (stop func()) {
+	if n.Events == nil || pod.Name == "" {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		tick := time.NewTicker(progressEvery)
+		defer tick.Stop()
+		var last int64
+		lastAt := time.Now()
+		for {
+			select {
+			case <-done:
+				return
+			case now := <-tick.C:
+				p, ok := n.Store.Downloading(key)
+				if !ok {
+					continue
+				}
+				d := p.Done()
+				rate := float64(d-last) / now.Sub(lastAt).Seconds()
+				last, lastAt = d, now
+				n.Events.DownloadProgress(pod, uri, d, p.Total, rate)
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 // waitContext ends a little before the RPC deadline so the non-final
@@ -229,6 +311,10 @@ func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 	target = filepath.Clean(target)
 	unlock := n.targets.Lock(target)
 	defer unlock()
+	ref, known, err := n.State.Ref(target)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "reading state for %s: %v", target, err)
+	}
 	if err := n.Mounter.Unpublish(target); err != nil {
 		return nil, status.Errorf(codes.Internal, "unpublishing %s: %v", target, err)
 	}
@@ -236,7 +322,30 @@ func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 		return nil, status.Errorf(codes.Internal, "forgetting %s after unmount: %v", target, err)
 	}
 	klog.InfoS("unpublished", "volume", id, "target", target)
+	if known {
+		n.releaseTree(ref.Tree)
+	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// releaseTree removes a tree whose last mount just went if an operator
+// asked for that (evict --when-unused) or the node is drained. Failing here
+// does not fail the unpublish: the next gc or drain finds the tree again.
+func (n *Node) releaseTree(digest string) {
+	c, ok, err := n.State.CachedTree(digest)
+	if err != nil || !ok || len(c.Refs) > 0 {
+		return
+	}
+	reason := c.Doomed
+	if drained, err := n.State.Drained(); err == nil && drained {
+		reason = "drain"
+	}
+	if reason == "" {
+		return
+	}
+	if _, _, err := n.Store.Evict(digest, reason); err != nil {
+		klog.ErrorS(err, "removing tree after its last mount", "tree", digest, "reason", reason)
+	}
 }
 
 // NodeGetVolumeStats reports the model's size and whether its mount is healthy.
@@ -294,12 +403,12 @@ func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeG
 
 // Recover checks every recorded reference against the kernel's mounts after
 // a restart (invariant 5). Live mounts are kept as they are; references whose
-// mount is gone stay recorded so that kubelet's unpublish still succeeds, and
-// their trees stay protected.
-func (n *Node) Recover() (live, gone int, err error) {
+// mount is gone are returned: they stay recorded, protecting their trees,
+// until kubelet unpublishes them or ReleaseStale gives up on them.
+func (n *Node) Recover() (live int, gone []state.Ref, err error) {
 	refs, err := n.State.Refs()
 	if err != nil {
-		return 0, 0, fmt.Errorf("reading references: %w", err)
+		return 0, nil, fmt.Errorf("reading references: %w", err)
 	}
 	for _, r := range refs {
 		ok, err := n.Mounter.MountedFrom(r.TargetPath, n.Store.TreePath(r.Tree))
@@ -310,8 +419,8 @@ func (n *Node) Recover() (live, gone int, err error) {
 			live++
 			continue
 		}
-		gone++
-		klog.InfoS("reference without a mount; kept until kubelet unpublishes it", "volume", r.VolumeID, "target", r.TargetPath, "tree", r.Tree)
+		gone = append(gone, r)
+		klog.InfoS("reference without a mount; kept until kubelet unpublishes it or the grace period ends", "volume", r.VolumeID, "target", r.TargetPath, "tree", r.Tree)
 	}
 	return live, gone, nil
 }

@@ -690,8 +690,8 @@ func TestNodeGetVolumeStats(t *testing.T) {
 
 func TestRecover(t *testing.T) {
 	h := newHarness(t)
-	if live, gone, err := h.node.Recover(); live != 0 || gone != 0 || err != nil {
-		t.Fatalf("Recover on an empty node = %d, %d, %v", live, gone, err)
+	if live, gone, err := h.node.Recover(); live != 0 || len(gone) != 0 || err != nil {
+		t.Fatalf("Recover on an empty node = %d, %d, %v", live, len(gone), err)
 	}
 	digest := treeDigestOf(irisFiles())
 	for _, pod := range []string{"a", "b", "c"} {
@@ -703,8 +703,8 @@ func TestRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	live, gone, err := h.node.Recover()
-	if err != nil || live != 2 || gone != 2 {
-		t.Fatalf("Recover = %d live, %d gone, %v; want 2, 2", live, gone, err)
+	if err != nil || live != 2 || len(gone) != 2 {
+		t.Fatalf("Recover = %d live, %d gone, %v; want 2, 2", live, len(gone), err)
 	}
 	// Gone references stay so kubelet's unpublish finds them.
 	if refs, err := h.state.Refs(); err != nil || len(refs) != 4 {

@@ -1,5 +1,6 @@
 // Package kube is modelcache's only client of the Kubernetes API (client-go):
-// it reads the annotations of the PVC a volume is being provisioned for.
+// it reads the annotations of the PVC a volume is being provisioned for, and
+// records events on the pods a node downloads models for.
 package kube
 
 import (
@@ -35,9 +36,19 @@ func NewClaims(client kubernetes.Interface) *Claims {
 	return &Claims{client: client}
 }
 
-// Connect builds a client from a kubeconfig file, or from the pod's service
+// Connect builds a Claims from a kubeconfig file, or from the pod's service
 // account when kubeconfig is empty.
 func Connect(kubeconfig string) (*Claims, error) {
+	client, err := NewClient(kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	return NewClaims(client), nil
+}
+
+// NewClient builds a clientset from a kubeconfig file, or from the pod's
+// service account when kubeconfig is empty.
+func NewClient(kubeconfig string) (kubernetes.Interface, error) {
 	var cfg *rest.Config
 	var err error
 	if kubeconfig == "" {
@@ -53,7 +64,7 @@ func Connect(kubeconfig string) (*Claims, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating Kubernetes client: %w", err)
 	}
-	return NewClaims(client), nil
+	return client, nil
 }
 
 // Annotations returns the modelcache annotations of a PVC; annotations of

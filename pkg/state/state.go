@@ -24,6 +24,9 @@ var (
 	bucketTrees   = []byte("trees")        // tree digest → TreeRecord
 	bucketRefs    = []byte("refs")         // target path → Ref
 	bucketVolumes = []byte("volumes")      // volume ID → Volume (controller)
+	bucketPins    = []byte("pins")         // tree digest → time pinned
+	bucketDoomed  = []byte("doomed")       // tree digest → reason it goes when its last mount goes
+	keyDrained    = []byte("drained")
 	bucketMeta    = []byte("meta")
 	keyNodeKey    = []byte("fingerprint-key")
 )
@@ -72,7 +75,7 @@ func Open(path string) (*DB, error) {
 		return nil, fmt.Errorf("opening state database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketVolumes, bucketMeta} {
+		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketVolumes, bucketPins, bucketDoomed, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

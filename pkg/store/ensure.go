@@ -48,7 +48,7 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 	if t, ok := s.lookup(key); ok {
 		return t, false, nil
 	}
-	ch := s.flights.DoChan(key, func() (any, error) {
+	ch := s.flights.DoChan(key, func() (_ any, err error) {
 		// A flight that finished between lookup and DoChan recorded its tree.
 		if t, ok := s.lookup(key); ok {
 			return flight{tree: t}, nil
@@ -69,6 +69,14 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 			s.mu.Unlock()
 			s.wg.Done()
 		}()
+		// This download is registered above, so reserved() counts its bytes.
+		if _, err := s.MakeRoom(0, false); err != nil {
+			return nil, fmt.Errorf("making room for %s: %w", HumanBytes(m.Size()), err)
+		}
+		if s.onDownload != nil {
+			done := s.onDownload()
+			defer func() { done(p.Done(), err) }()
+		}
 		t, err := s.ingest(s.ctx, m, f, p)
 		if err != nil {
 			return nil, err
@@ -95,6 +103,9 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 		return Tree{}, false, &InProgressError{Done: p.Done(), Total: p.Total}
 	}
 }
+
+// Cached returns the committed tree for a content key, if any.
+func (s *Store) Cached(key string) (Tree, bool) { return s.lookup(key) }
 
 // flight is what one download hands to everyone who joined it.
 type flight struct {

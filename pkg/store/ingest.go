@@ -71,14 +71,19 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 
 	t := Tree{Digest: TreeDigest(m, sums), Size: m.Size(), Files: len(m)}
 	tmp := path.Join(dir, "tree")
-	if err := s.buildTree(tmp, m, sums); err != nil {
+	if err := s.buildTree(tmp, dir, m, sums); err != nil {
 		return Tree{}, err
 	}
 	final := path.Join(TreesDir, t.Digest[len("sha256:"):])
+	// Under the tree lock so an eviction cannot remove the tree between the
+	// rename (or repair) and the caller recording it.
+	s.treesMu.RLock()
+	defer s.treesMu.RUnlock()
 	if err := s.root.Rename(tmp, final); err != nil {
 		if s.HasTree(t.Digest) {
-			// Another content key with identical files committed it first.
-			return t, nil
+			// Committed before: by another content key with identical
+			// files, or it is a damaged tree this download repairs.
+			return t, s.repairTree(final, m, sums)
 		}
 		return Tree{}, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
 	}
@@ -150,7 +155,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 
 // buildTree creates dir as a tree of hardlinks into blobs/, then drops the
 // write bits of every directory below it, deepest first.
-func (s *Store) buildTree(dir string, m source.Manifest, sums []string) error {
+func (s *Store) buildTree(dir, ingestDir string, m source.Manifest, sums []string) error {
 	dirs := []string{dir}
 	seen := map[string]bool{dir: true}
 	if err := s.root.Mkdir(dir, 0o700); err != nil {
@@ -167,7 +172,7 @@ func (s *Store) buildTree(dir string, m source.Manifest, sums []string) error {
 				dirs = append(dirs, d)
 			}
 		}
-		if err := s.root.Link(path.Join(BlobsDir, sums[i]), path.Join(dir, e.Path)); err != nil {
+		if err := s.linkBlob(sums[i], path.Join(ingestDir, fmt.Sprintf("blob-%d", i)), path.Join(dir, e.Path)); err != nil {
 			return noSpace(fmt.Errorf("linking %s: %w", e.Path, err))
 		}
 	}
@@ -183,6 +188,53 @@ func (s *Store) buildTree(dir string, m source.Manifest, sums []string) error {
 				return fmt.Errorf("sealing %s: %w", d, err)
 			}
 		}
+	}
+	return nil
+}
+
+// linkBlob links the committed blob sum at name. A blob this download found
+// already committed may have been swept by an eviction since; then the
+// download's own copy (ingestFile) is committed again.
+func (s *Store) linkBlob(sum, ingestFile, name string) error {
+	blob := path.Join(BlobsDir, sum)
+	err := s.root.Link(blob, name)
+	if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := s.root.Link(ingestFile, blob); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return s.root.Link(blob, name)
+}
+
+// repairTree makes every file of an existing tree a link to its committed
+// blob. Files linking a quarantined (corrupt) inode are replaced by an
+// atomic rename, which pods that have the tree mounted see at once.
+func (s *Store) repairTree(tree string, m source.Manifest, sums []string) error {
+	for i, e := range m {
+		name := path.Join(tree, e.Path)
+		blob := path.Join(BlobsDir, sums[i])
+		fi, err1 := s.root.Lstat(name)
+		bi, err2 := s.root.Lstat(blob)
+		if err1 == nil && err2 == nil && sameFile(fi, bi) {
+			continue
+		}
+		parent := path.Dir(name)
+		if err := s.root.Chmod(parent, 0o700); err != nil {
+			return fmt.Errorf("repairing %s: %w", name, err)
+		}
+		tmp := path.Join(parent, ".repair-"+randomName())
+		err := s.root.Link(blob, tmp)
+		if err == nil {
+			err = s.root.Rename(tmp, name)
+		}
+		if cerr := s.root.Chmod(parent, dirMode); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return noSpace(fmt.Errorf("repairing %s: %w", name, err))
+		}
+		klog.InfoS("tree file repaired", "tree", path.Base(tree), "file", e.Path)
 	}
 	return nil
 }

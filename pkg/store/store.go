@@ -61,9 +61,19 @@ type Store struct {
 	index     Index
 	transfers int
 
+	budget     Budget
+	evictor    Evictor
+	onEvict    func(reason string, freed int64)
+	onDownload func() func(int64, error)
+
 	flights singleflight.Group
 	mu      sync.Mutex
 	running map[string]*Progress
+
+	// treesMu orders evictions (writers) against publishes mounting a tree
+	// (readers, UseTree); gcMu serialises budget enforcement.
+	treesMu sync.RWMutex
+	gcMu    sync.Mutex
 
 	// Downloads are detached from RPC contexts and end only with the store.
 	ctx    context.Context
@@ -75,6 +85,15 @@ type Store struct {
 type Options struct {
 	// Transfers is how many files of one model download at once (default 4).
 	Transfers int
+	// Budget limits the cache; before each download, trees the Evictor
+	// offers are evicted to make room.
+	Budget  Budget
+	Evictor Evictor
+	// OnEvict is told of every eviction (metrics).
+	OnEvict func(reason string, freed int64)
+	// OnDownload is called as a download starts; the function it returns
+	// is called with the bytes transferred when it ends (metrics).
+	OnDownload func() (done func(bytes int64, err error))
 }
 
 // Open prepares the layout under dir and removes ingest left by a crash:
@@ -107,6 +126,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
+		budget: opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onDownload: opt.OnDownload,
 		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
 	}, nil
 }

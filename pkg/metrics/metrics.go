@@ -1,0 +1,207 @@
+// Package metrics holds the driver's Prometheus collectors and serves them over
+// HTTP for --metrics-address.
+//
+// A nil *Metrics is valid: every method is then a no-op, so callers record
+// events without checking whether metrics are enabled. Label values are
+// always drawn from small fixed sets (gRPC code names, hit/miss, ok/error,
+// eviction reasons); model URIs, pod names, volume IDs and anything derived
+// from secrets never become labels.
+package metrics
+
+import (
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"google.golang.org/grpc/codes"
+)
+
+const namespace = "modelcache"
+
+// downloadBuckets are the upper bounds, in seconds, of the download duration
+// histogram. A model download ranges from a sub-second HEAD-sized config
+// repository to a multi-hour pull of a large LLM, so the buckets grow by 2.5x
+// from 0.1s: 0.1, 0.25, 0.63, 1.6, 3.9, 9.8, 24, 61, 153, 381, 954, 2384 and
+// 5960s (~1h40m). Thirteen buckets keep the series count small while still
+// separating "seconds", "a minute or two" (kubelet's publish timeout) and
+// "tens of minutes"; anything longer lands in +Inf.
+var downloadBuckets = prometheus.ExponentialBuckets(0.1, 2.5, 13)
+
+// evictionReasons are the reasons Evicted accepts as label values; any other
+// reason is counted as "other".
+var evictionReasons = []string{"budget", "operator", "drain", "unused", "corrupt"}
+
+// otherReason is the label value for an eviction reason not in evictionReasons.
+const otherReason = "other"
+
+// grpcCodeNames is the set of gRPC code names Publish accepts as label values.
+var grpcCodeNames = func() map[string]bool {
+	names := make(map[string]bool)
+	for c := codes.OK; c <= codes.Unauthenticated; c++ {
+		names[c.String()] = true
+	}
+	return names
+}()
+
+// Metrics is the driver's set of Prometheus collectors, registered on a
+// private registry. It is safe for concurrent use; a nil *Metrics does nothing.
+type Metrics struct {
+	registry *prometheus.Registry
+
+	publishes         *prometheus.CounterVec
+	lookups           *prometheus.CounterVec
+	downloadsInFlight prometheus.Gauge
+	downloadDuration  *prometheus.HistogramVec
+	downloadedBytes   prometheus.Counter
+	evictions         *prometheus.CounterVec
+	evictedBytes      *prometheus.CounterVec
+	cache             *cacheCollector
+	handler           http.Handler
+}
+
+// New returns Metrics with every collector, plus the standard Go runtime and
+// process collectors, registered on a fresh private registry.
+func New() *Metrics {
+	m := &Metrics{
+		registry: prometheus.NewRegistry(),
+		publishes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "publishes_total",
+			Help: "NodePublishVolume calls that finished, by gRPC status code name. " +
+				"Aborted means a download was still running and kubelet will retry.",
+		}, []string{"code"}),
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "cache_lookups_total",
+			Help: "Cache lookups made by publishes: result=\"hit\" was served from the node's cache, " +
+				"result=\"miss\" needed a download.",
+		}, []string{"result"}),
+		downloadsInFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace,
+			Name:      "downloads_in_flight",
+			Help:      "Model downloads running on this node right now.",
+		}),
+		downloadDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace,
+			Name:      "download_duration_seconds",
+			Help:      "How long model downloads took from start to end, by result (ok or error).",
+			Buckets:   downloadBuckets,
+		}, []string{"result"}),
+		downloadedBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "downloaded_bytes_total",
+			Help:      "Bytes transferred from remotes by model downloads, including downloads that failed.",
+		}),
+		evictions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "evictions_total",
+			Help: "Models (trees) removed from the node's cache, by reason: budget (cache over its size budget), " +
+				"operator (evicted by hand), drain (node cache drained), unused (not used for too long), " +
+				"corrupt (failed verification).",
+		}, []string{"reason"}),
+		evictedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "evicted_bytes_total",
+			Help:      "Bytes of models (trees) removed from the node's cache, by reason (see modelcache_evictions_total).",
+		}, []string{"reason"}),
+		cache: newCacheCollector(),
+	}
+
+	// Create the series of known label values up front, so that they are
+	// exported as 0 before the first event and rate() sees their first increase.
+	for _, r := range []string{"hit", "miss"} {
+		m.lookups.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "error"} {
+		m.downloadDuration.WithLabelValues(r)
+	}
+	for _, r := range evictionReasons {
+		m.evictions.WithLabelValues(r)
+		m.evictedBytes.WithLabelValues(r)
+	}
+
+	m.registry.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.publishes,
+		m.lookups,
+		m.downloadsInFlight,
+		m.downloadDuration,
+		m.downloadedBytes,
+		m.evictions,
+		m.evictedBytes,
+		m.cache,
+	)
+	m.handler = newHandler(m.registry)
+	return m
+}
+
+// Publish counts a finished NodePublishVolume by its gRPC code name ("OK",
+// "Aborted", "ResourceExhausted", ...), as codes.Code.String returns it. A
+// name that is not a gRPC code is counted as "Unknown".
+func (m *Metrics) Publish(code string) {
+	if m == nil {
+		return
+	}
+	if !grpcCodeNames[code] {
+		code = codes.Unknown.String()
+	}
+	m.publishes.WithLabelValues(code).Inc()
+}
+
+// Lookup counts a cache lookup of a publish: hit=true served from the cache.
+func (m *Metrics) Lookup(hit bool) {
+	if m == nil {
+		return
+	}
+	result := "miss"
+	if hit {
+		result = "hit"
+	}
+	m.lookups.WithLabelValues(result).Inc()
+}
+
+// DownloadStarted marks a download as running and returns the function to
+// call when it ends, with the bytes transferred (also on error: they crossed
+// the network) and the download's error. Only the first call of done counts;
+// later calls do nothing. On a nil *Metrics done is a no-op, never nil.
+func (m *Metrics) DownloadStarted() (done func(bytes int64, err error)) {
+	if m == nil {
+		return func(int64, error) {}
+	}
+	start := time.Now()
+	m.downloadsInFlight.Inc()
+	var once sync.Once
+	return func(bytes int64, err error) {
+		once.Do(func() {
+			m.downloadsInFlight.Dec()
+			result := "ok"
+			if err != nil {
+				result = "error"
+			}
+			m.downloadDuration.WithLabelValues(result).Observe(time.Since(start).Seconds())
+			if bytes > 0 {
+				m.downloadedBytes.Add(float64(bytes))
+			}
+		})
+	}
+}
+
+// Evicted counts a tree removed from the cache, its size in bytes and why:
+// one of "budget", "operator", "drain", "unused" or "corrupt";
+// any other reason is counted as "other".
+func (m *Metrics) Evicted(reason string, bytes int64) {
+	if m == nil {
+		return
+	}
+	if !slices.Contains(evictionReasons, reason) {
+		reason = otherReason
+	}
+	m.evictions.WithLabelValues(reason).Inc()
+	if bytes > 0 {
+		m.evictedBytes.WithLabelValues(reason).Add(float64(bytes))
+	}
+}

@@ -1,0 +1,263 @@
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/store"
+	bolt "go.etcd.io/bbolt"
+)
+
+// ErrUnknownTree means no tree with that digest is recorded.
+var ErrUnknownTree = errors.New("no such tree in the cache")
+
+// CachedTree is what an operator sees of one tree: its record, who uses it
+// and whether it is protected or doomed.
+type CachedTree struct {
+	TreeRecord
+	Refs     []Ref     `json:"refs"`
+	Pinned   bool      `json:"pinned"`
+	PinnedAt time.Time `json:"pinnedAt,omitzero"`
+	// Doomed is why the tree goes when its last mount goes ("operator",
+	// "drain"), or "".
+	Doomed string `json:"doomed,omitempty"`
+}
+
+// CachedTrees returns every recorded tree with its references, pins and
+// removal marks, least recently used first.
+func (d *DB) CachedTrees() ([]CachedTree, error) {
+	var out []CachedTree
+	err := d.db.View(func(tx *bolt.Tx) error {
+		refs := map[string][]Ref{}
+		err := tx.Bucket(bucketRefs).ForEach(func(k, v []byte) error {
+			var r Ref
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("decoding reference %q: %w", k, err)
+			}
+			refs[r.Tree] = append(refs[r.Tree], r)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketTrees).ForEach(func(k, v []byte) error {
+			var c CachedTree
+			if err := json.Unmarshal(v, &c.TreeRecord); err != nil {
+				return fmt.Errorf("decoding tree %q: %w", k, err)
+			}
+			c.Refs = refs[string(k)]
+			if raw := tx.Bucket(bucketPins).Get(k); raw != nil {
+				c.Pinned = true
+				_ = c.PinnedAt.UnmarshalText(raw)
+			}
+			c.Doomed = string(tx.Bucket(bucketDoomed).Get(k))
+			out = append(out, c)
+			return nil
+		})
+	})
+	slices.SortStableFunc(out, func(a, b CachedTree) int { return a.LastUsed.Compare(b.LastUsed) })
+	return out, err
+}
+
+// CachedTree returns one tree as CachedTrees does.
+func (d *DB) CachedTree(digest string) (CachedTree, bool, error) {
+	all, err := d.CachedTrees()
+	if err != nil {
+		return CachedTree{}, false, err
+	}
+	for _, c := range all {
+		if c.Digest == digest {
+			return c, true, nil
+		}
+	}
+	return CachedTree{}, false, nil
+}
+
+// Referenced reports whether any recorded mount uses the tree.
+func (d *DB) Referenced(digest string) (bool, error) {
+	found := false
+	err := d.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketRefs).ForEach(func(_, v []byte) error {
+			var r Ref
+			if err := json.Unmarshal(v, &r); err != nil {
+				return err
+			}
+			found = found || r.Tree == digest
+			return nil
+		})
+	})
+	return found, err
+}
+
+// SetPinned pins or unpins a recorded tree; pinned trees are never evicted
+// to make room.
+func (d *DB) SetPinned(digest string, pinned bool) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketTrees).Get([]byte(digest)) == nil {
+			return fmt.Errorf("%w: tree %s", ErrUnknownTree, digest)
+		}
+		if !pinned {
+			return tx.Bucket(bucketPins).Delete([]byte(digest))
+		}
+		if tx.Bucket(bucketPins).Get([]byte(digest)) != nil {
+			return nil
+		}
+		now, _ := time.Now().UTC().MarshalText()
+		return tx.Bucket(bucketPins).Put([]byte(digest), now)
+	})
+}
+
+// Doom marks a tree to be removed when its last mount goes; reason "" clears it.
+func (d *DB) Doom(digest, reason string) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if reason == "" {
+			return tx.Bucket(bucketDoomed).Delete([]byte(digest))
+		}
+		return tx.Bucket(bucketDoomed).Put([]byte(digest), []byte(reason))
+	})
+}
+
+// Drained reports whether the node is drained: no new downloads start.
+func (d *DB) Drained() (bool, error) {
+	var on bool
+	err := d.db.View(func(tx *bolt.Tx) error {
+		on = tx.Bucket(bucketMeta).Get(keyDrained) != nil
+		return nil
+	})
+	return on, err
+}
+
+// SetDrained drains or undrains the node.
+func (d *DB) SetDrained(on bool) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if !on {
+			return tx.Bucket(bucketMeta).Delete(keyDrained)
+		}
+		return tx.Bucket(bucketMeta).Put(keyDrained, []byte("1"))
+	})
+}
+
+// ForgetTree removes every record of a tree that is gone from the store:
+// the tree, the content keys and sources that led to it, its pin and mark.
+func (d *DB) ForgetTree(digest string) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if err := deleteWhere(tx.Bucket(bucketKeys), func(v []byte) bool {
+			var t store.Tree
+			return json.Unmarshal(v, &t) == nil && t.Digest == digest
+		}); err != nil {
+			return err
+		}
+		if err := deleteWhere(tx.Bucket(bucketSources), func(v []byte) bool {
+			var s Source
+			return json.Unmarshal(v, &s) == nil && s.Tree == digest
+		}); err != nil {
+			return err
+		}
+		for _, b := range [][]byte{bucketTrees, bucketPins, bucketDoomed} {
+			if err := tx.Bucket(b).Delete([]byte(digest)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Invalidate stops a tree from being served to new publishes (its content
+// keys and sources are dropped) while keeping its record, so running pods
+// stay listed. The next publish of the model downloads and repairs it.
+func (d *DB) Invalidate(digest string) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if err := deleteWhere(tx.Bucket(bucketKeys), func(v []byte) bool {
+			var t store.Tree
+			return json.Unmarshal(v, &t) == nil && t.Digest == digest
+		}); err != nil {
+			return err
+		}
+		return deleteWhere(tx.Bucket(bucketSources), func(v []byte) bool {
+			var s Source
+			return json.Unmarshal(v, &s) == nil && s.Tree == digest
+		})
+	})
+}
+
+func deleteWhere(b *bolt.Bucket, match func(v []byte) bool) error {
+	var keys [][]byte
+	err := b.ForEach(func(k, v []byte) error {
+		if match(v) {
+			keys = append(keys, append([]byte(nil), k...))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := b.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Candidates implements store.Evictor: unreferenced, unpinned trees, least
+// recently used first, and what the others hold.
+func (d *DB) Candidates() ([]store.Candidate, store.Held, error) {
+	trees, err := d.CachedTrees()
+	if err != nil {
+		return nil, store.Held{}, err
+	}
+	var out []store.Candidate
+	var held store.Held
+	for _, t := range trees {
+		switch {
+		case len(t.Refs) > 0:
+			held.InUseTrees++
+			held.InUseBytes += t.Size
+		case t.Pinned:
+			held.PinnedTrees++
+			held.PinnedBytes += t.Size
+		default:
+			out = append(out, store.Candidate{Digest: t.Digest, Size: t.Size})
+		}
+	}
+	return out, held, nil
+}
+
+// Protected implements store.Evictor: a tree in use or pinned stays.
+func (d *DB) Protected(digest string) (bool, error) {
+	var pinned bool
+	err := d.db.View(func(tx *bolt.Tx) error {
+		pinned = tx.Bucket(bucketPins).Get([]byte(digest)) != nil
+		return nil
+	})
+	if err != nil || pinned {
+		return pinned, err
+	}
+	return d.Referenced(digest)
+}
+
+// Forget implements store.Evictor.
+func (d *DB) Forget(digest string) error { return d.ForgetTree(digest) }
+
+// RecordSource remembers that a source resolved to a tree without a mount
+// (a prefetch), so the next publish with the same credentials is a hit.
+func (d *DB) RecordSource(sourceKey string, src Source) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		if err := put(tx, bucketSources, sourceKey, src); err != nil {
+			return err
+		}
+		var rec TreeRecord
+		if _, err := get(tx, bucketTrees, src.Tree, &rec); err != nil {
+			return err
+		}
+		rec.Digest = src.Tree
+		rec.LastUsed = time.Now()
+		if !slices.Contains(rec.URIs, src.URI) {
+			rec.URIs = append(rec.URIs, src.URI)
+		}
+		return put(tx, bucketTrees, src.Tree, rec)
+	})
+}
