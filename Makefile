@@ -46,12 +46,13 @@ help:
 	@echo "make demo     cold then warm publish of a generated model from a loopback MinIO (root)"
 	@echo "make test     lint, unit, integration and csi-sanity tests (root)"
 	@echo "make bench    benchmarks"
-	@echo "make build    bin/modelcache-csi"
+	@echo "make build    bin/modelcache-csi and bin/modelcachectl"
 	@echo "make tools    bin/minio and bin/csi-sanity at their pinned versions"
 
 .PHONY: build
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/modelcache-csi ./cmd/modelcache-csi
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/modelcachectl ./cmd/modelcachectl
 
 # --- pinned tools ----------------------------------------------------------
 

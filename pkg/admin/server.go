@@ -231,30 +231,31 @@ func (s *Server) evict(w http.ResponseWriter, r *http.Request) {
 	reply(w, EvictResult{Tree: t.Digest, Removed: true, Freed: freed})
 }
 
+// GCResult is what gc did, or would do with DryRun.
+type GCResult struct {
+	store.Plan
+	DryRun bool `json:"dryRun"`
+	// Warning says why the budget still cannot be met, if it cannot.
+	Warning string `json:"warning,omitempty"`
+}
+
 func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
 	var req RefRequest
 	if !decode(w, r, &req) {
 		return
 	}
 	plan, err := s.Store.MakeRoom(0, req.DryRun)
+	res := GCResult{Plan: plan, DryRun: req.DryRun}
 	var noRoom *store.NoRoomError
-	if errors.As(err, &noRoom) {
+	switch {
+	case errors.As(err, &noRoom):
 		// Not a failure of gc: it did what it could; say what is over.
-		reply(w, struct {
-			store.Plan
-			DryRun  bool   `json:"dryRun"`
-			Warning string `json:"warning"`
-		}{plan, req.DryRun, noRoom.Error()})
-		return
-	}
-	if err != nil {
+		res.Warning = noRoom.Error()
+	case err != nil:
 		fail(w, http.StatusInternalServerError, err)
 		return
 	}
-	reply(w, struct {
-		store.Plan
-		DryRun bool `json:"dryRun"`
-	}{plan, req.DryRun})
+	reply(w, res)
 }
 
 // DrainResult says what drain or undrain did.

@@ -28,8 +28,8 @@ type Budget struct {
 
 // Candidate is a tree that may be evicted.
 type Candidate struct {
-	Digest string
-	Size   int64
+	Digest string `json:"digest"`
+	Size   int64  `json:"size"`
 }
 
 // Held is what trees that may not be evicted hold, for the message of a

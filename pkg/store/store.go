@@ -41,9 +41,9 @@ func ValidDigest(d string) bool { return digestRE.MatchString(d) }
 
 // Tree describes a committed model.
 type Tree struct {
-	Digest string // sha256:<hex> of paths, modes and file digests
-	Size   int64  // bytes of file content
-	Files  int
+	Digest string `json:"digest"` // sha256:<hex> of paths, modes and file digests
+	Size   int64  `json:"size"`   // bytes of file content
+	Files  int    `json:"fileCount"`
 }
 
 // Index remembers which tree a content key produced. pkg/state implements it;

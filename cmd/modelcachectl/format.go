@@ -1,0 +1,183 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// table aligns tab-separated cells into columns, and drops the trailing
+// blanks that empty last cells leave. Call Flush when done.
+type table struct {
+	tw  *tabwriter.Writer
+	buf bytes.Buffer
+	out io.Writer
+}
+
+func newTable(w io.Writer) *table {
+	t := &table{out: w}
+	t.tw = tabwriter.NewWriter(&t.buf, 0, 0, 3, ' ', 0)
+	return t
+}
+
+func (t *table) Write(p []byte) (int, error) { return t.tw.Write(p) }
+
+// Flush writes the table out.
+func (t *table) Flush() error {
+	if err := t.tw.Flush(); err != nil {
+		return err
+	}
+	var out bytes.Buffer
+	for line := range strings.Lines(t.buf.String()) {
+		out.WriteString(strings.TrimRight(line, " \n"))
+		out.WriteByte('\n')
+	}
+	t.buf.Reset()
+	_, err := t.out.Write(out.Bytes())
+	return err
+}
+
+// writeJSON prints a reply as the server sent it, indented.
+func writeJSON(w io.Writer, raw []byte) error {
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, bytes.TrimSpace(raw), "", "  "); err != nil {
+		return fmt.Errorf("the reply is not JSON: %w", err)
+	}
+	buf.WriteByte('\n')
+	_, err := w.Write(buf.Bytes())
+	return err
+}
+
+// humanBytes formats n in binary units: "512 B", "1.2 GiB".
+func humanBytes(n int64) string {
+	if n < 0 {
+		return "-" + humanBytes(-n)
+	}
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v := float64(n) / unit
+	exp := 0
+	// Move up a unit when rounding to one decimal would print 1024.0.
+	for v >= unit-0.05 && exp < len("KMGTPE")-1 {
+		v /= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", v, "KMGTPE"[exp])
+}
+
+// humanRate formats bytes per second: "85.3 MiB/s".
+func humanRate(bps float64) string {
+	if bps <= 0 || math.IsNaN(bps) || math.IsInf(bps, 0) {
+		return "-- B/s"
+	}
+	return humanBytes(int64(bps)) + "/s"
+}
+
+// formatETA formats a remaining time: "16s", "2m05s", "1h02m"; "--" when
+// unknown.
+func formatETA(d time.Duration) string {
+	if d < 0 {
+		return "--"
+	}
+	d = d.Round(time.Second)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm%02ds", int(d.Minutes()), int(d.Seconds())%60)
+	case d < 100*time.Hour:
+		return fmt.Sprintf("%dh%02dm", int(d.Hours()), int(d.Minutes())%60)
+	default:
+		return "--"
+	}
+}
+
+// formatTook tidies a duration the server sent as a Go duration string
+// ("1m2.345s" → "1m2.3s"); anything else is printed as it came.
+func formatTook(s string) string {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return s
+	}
+	if d >= time.Second {
+		d = d.Round(100 * time.Millisecond)
+	}
+	return d.String()
+}
+
+// relTime formats t relative to now: "45s ago", "3m ago", "5h ago",
+// "12d ago"; "-" for the zero time.
+func relTime(t, now time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := now.Sub(t)
+	switch {
+	case d < time.Second:
+		return "just now"
+	case d < time.Minute:
+		return fmt.Sprintf("%ds ago", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm ago", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d.Hours()))
+	default:
+		return fmt.Sprintf("%dd ago", int(d.Hours()/24))
+	}
+}
+
+// shortDigest is the first 12 hex digits of a sha256 digest, which the
+// API accepts wherever a tree is named.
+func shortDigest(d string) string {
+	h := strings.TrimPrefix(d, "sha256:")
+	if len(h) > 12 {
+		h = h[:12]
+	}
+	return h
+}
+
+// usersOf names who mounts a tree: "namespace/pod" when the pod is known,
+// else the volume ID; sorted, without repeats.
+func usersOf(refs []ref) []string {
+	var out []string
+	for _, r := range refs {
+		if r.PodName != "" {
+			out = append(out, r.PodNS+"/"+r.PodName)
+		} else {
+			out = append(out, r.VolumeID)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// orDash joins items with sep, or is "-" when there are none.
+func orDash(items []string, sep string) string {
+	if len(items) == 0 {
+		return "-"
+	}
+	return strings.Join(items, sep)
+}
+
+// plural is "1 file", "3 files".
+func plural(n int, noun string) string {
+	if n == 1 {
+		return fmt.Sprintf("%d %s", n, noun)
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}

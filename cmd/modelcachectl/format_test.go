@@ -1,0 +1,129 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestHumanBytes(t *testing.T) {
+	for _, tc := range []struct {
+		n    int64
+		want string
+	}{
+		{0, "0 B"},
+		{1023, "1023 B"},
+		{1024, "1.0 KiB"},
+		{1536, "1.5 KiB"},
+		{1024*1024 - 1, "1.0 MiB"}, // not "1024.0 KiB"
+		{85*mib + 300*kib, "85.3 MiB"},
+		{12 * gib / 10, "1.2 GiB"},
+		{2600 * mib, "2.5 GiB"},
+		{5 << 40, "5.0 TiB"},
+		{-2048, "-2.0 KiB"},
+	} {
+		if got := humanBytes(tc.n); got != tc.want {
+			t.Errorf("humanBytes(%d) = %q, want %q", tc.n, got, tc.want)
+		}
+	}
+}
+
+func TestDurations(t *testing.T) {
+	for _, tc := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{-1, "--"},
+		{0, "0s"},
+		{16*time.Second + 400*time.Millisecond, "16s"},
+		{59*time.Second + 600*time.Millisecond, "1m00s"},
+		{2*time.Minute + 5*time.Second, "2m05s"},
+		{time.Hour + 2*time.Minute + 10*time.Second, "1h02m"},
+		{200 * time.Hour, "--"},
+	} {
+		if got := formatETA(tc.d); got != tc.want {
+			t.Errorf("formatETA(%v) = %q, want %q", tc.d, got, tc.want)
+		}
+	}
+	for in, want := range map[string]string{"10.4321s": "10.4s", "12ms": "12ms", "1m2.345s": "1m2.3s", "soon": "soon"} {
+		if got := formatTook(in); got != want {
+			t.Errorf("formatTook(%q) = %q, want %q", in, got, want)
+		}
+	}
+	now := testNow
+	for _, tc := range []struct {
+		t    time.Time
+		want string
+	}{
+		{time.Time{}, "-"},
+		{now.Add(time.Minute), "just now"},
+		{now.Add(-500 * time.Millisecond), "just now"},
+		{now.Add(-45 * time.Second), "45s ago"},
+		{now.Add(-3*time.Minute - 59*time.Second), "3m ago"},
+		{now.Add(-5 * time.Hour), "5h ago"},
+		{now.Add(-47 * time.Hour), "47h ago"},
+		{now.Add(-12 * 24 * time.Hour), "12d ago"},
+	} {
+		if got := relTime(tc.t, now); got != tc.want {
+			t.Errorf("relTime(now-%v) = %q, want %q", now.Sub(tc.t), got, tc.want)
+		}
+	}
+}
+
+func TestProgressTerminal(t *testing.T) {
+	var out bytes.Buffer
+	clock := testNow
+	p := &progress{w: &out, uri: "mys3:b/m", tty: true, width: func() int { return 0 },
+		now: func() time.Time { clock = clock.Add(time.Second); return clock }}
+	total := int64(2662 * mib)
+	p.update(0, total)
+	p.update(85*mib+300*kib, total)
+	// Constant rate: the smoothed rate is that rate.
+	p.update(2*(85*mib+300*kib), total)
+	want := "\r[                    ]   0%  0 B / 2.6 GiB  -- B/s  ETA --" +
+		"\r[                    ]   3%  85.3 MiB / 2.6 GiB  85.3 MiB/s  ETA 30s" +
+		"\r[>                   ]   6%  170.6 MiB / 2.6 GiB  85.3 MiB/s  ETA 29s"
+	if got := out.String(); got != want {
+		t.Errorf("terminal output\n%q\nwant\n%q", got, want)
+	}
+	out.Reset()
+	p.update(total*45/100+1, total)
+	if got := out.String(); !strings.HasPrefix(got, "\r[========>           ]  45%  1.2 GiB / 2.6 GiB  ") || !strings.Contains(got, "  ETA ") {
+		t.Errorf("at 45%%: %q", got)
+	}
+	out.Reset()
+	drawn := p.drawn
+	p.clear()
+	if got := out.String(); drawn == 0 || got != "\r"+strings.Repeat(" ", drawn)+"\r" {
+		t.Errorf("clear wrote %q", got)
+	}
+}
+
+func TestProgressFitsTerminalWidth(t *testing.T) {
+	p := &progress{}
+	for _, width := range []int{0, 30, 60, 80, 200} {
+		line := p.line(45, 100, width)
+		if width > 0 && len(line) >= width {
+			t.Errorf("width %d: line %q is %d long", width, line, len(line))
+		}
+		if width >= 80 && !strings.HasPrefix(line, "[") {
+			t.Errorf("width %d: no bar in %q", width, line)
+		}
+	}
+}
+
+func TestProgressRateSmoothing(t *testing.T) {
+	clock := testNow
+	p := &progress{w: &bytes.Buffer{}, interval: time.Hour, now: func() time.Time { clock = clock.Add(time.Second); return clock }}
+	p.update(0, 100*mib)
+	p.update(10*mib, 100*mib) // 10 MiB/s
+	p.update(40*mib, 100*mib) // a 30 MiB/s burst moves the rate, not all the way
+	if p.rate <= 10*float64(mib) || p.rate >= 30*float64(mib) {
+		t.Errorf("rate %s after a burst, want between 10 and 30 MiB/s", humanRate(p.rate))
+	}
+	p.update(5*mib, 100*mib) // restarted: a new baseline, the rate is kept
+	if p.lastDone != 5*mib || p.rate <= 0 {
+		t.Errorf("after a restart: lastDone %d, rate %v", p.lastDone, p.rate)
+	}
+}

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/admin"
+	"github.com/modelcache/modelcache/pkg/state"
+	"github.com/modelcache/modelcache/pkg/store"
+)
+
+// TestAgainstRealAdminServer runs the commands that need no remote against
+// pkg/admin's real handler, store and state on an empty cache in a
+// temporary directory (unit tier: no root, no network).
+func TestAgainstRealAdminServer(t *testing.T) {
+	dir, err := os.MkdirTemp("", "mcctl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	db, err := state.Open(filepath.Join(dir, "state", "modelcache.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	st, err := store.Open(filepath.Join(dir, "cache"), db, store.Options{Evictor: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	socket := filepath.Join(dir, "admin.sock")
+	served := make(chan error, 1)
+	go func() { served <- admin.Serve(ctx, socket, (&admin.Server{Store: st, State: db}).Handler()) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Error(err)
+		}
+	})
+	for i := 0; ; i++ {
+		if _, err := os.Stat(socket); err == nil {
+			break
+		}
+		if i == 100 {
+			t.Fatal("the admin socket did not appear")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	for _, tc := range []struct {
+		args      []string
+		code      int
+		stdoutHas string
+		stderrHas string
+	}{
+		{[]string{"ls"}, 0, "no models cached on this node", ""},
+		{[]string{"ls", "--output", "json"}, 0, "[]", ""},
+		{[]string{"du"}, 0, "drained          no", ""},
+		{[]string{"gc", "--dry-run"}, 0, "nothing to evict", ""},
+		{[]string{"verify"}, 0, "checked 0 blobs (0 B) in", ""},
+		{[]string{"inspect", "mys3:nope"}, 1, "", `no cached tree matches "mys3:nope"`},
+		{[]string{"pin", "sha256:0123456789ab"}, 1, "", "no cached tree matches"},
+		{[]string{"evict", "mys3:nope", "--when-unused"}, 1, "", "no cached tree matches"},
+		{[]string{"drain"}, 0, "node drained: removed 0 models", ""},
+		{[]string{"drain"}, 0, "node drained: removed 0 models", ""},
+		{[]string{"du"}, 0, "drained          yes", ""},
+		{[]string{"undrain"}, 0, "node undrained", ""},
+		{[]string{"undrain"}, 0, "node undrained", ""},
+	} {
+		r := runCLI(t, socket, tc.args...)
+		if r.code != tc.code || !strings.Contains(r.stdout, tc.stdoutHas) || !strings.Contains(r.stderr, tc.stderrHas) {
+			t.Errorf("%v: exit %d (want %d)\nstdout:\n%s\nstderr:\n%s", tc.args, r.code, tc.code, r.stdout, r.stderr)
+		}
+	}
+}
