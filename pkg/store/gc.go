@@ -253,6 +253,7 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 	s.gcMu.Lock()
 	defer s.gcMu.Unlock()
 	var plan Plan
+	unlinked := map[uint64]int64{} // dry run: inode → links the planned removals drop
 	var cands []Candidate
 	var held Held
 	if s.evictor != nil {
@@ -281,8 +282,12 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 		c := cands[0]
 		cands = cands[1:]
 		if dryRun {
+			freed, err := s.wouldFree(c.Digest, unlinked)
+			if err != nil {
+				return plan, err
+			}
 			plan.Evicted = append(plan.Evicted, c)
-			plan.Freed += c.Size
+			plan.Freed += freed
 			continue
 		}
 		freed, removed, err := s.Evict(c.Digest, "budget")
@@ -509,4 +514,41 @@ func (s *Store) TreeDigests() ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// wouldFree is what removing a tree would free after the removals already
+// counted in unlinked: a blob is freed when only its blobs/ link would be
+// left. It removes nothing and records the tree's links in unlinked.
+func (s *Store) wouldFree(digest string, unlinked map[uint64]int64) (int64, error) {
+	type file struct {
+		nlink, size int64
+	}
+	files := map[uint64]file{}
+	err := fs.WalkDir(s.root.FS(), path.Join(TreesDir, digest[len("sha256:"):]), func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			unlinked[st.Ino]++
+			files[st.Ino] = file{int64(st.Nlink), fi.Size()}
+		}
+		return nil
+	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("measuring tree %s: %w", digest, err)
+	}
+	var freed int64
+	for ino, f := range files {
+		if f.nlink-unlinked[ino] == 1 {
+			freed += f.size
+		}
+	}
+	return freed, nil
 }
