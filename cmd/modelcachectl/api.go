@@ -13,7 +13,7 @@ import "time"
 type cachedTree struct {
 	Digest   string    `json:"digest"`
 	Size     int64     `json:"size"`
-	Files    int       `json:"fileCount"`
+	Files    int       `json:"files"`
 	URIs     []string  `json:"uris"`
 	LastUsed time.Time `json:"lastUsed"`
 	Refs     []ref     `json:"refs"`
@@ -51,7 +51,7 @@ type treeFile struct {
 // inspection mirrors admin.Inspection (GET /v1/tree).
 type inspection struct {
 	tree
-	FileList []treeFile `json:"files"`
+	FileList []treeFile `json:"contents"`
 }
 
 // diskUsage mirrors admin.DiskUsage (GET /v1/du).

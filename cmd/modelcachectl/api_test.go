@@ -54,8 +54,8 @@ func TestWireTypesMatchAdmin(t *testing.T) {
 		{"tree", admin.Tree{CachedTree: fullCachedTree(), Present: true}, &tree{}},
 		{"cached tree (pin reply)", fullCachedTree(), &cachedTree{}},
 		{"inspection", admin.Inspection{
-			Tree:  admin.Tree{CachedTree: fullCachedTree(), Present: true},
-			Files: []admin.File{{Path: "config.json", Size: 7, Sha256: repeatHex("a")}},
+			Tree:     admin.Tree{CachedTree: fullCachedTree(), Present: true},
+			Contents: []admin.File{{Path: "config.json", Size: 7, Sha256: repeatHex("a")}},
 		}, &inspection{}},
 		{"disk usage", admin.DiskUsage{Usage: store.Usage{BlobBytes: 1, Blobs: 2, TreeBytes: 3, Trees: 4, IngestBytes: 5, Quarantined: 6, FSSize: 7, FSFree: 8}, SavedBytes: 9, Drained: true}, &diskUsage{}},
 		{"evict result", admin.EvictResult{Tree: apiD1, Removed: true, Freed: 10, Pending: true}, &evictResult{}},

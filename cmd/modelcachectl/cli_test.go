@@ -179,7 +179,7 @@ func testTrees() []admin.Tree {
 }
 
 func testInspection() admin.Inspection {
-	return admin.Inspection{Tree: testTrees()[0], Files: []admin.File{
+	return admin.Inspection{Tree: testTrees()[0], Contents: []admin.File{
 		{Path: "config.json", Size: 612, Sha256: strings.Repeat("c", 64)},
 		{Path: "model.safetensors", Size: 2600*mib - 612 - 2*mib, Sha256: strings.Repeat("d", 64)},
 		{Path: "tokenizer/tokenizer.json", Size: 2 * mib, Sha256: ""},

@@ -51,7 +51,11 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	key := source.ContentKey(remote.Identity(), m)
-	if _, cached := s.Store.Cached(key); !cached {
+	_, cached := s.Store.Cached(key)
+	_, running := s.Store.Downloading(key)
+	if !cached && !running {
+		// As for publishes: a drained node serves what it has and lets a
+		// running download be joined, but starts none.
 		if drained, err := s.State.Drained(); err != nil || drained {
 			fail(w, http.StatusConflict, errors.Join(errors.New("the node is drained and starts no downloads; run modelcachectl undrain first"), err))
 			return

@@ -114,10 +114,10 @@ type File struct {
 	Sha256 string `json:"sha256"`
 }
 
-// Inspection is a tree with its files.
+// Inspection is a tree with its files ("files" is their count).
 type Inspection struct {
 	Tree
-	Files []File `json:"files"`
+	Contents []File `json:"contents"`
 }
 
 func (s *Server) inspect(w http.ResponseWriter, r *http.Request) {
@@ -133,7 +133,7 @@ func (s *Server) inspect(w http.ResponseWriter, r *http.Request) {
 	}
 	out := Inspection{Tree: Tree{CachedTree: t, Present: s.Store.HasTree(t.Digest)}}
 	for _, f := range files {
-		out.Files = append(out.Files, File{Path: f.Path, Size: f.Size, Sha256: f.Sha256})
+		out.Contents = append(out.Contents, File{Path: f.Path, Size: f.Size, Sha256: f.Sha256})
 	}
 	reply(w, out)
 }
@@ -207,7 +207,12 @@ func (s *Server) evict(w http.ResponseWriter, r *http.Request) {
 			fail(w, http.StatusConflict, fmt.Errorf("tree %s is mounted by %s; it cannot be removed under running pods: pass --when-unused to remove it when its last mount goes", t.Digest, users(t.Refs)))
 			return
 		}
-		if err := s.State.Doom(t.Digest, "operator"); err != nil {
+		// An operator's evict overrides a pin: it names this tree.
+		err := s.State.SetPinned(t.Digest, false)
+		if err == nil {
+			err = s.State.Doom(t.Digest, "operator")
+		}
+		if err != nil {
 			fail(w, http.StatusInternalServerError, err)
 			return
 		}
@@ -284,12 +289,15 @@ func (s *Server) drain(on bool) http.HandlerFunc {
 			return
 		}
 		for _, t := range trees {
+			// Drain empties the node, pinned trees included.
+			if err := s.State.SetPinned(t.Digest, false); err != nil {
+				fail(w, http.StatusInternalServerError, err)
+				return
+			}
 			if len(t.Refs) > 0 {
 				res.Pending = append(res.Pending, t.Digest)
 				continue
 			}
-			// Drain empties the node, pinned trees included.
-			_ = s.State.SetPinned(t.Digest, false)
 			freed, removed, err := s.Store.Evict(t.Digest, "drain")
 			if err != nil {
 				fail(w, http.StatusInternalServerError, err)

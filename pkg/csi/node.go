@@ -323,6 +323,11 @@ func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 	}
 	klog.InfoS("unpublished", "volume", id, "target", target)
 	if known {
+		// A tree a pod used until now is recently used, however long ago
+		// it was published, when evictions are ordered.
+		if err := n.State.Touch(ref.Tree, time.Now()); err != nil {
+			klog.ErrorS(err, "recording the last use of a tree", "tree", ref.Tree)
+		}
 		n.releaseTree(ref.Tree)
 	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
@@ -342,6 +347,14 @@ func (n *Node) releaseTree(digest string) {
 	}
 	if reason == "" {
 		return
+	}
+	// The operator named this tree (evict) or the whole node (drain):
+	// that overrides a pin, as it does for trees no pod uses.
+	if c.Pinned {
+		if err := n.State.SetPinned(digest, false); err != nil {
+			klog.ErrorS(err, "unpinning a tree to remove it after its last mount", "tree", digest)
+			return
+		}
 	}
 	if _, _, err := n.Store.Evict(digest, reason); err != nil {
 		klog.ErrorS(err, "removing tree after its last mount", "tree", digest, "reason", reason)

@@ -192,6 +192,19 @@ func (d *DB) DeleteRef(targetPath string) error {
 	})
 }
 
+// Touch records a use of a tree at the given time, if the tree is recorded.
+func (d *DB) Touch(digest string, at time.Time) error {
+	return d.db.Update(func(tx *bolt.Tx) error {
+		var rec TreeRecord
+		ok, err := get(tx, bucketTrees, digest, &rec)
+		if err != nil || !ok || !at.After(rec.LastUsed) {
+			return err
+		}
+		rec.LastUsed = at
+		return put(tx, bucketTrees, digest, rec)
+	})
+}
+
 // Refs returns every reference.
 func (d *DB) Refs() ([]Ref, error) {
 	var refs []Ref

@@ -271,6 +271,7 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 		if err != nil {
 			return plan, err
 		}
+		noRoom.Need = need + s.reserved() // what was asked for, not the dry run's arithmetic
 		plan.Over = max(over, 0)
 		if over <= 0 {
 			return plan, nil

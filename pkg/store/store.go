@@ -43,7 +43,7 @@ func ValidDigest(d string) bool { return digestRE.MatchString(d) }
 type Tree struct {
 	Digest string `json:"digest"` // sha256:<hex> of paths, modes and file digests
 	Size   int64  `json:"size"`   // bytes of file content
-	Files  int    `json:"fileCount"`
+	Files  int    `json:"files"`  // records written as "Files" still decode
 }
 
 // Index remembers which tree a content key produced. pkg/state implements it;

@@ -972,7 +972,7 @@ func TestPrefetch_WarmsCache_PublishFetchesNothing_WrongKeyRefused_RealMinIO(t *
 	if err != nil {
 		t.Fatal(err)
 	}
-	if in.Digest != ev.Tree || !in.Present || len(in.Refs) != 0 || len(in.Files) != len(files) {
+	if in.Digest != ev.Tree || !in.Present || len(in.Refs) != 0 || len(in.Contents) != len(files) {
 		t.Fatalf("prefetched tree = %+v, want %s present with no mounts and %d files", in, ev.Tree, len(files))
 	}
 	e.wantTrees(map[string]string{"m": ev.Tree}, "m")
