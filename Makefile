@@ -17,11 +17,18 @@ GO      ?= go
 BIN     := $(CURDIR)/bin
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
+# The Dockerfile builds the same way (test/manifests checks it).
+BUILDFLAGS := -trimpath -ldflags '$(LDFLAGS)'
 
 MINIO_MODULE       := github.com/minio/minio
 MINIO_VERSION      := v0.0.0-20260212201848-7aac2a2c5b7c
 CSI_SANITY_MODULE  := github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
 CSI_SANITY_VERSION := v5.6.0
+# kustomize v5.8.3 needs Go 1.27; v5.8.1 is the newest that builds with go.mod's Go.
+KUSTOMIZE_MODULE   := sigs.k8s.io/kustomize/kustomize/v5
+KUSTOMIZE_VERSION  := v5.8.1
+HELM_MODULE        := helm.sh/helm/v3/cmd/helm
+HELM_VERSION       := v3.22.0
 
 # csi-sanity runs against --mode=all (identity, controller and node on one
 # socket) in two passes; test/sanity says how.
@@ -47,12 +54,12 @@ help:
 	@echo "make test     lint, unit, integration and csi-sanity tests (root)"
 	@echo "make bench    benchmarks"
 	@echo "make build    bin/modelcache-csi and bin/modelcachectl"
-	@echo "make tools    bin/minio and bin/csi-sanity at their pinned versions"
+	@echo "make tools    bin/minio, bin/csi-sanity, bin/kustomize and bin/helm at their pinned versions"
 
 .PHONY: build
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/modelcache-csi ./cmd/modelcache-csi
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/modelcachectl ./cmd/modelcachectl
+	CGO_ENABLED=0 $(GO) build $(BUILDFLAGS) -o $(BIN)/modelcache-csi ./cmd/modelcache-csi
+	CGO_ENABLED=0 $(GO) build $(BUILDFLAGS) -o $(BIN)/modelcachectl ./cmd/modelcachectl
 
 # --- pinned tools ----------------------------------------------------------
 
@@ -67,8 +74,20 @@ $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION):
 	GOBIN=$(BIN) $(GO) install $(CSI_SANITY_MODULE)@$(CSI_SANITY_VERSION)
 	@rm -f $(BIN)/.csi-sanity-* && touch $@
 
+$(BIN)/.kustomize-$(KUSTOMIZE_VERSION):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) $(GO) install $(KUSTOMIZE_MODULE)@$(KUSTOMIZE_VERSION)
+	@rm -f $(BIN)/.kustomize-* && touch $@
+
+$(BIN)/.helm-$(HELM_VERSION):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) $(GO) install $(HELM_MODULE)@$(HELM_VERSION)
+	@rm -f $(BIN)/.helm-* && touch $@
+
+MANIFEST_TOOLS := $(BIN)/.kustomize-$(KUSTOMIZE_VERSION) $(BIN)/.helm-$(HELM_VERSION)
+
 .PHONY: tools
-tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION)
+tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION) $(MANIFEST_TOOLS)
 
 # --- tests -----------------------------------------------------------------
 
@@ -81,7 +100,7 @@ lint:
 	$(GO) vet ./...
 
 .PHONY: unit
-unit:
+unit: $(MANIFEST_TOOLS)
 	$(GO) test -race -count=1 $(GOTEST_FLAGS) ./cmd/... ./pkg/... ./test/manifests/...
 
 .PHONY: require-root

@@ -108,6 +108,9 @@ var (
 	errUsage = errors.New("usage error")
 )
 
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
 func (a *app) defaultSocket() string {
 	if s := a.getenv("MODELCACHE_ADMIN_SOCKET"); s != "" {
 		return s
@@ -122,12 +125,17 @@ func (a *app) run(args []string) int {
 	fs := flag.NewFlagSet("modelcachectl", flag.ContinueOnError)
 	fs.SetOutput(a.stderr)
 	fs.StringVar(&a.socket, "socket", a.socket, "")
+	showVersion := fs.Bool("version", false, "")
 	fs.Usage = func() { a.usage(a.stderr) }
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return exitOK
 		}
 		return exitUsage
+	}
+	if *showVersion {
+		fmt.Fprintln(a.stdout, "modelcachectl", version)
+		return exitOK
 	}
 	if fs.NArg() == 0 {
 		a.usage(a.stderr)
@@ -199,6 +207,7 @@ Commands:
 Global flags:
   --socket PATH   the node plugin's admin socket (default %s;
                   $MODELCACHE_ADMIN_SOCKET overrides the default)
+  --version       print the version and exit
 
 Run 'modelcachectl <command> -h' for what a command does and its flags.
 Exit status: 0 done, 1 the operation failed or found something wrong,

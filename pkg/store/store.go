@@ -102,6 +102,11 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating cache directory: %w", err)
 	}
+	// kubelet creates a DirectoryOrCreate hostPath 0755; models and the
+	// state database are for root on this node only.
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("restricting cache directory: %w", err)
+	}
 	root, err := os.OpenRoot(dir)
 	if err != nil {
 		return nil, fmt.Errorf("opening cache directory: %w", err)

@@ -33,7 +33,7 @@ import (
 // objects decodes every YAML document of every file under deploy/.
 func objects(t *testing.T) map[string][]runtime.Object {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(testenv.RepoRoot(), "deploy", "*.yaml"))
+	files, err := filepath.Glob(filepath.Join(testenv.RepoRoot(), "deploy", "kubernetes", "*.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,6 +44,9 @@ func objects(t *testing.T) map[string][]runtime.Object {
 	}
 	out := map[string][]runtime.Object{}
 	for _, f := range files {
+		if filepath.Base(f) == "kustomization.yaml" {
+			continue
+		}
 		raw, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
