@@ -39,7 +39,7 @@ func RepoRoot() string {
 func Binary(name string) (string, error) {
 	p := filepath.Join(RepoRoot(), "bin", name)
 	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("%s not found at %s: run `make test` or `make bin/%s`, which install it", name, p, name)
+		return "", fmt.Errorf("%s not found at %s: run `make tools` (or `make test`), which installs it at its pinned version", name, p)
 	}
 	return p, nil
 }
