@@ -38,6 +38,8 @@ type options struct {
 	cacheSize, minFree                           string
 	transfers                                    int
 	releaseGrace                                 time.Duration
+	kubeletDir                                   string
+	requirePodInfo                               bool
 }
 
 func main() {
@@ -53,6 +55,8 @@ func main() {
 	flag.StringVar(&o.metricsAddress, "metrics-address", "", "host:port serving Prometheus metrics at /metrics (off when empty)")
 	flag.StringVar(&o.cacheSize, "cache-size", "", "most the cache may hold: bytes (\"200Gi\", \"500G\") or a percentage of its filesystem (\"80%\"); empty is no limit besides --min-free")
 	flag.DurationVar(&o.releaseGrace, "release-grace", 10*time.Minute, "after a restart, how long a reference whose mount is gone waits for kubelet before it is released")
+	flag.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet's root directory: every target path must be under it")
+	flag.BoolVar(&o.requirePodInfo, "require-pod-info", true, "refuse publishes without kubelet's pod information (the CSIDriver's podInfoOnMount)")
 	flag.StringVar(&o.minFree, "min-free", "10%", "space the cache filesystem keeps free: bytes or a percentage of its size")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
@@ -170,7 +174,8 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if err != nil {
 		return nil, err
 	}
-	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Store: st, State: db, Mounter: mount.NewKernel(), Metrics: m}
+	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Store: st, State: db, Mounter: mount.NewKernel(), Metrics: m,
+		KubeletDir: o.kubeletDir, RequirePodInfo: o.requirePodInfo}
 	if client, err := eventClient(o.kubeconfig); err != nil {
 		klog.InfoS("pod events are off", "reason", err)
 	} else {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -50,6 +51,12 @@ type Node struct {
 	// Metrics and Events may be nil: both are optional.
 	Metrics *metrics.Metrics
 	Events  *kube.Events
+	// KubeletDir, when set, is the directory every target path must be
+	// under (kubelet's root directory).
+	KubeletDir string
+	// RequirePodInfo refuses publishes without kubelet's pod keys
+	// (podInfoOnMount), which events, listings and audits rely on.
+	RequirePodInfo bool
 
 	targets keyedMutex
 }
@@ -60,6 +67,24 @@ type publishArgs struct {
 	uri, policy, digest    string
 	podName, podNS, podUID string
 	hash                   string // identifies the arguments for ALREADY_EXISTS
+}
+
+// maxVolumeContext bounds the volume_context a publish may carry, as the
+// CSI spec bounds its maps (4 KiB).
+const maxVolumeContext = 4096
+
+func (n *Node) parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
+	a, err := parsePublish(req)
+	if err != nil {
+		return a, err
+	}
+	if n.KubeletDir != "" && !strings.HasPrefix(a.target, filepath.Clean(n.KubeletDir)+"/") {
+		return a, status.Errorf(codes.InvalidArgument, "target_path %q is outside the kubelet directory %s; kubelet only publishes under it (set --kubelet-dir if your kubelet uses another root)", a.target, n.KubeletDir)
+	}
+	if n.RequirePodInfo && (a.podName == "" || a.podNS == "" || a.podUID == "") {
+		return a, status.Errorf(codes.InvalidArgument, "volume_context lacks kubelet's pod information (%s, %s, %s): set podInfoOnMount: true in the CSIDriver object %s", podNameKey, podNamespaceKey, podUIDKey, DriverName)
+	}
+	return a, nil
 }
 
 func parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
@@ -83,6 +108,13 @@ func parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
 		return a, status.Error(codes.InvalidArgument, "volume_capability must request mount access")
 	}
 	ctx := req.GetVolumeContext()
+	size := 0
+	for k, v := range ctx {
+		size += len(k) + len(v)
+	}
+	if size > maxVolumeContext {
+		return a, status.Errorf(codes.InvalidArgument, "volume_context is %d bytes; the limit is %d", size, maxVolumeContext)
+	}
 	m, err := parseModelRef(ctx, "volume attribute")
 	if err != nil {
 		return a, status.Errorf(codes.InvalidArgument, "%v", err)
@@ -101,7 +133,7 @@ func parsePublish(req *csi.NodePublishVolumeRequest) (publishArgs, error) {
 func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (_ *csi.NodePublishVolumeResponse, err error) {
 	start := time.Now()
 	defer func() { n.Metrics.Publish(status.Code(err).String()) }()
-	a, err := parsePublish(req)
+	a, err := n.parsePublish(req)
 	if err != nil {
 		return nil, err
 	}

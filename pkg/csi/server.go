@@ -8,12 +8,14 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"k8s.io/klog/v2"
 )
 
@@ -75,7 +77,7 @@ func Serve(ctx context.Context, s *grpc.Server, l net.Listener, grace time.Durat
 // only ever printed through protosanitizer.
 func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
-	klog.V(5).InfoS("call", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+	klog.V(5).InfoS("call", "method", info.FullMethod, "request", sanitize(req))
 	resp, err := handler(ctx, req)
 	if err != nil {
 		klog.V(2).InfoS("call failed", "method", info.FullMethod, "code", status.Code(err), "err", err, "took", time.Since(start))
@@ -83,4 +85,37 @@ func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler 
 		klog.V(4).InfoS("call done", "method", info.FullMethod, "took", time.Since(start))
 	}
 	return resp, err
+}
+
+// tokenLike matches values that carry a credential even though they are not
+// secrets fields: user:password@ in a URL, or a signed or tokened query.
+var tokenLike = regexp.MustCompile(`(?i)://[^/@\s]*:[^/@\s]*@|[?&](x-amz-signature|x-amz-credential|sig|signature|token|access_token|api_key|key)=`)
+
+// sanitize strips the secrets fields (protosanitizer) and redacts
+// token-like volume_context and parameter values, which validation would
+// refuse but which must not reach the log on their way there.
+func sanitize(req any) fmt.Stringer {
+	msg, ok := req.(proto.Message)
+	if !ok {
+		return protosanitizer.StripSecrets(req)
+	}
+	msg = proto.Clone(msg)
+	switch r := msg.(type) {
+	case *csi.NodePublishVolumeRequest:
+		redact(r.VolumeContext)
+	case *csi.CreateVolumeRequest:
+		redact(r.Parameters)
+	case *csi.ValidateVolumeCapabilitiesRequest:
+		redact(r.VolumeContext)
+		redact(r.Parameters)
+	}
+	return protosanitizer.StripSecrets(msg)
+}
+
+func redact(m map[string]string) {
+	for k, v := range m {
+		if tokenLike.MatchString(v) {
+			m[k] = "***redacted***"
+		}
+	}
 }

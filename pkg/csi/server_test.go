@@ -269,3 +269,31 @@ func TestServeOverUnixSocket(t *testing.T) {
 		}
 	}
 }
+
+func TestSanitizeRedactsTokenLikeValues(t *testing.T) {
+	tests := []struct {
+		name   string
+		req    any
+		secret string
+	}{
+		{"user info in modelUri", &csi.NodePublishVolumeRequest{VolumeContext: map[string]string{"modelUri": "https://admin:hunter2-pw@models.example/m"}}, "hunter2-pw"},
+		{"signed query", &csi.NodePublishVolumeRequest{VolumeContext: map[string]string{"modelUri": "https://models.example/m?X-Amz-Signature=abcd1234sig"}}, "abcd1234sig"},
+		{"token parameter", &csi.CreateVolumeRequest{Parameters: map[string]string{"modelUri": "https://h/m?token=tok-98765"}}, "tok-98765"},
+		{"validate context", &csi.ValidateVolumeCapabilitiesRequest{VolumeContext: map[string]string{"modelUri": "https://u:pw-5555@h/m"}}, "pw-5555"},
+		{"secrets field", &csi.NodePublishVolumeRequest{Secrets: map[string]string{"AWS_SECRET_ACCESS_KEY": "aws-secret-777"}}, "aws-secret-777"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := sanitize(tt.req).String()
+			if strings.Contains(got, tt.secret) {
+				t.Fatalf("sanitized request %s still holds %q", got, tt.secret)
+			}
+		})
+	}
+	// The request itself is left as it was: only the logged copy is redacted.
+	req := &csi.NodePublishVolumeRequest{VolumeContext: map[string]string{"modelUri": "https://u:pw@h/m", "pullPolicy": "Always"}}
+	out := sanitize(req).String()
+	if req.VolumeContext["modelUri"] != "https://u:pw@h/m" || !strings.Contains(out, "Always") {
+		t.Fatalf("sanitize changed the request or dropped harmless values: %v / %s", req.VolumeContext, out)
+	}
+}

@@ -57,6 +57,7 @@ func (e *env) publishPV(volumeID, target string, volumeContext map[string]string
 		"storage.kubernetes.io/csiProvisionerIdentity": "1764000000000-1234-modelcache.csi.dev",
 		"csi.storage.k8s.io/pod.name":                  "model-server-0",
 		"csi.storage.k8s.io/pod.namespace":             "serving",
+		"csi.storage.k8s.io/pod.uid":                   "7d4c0b9e-1f2a-4b3c-9d8e-6f5a4b3c2d1e",
 		"csi.storage.k8s.io/ephemeral":                 "false",
 	}
 	for k, v := range volumeContext {

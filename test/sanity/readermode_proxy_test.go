@@ -21,8 +21,10 @@ import (
 // model cache that refuses writer modes by design. The proxy turns writer
 // modes into MULTI_NODE_READER_ONLY (what a ReadOnlyMany claim sends), so
 // the specs that create volumes exercise the driver's real controller and
-// node paths instead of being skipped. Node calls pass through untouched:
-// kubelet itself sends SINGLE_NODE_WRITER for inline volumes.
+// node paths instead of being skipped. Node calls keep their access mode
+// (kubelet itself sends SINGLE_NODE_WRITER for inline volumes); publishes
+// gain the pod keys kubelet adds with podInfoOnMount, which csi-sanity
+// cannot send and the driver requires.
 type readerModeProxy struct {
 	conn      *grpc.ClientConn
 	srv       *grpc.Server
@@ -73,6 +75,9 @@ func (p *readerModeProxy) forward(_ any, ss grpc.ServerStream) error {
 }
 
 func (p *readerModeProxy) rewrite(method string, in []byte) ([]byte, error) {
+	if method == csi.Node_NodePublishVolume_FullMethodName {
+		return addPodInfo(in)
+	}
 	var msg interface {
 		proto.Message
 		GetVolumeCapabilities() []*csi.VolumeCapability
@@ -95,6 +100,28 @@ func (p *readerModeProxy) rewrite(method string, in []byte) ([]byte, error) {
 		}
 	}
 	return proto.Marshal(msg)
+}
+
+// addPodInfo adds the pod keys kubelet sends when the CSIDriver has
+// podInfoOnMount (the driver requires them); csi-sanity sends none.
+func addPodInfo(in []byte) ([]byte, error) {
+	var req csi.NodePublishVolumeRequest
+	if err := proto.Unmarshal(in, &req); err != nil {
+		return nil, err
+	}
+	if req.VolumeContext == nil {
+		req.VolumeContext = map[string]string{}
+	}
+	for k, v := range map[string]string{
+		"csi.storage.k8s.io/pod.name":      "csi-sanity",
+		"csi.storage.k8s.io/pod.namespace": "default",
+		"csi.storage.k8s.io/pod.uid":       "5a1e0000-0000-4000-8000-000000000001",
+	} {
+		if _, ok := req.VolumeContext[k]; !ok {
+			req.VolumeContext[k] = v
+		}
+	}
+	return proto.Marshal(&req)
 }
 
 var writerModes = []csi.VolumeCapability_AccessMode_Mode{

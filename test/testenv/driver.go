@@ -49,7 +49,10 @@ func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) 
 	d := &Driver{Socket: filepath.Join(runDir, "csi.sock"), CacheDir: cacheDir, done: make(chan struct{})}
 	// --min-free=0: how full the test machine's disk is must not decide a
 	// test; tests of the budget pass their own limits.
-	all := append([]string{"--mode=node", "--endpoint=unix://" + d.Socket, "--node-id=test-node", "--cache-dir=" + cacheDir, "--min-free=0", "-v=2"}, args...)
+	// --kubelet-dir=runDir: tests publish under their own directory, as
+	// kubelet does under /var/lib/kubelet.
+	all := append([]string{"--mode=node", "--endpoint=unix://" + d.Socket, "--node-id=test-node", "--cache-dir=" + cacheDir,
+		"--min-free=0", "--kubelet-dir=" + runDir, "-v=2"}, args...)
 	d.cmd = exec.Command(bin, all...)
 	d.cmd.Stdout, d.cmd.Stderr = (*lockedWriter)(d), (*lockedWriter)(d)
 	if err := d.cmd.Start(); err != nil {
