@@ -92,7 +92,19 @@ tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION) $
 # --- tests -----------------------------------------------------------------
 
 .PHONY: test
-test: lint unit integration sanity
+test: lint unit fuzz integration sanity
+
+# Each fuzz target runs for FUZZTIME on top of its committed seed corpus
+# (pkg/source/testdata/fuzz), which `make unit` already replays.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := FuzzParseURI FuzzBuildConfig FuzzValidateKey
+
+.PHONY: fuzz
+fuzz:
+	@for f in $(FUZZ_TARGETS); do \
+		echo "fuzzing $$f for $(FUZZTIME)"; \
+		$(GO) test -run='^$$' -fuzz="^$$f$$" -fuzztime=$(FUZZTIME) ./pkg/source || exit 1; \
+	done
 
 .PHONY: lint
 lint:

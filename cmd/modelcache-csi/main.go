@@ -40,6 +40,9 @@ type options struct {
 	releaseGrace                                 time.Duration
 	kubeletDir                                   string
 	requirePodInfo                               bool
+	verifyCredentials                            string
+	reverifyAfter                                time.Duration
+	allowEndpoints                               string
 }
 
 func main() {
@@ -57,6 +60,9 @@ func main() {
 	flag.DurationVar(&o.releaseGrace, "release-grace", 10*time.Minute, "after a restart, how long a reference whose mount is gone waits for kubelet before it is released")
 	flag.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet's root directory: every target path must be under it")
 	flag.BoolVar(&o.requirePodInfo, "require-pod-info", true, "refuse publishes without kubelet's pod information (the CSIDriver's podInfoOnMount)")
+	flag.StringVar(&o.verifyCredentials, "verify-credentials", csi.VerifyIfNotRecorded, "when a cache hit checks the request's credentials against the remote (metadata only): IfNotRecorded, Always or Never")
+	flag.DurationVar(&o.reverifyAfter, "reverify-after", 0, "re-check recorded credentials after this long (0: never expire)")
+	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs that endpoints may resolve to although loopback, link-local or the node's own (e.g. an in-node MinIO)")
 	flag.StringVar(&o.minFree, "min-free", "10%", "space the cache filesystem keeps free: bytes or a percentage of its size")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
@@ -99,7 +105,16 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
-	resolver := source.NewRclone(key)
+	allowed, err := source.ParseAllowedEndpoints(strings.Split(o.allowEndpoints, ","))
+	if err != nil {
+		return fmt.Errorf("--allow-endpoint: %w", err)
+	}
+	switch o.verifyCredentials {
+	case csi.VerifyAlways, csi.VerifyIfNotRecorded, csi.VerifyNever:
+	default:
+		return fmt.Errorf("--verify-credentials must be IfNotRecorded, Always or Never, not %q", o.verifyCredentials)
+	}
+	resolver := source.NewRclone(key, source.WithAllowedEndpoints(allowed))
 
 	var node *csi.Node
 	if withNode {
@@ -175,7 +190,8 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 		return nil, err
 	}
 	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Store: st, State: db, Mounter: mount.NewKernel(), Metrics: m,
-		KubeletDir: o.kubeletDir, RequirePodInfo: o.requirePodInfo}
+		KubeletDir: o.kubeletDir, RequirePodInfo: o.requirePodInfo,
+		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter}
 	if client, err := eventClient(o.kubeconfig); err != nil {
 		klog.InfoS("pod events are off", "reason", err)
 	} else {

@@ -95,11 +95,16 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 				flush(PrefetchEvent{Event: "progress", Done: p.Done(), Total: p.Total})
 			}
 		case res := <-done:
+			if res.err == nil && !res.fetched {
+				// Cached, or fetched by someone else: these credentials
+				// are recorded only once they read every object's metadata.
+				res.err = remote.Verify(ctx, m)
+			}
 			if res.err != nil {
 				flush(PrefetchEvent{Event: "error", Error: res.err.Error()})
 				return
 			}
-			if err := s.State.RecordSource(source.SourceKey(remote), state.Source{Tree: res.tree.Digest, URI: req.URI}); err != nil {
+			if err := s.State.RecordSource(source.SourceKey(remote), state.Source{Tree: res.tree.Digest, URI: req.URI, Checked: time.Now()}); err != nil {
 				flush(PrefetchEvent{Event: "error", Error: fmt.Sprintf("recording the prefetched tree: %v", err)})
 				return
 			}

@@ -140,6 +140,9 @@ func (f *fakeRemote) List(context.Context) (source.Manifest, error) {
 	return manifestOf(files), nil
 }
 
+// Verify implements source.Remote; the admin API never verifies.
+func (f *fakeRemote) Verify(context.Context, source.Manifest) error { return nil }
+
 func (f *fakeRemote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
 	r := f.r
 	r.mu.Lock()

@@ -101,7 +101,11 @@ type fakeResolver struct {
 
 	resolves int
 	lists    int
+	verifies int
 	opens    map[string]int // "uri|path" → Open calls
+
+	// verifyDenied holds credential IDs whose Verify is refused.
+	verifyDenied map[string]bool
 
 	// Errors injected at each step; nil means succeed.
 	resolveErr error
@@ -227,6 +231,19 @@ func (f *fakeRemote) CredentialID() string { return f.credID }
 
 // identityOf is the fake's backend identity for a modelUri.
 func identityOf(uri string) string { return "fake-s3|minio.example|" + uri }
+
+// Verify implements source.Remote: credentials listed in verifyDenied are
+// refused, as the remote's HEAD would refuse them.
+func (f *fakeRemote) Verify(_ context.Context, _ source.Manifest) error {
+	r := f.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.verifies++
+	if r.verifyDenied[f.credID] {
+		return fmt.Errorf("HEAD %s: %w", f.uri, source.ErrDenied)
+	}
+	return nil
+}
 
 func (f *fakeRemote) List(ctx context.Context) (source.Manifest, error) {
 	r := f.r

@@ -60,3 +60,76 @@ func TestNodePublishRefusesRequestsKubeletNeverSends(t *testing.T) {
 		h.mustPublish(publishReq("vol-1", h.target("pod-a"), testURI, nil))
 	})
 }
+
+// Invariant 10: a model cached with one tenant's credentials reaches another
+// tenant only after the other tenant's credentials read its metadata.
+func TestCacheHitIsAuthorized(t *testing.T) {
+	tenantA := testSecrets()
+	tenantB := map[string]string{"RCLONE_CONFIG_MYS3_TYPE": "s3", "RCLONE_CONFIG_MYS3_ACCESS_KEY_ID": "tenant-b", "RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": "b-secret"}
+	tests := []struct {
+		name       string
+		policy     string
+		denyB      bool
+		wantCode   codes.Code
+		wantVerify int
+	}{
+		{"B allowed: served from cache after one check", "", false, codes.OK, 1},
+		{"B denied: refused, nothing mounted", "", true, codes.PermissionDenied, 1},
+		{"policy Never: B served unchecked", VerifyNever, true, codes.OK, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.node.VerifyCredentials = tt.policy
+			a := publishReq("vol-a", h.target("pod-a"), testURI, nil)
+			a.Secrets = tenantA
+			h.mustPublish(a)
+			opens := h.res.openTotal()
+			if tt.denyB {
+				h.res.set(func(r *fakeResolver) { r.verifyDenied = map[string]bool{fingerprint(tenantB): true} })
+			}
+			b := publishReq("vol-b", h.target("pod-b"), testURI, nil)
+			b.Secrets = tenantB
+			_, err := h.node.NodePublishVolume(context.Background(), b)
+			if status.Code(err) != tt.wantCode {
+				t.Fatalf("tenant B's publish = %v, want %v", err, tt.wantCode)
+			}
+			h.res.set(func(r *fakeResolver) {
+				if r.verifies != tt.wantVerify {
+					t.Errorf("Verify ran %d times, want %d", r.verifies, tt.wantVerify)
+				}
+			})
+			if n := h.res.openTotal(); n != opens {
+				t.Errorf("tenant B's publish downloaded %d objects; a cache hit downloads none", n-opens)
+			}
+			if mounted := len(h.mnt.Mounts()); (tt.wantCode == codes.OK) != (mounted == 2) {
+				t.Errorf("%d mounts after tenant B's publish (code %v)", mounted, tt.wantCode)
+			}
+			if tt.wantCode != codes.OK {
+				return
+			}
+			// Recorded: B's next publish needs no check (IfNotRecorded).
+			b2 := publishReq("vol-b2", h.target("pod-b2"), testURI, nil)
+			b2.Secrets = tenantB
+			h.mustPublish(b2)
+			h.res.set(func(r *fakeResolver) {
+				if r.verifies != tt.wantVerify {
+					t.Errorf("a recorded credential was checked again: %d checks", r.verifies)
+				}
+			})
+		})
+	}
+
+	t.Run("policy Always checks every publish", func(t *testing.T) {
+		h := newHarness(t)
+		h.node.VerifyCredentials = VerifyAlways
+		for i, pod := range []string{"pod-a", "pod-b", "pod-c"} {
+			h.mustPublish(publishReq("vol-"+pod, h.target(pod), testURI, nil))
+			h.res.set(func(r *fakeResolver) {
+				if r.verifies != i {
+					t.Errorf("after publish %d: %d checks, want %d (the first publish downloads)", i+1, r.verifies, i)
+				}
+			})
+		}
+	})
+}

@@ -33,6 +33,13 @@ const (
 	podUIDKey       = "csi.storage.k8s.io/pod.uid"
 )
 
+// VerifyCredentials values.
+const (
+	VerifyAlways        = "Always"
+	VerifyIfNotRecorded = "IfNotRecorded"
+	VerifyNever         = "Never"
+)
+
 // PullPolicy values.
 const (
 	PullIfNotPresent = "IfNotPresent"
@@ -57,6 +64,13 @@ type Node struct {
 	// RequirePodInfo refuses publishes without kubelet's pod keys
 	// (podInfoOnMount), which events, listings and audits rely on.
 	RequirePodInfo bool
+	// VerifyCredentials is when a cache hit checks the request's
+	// credentials against the remote: VerifyIfNotRecorded (default, "")
+	// once per credential and tree, VerifyAlways on every publish,
+	// VerifyNever not at all (single-tenant clusters).
+	VerifyCredentials string
+	// ReverifyAfter, when positive, expires recorded checks.
+	ReverifyAfter time.Duration
 
 	targets keyedMutex
 }
@@ -218,7 +232,9 @@ func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Rem
 		switch {
 		case ok && (a.digest == "" || a.digest == t.Digest):
 			n.Events.CacheHit(kube.PodRef{Namespace: a.podNS, Name: a.podName, UID: a.podUID}, a.uri, t.Digest)
-			return t, sourceKey, true, nil
+			// These credentials were checked for this tree before; the
+			// record keeps the time of that check, not of this use.
+			return t, "", true, nil
 		case ok && a.policy == PullNever:
 			return store.Tree{}, "", false, mismatch(a.digest, t.Digest)
 		case a.policy == PullNever:
@@ -259,17 +275,34 @@ func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Rem
 	if err != nil {
 		return store.Tree{}, "", false, err
 	}
+	if !fetched && n.VerifyCredentials != VerifyNever {
+		// Invariant 10: the tree came from the cache or from another
+		// request's download, so these credentials have read nothing yet.
+		// Stat every object with them before anything is mounted.
+		if err := remote.Verify(ctx, m); err != nil {
+			return store.Tree{}, "", false, fmt.Errorf("checking this request's credentials against the cached model: %w", err)
+		}
+	}
 	return t, sourceKey, !fetched, nil
 }
 
-// cachedTree returns the tree a source resolved to before, if it is still on disk.
+// cachedTree returns the tree these credentials were checked for before, if
+// it is still on disk and the check is recent enough for the policy.
 func (n *Node) cachedTree(sourceKey string) (store.Tree, bool) {
+	if n.VerifyCredentials == VerifyAlways {
+		return store.Tree{}, false
+	}
 	src, ok, err := n.State.SourceTree(sourceKey)
 	if err != nil {
+		// A record that cannot be read counts as absent: the credentials
+		// are checked again.
 		klog.ErrorS(err, "reading source index; treating as not cached")
 		return store.Tree{}, false
 	}
 	if !ok || !n.Store.HasTree(src.Tree) {
+		return store.Tree{}, false
+	}
+	if n.ReverifyAfter > 0 && time.Since(src.Checked) > n.ReverifyAfter {
 		return store.Tree{}, false
 	}
 	rec, ok, err := n.State.Tree(src.Tree)

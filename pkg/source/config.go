@@ -4,8 +4,9 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
-	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -51,31 +52,85 @@ var forbiddenSecretKeys = []string{"RCLONE_CONFIG", "RCLONE_PASSWORD_COMMAND", "
 // backendConfig is everything needed to build one rclone Fs, held in memory
 // for one request.
 type backendConfig struct {
-	Type     string           // rclone registry name
-	Options  configmap.Simple // allow-listed options
-	Root     string           // bucket/prefix or path under the backend
-	Identity string           // what the bytes are, independent of aliases and credentials
+	Type      string           // rclone registry name
+	Options   configmap.Simple // allow-listed options
+	Root      string           // bucket/prefix or path under the backend
+	Identity  string           // what the bytes are, independent of aliases and credentials
+	Endpoints []endpoint       // URLs the tenant chose for the backend to connect to; Resolve checks where they lead
+}
+
+var (
+	// azureAccount is a storage account name: one DNS label, as it becomes
+	// the first label of <account>.blob.core.windows.net.
+	azureAccount = regexp.MustCompile(`^[A-Za-z0-9]{1,63}$`)
+	// s3Region is an AWS-style region name; the SDK builds host names from it.
+	s3Region = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+)
+
+// checkSecretKeys refuses rclone keys that would configure rclone itself
+// rather than one remote. Nothing here puts secrets in the environment, so
+// such keys would do nothing today; refusing them keeps it that way and
+// tells the tenant early.
+func checkSecretKeys(secrets map[string]string) error {
+	for _, k := range forbiddenSecretKeys {
+		if _, ok := secrets[k]; ok {
+			return fmt.Errorf("%w: secret key %s is not accepted: it would make the node read files or run commands", ErrInvalid, k)
+		}
+	}
+	for _, k := range sortedKeys(secrets) {
+		rest, ok := strings.CutPrefix(k, "RCLONE_")
+		if !ok {
+			continue
+		}
+		rest, ok = strings.CutPrefix(rest, "CONFIG_")
+		remote, opt, found := strings.Cut(rest, "_")
+		if !ok || !found || remote == "" || opt == "" {
+			return fmt.Errorf("%w: secret key %q is not accepted: the only rclone keys a node-publish secret may carry are RCLONE_CONFIG_<REMOTE>_<OPTION>", ErrInvalid, k)
+		}
+	}
+	return nil
+}
+
+// globalOrOverride reports whether an option key (lower case) would set
+// rclone's global flags or override another option ("global.*",
+// "override.*" in rclone's config syntax, however the separator is spelled).
+func globalOrOverride(opt string) bool {
+	for _, p := range []string{"global", "override"} {
+		if rest, ok := strings.CutPrefix(opt, p); ok && (rest == "" || strings.ContainsRune("._-", rune(rest[0]))) {
+			return true
+		}
+	}
+	return false
 }
 
 // buildConfig maps a parsed URI and its secret onto a backend configuration.
+// It does no I/O.
 func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
-	for _, k := range forbiddenSecretKeys {
-		if _, ok := secrets[k]; ok {
-			return backendConfig{}, fmt.Errorf("%w: secret key %s is not accepted: it would make the node read files or run commands", ErrInvalid, k)
-		}
+	if err := checkSecretKeys(secrets); err != nil {
+		return backendConfig{}, err
 	}
 	var (
-		typ  string
-		opts = configmap.Simple{}
-		root = u.Path
+		typ   string
+		opts  = configmap.Simple{}
+		root  = u.Path
+		keyOf = map[string]string{} // option → the secret key that set it, for messages
+		eps   []endpoint
 	)
 	switch u.Scheme {
 	case SchemeRemote:
 		prefix := "RCLONE_CONFIG_" + strings.ToUpper(strings.ReplaceAll(u.Remote, "-", "_")) + "_"
-		for k, v := range secrets {
-			if opt, ok := strings.CutPrefix(k, prefix); ok && !ofLongerRemote(k, prefix, secrets) {
-				opts[strings.ToLower(opt)] = v
+		for _, k := range sortedKeys(secrets) {
+			opt, ok := strings.CutPrefix(k, prefix)
+			if !ok || ofLongerRemote(k, prefix, secrets) {
+				continue
 			}
+			opt = strings.ToLower(opt)
+			if prev, dup := keyOf[opt]; dup {
+				// Map order would pick one at random.
+				return backendConfig{}, fmt.Errorf("%w: secret keys %s and %s both set option %s of remote %q: keep one", ErrInvalid, prev, k, opt, u.Remote)
+			}
+			keyOf[opt] = k
+			opts[opt] = secrets[k]
 		}
 		if len(opts) == 0 {
 			return backendConfig{}, fmt.Errorf("%w: remote %q is not defined: the node-publish secret has no %s* keys (it defines %s)",
@@ -90,18 +145,20 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 		if !ok {
 			return backendConfig{}, fmt.Errorf("%w: remote %q has type %q, which is not supported: use s3, gcs, azureblob or http", ErrInvalid, u.Remote, t)
 		}
-		for k, v := range opts {
-			if k == "env_auth" {
+		for _, k := range sortedKeys(opts) {
+			v := opts[k]
+			switch {
+			case k == "env_auth":
 				// Seldon's example secrets say ENV_AUTH "false"; only true would
 				// hand the node's own credentials to the tenant.
 				if v != "" && !strings.EqualFold(v, "false") {
-					return backendConfig{}, fmt.Errorf("%w: secret key %sENV_AUTH=%s is not accepted: it would use the node's own credentials; set ACCESS_KEY_ID and SECRET_ACCESS_KEY", ErrInvalid, prefix, v)
+					return backendConfig{}, fmt.Errorf("%w: secret key %s=%s is not accepted: it would use the node's own credentials; set ACCESS_KEY_ID and SECRET_ACCESS_KEY", ErrInvalid, keyOf[k], v)
 				}
 				delete(opts, k)
-				continue
-			}
-			if strings.HasPrefix(k, "global.") || strings.HasPrefix(k, "override.") || !slices.Contains(allowedOptions[typ], k) {
-				return backendConfig{}, fmt.Errorf("%w: secret key %s%s is not an allowed option for a %s remote", ErrInvalid, prefix, strings.ToUpper(k), t)
+			case globalOrOverride(k):
+				return backendConfig{}, fmt.Errorf("%w: secret key %s is not an allowed option: global and override settings reach beyond this remote", ErrInvalid, keyOf[k])
+			case !slices.Contains(allowedOptions[typ], k):
+				return backendConfig{}, fmt.Errorf("%w: secret key %s is not an allowed option for a %s remote", ErrInvalid, keyOf[k], t)
 			}
 		}
 		if typ == "google cloud storage" && opts["service_account_credentials"] == "" && opts["access_token"] == "" {
@@ -123,17 +180,19 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 			delete(opts, "access_key_id")
 			delete(opts, "secret_access_key")
 		}
-		endpoint, err := s3Endpoint(secrets)
-		if err != nil {
-			return backendConfig{}, err
-		}
+		endpoint, key := s3Endpoint(secrets)
 		opts["provider"] = "AWS"
 		if endpoint != "" {
 			opts["endpoint"] = endpoint
 			opts["provider"] = "Other"
+			keyOf["endpoint"] = key
 		}
-		if r := firstNonEmpty(secrets["AWS_REGION"], secrets["AWS_DEFAULT_REGION"]); r != "" {
-			opts["region"] = r
+		for _, k := range []string{"AWS_REGION", "AWS_DEFAULT_REGION"} {
+			if r := secrets[k]; r != "" {
+				opts["region"] = r
+				keyOf["region"] = k
+				break
+			}
 		}
 	case SchemeGCS:
 		typ = "google cloud storage"
@@ -142,39 +201,110 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 				return backendConfig{}, fmt.Errorf("%w: GOOGLE_APPLICATION_CREDENTIALS must hold the service-account JSON itself, not a file path", ErrInvalid)
 			}
 			opts["service_account_credentials"] = c
+			keyOf["service_account_credentials"] = "GOOGLE_APPLICATION_CREDENTIALS"
 		} else {
 			opts["anonymous"] = "true"
 		}
 	case SchemeHTTPS:
 		typ = "http"
 		opts["url"] = "https://" + u.Host + "/"
+		keyOf["url"] = "modelUri"
 	}
-	if typ == "s3" {
-		if ep := opts["endpoint"]; ep != "" {
-			if pu, err := url.Parse(ep); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
-				return backendConfig{}, fmt.Errorf("%w: endpoint %q is not an http(s) URL", ErrInvalid, ep)
+
+	// Every option that names a place to connect to becomes an endpoint the
+	// resolver checks before anything is contacted.
+	addEndpoint := func(opt string, httpsOnly bool) error {
+		v := opts[opt]
+		if v == "" {
+			return nil
+		}
+		ep, err := parseEndpointURL(keyOf[opt], v, httpsOnly)
+		if err != nil {
+			return err
+		}
+		eps = append(eps, ep)
+		return nil
+	}
+	var err error
+	switch typ {
+	case "s3":
+		if r := opts["region"]; r != "" && !s3Region.MatchString(r) {
+			return backendConfig{}, fmt.Errorf("%w: region in %s is not a region name (letters, digits, '.', '-' and '_')", ErrInvalid, keyOf["region"])
+		}
+		err = addEndpoint("endpoint", false)
+	case "google cloud storage":
+		if err = addEndpoint("endpoint", false); err == nil {
+			var ep *endpoint
+			if ep, err = gcsTokenEndpoint(keyOf["service_account_credentials"], opts["service_account_credentials"]); ep != nil {
+				eps = append(eps, *ep)
 			}
 		}
+	case "azureblob":
+		if a := opts["account"]; a != "" && !azureAccount.MatchString(a) {
+			return backendConfig{}, fmt.Errorf("%w: account in %s is not a storage account name (letters and digits only)", ErrInvalid, keyOf["account"])
+		}
+		if err = addEndpoint("endpoint", false); err == nil {
+			err = addEndpoint("sas_url", false)
+		}
+	case "http":
+		err = addEndpoint("url", true)
 	}
-	return backendConfig{Type: typ, Options: opts, Root: root, Identity: identity(typ, opts, root)}, nil
+	if err != nil {
+		return backendConfig{}, err
+	}
+	return backendConfig{Type: typ, Options: opts, Root: root, Identity: identity(typ, opts, root), Endpoints: eps}, nil
 }
 
-// s3Endpoint reads the endpoint the Seldon and KServe storage initializers accept.
-func s3Endpoint(secrets map[string]string) (string, error) {
-	if ep := firstNonEmpty(secrets["AWS_ENDPOINT_URL"], secrets["AWS_ENDPOINT_URL_S3"]); ep != "" {
-		return strings.TrimRight(ep, "/"), nil
+// gcsTokenEndpoint reads the token_uri a service-account key sends its
+// token exchange to: a key written by the tenant can point it anywhere.
+func gcsTokenEndpoint(key, creds string) (*endpoint, error) {
+	if creds == "" {
+		return nil, nil
+	}
+	var f struct {
+		TokenURI string `json:"token_uri"`
+	}
+	if err := json.Unmarshal([]byte(creds), &f); err != nil {
+		// Not repeated: the parser's message may quote the key.
+		return nil, fmt.Errorf("%w: %s does not hold a service-account JSON key", ErrInvalid, key)
+	}
+	if f.TokenURI == "" {
+		return nil, nil
+	}
+	ep, err := parseEndpointURL(key+" (token_uri)", f.TokenURI, true)
+	if err != nil {
+		return nil, err
+	}
+	return &ep, nil
+}
+
+// s3Endpoint reads the endpoint the Seldon and KServe storage initializers
+// accept, and the secret key it came from.
+func s3Endpoint(secrets map[string]string) (endpoint, key string) {
+	for _, k := range []string{"AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"} {
+		if ep := secrets[k]; ep != "" {
+			return strings.TrimRight(ep, "/"), k
+		}
 	}
 	ep := secrets["S3_ENDPOINT"]
-	if ep == "" {
-		return "", nil
+	switch {
+	case ep == "":
+		return "", ""
+	case strings.Contains(ep, "://"):
+		return strings.TrimRight(ep, "/"), "S3_ENDPOINT"
+	case secrets["S3_USE_HTTPS"] == "0":
+		return "http://" + ep, "S3_ENDPOINT"
 	}
-	if strings.Contains(ep, "://") {
-		return strings.TrimRight(ep, "/"), nil
+	return "https://" + ep, "S3_ENDPOINT"
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
 	}
-	if secrets["S3_USE_HTTPS"] == "0" {
-		return "http://" + ep, nil
-	}
-	return "https://" + ep, nil
+	slices.Sort(keys)
+	return keys
 }
 
 // identity names the bytes a config reaches: backend type, endpoint, region

@@ -3,6 +3,7 @@ package source
 import (
 	"fmt"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -19,7 +20,11 @@ const encodedDot = "\uff0e"
 
 // ValidateKey checks that a remote object key, relative to the model root, is
 // a clean relative path that stays inside the tree once created. Invariant 7:
-// no remote input becomes a path unchecked.
+// no remote input becomes a path unchecked. The rules: not empty, valid
+// UTF-8, relative, no NUL, backslash or other control character, no empty,
+// "." or ".." segment (nor rclone's encoded forms of them), segments of at
+// most 255 bytes and at most 4096 bytes in all. Errors wrap ErrUnsafePath
+// and quote the key with %q, so non-printable bytes are escaped.
 func ValidateKey(key string) error {
 	bad := func(why string) error {
 		return fmt.Errorf("%w: %q %s", ErrUnsafePath, key, why)
@@ -35,6 +40,10 @@ func ValidateKey(key string) error {
 		return bad("is absolute")
 	case strings.ContainsAny(key, "\x00\\"):
 		return bad("contains NUL or a backslash")
+	case strings.ContainsFunc(key, isControl):
+		// A newline or escape sequence in a file name corrupts logs and
+		// listings; no model needs one.
+		return bad("contains a control character")
 	}
 	for _, seg := range strings.Split(key, "/") {
 		switch {
@@ -52,4 +61,19 @@ func ValidateKey(key string) error {
 		}
 	}
 	return nil
+}
+
+// isControl reports C0 control characters and DEL.
+func isControl(r rune) bool { return r < 0x20 || r == 0x7f }
+
+// foldPath maps a path to one representative of its case-folding class:
+// foldPath(a) == foldPath(b) exactly when strings.EqualFold(a, b).
+func foldPath(p string) string {
+	return strings.Map(func(r rune) rune {
+		low := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			low = min(low, f)
+		}
+		return low
+	}, p)
 }

@@ -2,6 +2,7 @@ package source
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -33,6 +34,8 @@ func TestValidateKey(t *testing.T) {
 		{"unicode", "modèle/权重/🤗.safetensors"},
 		{"spaces and colons", "my model/v1:final.bin"},
 		{"segment of 255 bytes", strings.Repeat("s", maxSegment)},
+		{"C1 and format characters are printable enough", "a\u0085b/\u200bz"},
+		{"fullwidth dots with a name", "\uff0e\uff0ex/\uff0ea"},
 		{"path of 4096 bytes", keyOfLen(maxPath)},
 	}
 	for _, tc := range good {
@@ -69,6 +72,13 @@ func TestValidateKey(t *testing.T) {
 		{"segment of 256 bytes", "a/" + strings.Repeat("s", maxSegment+1), "segment longer than 255"},
 		{"path of 4097 bytes", keyOfLen(maxPath + 1), "longer than 4096"},
 		{"invalid UTF-8", "a/\xff\xfe.bin", "UTF-8"},
+		{"newline", "a/b\nc", "control character"},
+		{"carriage return", "model.bin\r", "control character"},
+		{"tab", "a\tb", "control character"},
+		{"escape sequence", "\x1b[31mred", "control character"},
+		{"SOH", "\x01", "control character"},
+		{"DEL", "a/\x7f", "control character"},
+		{"segment of 256 multi-byte bytes", strings.Repeat("é", 128), "segment longer than 255"},
 		{"truncated UTF-8", "a/\xe6\x9d", "UTF-8"},
 	}
 	for _, tc := range bad {
@@ -81,5 +91,31 @@ func TestValidateKey(t *testing.T) {
 				t.Errorf("ValidateKey(%.40q) error %q does not say %q", tc.key, err, tc.wantMsg)
 			}
 		})
+	}
+}
+
+// Errors quote the key with %q: a hostile key cannot inject lines or
+// terminal escapes into logs and events.
+func TestValidateKeyQuotesTheKey(t *testing.T) {
+	for _, key := range []string{"a\nINFO fake log line", "\x1b]0;title\x07", "../\x00"} {
+		err := ValidateKey(key)
+		if err == nil {
+			t.Fatalf("ValidateKey(%q) = nil", key)
+		}
+		if !strings.Contains(err.Error(), fmt.Sprintf("%q", key)) || strings.ContainsAny(err.Error(), "\n\x1b\x00\x07") {
+			t.Errorf("ValidateKey(%q) error %q does not quote the key", key, err)
+		}
+	}
+}
+
+func TestFoldPathMatchesEqualFold(t *testing.T) {
+	pairs := [][2]string{
+		{"Model.bin", "model.bin"}, {"\u212a", "k"}, {"\u017f", "S"}, {"ß", "ẞ"}, {"Σ", "ς"}, {"ǅ", "ǆ"},
+		{"a", "b"}, {"ß", "ss"}, {"İ", "i"}, {"é", "e\u0301"},
+	}
+	for _, p := range pairs {
+		if got, want := foldPath(p[0]) == foldPath(p[1]), strings.EqualFold(p[0], p[1]); got != want {
+			t.Errorf("foldPath(%q) == foldPath(%q) is %v, strings.EqualFold says %v", p[0], p[1], got, want)
+		}
 	}
 }

@@ -44,10 +44,14 @@ func ContentKey(identity string, m Manifest) string {
 }
 
 // checkManifest sorts m and rejects keys that cannot all exist in one tree:
-// unsafe paths, duplicates, a file that is also a directory, unknown sizes.
+// unsafe paths, duplicates, keys equal under case folding (one file on a
+// case-insensitive filesystem, and a way to confuse a reader), a file that
+// is also a directory (exactly or under case folding), unknown sizes.
 func checkManifest(m Manifest) (Manifest, error) {
 	slices.SortFunc(m, func(a, b Entry) int { return strings.Compare(a.Path, b.Path) })
-	dirs := map[string]bool{}
+	files := make(map[string]string, len(m)) // folded path → path
+	dirs := map[string]string{}              // folded directory → directory
+	exactDirs := map[string]bool{}
 	for i, e := range m {
 		if err := ValidateKey(e.Path); err != nil {
 			return nil, err
@@ -58,16 +62,26 @@ func checkManifest(m Manifest) (Manifest, error) {
 		if i > 0 && m[i-1].Path == e.Path {
 			return nil, fmt.Errorf("%w: object %q is listed twice", ErrUnsafePath, e.Path)
 		}
-		for d := path.Dir(e.Path); d != "."; d = path.Dir(d) {
-			if dirs[d] {
-				break
+		fp := foldPath(e.Path)
+		if other, ok := files[fp]; ok {
+			return nil, fmt.Errorf("%w: objects %q and %q differ only in case", ErrUnsafePath, other, e.Path)
+		}
+		files[fp] = e.Path
+		// A directory seen before means its parents were seen too.
+		for d := path.Dir(e.Path); d != "." && !exactDirs[d]; d = path.Dir(d) {
+			exactDirs[d] = true
+			if fd := foldPath(d); dirs[fd] == "" {
+				dirs[fd] = d
 			}
-			dirs[d] = true
 		}
 	}
 	for _, e := range m {
-		if dirs[e.Path] {
+		d, ok := dirs[foldPath(e.Path)]
+		switch {
+		case exactDirs[e.Path]:
 			return nil, fmt.Errorf("%w: %q is both an object and a directory prefix", ErrUnsafePath, e.Path)
+		case ok:
+			return nil, fmt.Errorf("%w: object %q and directory %q differ only in case", ErrUnsafePath, e.Path, d)
 		}
 	}
 	return m, nil

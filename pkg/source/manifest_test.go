@@ -22,7 +22,7 @@ func TestCheckManifest(t *testing.T) {
 		{name: "empty", in: Manifest{}, wantPaths: []string{}},
 		{name: "one file", in: Manifest{e("model.bin", 3)}, wantPaths: []string{"model.bin"}},
 		{name: "sorts by path", in: Manifest{e("b", 1), e("a/c", 2), e("a/b", 3), e("a.bin", 4)}, wantPaths: []string{"a.bin", "a/b", "a/c", "b"}},
-		{name: "byte order, not locale order", in: Manifest{e("b", 1), e("B", 1), e("a", 1), e("é", 1)}, wantPaths: []string{"B", "a", "b", "é"}},
+		{name: "byte order, not locale order", in: Manifest{e("b", 1), e("C", 1), e("a", 1), e("é", 1)}, wantPaths: []string{"C", "a", "b", "é"}},
 		{name: "zero size is fine", in: Manifest{e("empty", 0)}, wantPaths: []string{"empty"}},
 		{name: "name that prefixes a directory name", in: Manifest{e("ab", 1), e("a/b", 1), e("a-b/c", 1)}, wantPaths: []string{"a-b/c", "a/b", "ab"}},
 		{name: "siblings under a deep directory", in: Manifest{e("x/y/z/1", 1), e("x/y/z/2", 1), e("x/y/3", 1)}, wantPaths: []string{"x/y/3", "x/y/z/1", "x/y/z/2"}},
@@ -36,6 +36,16 @@ func TestCheckManifest(t *testing.T) {
 		{name: "empty key", in: Manifest{e("", 1)}, wantErr: ErrUnsafePath, wantMsg: "empty"},
 		{name: "directory marker key", in: Manifest{e("dir/", 0)}, wantErr: ErrUnsafePath, wantMsg: "empty segment"},
 		{name: "NUL in key", in: Manifest{e("a\x00b", 1)}, wantErr: ErrUnsafePath, wantMsg: "NUL"},
+		{name: "control character in key", in: Manifest{e("a\nb", 1)}, wantErr: ErrUnsafePath, wantMsg: `"a\nb" contains a control character`},
+		{name: "keys differ only in case", in: Manifest{e("Model.bin", 1), e("model.bin", 1)}, wantErr: ErrUnsafePath, wantMsg: `objects "Model.bin" and "model.bin" differ only in case`},
+		{name: "keys differ only in case, deep", in: Manifest{e("x/y/Z", 1), e("x/Y/z", 1), e("x/q", 1)}, wantErr: ErrUnsafePath, wantMsg: "differ only in case"},
+		{name: "keys equal under Unicode folding", in: Manifest{e("\u212a.bin", 1), e("k.bin", 1)}, wantErr: ErrUnsafePath, wantMsg: "differ only in case"},
+		{name: "long s folds to s", in: Manifest{e("\u017fafe", 1), e("Safe", 1)}, wantErr: ErrUnsafePath, wantMsg: "differ only in case"},
+		{name: "file is a directory under case folding", in: Manifest{e("A", 1), e("a/b", 1)}, wantErr: ErrUnsafePath, wantMsg: `object "A" and directory "a" differ only in case`},
+		{name: "file is a deep directory under case folding", in: Manifest{e("m/Tok", 1), e("m/tok/vocab", 1)}, wantErr: ErrUnsafePath, wantMsg: "differ only in case"},
+		{name: "exact directory wins the message", in: Manifest{e("A/x", 1), e("a", 1), e("a/y", 1)}, wantErr: ErrUnsafePath, wantMsg: `"a" is both an object and a directory`},
+		{name: "directories differing in case are fine", in: Manifest{e("a/x", 1), e("A/y", 1)}, wantPaths: []string{"A/y", "a/x"}},
+		{name: "fold-distinct names", in: Manifest{e("ss", 1), e("ß", 1), e("e\u0301", 1), e("é", 1)}, wantPaths: []string{"e\u0301", "ss", "ß", "é"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

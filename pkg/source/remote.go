@@ -7,13 +7,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"net"
+	"net/netip"
 	"path"
+	"strings"
 	"sync"
 
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
 	"github.com/rclone/rclone/fs/hash"
 	"github.com/rclone/rclone/fs/walk"
+	"golang.org/x/sync/errgroup"
 
 	// The only backends a tenant can reach; see allowedOptions.
 	_ "github.com/rclone/rclone/backend/azureblob"
@@ -34,6 +39,13 @@ type Remote interface {
 	List(ctx context.Context) (Manifest, error)
 	// Open streams one entry of the last listing.
 	Open(ctx context.Context, e Entry) (io.ReadCloser, error)
+	// Verify checks that this Remote's credentials can read every entry of
+	// m, with metadata requests only (one HEAD or stat per entry, never a
+	// download): the check a cache hit needs before a model fetched with
+	// other credentials is served (invariant 10, the KEP-2535 rule). An
+	// entry whose size or checksum no longer matches is ErrChanged; refused
+	// credentials are ErrDenied, a missing entry ErrNotFound.
+	Verify(ctx context.Context, m Manifest) error
 }
 
 // Resolver turns a modelUri and its secret into a Remote.
@@ -44,18 +56,32 @@ type Resolver interface {
 // Rclone resolves models through rclone backends configured in memory.
 type Rclone struct {
 	fingerprintKey []byte
+	allowed        []netip.Prefix // addresses the endpoint guard lets through
+
+	// Injected by tests; nil means net.DefaultResolver and net.InterfaceAddrs.
+	resolver       hostResolver
+	interfaceAddrs func() ([]net.Addr, error)
 }
 
 // NewRclone returns a Resolver. fingerprintKey is a node-local secret used to
 // fingerprint credentials.
-func NewRclone(fingerprintKey []byte) *Rclone {
-	return &Rclone{fingerprintKey: fingerprintKey}
+func NewRclone(fingerprintKey []byte, opts ...Option) *Rclone {
+	r := &Rclone{fingerprintKey: fingerprintKey}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
 }
 
 // Resolve validates uri and secrets and prepares the backend configuration
-// in memory. It does no I/O: bad input never causes an outbound request, and
-// a cache hit never needs one. The backend is built on first List or Open.
-func (r *Rclone) Resolve(_ context.Context, uri string, secrets map[string]string) (Remote, error) {
+// in memory. It never contacts the remote: bad input never causes a request
+// to it, and a cache hit never needs one. The only I/O is a DNS lookup of
+// endpoint host names the secret chose, so that an endpoint reaching the
+// node itself (loopback, the cloud metadata service, the node's own
+// addresses) is refused with ErrInvalid before anything connects to it; a
+// lookup that fails is ErrUnavailable. The default AWS and Google endpoints
+// are not looked up. The backend is built on first List, Open or Verify.
+func (r *Rclone) Resolve(ctx context.Context, uri string, secrets map[string]string) (Remote, error) {
 	u, err := ParseURI(uri)
 	if err != nil {
 		return nil, err
@@ -68,10 +94,20 @@ func (r *Rclone) Resolve(_ context.Context, uri string, secrets map[string]strin
 	if err != nil {
 		return nil, fmt.Errorf("%w: backend %q is not built in", ErrInvalid, cfg.Type)
 	}
-	return &rcloneRemote{
+	remote := &rcloneRemote{
 		uri: u, cfg: cfg, info: info, secrets: secrets,
 		credID: credentialID(r.fingerprintKey, cfg),
-	}, nil
+	}
+	if err := r.checkEndpoints(ctx, cfg.Endpoints); err != nil {
+		if !errors.Is(err, ErrUnavailable) {
+			return nil, err
+		}
+		// The lookup failed (DNS down). A cache hit contacts no remote and
+		// must not fail for it, so the check runs again before the first
+		// call that would.
+		remote.deferredCheck = func(ctx context.Context) error { return r.checkEndpoints(ctx, cfg.Endpoints) }
+	}
+	return remote, nil
 }
 
 // SourceKey names a model reference together with the credentials used for
@@ -99,30 +135,63 @@ type rcloneRemote struct {
 	info    *fs.RegInfo
 	secrets map[string]string
 	credID  string
+	// deferredCheck is the endpoint check Resolve could not finish.
+	deferredCheck func(ctx context.Context) error
 
 	mu      sync.Mutex
-	f       fs.Fs  // built on first use
-	file    string // set when the modelUri names a single object
+	main    lazyFs // for List and Open
+	meta    lazyFs // for Verify, when it needs other options than main
 	objects map[string]fs.Object
+}
+
+// lazyFs is an rclone Fs built on first use.
+type lazyFs struct {
+	f    fs.Fs
+	file string // set when the modelUri names a single object
 }
 
 // backend builds the rclone Fs from the in-memory config, once.
 func (r *rcloneRemote) backend(ctx context.Context) (fs.Fs, string, error) {
+	return r.build(ctx, &r.main, r.cfg.Options)
+}
+
+// metadataBackend is the Fs Verify uses. Options that skip the HEAD behind
+// NewObject (s3 no_head_object, http no_head) would let Verify pass
+// without asking the remote anything, so they are dropped for it.
+func (r *rcloneRemote) metadataBackend(ctx context.Context) (fs.Fs, string, error) {
+	opts := r.cfg.Options
+	if opts["no_head_object"] == "" && opts["no_head"] == "" {
+		return r.backend(ctx)
+	}
+	opts = maps.Clone(opts)
+	delete(opts, "no_head_object")
+	delete(opts, "no_head")
+	return r.build(ctx, &r.meta, opts)
+}
+
+func (r *rcloneRemote) build(ctx context.Context, l *lazyFs, opts configmap.Simple) (fs.Fs, string, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.f != nil {
-		return r.f, r.file, nil
+	if l.f != nil {
+		return l.f, l.file, nil
 	}
-	f, err := r.info.NewFs(ctx, "model", r.cfg.Root, configMap(r.info, r.cfg.Options))
+	if r.deferredCheck != nil {
+		if err := r.deferredCheck(ctx); err != nil {
+			return nil, "", err
+		}
+		r.deferredCheck = nil
+	}
+	f, err := r.info.NewFs(ctx, "model", r.cfg.Root, configMap(r.info, opts))
+	file := ""
 	if errors.Is(err, fs.ErrorIsFile) {
 		// The modelUri names one object; f is rooted at its parent.
-		r.file, err = path.Base(r.cfg.Root), nil
+		file, err = path.Base(r.cfg.Root), nil
 	}
 	if err != nil {
 		return nil, "", classify(fmt.Sprintf("connecting to %s", r.uri), err, r.secrets)
 	}
-	r.f = f
-	return f, r.file, nil
+	l.f, l.file = f, file
+	return f, file, nil
 }
 
 // configMap gives a backend the request's options over the backend's
@@ -222,6 +291,76 @@ func (r *rcloneRemote) Open(ctx context.Context, e Entry) (io.ReadCloser, error)
 		return nil, classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err, r.secrets)
 	}
 	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), secrets: r.secrets}, nil
+}
+
+// verifyParallelism bounds the metadata requests one Verify has in flight.
+const verifyParallelism = 8
+
+func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
+	if len(m) == 0 {
+		// Nothing checked must not read as "allowed".
+		return fmt.Errorf("%w: cannot verify access to %s: the manifest is empty", ErrInvalid, r.uri)
+	}
+	for _, e := range m {
+		if err := ValidateKey(e.Path); err != nil {
+			return err
+		}
+	}
+	ctx = requestConfig(ctx)
+	f, file, err := r.metadataBackend(ctx)
+	if err != nil {
+		return err
+	}
+	if file != "" && (len(m) != 1 || m[0].Path != file) {
+		// rclone also takes the root for an object when it may neither
+		// stat nor list it: ask for the object to tell the two apart.
+		if _, err := f.NewObject(ctx, file); err != nil {
+			return classify(fmt.Sprintf("checking %s", r.uri), err, r.secrets)
+		}
+		return fmt.Errorf("%w: %s now names a single object, not the %d cached entries", ErrChanged, r.uri, len(m))
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(verifyParallelism)
+	for _, e := range m {
+		if gctx.Err() != nil {
+			break // an entry failed: stop at the first error
+		}
+		g.Go(func() error { return r.verifyEntry(gctx, f, e) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		// Cancelled before every entry was checked.
+		return classify(fmt.Sprintf("checking %s", r.uri), err, r.secrets)
+	}
+	return nil
+}
+
+// verifyEntry stats one object (a HEAD for S3, Azure and HTTPS, a metadata
+// GET for GCS's JSON API; never the body) and compares what it recorded.
+func (r *rcloneRemote) verifyEntry(ctx context.Context, f fs.Fs, e Entry) error {
+	op := fmt.Sprintf("checking %s/%s", r.uri, e.Path)
+	if err := ctx.Err(); err != nil {
+		return classify(op, err, r.secrets)
+	}
+	o, err := f.NewObject(ctx, e.Path)
+	if err != nil {
+		return classify(op, err, r.secrets)
+	}
+	if size := o.Size(); size != e.Size {
+		return fmt.Errorf("%w: %s/%s is %d bytes at the remote, the cached copy %d", ErrChanged, r.uri, e.Path, size, e.Size)
+	}
+	if e.Hash != "" && f.Hashes().Contains(hash.MD5) {
+		h, err := o.Hash(ctx, hash.MD5)
+		if err != nil {
+			return classify(op, err, r.secrets)
+		}
+		if h != "" && !strings.EqualFold(h, e.Hash) {
+			return fmt.Errorf("%w: %s/%s has checksum %s at the remote, the cached copy %s", ErrChanged, r.uri, e.Path, h, e.Hash)
+		}
+	}
+	return nil
 }
 
 // classifyingReader keeps mid-stream errors (a reset connection) classified and scrubbed.

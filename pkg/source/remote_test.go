@@ -60,7 +60,10 @@ func TestResolveRejectsBadInputWithoutIO(t *testing.T) {
 		{"half an AWS key pair", "s3://bucket/m", map[string]string{"AWS_ACCESS_KEY_ID": secretKeyID, "AWS_ENDPOINT_URL": endpoint}},
 		{"non-http endpoint", "mys3:bucket/m", with(good, "RCLONE_CONFIG_MYS3_ENDPOINT", "file:///etc")},
 	}
-	r := NewRclone([]byte("node key"))
+	r, dns := newTestRclone(t, nil, WithAllowedEndpoints(loopback))
+	if _, err := r.Resolve(context.Background(), "mys3:bucket/m", good); err != nil {
+		t.Fatalf("Resolve with the good secret: %v", err)
+	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			remote, err := r.Resolve(context.Background(), tc.uri, tc.secrets)
@@ -76,12 +79,14 @@ func TestResolveRejectsBadInputWithoutIO(t *testing.T) {
 	if n := hits.Load(); n != 0 {
 		t.Errorf("Resolve with bad input made %d requests to the remote, want none", n)
 	}
+	if n := dns.count(); n != 0 {
+		t.Errorf("Resolve with bad input made %d DNS lookups, want none", n)
+	}
 }
 
 func TestResolve(t *testing.T) {
 	endpoint, hits := countingServer(t)
-	key := []byte("node key")
-	r := NewRclone(key)
+	r, _ := newTestRclone(t, nil, WithAllowedEndpoints(loopback))
 	ctx := context.Background()
 
 	remote, err := r.Resolve(ctx, "mys3:models/iris/", minioSecret(endpoint, secretKeyID, secretAccessKey))
@@ -125,7 +130,7 @@ func TestResolve(t *testing.T) {
 		"RCLONE_CONFIG_MINIO_2_SECRET_ACCESS_KEY": secretAccessKey,
 	})
 	otherModel := resolve(r, "mys3:models/mnist", minioSecret(endpoint, secretKeyID, secretAccessKey))
-	otherNode := resolve(NewRclone([]byte("another node's key")), "mys3:models/iris", minioSecret(endpoint, secretKeyID, secretAccessKey))
+	otherNode := resolve(NewRclone([]byte("another node's key"), WithAllowedEndpoints(loopback)), "mys3:models/iris", minioSecret(endpoint, secretKeyID, secretAccessKey))
 	s3Form := resolve(r, "s3://models/iris", map[string]string{"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": secretKeyID, "AWS_SECRET_ACCESS_KEY": "SUPERSECRETVALUE125"})
 
 	t.Run("identity", func(t *testing.T) {
@@ -187,7 +192,7 @@ func TestConfigMapIgnoresNodeEnvironment(t *testing.T) {
 	} {
 		t.Setenv(k, v)
 	}
-	r := NewRclone([]byte("node key"))
+	r, _ := newTestRclone(t, map[string][]string{"minio": {"10.96.0.20"}})
 	tests := []struct {
 		name    string
 		uri     string

@@ -7,8 +7,10 @@ package source
 
 import (
 	"fmt"
+	"net/netip"
 	"regexp"
 	"strings"
+	"unicode/utf8"
 )
 
 // Scheme is the form a modelUri was written in.
@@ -59,8 +61,11 @@ func ParseURI(s string) (URI, error) {
 	if len(s) > 2048 {
 		return URI{}, fmt.Errorf("%w: modelUri is %d bytes long, the limit is 2048; %s", ErrInvalid, len(s), formsHelp)
 	}
-	if strings.ContainsAny(s, "\x00\\") || strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+	if strings.ContainsAny(s, "\x00\\") || strings.ContainsFunc(s, isControl) {
 		return URI{}, fmt.Errorf("%w: modelUri contains a control character or backslash; %s", ErrInvalid, formsHelp)
+	}
+	if !utf8.ValidString(s) {
+		return URI{}, fmt.Errorf("%w: modelUri is not valid UTF-8; %s", ErrInvalid, formsHelp)
 	}
 	if scheme, rest, ok := strings.Cut(s, "://"); ok && schemeName.MatchString(scheme) {
 		switch Scheme(scheme) {
@@ -80,7 +85,7 @@ func ParseURI(s string) (URI, error) {
 			if strings.Contains(host, "@") {
 				return URI{}, fmt.Errorf("%w: modelUri carries user info before the host; put credentials in the node-publish secret, not in the URI; %s", ErrInvalid, formsHelp)
 			}
-			if !hostPort.MatchString(host) {
+			if !validHostPort(host) {
 				return URI{}, fmt.Errorf("%w: modelUri host %q is invalid; %s", ErrInvalid, host, formsHelp)
 			}
 			p, err := cleanPath(p)
@@ -112,6 +117,21 @@ func ParseURI(s string) (URI, error) {
 	return URI{Scheme: SchemeRemote, Remote: name, Path: p}, nil
 }
 
+// validHostPort accepts a DNS name or IPv4 address with an optional port.
+func validHostPort(hp string) bool {
+	if !hostPort.MatchString(hp) {
+		return false
+	}
+	host, port, _ := strings.Cut(hp, ":")
+	if !checkPort(port) || (port == "" && strings.HasSuffix(hp, ":")) {
+		return false
+	}
+	if a, err := netip.ParseAddr(host); err == nil && a.Is4() {
+		return true
+	}
+	return checkHostname(host) == ""
+}
+
 // cleanPath trims slashes and rejects paths that could escape a bucket or
 // address something other than what was written.
 func cleanPath(p string) (string, error) {
@@ -125,6 +145,9 @@ func cleanPath(p string) (string, error) {
 			return "", fmt.Errorf("%w: modelUri path %q has an empty segment (\"//\"); %s", ErrInvalid, p, formsHelp)
 		case ".", "..":
 			return "", fmt.Errorf("%w: modelUri path %q has a %q segment; %s", ErrInvalid, p, seg, formsHelp)
+		case encodedDot, encodedDot + encodedDot:
+			// rclone's encoding of a "." or ".." segment: see ValidateKey.
+			return "", fmt.Errorf("%w: modelUri path %q has a %q segment; %s", ErrInvalid, p, strings.ReplaceAll(seg, encodedDot, "."), formsHelp)
 		}
 	}
 	return p, nil

@@ -106,6 +106,17 @@ func TestParseURIRejects(t *testing.T) {
 		{"DEL", "mys3:bucket/\x7f", "control character"},
 		{"escape", "https://host/\x1b[31m", "control character"},
 		{"too long", "mys3:" + strings.Repeat("a", 2044), "the limit is 2048"},
+		{"invalid UTF-8", "mys3:bucket/\xff", "UTF-8"},
+		{"rclone-encoded parent", "mys3:bucket/\uff0e\uff0e/x", `".." segment`},
+		{"rclone-encoded dot", "s3://bucket/\uff0e", `"." segment`},
+		{"https host of dots", "https://.../x", `host "..." is invalid`},
+		{"https host with empty label", "https://a..b/x", "is invalid"},
+		{"https short IPv4", "https://127.1/x", "is invalid"},
+		{"https decimal IPv4", "https://2130706433/x", "is invalid"},
+		{"https port zero", "https://host:0/x", "is invalid"},
+		{"https port out of range", "https://host:65536/x", "is invalid"},
+		{"https port with leading zero", "https://host:0443/x", "is invalid"},
+		{"https label too long", "https://" + strings.Repeat("a", 64) + ".com/x", "is invalid"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -48,6 +48,8 @@ type Ref struct {
 type Source struct {
 	Tree string `json:"tree"`
 	URI  string `json:"uri"`
+	// Checked is when these credentials last read or verified the model.
+	Checked time.Time `json:"checked,omitzero"`
 }
 
 // TreeRecord is what the node knows about a committed tree.
@@ -161,7 +163,7 @@ func (d *DB) AddRef(r Ref, sourceKey string) error {
 			return err
 		}
 		if sourceKey != "" {
-			if err := put(tx, bucketSources, sourceKey, Source{Tree: r.Tree, URI: r.URI}); err != nil {
+			if err := put(tx, bucketSources, sourceKey, Source{Tree: r.Tree, URI: r.URI, Checked: r.Published}); err != nil {
 				return err
 			}
 		}

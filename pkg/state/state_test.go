@@ -276,7 +276,7 @@ func TestAddRef(t *testing.T) {
 	if !reflect.DeepEqual(got, first) {
 		t.Errorf("Ref round trip:\n got %+v\nwant %+v", got, first)
 	}
-	if src, ok, err := db.SourceTree("src-1"); err != nil || !ok || src != (state.Source{Tree: treeA, URI: first.URI}) {
+	if src, ok, err := db.SourceTree("src-1"); err != nil || !ok || !reflect.DeepEqual(src, state.Source{Tree: treeA, URI: first.URI, Checked: first.Published}) {
 		t.Errorf("SourceTree = %+v, %v, %v", src, ok, err)
 	}
 	rec, ok, err := db.Tree(treeA)
@@ -436,7 +436,7 @@ func TestPersistsAcrossReopen(t *testing.T) {
 	if got, ok, _ := db.Ref("/t"); !ok || !reflect.DeepEqual(got, ref) {
 		t.Errorf("reference lost: %+v, %v", got, ok)
 	}
-	if got, ok, _ := db.SourceTree("sk"); !ok || got != (state.Source{Tree: treeA, URI: "mys3:m"}) {
+	if got, ok, _ := db.SourceTree("sk"); !ok || got.Tree != treeA || got.URI != "mys3:m" || !got.Checked.Equal(ref.Published) {
 		t.Errorf("source lost: %+v, %v", got, ok)
 	}
 	if rec, ok, _ := db.Tree(treeA); !ok || rec.Tree != tree || !slices.Equal(rec.URIs, []string{"mys3:m"}) {

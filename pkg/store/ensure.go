@@ -43,11 +43,16 @@ func (e *InProgressError) Error() string {
 // files once however many callers ask at the same time. The download runs on
 // the store's own context: when ctx ends first, Ensure returns an
 // *InProgressError and the download goes on for the next caller to join.
-// fetched says whether any bytes were downloaded for this answer.
+// fetched says whether f downloaded the model for this answer; a caller
+// that joined another caller's download gets false, since its own
+// credentials were never used.
 func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fetcher) (t Tree, fetched bool, err error) {
 	if t, ok := s.lookup(key); ok {
 		return t, false, nil
 	}
+	// Only the closure of the caller that starts the flight runs; its token
+	// tells that caller apart from those who join.
+	caller := new(int)
 	ch := s.flights.DoChan(key, func() (_ any, err error) {
 		// A flight that finished between lookup and DoChan recorded its tree.
 		if t, ok := s.lookup(key); ok {
@@ -84,7 +89,7 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 		if err := s.index.RecordTree(key, t); err != nil {
 			return nil, fmt.Errorf("recording tree %s: %w", t.Digest, err)
 		}
-		return flight{tree: t, fetched: true}, nil
+		return flight{tree: t, fetched: true, by: caller}, nil
 	})
 	select {
 	case r := <-ch:
@@ -92,7 +97,8 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 			return Tree{}, false, r.Err
 		}
 		fl := r.Val.(flight)
-		return fl.tree, fl.fetched, nil
+		// Joiners did not fetch: their credentials proved nothing.
+		return fl.tree, fl.fetched && fl.by == caller, nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		p := s.running[key]
@@ -111,6 +117,7 @@ func (s *Store) Cached(key string) (Tree, bool) { return s.lookup(key) }
 type flight struct {
 	tree    Tree
 	fetched bool
+	by      *int // the starting caller's token: its credentials downloaded it
 }
 
 // lookup finds a committed tree for key; an index error or a missing tree

@@ -33,11 +33,12 @@ func TestMain(m *testing.M) {
 // env is one test's world: a proxy in front of the shared MinIO, a driver
 // with its own cache and a directory standing in for kubelet's pods dir.
 type env struct {
-	t      *testing.T
-	dir    string
-	proxy  *testenv.Proxy
-	driver *testenv.Driver
-	bucket string
+	t       *testing.T
+	dir     string
+	proxy   *testenv.Proxy
+	driver  *testenv.Driver
+	drivers []*testenv.Driver // every driver this test started, for the secrets check
+	bucket  string
 }
 
 func newEnv(t *testing.T) *env {
@@ -55,6 +56,13 @@ func newEnv(t *testing.T) *env {
 			e.driver.Stop()
 			if t.Failed() {
 				t.Logf("driver logs:\n%s", e.driver.Logs())
+			}
+		}
+		// Invariant 8, for every test: drivers run at -v=10 with the suite's
+		// known credentials, and no log line may hold the secret key.
+		for _, d := range e.drivers {
+			if strings.Contains(d.Logs(), testenv.SecretKey) {
+				t.Errorf("a driver log holds the secret access key")
 			}
 		}
 		unmountAll(dir)
@@ -80,11 +88,12 @@ func bucketName(test string) string {
 
 func (e *env) start(args ...string) {
 	e.t.Helper()
-	d, err := testenv.StartDriver(driverBin, e.dir, filepath.Join(e.dir, "cache"), args...)
+	d, err := testenv.StartDriver(driverBin, e.dir, filepath.Join(e.dir, "cache"), append([]string{"-v=10"}, args...)...)
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	e.driver = d
+	e.drivers = append(e.drivers, d)
 }
 
 func (e *env) cacheDir() string { return filepath.Join(e.dir, "cache") }

@@ -50,9 +50,10 @@ func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) 
 	// --min-free=0: how full the test machine's disk is must not decide a
 	// test; tests of the budget pass their own limits.
 	// --kubelet-dir=runDir: tests publish under their own directory, as
-	// kubelet does under /var/lib/kubelet.
+	// kubelet does under /var/lib/kubelet. --allow-endpoint: MinIO and the
+	// test proxies listen on loopback, which the driver otherwise refuses.
 	all := append([]string{"--mode=node", "--endpoint=unix://" + d.Socket, "--node-id=test-node", "--cache-dir=" + cacheDir,
-		"--min-free=0", "--kubelet-dir=" + runDir, "-v=2"}, args...)
+		"--min-free=0", "--kubelet-dir=" + runDir, "--allow-endpoint=127.0.0.1/32", "-v=2"}, args...)
 	d.cmd = exec.Command(bin, all...)
 	d.cmd.Stdout, d.cmd.Stderr = (*lockedWriter)(d), (*lockedWriter)(d)
 	if err := d.cmd.Start(); err != nil {
