@@ -1,56 +1,86 @@
-// Package manifests checks the files under deploy/: every document decodes
-// as the Kubernetes object it claims to be, and the StorageClass + PVC
-// example provisions through the real controller code to the model the
-// README says it does. No root, no cluster: client-go's fake clientset
-// serves the example claim.
+// Package manifests checks the files under deploy/ and the image build: every
+// document decodes strictly as the Kubernetes object it claims to be, the
+// base manifests agree with each other and with the driver's flags, the
+// examples name a model and mount it read-only, the StorageClass examples
+// provision through the real controller code, the prefetch example's
+// command is one modelcachectl accepts, and the Dockerfile builds the way
+// the Makefile does. No root, no cluster: client-go's fake clientset serves
+// the example claims.
 package manifests
 
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"errors"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/kube"
-	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/test/testenv"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
-	"k8s.io/client-go/kubernetes/fake"
-	"k8s.io/client-go/kubernetes/scheme"
 )
 
-// objects decodes every YAML document of every file under deploy/.
-func objects(t *testing.T) map[string][]runtime.Object {
+// document is one YAML document of a file under deploy/, decoded.
+type document struct {
+	file string // relative to the repository root
+	raw  []byte
+	obj  runtime.Object
+}
+
+// manifestFiles lists every YAML file under deploy/ that is applied as is:
+// the kustomize base and the examples with their subdirectories. The
+// kustomization.yaml files are kustomize's own configuration, and
+// deploy/helm holds templates, which test/manifests/helm_test.go renders.
+func manifestFiles(t *testing.T) []string {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(testenv.RepoRoot(), "deploy", "kubernetes", "*.yaml"))
+	root := filepath.Join(testenv.RepoRoot(), "deploy")
+	var files []string
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			if p == filepath.Join(root, "helm") {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if ext := filepath.Ext(p); (ext == ".yaml" || ext == ".yml") && d.Name() != "kustomization.yaml" {
+			files = append(files, p)
+		}
+		return nil
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	examples, _ := filepath.Glob(filepath.Join(testenv.RepoRoot(), "deploy", "examples", "*.yaml"))
-	files = append(files, examples...)
 	if len(files) < 4 {
 		t.Fatalf("found only %v under deploy/", files)
 	}
-	out := map[string][]runtime.Object{}
-	for _, f := range files {
-		if filepath.Base(f) == "kustomization.yaml" {
-			continue
-		}
+	return files
+}
+
+// documents decodes every YAML document of every file manifestFiles lists,
+// strictly: a field the type does not have, or a field given twice, fails
+// the test, for client-go's types and for the custom resources of
+// crds_test.go alike.
+func documents(t *testing.T) []document {
+	t.Helper()
+	dec := manifestDecoder()
+	var out []document
+	for _, f := range manifestFiles(t) {
 		raw, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
 		}
+		rel, _ := filepath.Rel(testenv.RepoRoot(), f)
 		r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(raw)))
 		for {
 			doc, err := r.Read()
@@ -58,21 +88,31 @@ func objects(t *testing.T) map[string][]runtime.Object {
 				break
 			}
 			if err != nil {
-				t.Fatalf("%s: %v", f, err)
+				t.Fatalf("%s: %v", rel, err)
 			}
 			if len(bytes.TrimSpace(stripComments(doc))) == 0 {
 				continue
 			}
-			obj, gvk, err := scheme.Codecs.UniversalDeserializer().Decode(doc, nil, nil)
+			obj, gvk, err := dec.Decode(doc, nil, nil)
 			if err != nil {
-				t.Fatalf("%s: a document does not decode: %v\n%s", f, err, doc)
+				t.Fatalf("%s: a document does not decode strictly: %v\n%s", rel, err, doc)
 			}
 			if gvk.Kind == "" {
-				t.Fatalf("%s: a document has no kind", f)
+				t.Fatalf("%s: a document has no kind", rel)
 			}
-			rel, _ := filepath.Rel(testenv.RepoRoot(), f)
-			out[rel] = append(out[rel], obj)
+			out = append(out, document{file: rel, raw: doc, obj: obj})
 		}
+	}
+	return out
+}
+
+// objects returns the decoded documents by file, relative to the
+// repository root.
+func objects(t *testing.T) map[string][]runtime.Object {
+	t.Helper()
+	out := map[string][]runtime.Object{}
+	for _, d := range documents(t) {
+		out[d.file] = append(out[d.file], d.obj)
 	}
 	return out
 }
@@ -99,6 +139,12 @@ func TestManifests_EveryDocumentDecodes(t *testing.T) {
 	if driver != 1 || sc == 0 {
 		t.Fatalf("found %d CSIDriver and %d StorageClass objects, want 1 and at least 1", driver, sc)
 	}
+	// The custom resources decode into the typed definitions of
+	// crds_test.go, not into something unstructured.
+	all := documents(t)
+	if n, m := len(objectsOf[*SeldonDeployment](all)), len(objectsOf[*InferenceService](all)); n == 0 || m == 0 {
+		t.Fatalf("decoded %d SeldonDeployments and %d InferenceServices as typed objects, want some of each", n, m)
+	}
 }
 
 // The StorageClass + PVC example provisions, through the controller and a
@@ -117,46 +163,8 @@ func TestManifests_StorageClassExample_ProvisionsAnnotatedModel(t *testing.T) {
 	if class == nil || claim == nil {
 		t.Fatal("deploy/examples/storageclass-pvc.yaml needs a StorageClass and a PersistentVolumeClaim")
 	}
-	db, err := state.Open(filepath.Join(t.TempDir(), "state.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	ctrl := &csi.Controller{Resolver: source.NewRclone(make([]byte, 32)), Volumes: db, Claims: kube.NewClaims(fake.NewClientset(claim))}
-
-	// What the external-provisioner sends: class parameters without its own
-	// csi.storage.k8s.io/*-secret-* keys, plus the claim's metadata.
-	params := map[string]string{
-		"csi.storage.k8s.io/pvc/name":      claim.Name,
-		"csi.storage.k8s.io/pvc/namespace": claim.Namespace,
-		"csi.storage.k8s.io/pv/name":       "pvc-0000",
-	}
-	for k, v := range class.Parameters {
-		if !strings.HasPrefix(k, "csi.storage.k8s.io/") {
-			params[k] = v
-		}
-	}
-	modes := map[corev1.PersistentVolumeAccessMode]csipb.VolumeCapability_AccessMode_Mode{
-		corev1.ReadOnlyMany:  csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
-		corev1.ReadWriteOnce: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER,
-	}
-	var caps []*csipb.VolumeCapability
-	for _, m := range claim.Spec.AccessModes {
-		caps = append(caps, &csipb.VolumeCapability{
-			AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
-			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: modes[m]},
-		})
-	}
-	resp, err := ctrl.CreateVolume(context.Background(), &csipb.CreateVolumeRequest{
-		Name:               "pvc-0000",
-		CapacityRange:      &csipb.CapacityRange{RequiredBytes: claim.Spec.Resources.Requests.Storage().Value()},
-		VolumeCapabilities: caps,
-		Parameters:         params,
-	})
-	if err != nil {
-		t.Fatalf("the example claim does not provision: %v", err)
-	}
-	if got, want := resp.GetVolume().GetVolumeContext()["modelUri"], claim.Annotations[kube.AnnotationModelURI]; got != want || want == "" {
+	got := provisionExample(t, class, claim)[csi.AttrModelURI]
+	if want := claim.Annotations[kube.AnnotationModelURI]; got != want || want == "" {
 		t.Fatalf("provisioned modelUri %q, want the claim's annotation %q", got, want)
 	}
 }
@@ -170,4 +178,53 @@ func stripComments(doc []byte) []byte {
 		}
 	}
 	return bytes.Join(out, []byte("\n"))
+}
+
+// Strict decoding is what makes the checks above worth anything: a misspelt
+// field would otherwise be dropped silently, by this test and by the API
+// server. Each example document, with one field misspelt, must fail to
+// decode, and must decode as written.
+func TestManifests_StrictDecodingRefusesMisspeltFields(t *testing.T) {
+	docs := documents(t)
+	dec := manifestDecoder()
+	for _, c := range []struct {
+		file, kind, from, to, field string
+	}{
+		// In a core type.
+		{"deploy/examples/inline-pod.yaml", "Pod", "mountPath:", "mountpath:", "mountpath"},
+		{"deploy/kubernetes/node.yaml", "DaemonSet", "mountPropagation:", "mountPropogation:", "mountPropogation"},
+		// In the typed custom resources, at their own level...
+		{"deploy/examples/seldon/seldondeployment-inline.yaml", "SeldonDeployment", "componentSpecs:", "componentSpec:", "componentSpec"},
+		{"deploy/examples/seldon/seldondeployment-inline.yaml", "SeldonDeployment", "modelUri: \"\"", "modelURI: \"\"", "modelURI"},
+		{"deploy/examples/kserve/inferenceservice.yaml", "InferenceService", "modelFormat:", "modelformat:", "modelformat"},
+		// ...and in the pod specs and containers they embed.
+		{"deploy/examples/seldon/seldondeployment-inline.yaml", "SeldonDeployment", "volumeMounts:", "volumeMount:", "volumeMount"},
+		{"deploy/examples/seldon/seldondeployment-pvc.yaml", "SeldonDeployment", "claimName:", "claim:", "claim"},
+		{"deploy/examples/kserve/inferenceservice.yaml", "InferenceService", "nodePublishSecretRef:", "nodePublishSecret:", "nodePublishSecret"},
+		{"deploy/examples/kserve/inferenceservice.yaml", "InferenceService", "readOnly: true\n    volumes:", "readonly: true\n    volumes:", "readonly"},
+	} {
+		t.Run(c.kind+"/"+c.field, func(t *testing.T) {
+			var raw []byte
+			for _, d := range docs {
+				if d.file == filepath.FromSlash(c.file) && d.obj.GetObjectKind().GroupVersionKind().Kind == c.kind {
+					raw = stripComments(d.raw)
+				}
+			}
+			if raw == nil {
+				t.Fatalf("%s has no %s", c.file, c.kind)
+			}
+			if !bytes.Contains(raw, []byte(c.from)) {
+				t.Fatalf("%s's %s does not contain %q", c.file, c.kind, c.from)
+			}
+			bad := bytes.Replace(raw, []byte(c.from), []byte(c.to), 1)
+			_, _, err := dec.Decode(bad, nil, nil)
+			if err == nil || !strings.Contains(err.Error(), `unknown field "`) || !strings.Contains(err.Error(), c.field+`"`) {
+				t.Fatalf("with %q misspelt as %q, decoding gave %v; want an unknown field error naming it", c.from, c.to, err)
+			}
+		})
+	}
+	// A field given twice is refused as well.
+	if _, _, err := dec.Decode([]byte("apiVersion: v1\nkind: Pod\nmetadata: {name: a, name: b}\n"), nil, nil); err == nil {
+		t.Fatal("a duplicate field decoded")
+	}
 }
