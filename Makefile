@@ -29,6 +29,10 @@ KUSTOMIZE_MODULE   := sigs.k8s.io/kustomize/kustomize/v5
 KUSTOMIZE_VERSION  := v5.8.1
 HELM_MODULE        := helm.sh/helm/v3/cmd/helm
 HELM_VERSION       := v3.22.0
+# The rclone CLI that test/benchrun runs as the storage initializer would: the
+# same version as the rclone library in go.mod, so the comparison is fair.
+RCLONE_MODULE      := github.com/rclone/rclone
+RCLONE_VERSION     := $(shell awk '$$1 == "$(RCLONE_MODULE)" { print $$2 }' go.mod)
 
 # csi-sanity runs against --mode=all (identity, controller and node on one
 # socket) in two passes; test/sanity says how.
@@ -84,6 +88,11 @@ $(BIN)/.helm-$(HELM_VERSION):
 	GOBIN=$(BIN) $(GO) install $(HELM_MODULE)@$(HELM_VERSION)
 	@rm -f $(BIN)/.helm-* && touch $@
 
+$(BIN)/.rclone-$(RCLONE_VERSION):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) $(GO) install $(RCLONE_MODULE)@$(RCLONE_VERSION)
+	@rm -f $(BIN)/.rclone-* && touch $@
+
 MANIFEST_TOOLS := $(BIN)/.kustomize-$(KUSTOMIZE_VERSION) $(BIN)/.helm-$(HELM_VERSION)
 
 .PHONY: tools
@@ -120,16 +129,22 @@ require-root:
 	@if [ "$$(id -u)" != 0 ]; then echo "this target needs root: it makes real bind mounts (run it as root, e.g. sudo make $(MAKECMDGOALS))"; exit 1; fi
 
 .PHONY: integration
-integration: require-root $(BIN)/.minio-$(MINIO_VERSION)
-	$(GO) test -race -count=1 -timeout 30m $(GOTEST_FLAGS) ./test/integration/...
+integration: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION)
+	$(GO) test -race -count=1 -timeout 30m $(GOTEST_FLAGS) ./test/integration/... ./test/benchrun/...
+	@echo "smoke run of every Go benchmark (one iteration, -short); timings are not checked"
+	$(GO) test -run '^$$' -bench . -benchtime 1x -short -count=1 ./test/bench/...
 
 .PHONY: sanity
 sanity: require-root tools
 	$(GO) test -count=1 -timeout 20m -v ./test/sanity/... -args -skip='$(SANITY_SKIP)' -writer-specs='$(SANITY_WRITER_SPECS)'
 
+# BENCH_FLAGS go to test/benchrun, e.g. BENCH_FLAGS=--with-4g or --runs=7.
+BENCH_FLAGS ?=
+
 .PHONY: bench
-bench: require-root $(BIN)/.minio-$(MINIO_VERSION)
+bench: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION) build
 	$(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./test/bench/...
+	$(GO) run ./test/benchrun --driver $(BIN)/modelcache-csi --rclone $(BIN)/rclone --out docs/benchmarks.md $(BENCH_FLAGS)
 
 # --- demo ------------------------------------------------------------------
 

@@ -1,0 +1,136 @@
+// Command benchrun measures, side by side in one run on this machine, what
+// the node cache costs and saves against the storage-initializer init
+// container (`rclone copy`): cold and warm publishes, the second pod,
+// throughput against the machine's own limits, the node plugin's memory and
+// its restart time. Everything runs against one loopback MinIO holding
+// models generated at run time. It writes docs/benchmarks.md and prints the
+// same tables; `make bench` runs it as root.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"k8s.io/apimachinery/pkg/api/resource"
+)
+
+// options are what one benchmark run measures and how much.
+type options struct {
+	Driver, Rclone, Out string
+	Work                string // scratch directory parent ("" is the system default)
+	Runs                int    // runs per figure
+	Sizes               []int64
+	WarmPublishes       int   // publishes per warm series
+	ManyFiles           int   // files of the many-small-files model
+	SmallFile           int   // bytes per small file
+	Pods                int   // N for the second-pod section
+	MemPublishes        int   // concurrent warm publishes while measuring memory
+	WriteBytes          int64 // bytes of the fsync'd sequential write test
+	RestartTrees        int
+	RestartRefs         int
+	DropCaches          bool
+	Smoke               bool
+	Log                 io.Writer
+}
+
+// defaults are the full benchmark's options.
+func defaults() options {
+	return options{
+		Runs: 5, Sizes: []int64{100 << 20, 1 << 30},
+		WarmPublishes: 200, ManyFiles: 10000, SmallFile: 1 << 10,
+		Pods: 10, MemPublishes: 50, WriteBytes: 1 << 30,
+		RestartTrees: 1000, RestartRefs: 200, DropCaches: true,
+		Log: os.Stderr,
+	}
+}
+
+// smokeOptions runs every section once, small: a check that each path
+// works, with numbers that mean nothing.
+func smokeOptions() options {
+	o := defaults()
+	o.Smoke = true
+	o.Runs, o.Sizes = 1, []int64{1 << 20}
+	o.WarmPublishes, o.ManyFiles = 20, 200
+	o.Pods, o.MemPublishes, o.WriteBytes = 3, 5, 16<<20
+	o.RestartTrees, o.RestartRefs = 20, 5
+	// Smoke runs beside other test packages: dropping their page cache
+	// would only slow them down.
+	o.DropCaches = false
+	return o
+}
+
+func main() {
+	driver := flag.String("driver", "bin/modelcache-csi", "modelcache-csi binary")
+	rclone := flag.String("rclone", "bin/rclone", "rclone CLI at the version the driver links (make bench builds it)")
+	out := flag.String("out", "docs/benchmarks.md", "Markdown report to write (\"\" for stdout only)")
+	runs := flag.Int("runs", 0, "runs per figure (default 5; 1 with --smoke)")
+	sizes := flag.String("sizes", "", "comma-separated model sizes for the cold and warm sections (default 100Mi,1Gi)")
+	with4G := flag.Bool("with-4g", false, "add a 4 GiB model (needs about 14 GiB free disk)")
+	smoke := flag.Bool("smoke", false, "one small run of every section, to check the paths work")
+	work := flag.String("work", "", "parent of the scratch directory (default the system temporary directory); the cache filesystem measured is this one")
+	flag.Parse()
+
+	o := defaults()
+	if *smoke {
+		o = smokeOptions()
+	}
+	o.Driver, o.Rclone, o.Out, o.Work = *driver, *rclone, *out, *work
+	if *runs > 0 {
+		o.Runs = *runs
+	}
+	if *sizes != "" {
+		parsed, err := parseSizes(*sizes)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		o.Sizes = parsed
+	}
+	if *with4G {
+		o.Sizes = append(o.Sizes, 4<<30)
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "benchrun needs root: the node plugin bind-mounts models into target directories, and the page cache is dropped between runs. Run it through `make bench` as root.")
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	rep, err := run(ctx, o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchrun failed:", err)
+		os.Exit(1)
+	}
+	md := rep.Markdown()
+	fmt.Print(md)
+	if o.Out != "" {
+		if err := os.MkdirAll(filepath.Dir(o.Out), 0o755); err != nil {
+			fmt.Fprintln(os.Stderr, "writing the report:", err)
+			os.Exit(1)
+		}
+		if err := os.WriteFile(o.Out, []byte(md), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "writing the report:", err)
+			os.Exit(1)
+		}
+		fmt.Fprintln(os.Stderr, "wrote", o.Out)
+	}
+}
+
+// parseSizes reads "100Mi,1Gi".
+func parseSizes(s string) ([]int64, error) {
+	var out []int64
+	for f := range strings.SplitSeq(s, ",") {
+		q, err := resource.ParseQuantity(strings.TrimSpace(f))
+		if err != nil || q.Value() <= 0 {
+			return nil, fmt.Errorf("--sizes: %q is not a size such as 100Mi or 1Gi", f)
+		}
+		out = append(out, q.Value())
+	}
+	return out, nil
+}

@@ -1,0 +1,105 @@
+package main
+
+// Integration tier: runs the whole benchmark once in smoke mode against a
+// real MinIO, the real driver binary, real bind mounts and the rclone CLI.
+// It checks that every section produces numbers; it never asserts on a
+// timing.
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/modelcache/modelcache/test/testenv"
+)
+
+type testLog struct{ t *testing.T }
+
+func (l testLog) Write(p []byte) (int, error) {
+	l.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func TestBenchrunSmokeIntegration(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the benchrun smoke test needs root (the driver makes real bind mounts): run it through `make integration` as root")
+	}
+	rclone, err := testenv.Binary("rclone")
+	if err != nil {
+		t.Fatalf("%v (the Makefile's rclone target builds it at go.mod's version)", err)
+	}
+	if _, err := testenv.Binary("minio"); err != nil {
+		t.Fatal(err)
+	}
+	driver, err := testenv.BuildDriver(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	o := smokeOptions()
+	o.Driver, o.Rclone, o.Log = driver, rclone, testLog{t}
+	rep, err := run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if len(rep.Cold) != 1 {
+		t.Fatalf("cold section has %d rows, want 1", len(rep.Cold))
+	}
+	c := rep.Cold[0]
+	if len(c.Rclone) != 1 || len(c.Cache) != 1 || c.Rclone[0] <= 0 || c.Cache[0] <= 0 || c.CacheRSS.Max() <= 0 || c.RcloneRSS.Max() <= 0 {
+		t.Errorf("cold section lacks numbers: %+v", c)
+	}
+	if len(rep.Warm) != 2 {
+		t.Fatalf("warm section has %d rows, want the 1 MiB model and the small-files model", len(rep.Warm))
+	}
+	for _, w := range rep.Warm {
+		if w.PerRun != o.WarmPublishes || len(w.P50) != 1 || w.P50[0] <= 0 || w.P99[0] <= 0 {
+			t.Errorf("warm row for %s lacks numbers: %+v", w.Model.Name, w)
+		}
+	}
+	if rep.Warm[1].Model.Files != o.ManyFiles {
+		t.Errorf("small-files model has %d files, want %d", rep.Warm[1].Model.Files, o.ManyFiles)
+	}
+	if len(rep.Pods.Rows) != 4 || rep.Pods.N != o.Pods {
+		t.Fatalf("second-pod section: %+v", rep.Pods)
+	}
+	for _, row := range rep.Pods.Rows {
+		if len(row.Total) != 1 || row.Total[0] <= 0 || row.Bytes[0] <= 0 {
+			t.Errorf("second-pod row %s %s lacks numbers: %+v", row.Way, mode(row.Concurrent), row)
+		}
+		// Not a timing: invariant 2, one download per content key.
+		if row.Way == "cache" && row.Bytes[0] != float64(rep.Pods.Model.Bytes) {
+			t.Errorf("the cache fetched %.0f bytes for %d pods (%s); the model is %d bytes", row.Bytes[0], o.Pods, mode(row.Concurrent), rep.Pods.Model.Bytes)
+		}
+	}
+	if rep.Throughput.Write.Max() <= 0 || rep.Throughput.ReadMBs.Max() <= 0 {
+		t.Errorf("throughput section lacks numbers: %+v", rep.Throughput)
+	}
+	if len(rep.Memory) != 2 {
+		t.Fatalf("memory section has %d rows, want 2", len(rep.Memory))
+	}
+	for _, m := range rep.Memory {
+		if m.Peak.Max() <= 0 || m.AtStart.Max() <= 0 {
+			t.Errorf("memory row for %s lacks numbers: %+v", m.Model.Name, m)
+		}
+	}
+	s := rep.Restart
+	if s.Trees != o.RestartTrees || s.LiveMounts != o.RestartRefs || len(s.Full) != 1 || s.Full[0] <= 0 || s.Empty[0] <= 0 {
+		t.Errorf("restart section: %+v", s)
+	}
+
+	md := rep.Markdown()
+	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## Method"} {
+		if !strings.Contains(md, h) {
+			t.Errorf("report lacks %q", h)
+		}
+	}
+	out := filepath.Join(t.TempDir(), "benchmarks.md")
+	if err := os.WriteFile(out, []byte(md), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("report:\n%s", md)
+}
