@@ -24,12 +24,8 @@ MISSING a recorded tree whose directory is gone from the store.`,
 }
 
 func (a *app) ls(cmd *command, args []string) error {
-	fs := a.flagSet(cmd)
-	output := outputFlag(fs)
-	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
-		return err
-	}
-	if err := a.checkOutput(cmd, *output); err != nil {
+	output, _, err := a.parseListing(cmd, args, 0)
+	if err != nil {
 		return err
 	}
 	var trees []tree
@@ -37,7 +33,7 @@ func (a *app) ls(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	if *output == "json" {
+	if output == "json" {
 		return writeJSON(a.stdout, raw)
 	}
 	if len(trees) == 0 {
@@ -77,13 +73,8 @@ digits) or by a model URI it was fetched as.`,
 }
 
 func (a *app) inspect(cmd *command, args []string) error {
-	fs := a.flagSet(cmd)
-	output := outputFlag(fs)
-	pos, err := a.parse(cmd, fs, args, 1, 1)
+	output, pos, err := a.parseListing(cmd, args, 1)
 	if err != nil {
-		return err
-	}
-	if err := a.checkOutput(cmd, *output); err != nil {
 		return err
 	}
 	var in inspection
@@ -91,7 +82,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	if *output == "json" {
+	if output == "json" {
 		return writeJSON(a.stdout, raw)
 	}
 	pinned := "no"
@@ -432,12 +423,8 @@ filesystem's size and free space, and whether the node is drained.`,
 }
 
 func (a *app) du(cmd *command, args []string) error {
-	fs := a.flagSet(cmd)
-	output := outputFlag(fs)
-	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
-		return err
-	}
-	if err := a.checkOutput(cmd, *output); err != nil {
+	output, _, err := a.parseListing(cmd, args, 0)
+	if err != nil {
 		return err
 	}
 	var u diskUsage
@@ -445,7 +432,7 @@ func (a *app) du(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	if *output == "json" {
+	if output == "json" {
 		return writeJSON(a.stdout, raw)
 	}
 	t := newTable(a.stdout)
@@ -457,4 +444,18 @@ func (a *app) du(cmd *command, args []string) error {
 	fmt.Fprintf(t, "filesystem\t%s\t(%s free)\n", humanBytes(u.FSSize), humanBytes(u.FSFree))
 	fmt.Fprintf(t, "drained\t%s\t\n", yesNo(u.Drained))
 	return t.Flush()
+}
+
+// parseListing parses the flags of a command that prints a listing: its
+// --output and exactly n positional arguments.
+func (a *app) parseListing(cmd *command, args []string, n int) (output string, pos []string, err error) {
+	fs := a.flagSet(cmd)
+	out := outputFlag(fs)
+	if pos, err = a.parse(cmd, fs, args, n, n); err != nil {
+		return "", nil, err
+	}
+	if err := a.checkOutput(cmd, *out); err != nil {
+		return "", nil, err
+	}
+	return *out, pos, nil
 }
