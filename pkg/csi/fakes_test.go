@@ -372,12 +372,19 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
+	return newHarnessWith(t, func(*state.DB) store.Options { return store.Options{} })
+}
+
+// newHarnessWith builds the harness with store options that may depend on
+// the state database (e.g. as the store's Evictor).
+func newHarnessWith(t *testing.T, opts func(db *state.DB) store.Options) *harness {
+	t.Helper()
 	dir := t.TempDir()
 	db, err := state.Open(filepath.Join(dir, "cache", "state", "modelcache.db"))
 	if err != nil {
 		t.Fatalf("state.Open: %v", err)
 	}
-	st, err := store.Open(filepath.Join(dir, "cache"), db, store.Options{})
+	st, err := store.Open(filepath.Join(dir, "cache"), db, opts(db))
 	if err != nil {
 		db.Close()
 		t.Fatalf("store.Open: %v", err)

@@ -24,7 +24,6 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
-	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -39,32 +38,7 @@ import (
 // forget the records of removed trees.
 func newWiredHarness(t *testing.T) *harness {
 	t.Helper()
-	dir := t.TempDir()
-	db, err := state.Open(filepath.Join(dir, "cache", "state", "modelcache.db"))
-	if err != nil {
-		t.Fatalf("state.Open: %v", err)
-	}
-	st, err := store.Open(filepath.Join(dir, "cache"), db, store.Options{Evictor: db})
-	if err != nil {
-		db.Close()
-		t.Fatalf("store.Open: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := st.Close(); err != nil {
-			t.Errorf("store.Close: %v", err)
-		}
-		if err := db.Close(); err != nil {
-			t.Errorf("state.Close: %v", err)
-		}
-		makeWritable(dir)
-	})
-	res := newFakeResolver()
-	res.setModel(testURI, irisFiles())
-	mnt := mount.NewFake()
-	return &harness{
-		t: t, dir: dir, store: st, state: db, mnt: mnt, res: res,
-		node: &Node{NodeID: "node-a", Resolver: res, Store: st, State: db, Mounter: mnt},
-	}
+	return newHarnessWith(t, func(db *state.DB) store.Options { return store.Options{Evictor: db} })
 }
 
 // resnetFiles is a second model, with nothing in common with iris.
