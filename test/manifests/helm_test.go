@@ -5,12 +5,9 @@ package manifests
 // the objects it documents. Both tools are the pinned binaries in bin/.
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,7 +23,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes/scheme"
 )
 
@@ -87,18 +83,7 @@ func helmTemplate(t *testing.T, args ...string) map[string]runtime.Object {
 func helmDecodeAll(t *testing.T, what string, raw []byte) map[string]runtime.Object {
 	t.Helper()
 	out := map[string]runtime.Object{}
-	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(raw)))
-	for {
-		doc, err := r.Read()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-		if len(bytes.TrimSpace(stripComments(doc))) == 0 {
-			continue
-		}
+	for _, doc := range yamlDocuments(t, what, raw) {
 		obj, gvk, err := helmStrictDecoder.Decode(doc, nil, nil)
 		if err != nil {
 			t.Fatalf("%s: a document does not decode strictly: %v\n%s", what, err, doc)

@@ -1,6 +1,10 @@
 package manifests
 
 import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -10,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 )
 
 // Lookups over decoded documents. Names are specific on purpose: the
@@ -212,4 +217,24 @@ func podSpecs(docs []document) []podSpecOf {
 		}
 	}
 	return out
+}
+
+// yamlDocuments splits a multi-document YAML stream, leaving out documents
+// that hold only comments.
+func yamlDocuments(t *testing.T, what string, raw []byte) [][]byte {
+	t.Helper()
+	var docs [][]byte
+	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(raw)))
+	for {
+		doc, err := r.Read()
+		if errors.Is(err, io.EOF) {
+			return docs
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if len(bytes.TrimSpace(stripComments(doc))) > 0 {
+			docs = append(docs, doc)
+		}
+	}
 }

@@ -9,10 +9,7 @@
 package manifests
 
 import (
-	"bufio"
 	"bytes"
-	"errors"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -25,7 +22,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 )
 
 // document is one YAML document of a file under deploy/, decoded.
@@ -81,18 +77,7 @@ func documents(t *testing.T) []document {
 			t.Fatal(err)
 		}
 		rel, _ := filepath.Rel(testenv.RepoRoot(), f)
-		r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(raw)))
-		for {
-			doc, err := r.Read()
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				t.Fatalf("%s: %v", rel, err)
-			}
-			if len(bytes.TrimSpace(stripComments(doc))) == 0 {
-				continue
-			}
+		for _, doc := range yamlDocuments(t, rel, raw) {
 			obj, gvk, err := dec.Decode(doc, nil, nil)
 			if err != nil {
 				t.Fatalf("%s: a document does not decode strictly: %v\n%s", rel, err, doc)
