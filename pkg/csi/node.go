@@ -246,18 +246,15 @@ func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Rem
 		return store.Tree{}, "", false, err
 	}
 	key := source.ContentKey(remote.Identity(), m)
-	if _, cached := n.Store.Cached(key); !cached {
+	_, cached := n.Store.Cached(key)
+	_, joining := n.Store.Downloading(key)
+	pod := kube.PodRef{Namespace: a.podNS, Name: a.podName, UID: a.podUID}
+	if !cached && !joining {
 		// A drained node serves what it has and starts no download; one
 		// already running may still be joined.
-		if _, running := n.Store.Downloading(key); !running {
-			if drained, err := n.State.Drained(); err != nil || drained {
-				return store.Tree{}, "", false, errors.Join(errDrained, err)
-			}
+		if drained, err := n.State.Drained(); err != nil || drained {
+			return store.Tree{}, "", false, errors.Join(errDrained, err)
 		}
-	}
-	pod := kube.PodRef{Namespace: a.podNS, Name: a.podName, UID: a.podUID}
-	_, joining := n.Store.Downloading(key)
-	if _, cached := n.Store.Cached(key); !cached && !joining {
 		n.Events.DownloadStarted(pod, a.uri, m.Size())
 	}
 	stop := n.reportProgress(pod, a.uri, key)
