@@ -182,6 +182,9 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if o.metricsAddress != "" {
 		m = metrics.New()
 	}
+	if err := mount.CheckSupport(o.cacheDir); err != nil {
+		return nil, fmt.Errorf("this node cannot publish read-only mounts: %w", err)
+	}
 	st, err := store.Open(o.cacheDir, db, store.Options{
 		Transfers: o.transfers, Budget: budget, Evictor: db,
 		OnEvict: m.Evicted, OnDownload: m.DownloadStarted,

@@ -180,7 +180,14 @@ func sameFiles(t *testing.T, dir string, files map[string][]byte) {
 // or "" when target is not a mount point.
 func mountInfo(t *testing.T, target string) string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	return mountInfoOf(t, "/proc/self/mountinfo", target)
+}
+
+// mountInfoOf returns the per-mount options of target in a mountinfo file,
+// or "" when it is not a mount point there.
+func mountInfoOf(t *testing.T, mountinfo, target string) string {
+	t.Helper()
+	b, err := os.ReadFile(mountinfo)
 	if err != nil {
 		t.Fatal(err)
 	}

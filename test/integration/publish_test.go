@@ -500,3 +500,89 @@ func TestPublish_S3URIForm_SharesTreeWithRemoteForm_RealMinIO(t *testing.T) {
 	e.mustUnpublish("vol-a", e.target("pod-a"))
 	e.mustUnpublish("vol-b", e.target("pod-b"))
 }
+
+// The read-only-everywhere invariant, where kubelet sees it. In the
+// DaemonSet the plugin runs in its own mount namespace and kubelet's pods
+// directory is Bidirectional: its mounts propagate to the host, but a
+// remount's per-mount flags never do. This runs the driver the same way
+// (unshare, kubelet dir an rshared mount shared with this namespace) and
+// checks the target in this test's — the host's — namespace.
+func TestPublish_PluginInOwnMountNamespace_TargetReadOnlyOnHost_RealMounts(t *testing.T) {
+	e := newEnv(t)
+	e.driver.Stop()
+	e.driver = nil
+
+	kubelet := filepath.Join(e.dir, "kubelet")
+	if err := os.MkdirAll(kubelet, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	// As the node must have it for Bidirectional propagation: kubelet's
+	// root dir on a shared mount (here / is private, so bind it onto itself).
+	if err := syscall.Mount(kubelet, kubelet, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatalf("binding the kubelet dir onto itself: %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(kubelet, syscall.MNT_DETACH) })
+	if err := syscall.Mount("", kubelet, "", syscall.MS_SHARED|syscall.MS_REC, ""); err != nil {
+		t.Fatalf("making the kubelet dir rshared: %v", err)
+	}
+	// --propagation unchanged: the driver's copy of the kubelet dir stays a
+	// peer of the host's, as the container runtime's rshared bind is.
+	d, err := testenv.StartDriverWrapped([]string{"unshare", "--mount", "--propagation", "unchanged"},
+		driverBin, e.dir, e.cacheDir(), "-v=10")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.driver = d
+	e.drivers = append(e.drivers, d)
+	pid := d.Pid()
+	if self, plugin := mountNamespace(t, os.Getpid()), mountNamespace(t, pid); self == plugin {
+		t.Fatalf("the driver shares this test's mount namespace (%s); the test proves nothing", self)
+	}
+
+	files := randomModel(9, map[string]int{"config.json": 100, "w.bin": 4096})
+	e.upload("m", files)
+	for _, readonly := range []bool{true, false} {
+		t.Run(fmt.Sprintf("readonly=%v", readonly), func(t *testing.T) {
+			target := e.target(fmt.Sprintf("pod-ro-%v", readonly))
+			req := testenv.PublishRequest(fmt.Sprintf("vol-ro-%v", readonly), target, e.model("m"), e.secret())
+			req.Readonly = readonly
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if _, err := e.driver.Node.NodePublishVolume(ctx, req); err != nil {
+				t.Fatalf("publish: %v", err)
+			}
+			for _, ns := range []struct {
+				name string
+				info string
+			}{
+				{"host", mountInfoOf(t, "/proc/self/mountinfo", target)},
+				{"plugin", mountInfoOf(t, fmt.Sprintf("/proc/%d/mountinfo", pid), target)},
+			} {
+				if ns.info == "" {
+					t.Fatalf("target is not mounted in the %s's mount namespace", ns.name)
+				}
+				for _, o := range []string{"ro", "nosuid", "nodev"} {
+					if !contains(strings.Split(ns.info, ","), o) {
+						t.Errorf("in the %s's mount namespace the target's options are %q, want %s among them", ns.name, ns.info, o)
+					}
+				}
+			}
+			err := os.WriteFile(filepath.Join(target, "config.json"), []byte("changed"), 0o644)
+			if !errors.Is(err, syscall.EROFS) {
+				t.Fatalf("writing config.json through the host's view of the target: got %v, want EROFS", err)
+			}
+			sameFiles(t, target, files)
+			e.mustUnpublish(req.VolumeId, target)
+		})
+	}
+}
+
+// mountNamespace returns the mount namespace of a process, e.g. "mnt:[4026531841]".
+func mountNamespace(t *testing.T, pid int) string {
+	t.Helper()
+	ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ns
+}

@@ -46,6 +46,13 @@ type Driver struct {
 // on a socket under runDir with its cache in cacheDir, and waits until
 // Probe answers.
 func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) {
+	return StartDriverWrapped(nil, bin, runDir, cacheDir, args...)
+}
+
+// StartDriverWrapped is StartDriver with the driver run under wrap, a
+// command and its arguments (e.g. unshare, to give the driver its own mount
+// namespace as its DaemonSet container has).
+func StartDriverWrapped(wrap []string, bin, runDir, cacheDir string, args ...string) (*Driver, error) {
 	d := &Driver{Socket: filepath.Join(runDir, "csi.sock"), CacheDir: cacheDir, done: make(chan struct{})}
 	// --min-free=0: how full the test machine's disk is must not decide a
 	// test; tests of the budget pass their own limits.
@@ -54,7 +61,8 @@ func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) 
 	// test proxies listen on loopback, which the driver otherwise refuses.
 	all := append([]string{"--mode=node", "--endpoint=unix://" + d.Socket, "--node-id=test-node", "--cache-dir=" + cacheDir,
 		"--min-free=0", "--kubelet-dir=" + runDir, "--allow-endpoint=127.0.0.1/32", "-v=2"}, args...)
-	d.cmd = exec.Command(bin, all...)
+	argv := append(append(append([]string{}, wrap...), bin), all...)
+	d.cmd = exec.Command(argv[0], argv[1:]...)
 	d.cmd.Stdout, d.cmd.Stderr = (*lockedWriter)(d), (*lockedWriter)(d)
 	if err := d.cmd.Start(); err != nil {
 		return nil, err
@@ -86,6 +94,10 @@ func StartDriver(bin, runDir, cacheDir string, args ...string) (*Driver, error) 
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Pid is the driver's process ID (under a wrapper that execs it, such as
+// unshare without --fork, the driver's own).
+func (d *Driver) Pid() int { return d.cmd.Process.Pid }
 
 // Kill sends SIGKILL, as a node crash or OOM kill would, and waits.
 func (d *Driver) Kill() { d.signal(syscall.SIGKILL) }
