@@ -3,6 +3,8 @@
 #   make demo    the main job end to end on this machine (needs root)
 #   make test    everything CI runs: lint, unit, integration (root, MinIO,
 #                real mounts) and csi-sanity
+#   make e2e     the DaemonSet on a real single-node Kubernetes (root; builds
+#                kube-apiserver, kubelet and etcd into bin/ the first time)
 #   make bench   benchmarks (never part of make test)
 #
 # Tools the tests need are built from Go modules at pinned versions into the
@@ -56,6 +58,7 @@ GOTEST_FLAGS ?=
 help:
 	@echo "make demo     cold then warm publish of a generated model from a loopback MinIO (root)"
 	@echo "make test     lint, unit, integration and csi-sanity tests (root)"
+	@echo "make e2e      the node plugin's image as a DaemonSet on a real single-node Kubernetes (root)"
 	@echo "make bench    benchmarks"
 	@echo "make build    bin/modelcache-csi and bin/modelcachectl"
 	@echo "make tools    bin/minio, bin/csi-sanity, bin/kustomize and bin/helm at their pinned versions"
@@ -94,6 +97,33 @@ $(BIN)/.rclone-$(RCLONE_VERSION):
 	@rm -f $(BIN)/.rclone-* && touch $@
 
 MANIFEST_TOOLS := $(BIN)/.kustomize-$(KUSTOMIZE_VERSION) $(BIN)/.helm-$(HELM_VERSION)
+
+# The real node of make e2e. kube-apiserver, kubelet and etcd build from the
+# wrapper modules in test/e2e/tools (their go.mod and go.sum pin every
+# version; go install refuses the upstream modules for their replace lines).
+# The suite runs the DaemonSet as users do, so the controller-manager and
+# the scheduler run too; kubectl is not needed (the suite uses client-go).
+# The version a wrapper's go.mod requires: `require M v` or a line of a block.
+required = $(shell awk '$$1 == "$(1)" && $$2 ~ /^v/ { print $$2; exit } $$1 == "require" && $$2 == "$(1)" { print $$3; exit }' $(2))
+KUBERNETES_VERSION := $(call required,k8s.io/kubernetes,test/e2e/tools/kubernetes/go.mod)
+ETCD_VERSION       := $(call required,go.etcd.io/etcd/server/v3,test/e2e/tools/etcd/go.mod)
+KUBE_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=$(KUBERNETES_VERSION) \
+	-X k8s.io/component-base/version.gitMajor=1 \
+	-X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBERNETES_VERSION))) \
+	-X k8s.io/component-base/version.gitTreeState=clean
+
+$(BIN)/.kubernetes-$(KUBERNETES_VERSION): test/e2e/tools/kubernetes/go.mod test/e2e/tools/kubernetes/go.sum
+	@mkdir -p $(BIN)
+	@echo "building kube-apiserver, kube-controller-manager, kube-scheduler and kubelet $(KUBERNETES_VERSION) into bin/ (about 20 minutes on a cold build cache)"
+	cd test/e2e/tools/kubernetes && CGO_ENABLED=0 $(GO) build -mod=readonly -trimpath -ldflags '$(KUBE_LDFLAGS)' \
+		-o $(BIN)/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+		k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet
+	@rm -f $(BIN)/.kubernetes-* && touch $@
+
+$(BIN)/.etcd-$(ETCD_VERSION): test/e2e/tools/etcd/go.mod test/e2e/tools/etcd/go.sum
+	@mkdir -p $(BIN)
+	cd test/e2e/tools/etcd && CGO_ENABLED=0 $(GO) build -mod=readonly -trimpath -ldflags '-s -w' -o $(BIN)/etcd go.etcd.io/etcd/server/v3
+	@rm -f $(BIN)/.etcd-* && touch $@
 
 .PHONY: tools
 tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION) $(MANIFEST_TOOLS)
@@ -137,6 +167,26 @@ integration: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE
 .PHONY: sanity
 sanity: require-root tools
 	$(GO) test -count=1 -timeout 20m -v ./test/sanity/... -args -skip='$(SANITY_SKIP)' -writer-specs='$(SANITY_WRITER_SPECS)'
+
+# The real node's runtime comes from Debian's packages (bookworm: containerd
+# 1.6.20, runc 1.1.5, CNI plugins 1.1.1, busybox for the test pods' image).
+E2E_PACKAGES := containerd runc containernetworking-plugins busybox-static
+
+.PHONY: e2e-packages
+e2e-packages: require-root
+	@missing=""; for p in $(E2E_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+E2E_TOOLS := $(BIN)/.minio-$(MINIO_VERSION) $(MANIFEST_TOOLS) $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION)
+
+# test/e2e starts the cluster, builds the images from this tree, installs
+# deploy/kubernetes and then the Helm chart, and stops everything it started.
+.PHONY: e2e
+e2e: require-root e2e-packages $(E2E_TOOLS)
+	$(GO) test -count=1 -timeout 45m -v ./test/e2e/
 
 # BENCH_FLAGS go to test/benchrun, e.g. BENCH_FLAGS=--with-4g or --runs=7.
 BENCH_FLAGS ?=

@@ -399,7 +399,7 @@ func (h *harness) cached(digest string) (state.CachedTree, bool) {
 	return c, ok
 }
 
-// Two small models sharing a tokenizer, as in DESIGN.md.
+// Two small models sharing a tokenizer, as in docs/design.md.
 var (
 	tokenizer = bytesOf("tokenizer", 3000)
 	bertFiles = map[string][]byte{

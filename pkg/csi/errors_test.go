@@ -14,7 +14,7 @@ import (
 )
 
 // TestPublishError checks the one place that chooses CSI codes for the
-// publish path against DESIGN.md "Error mapping". Every error is wrapped
+// publish path against docs/design.md "Error mapping (CSI)". Every error is wrapped
 // once more, as callers up the stack do.
 func TestPublishError(t *testing.T) {
 	const uri = "mys3:models/iris"

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-// DriverName is the CSI driver name (DESIGN.md "Names").
+// DriverName is the CSI driver name (docs/design.md "Names").
 const DriverName = "modelcache.csi.dev"
 
 // Identity serves the CSI Identity service.

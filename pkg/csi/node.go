@@ -22,7 +22,7 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// Volume attributes (DESIGN.md "Names").
+// Volume attributes (docs/design.md "Names").
 const (
 	AttrModelURI   = "modelUri"
 	AttrPullPolicy = "pullPolicy"

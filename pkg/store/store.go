@@ -23,7 +23,7 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// Layout under the cache directory (DESIGN.md "Store layout").
+// Layout under the cache directory (docs/design.md "Store layout").
 const (
 	BlobsDir  = "blobs/sha256"
 	TreesDir  = "trees/sha256"

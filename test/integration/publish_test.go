@@ -371,7 +371,7 @@ func TestPublish_IdempotencyAndAlreadyExists_RealMounts(t *testing.T) {
 	e.mustUnpublish("stale-vol", stale)
 }
 
-// The error table of DESIGN.md, each against the real remote, and no secret
+// The error table of docs/design.md, each against the real remote, and no secret
 // in any message or log line even at the highest verbosity (invariant 8).
 func TestPublish_ErrorCodes_NoSecretsInMessagesOrLogs_RealMinIO(t *testing.T) {
 	e := newEnv(t)
