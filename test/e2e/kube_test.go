@@ -157,6 +157,20 @@ func installPlugin(t *testing.T, name string, rendered []byte) *install {
 	}
 	t.Cleanup(func() { in.uninstall(t) })
 	waitDaemonSetReady(t, ds.Namespace, ds.Name, 3*time.Minute)
+	// Kubelet's plugin watcher found the registration socket and asked the
+	// driver for its node ID: the driver is on the node's CSINode.
+	waitFor(t, "modelcache.csi.dev registered on the CSINode", time.Minute, func() error {
+		n, err := suite.cluster.Client.StorageV1().CSINodes().Get(ctx, nodeName, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		for _, d := range n.Spec.Drivers {
+			if d.Name == "modelcache.csi.dev" && d.NodeID == nodeName {
+				return nil
+			}
+		}
+		return fmt.Errorf("drivers: %+v", n.Spec.Drivers)
+	})
 	return in
 }
 
