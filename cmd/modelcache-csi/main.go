@@ -152,7 +152,7 @@ func run(o options) error {
 	srv := csi.NewServer(&csi.Identity{Version: version, Controller: withController}, nodeSrv, ctrlSrv)
 	klog.InfoS("serving", "driver", csi.DriverName, "version", version, "mode", o.mode, "endpoint", o.endpoint, "cacheDir", o.cacheDir)
 	// Mounts are left in place on exit: they are kernel bind mounts that
-	// pods keep using, and the next start finds them again (invariant 5).
+	// pods keep using, and the next start finds them again (the "mounts survive restarts" invariant).
 	return csi.Serve(ctx, srv, l, 25*time.Second)
 }
 

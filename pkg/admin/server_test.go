@@ -1192,7 +1192,7 @@ func captureKlog(t *testing.T, v int) *klogCapture {
 }
 
 // Secrets sent for a prefetch are used in memory only: no reply, log line
-// (at any verbosity) or database byte holds them (invariant 8).
+// (at any verbosity) or database byte holds them (the "secrets stay in memory" invariant).
 func TestSecretsNeverLeave(t *testing.T) {
 	logs := captureKlog(t, 10)
 	h := newHarness(t)

@@ -1190,7 +1190,7 @@ func TestControllerGetCapabilities(t *testing.T) {
 	}
 }
 
-// Invariant 8 for the controller: provisioner secrets appear in no error,
+// The "secrets stay in memory" invariant for the controller: provisioner secrets appear in no error,
 // no record and no log line, at any verbosity.
 func TestControllerSecretsStayInMemory(t *testing.T) {
 	logs := captureKlog(t, 10)

@@ -29,7 +29,7 @@ func publishError(uri string, err error) error {
 	switch {
 	case errors.As(err, &inProgress):
 		// Non-final: kubelet keeps the target directory and retries, and the
-		// retry joins the running download (invariant 4).
+		// retry joins the running download (the "downloads outlive the RPC" invariant).
 		return status.Errorf(codes.Aborted, "model %s is still downloading to this node: %v; kubelet retries and the retry joins the same download", uri, inProgress)
 	case errors.Is(err, source.ErrUnsafePath):
 		return status.Errorf(codes.InvalidArgument, "model %s cannot be cached: %v; rename or remove that object at the remote", uri, err)

@@ -61,7 +61,7 @@ func TestNodePublishRefusesRequestsKubeletNeverSends(t *testing.T) {
 	})
 }
 
-// Invariant 10: a model cached with one tenant's credentials reaches another
+// The "authorized cache hits" invariant: a model cached with one tenant's credentials reaches another
 // tenant only after the other tenant's credentials read its metadata.
 func TestCacheHitIsAuthorized(t *testing.T) {
 	tenantA := testSecrets()

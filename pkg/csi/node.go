@@ -273,7 +273,7 @@ func (n *Node) resolveTree(ctx context.Context, a publishArgs, remote source.Rem
 		return store.Tree{}, "", false, err
 	}
 	if !fetched && n.VerifyCredentials != VerifyNever {
-		// Invariant 10: the tree came from the cache or from another
+		// The "authorized cache hits" invariant: the tree came from the cache or from another
 		// request's download, so these credentials have read nothing yet.
 		// Stat every object with them before anything is mounted.
 		if err := remote.Verify(ctx, m); err != nil {
@@ -358,7 +358,7 @@ func waitContext(ctx context.Context) context.Context {
 }
 
 // NodeUnpublishVolume unmounts the target and removes it. Unknown and
-// already-unmounted targets are OK (invariant 3).
+// already-unmounted targets are OK (the "idempotent publish" invariant).
 func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
 	switch {
@@ -477,7 +477,7 @@ func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeG
 }
 
 // Recover checks every recorded reference against the kernel's mounts after
-// a restart (invariant 5). Live mounts are kept as they are; references whose
+// a restart (the "mounts survive restarts" invariant). Live mounts are kept as they are; references whose
 // mount is gone are returned: they stay recorded, protecting their trees,
 // until kubelet unpublishes them or ReleaseStale gives up on them.
 func (n *Node) Recover() (live int, gone []state.Ref, err error) {

@@ -136,7 +136,7 @@ func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 	}
 }
 
-// Invariant 10: a cached model is served to new credentials only after the
+// The "authorized cache hits" invariant: a cached model is served to new credentials only after the
 // remote accepted them, and without downloading it again.
 func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 	h := newHarness(t)
@@ -436,7 +436,7 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 	}
 }
 
-// Invariant 4: a download outlives the RPC; retries get ABORTED with
+// The "downloads outlive the RPC" invariant: a download outlives the RPC; retries get ABORTED with
 // progress and then join it; the files are fetched once.
 func TestNodePublishVolumeInProgress(t *testing.T) {
 	h := newHarness(t)
@@ -489,7 +489,7 @@ func TestNodePublishVolumeInProgress(t *testing.T) {
 	}
 }
 
-// Invariant 2: parallel publishes of one model share one download.
+// The "one download per key" invariant: parallel publishes of one model share one download.
 func TestNodePublishVolumeConcurrent(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()

@@ -73,7 +73,7 @@ func Serve(ctx context.Context, s *grpc.Server, l net.Listener, grace time.Durat
 	return nil
 }
 
-// logCalls logs every call with secrets stripped (invariant 8): requests are
+// logCalls logs every call with secrets stripped (the "secrets stay in memory" invariant): requests are
 // only ever printed through protosanitizer.
 func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()

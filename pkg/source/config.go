@@ -17,7 +17,7 @@ import (
 // set through a secret. Anything that would read node files, node
 // credentials (env_auth, instance roles), run commands or change global
 // behaviour is absent, so a volume attribute cannot reach the node
-// (invariant 9).
+// (the "tenant configuration cannot reach the node" invariant).
 var allowedOptions = map[string][]string{
 	"s3": {
 		"provider", "access_key_id", "secret_access_key", "session_token", "region", "endpoint",

@@ -641,7 +641,7 @@ func TestCredentialID(t *testing.T) {
 	}
 }
 
-// Invariant 9, one row per rule: tenant configuration that could reach the
+// The "tenant configuration cannot reach the node" invariant, one row per rule: tenant configuration that could reach the
 // node is refused by Resolve with ErrInvalid naming what to remove, before
 // any DNS lookup or connection.
 func TestResolveRefusesNodeReachingConfig(t *testing.T) {

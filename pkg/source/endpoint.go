@@ -14,7 +14,7 @@ import (
 )
 
 // The endpoint guard keeps a tenant's endpoint from reaching the node
-// itself (invariant 9): an endpoint whose host is, or resolves to, a
+// itself (the "tenant configuration cannot reach the node" invariant): an endpoint whose host is, or resolves to, a
 // loopback, link-local (cloud metadata), unspecified, multicast or node
 // address is refused unless an operator allowed that address.
 //

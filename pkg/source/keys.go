@@ -19,7 +19,7 @@ const (
 const encodedDot = "\uff0e"
 
 // ValidateKey checks that a remote object key, relative to the model root, is
-// a clean relative path that stays inside the tree once created. Invariant 7:
+// a clean relative path that stays inside the tree once created. The "no remote input becomes a path unchecked" invariant:
 // no remote input becomes a path unchecked. The rules: not empty, valid
 // UTF-8, relative, no NUL, backslash or other control character, no empty,
 // "." or ".." segment (nor rclone's encoded forms of them), segments of at

@@ -42,7 +42,7 @@ type Remote interface {
 	// Verify checks that this Remote's credentials can read every entry of
 	// m, with metadata requests only (one HEAD or stat per entry, never a
 	// download): the check a cache hit needs before a model fetched with
-	// other credentials is served (invariant 10, the KEP-2535 rule). An
+	// other credentials is served (the "authorized cache hits" invariant, the KEP-2535 rule). An
 	// entry whose size or checksum no longer matches is ErrChanged; refused
 	// credentials are ErrDenied, a missing entry ErrNotFound.
 	Verify(ctx context.Context, m Manifest) error
@@ -112,7 +112,7 @@ func (r *Rclone) Resolve(ctx context.Context, uri string, secrets map[string]str
 
 // SourceKey names a model reference together with the credentials used for
 // it: a cache hit through it needs no remote call, and credentials never
-// seen for a model must list the remote first (invariant 10).
+// seen for a model must list the remote first (the "authorized cache hits" invariant).
 func SourceKey(r Remote) string {
 	h := sha256.Sum256([]byte("modelcache source v1\x00" + r.Identity() + "\x00" + r.CredentialID()))
 	return "sha256:" + hex.EncodeToString(h[:])

@@ -176,7 +176,7 @@ func TestResolve(t *testing.T) {
 }
 
 // The backend sees the request's options over rclone's defaults, never
-// RCLONE_* variables from the node's environment (invariant 9).
+// RCLONE_* variables from the node's environment (the "tenant configuration cannot reach the node" invariant).
 func TestConfigMapIgnoresNodeEnvironment(t *testing.T) {
 	for k, v := range map[string]string{
 		"RCLONE_S3_ENV_AUTH":              "true",

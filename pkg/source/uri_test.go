@@ -141,7 +141,7 @@ func TestParseURIRejects(t *testing.T) {
 }
 
 // A modelUri that carries credentials is rejected without repeating them:
-// the message reaches kubelet events and logs (invariant 8).
+// the message reaches kubelet events and logs (the "secrets stay in memory" invariant).
 func TestParseURIDoesNotEchoCredentials(t *testing.T) {
 	const secret = "SUPERSECRETVALUE123"
 	for _, in := range []string{

@@ -168,7 +168,7 @@ func TestEnsureRefetchesWhenIndexCannotBeTrusted(t *testing.T) {
 	}
 }
 
-// Invariant 2: kubelet publishes many pods at once; the node downloads once.
+// The "one download per key" invariant: kubelet publishes many pods at once; the node downloads once.
 func TestEnsureConcurrentSameKeyDownloadsOnce(t *testing.T) {
 	const callers = 50
 	idx := newIndex()
@@ -283,7 +283,7 @@ func TestEnsureConcurrentKeysWithSameContentShareTree(t *testing.T) {
 	checkIngestEmpty(t, s.Dir())
 }
 
-// Invariant 4: a publish's context ends long before a big model arrives. The
+// The "downloads outlive the RPC" invariant: a publish's context ends long before a big model arrives. The
 // caller gets an *InProgressError with progress, the download goes on, and a
 // retry joins it instead of starting another.
 func TestEnsureDetachedDownload(t *testing.T) {

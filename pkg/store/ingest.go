@@ -18,7 +18,7 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// Modes of committed content (invariant 6).
+// Modes of committed content (the "read-only everywhere" invariant).
 const (
 	blobMode = 0o444
 	dirMode  = 0o555
@@ -33,10 +33,10 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 
 // ingest downloads every file of m into a private ingest directory, commits
 // each blob, builds the tree beside them and renames it into trees/. The
-// rename is the only step that makes the model visible (invariant 1).
+// rename is the only step that makes the model visible (the "no partial model" invariant).
 func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress) (Tree, error) {
 	// Joined onto the tree below, a key with ".." or empty segments would
-	// link outside the tree (invariant 7); check here, not only at listing.
+	// link outside the tree (the "no remote input becomes a path unchecked" invariant); check here, not only at listing.
 	for _, e := range m {
 		if err := source.ValidateKey(e.Path); err != nil {
 			return Tree{}, err

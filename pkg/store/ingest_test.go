@@ -195,7 +195,7 @@ func TestEnsureModelsShareBlobs(t *testing.T) {
 	}
 }
 
-// Invariant 7 is enforced where keys are listed (source.ValidateKey), and the
+// The "no remote input becomes a path unchecked" invariant is enforced where keys are listed (source.ValidateKey), and the
 // store must not turn an unchecked key into a path either: no tree may be
 // committed that lacks a file its digest names, and nothing may be written
 // outside the tree being built.

@@ -165,7 +165,7 @@ func (s *Store) HasTree(digest string) bool {
 
 // sealTrees drops the write bits of every tree's top directory. A tree is
 // renamed into trees/ before its top is sealed, so a crash between the two
-// steps leaves a complete tree that is still writable (invariant 6).
+// steps leaves a complete tree that is still writable (the "read-only everywhere" invariant).
 func sealTrees(root *os.Root) error {
 	des, err := fs.ReadDir(root.FS(), TreesDir)
 	if errors.Is(err, fs.ErrNotExist) {

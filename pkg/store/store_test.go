@@ -270,7 +270,7 @@ func TestIsInProgress(t *testing.T) {
 }
 
 // A crash between a tree's rename into trees/ and the sealing of its top
-// directory leaves it writable; the next Open seals it (invariant 6).
+// directory leaves it writable; the next Open seals it (the "read-only everywhere" invariant).
 func TestOpenSealsTreeLeftWritableByACrash(t *testing.T) {
 	dir := t.TempDir()
 	idx := newIndex()

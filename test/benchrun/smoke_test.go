@@ -70,7 +70,7 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 		if len(row.Total) != 1 || row.Total[0] <= 0 || row.Bytes[0] <= 0 {
 			t.Errorf("second-pod row %s %s lacks numbers: %+v", row.Way, mode(row.Concurrent), row)
 		}
-		// Not a timing: invariant 2, one download per content key.
+		// Not a timing: the "one download per key" invariant, one download per content key.
 		if row.Way == "cache" && row.Bytes[0] != float64(rep.Pods.Model.Bytes) {
 			t.Errorf("the cache fetched %.0f bytes for %d pods (%s); the model is %d bytes", row.Bytes[0], o.Pods, mode(row.Concurrent), rep.Pods.Model.Bytes)
 		}

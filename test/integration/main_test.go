@@ -58,7 +58,7 @@ func newEnv(t *testing.T) *env {
 				t.Logf("driver logs:\n%s", e.driver.Logs())
 			}
 		}
-		// Invariant 8, for every test: drivers run at -v=10 with the suite's
+		// The "secrets stay in memory" invariant, for every test: drivers run at -v=10 with the suite's
 		// known credentials, and no log line may hold the secret key.
 		for _, d := range e.drivers {
 			if strings.Contains(d.Logs(), testenv.SecretKey) {

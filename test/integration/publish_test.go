@@ -58,7 +58,7 @@ func wantCode(t *testing.T, err error, code codes.Code) {
 	}
 }
 
-// Invariant 2: one download per content key per node, however many
+// The "one download per key" invariant: one download per content key per node, however many
 // publishes arrive at once.
 func TestPublish_50ConcurrentPods_RemoteServesModelOnce_RealMinIO(t *testing.T) {
 	e := newEnv(t)
@@ -98,7 +98,7 @@ func TestPublish_50ConcurrentPods_RemoteServesModelOnce_RealMinIO(t *testing.T) 
 	}
 }
 
-// Invariant 1: a crash mid-download leaves no partial tree; the next start
+// The "no partial model" invariant: a crash mid-download leaves no partial tree; the next start
 // cleans ingest and the next publish serves correct bytes.
 func TestPublish_Kill9MidDownload_NoPartialTree_RealMinIO(t *testing.T) {
 	e := newEnv(t)
@@ -149,7 +149,7 @@ func ingestedBytes(dir string) int64 {
 	return n
 }
 
-// Invariant 5: mounts survive a driver restart and stay unpublishable.
+// The "mounts survive restarts" invariant: mounts survive a driver restart and stay unpublishable.
 func TestRestart_ThreeLiveMounts_StayReadableAndUnpublish_RealMinIO(t *testing.T) {
 	e := newEnv(t)
 	m1 := randomModel(3, map[string]int{"w.bin": 1 << 20})
@@ -193,7 +193,7 @@ func TestRestart_ThreeLiveMounts_StayReadableAndUnpublish_RealMinIO(t *testing.T
 	}
 }
 
-// Invariant 6: read-only for real.
+// The "read-only everywhere" invariant: read-only for real.
 func TestPublish_TargetIsReadOnly_EROFS_RealMounts(t *testing.T) {
 	e := newEnv(t)
 	files := randomModel(5, map[string]int{"config.json": 100, "sub/w.bin": 4096})
@@ -239,7 +239,7 @@ func contains(xs []string, x string) bool {
 	return false
 }
 
-// Invariant 7: no remote input becomes a path unchecked.
+// The "no remote input becomes a path unchecked" invariant: no remote input becomes a path unchecked.
 func TestPublish_EscapingObjectKey_InvalidArgument_RealMinIO(t *testing.T) {
 	for _, evil := range []string{"../escape", "a/../../x", "/abs", "a//b"} {
 		t.Run(strings.NewReplacer("/", "_", ".", "d").Replace(evil), func(t *testing.T) {
@@ -314,7 +314,7 @@ func TestPublish_PullAlways_ChangedModel_NewTreeOldMountUnchanged_RealMinIO(t *t
 	}
 }
 
-// Invariant 4: a publish that outlasts its deadline gets a non-final code
+// The "downloads outlive the RPC" invariant: a publish that outlasts its deadline gets a non-final code
 // with progress, and the retry joins the same download.
 func TestPublish_SlowDownload_AbortedWithProgress_RetryJoins_RealMinIO(t *testing.T) {
 	e := newEnv(t)
@@ -343,7 +343,7 @@ func TestPublish_SlowDownload_AbortedWithProgress_RetryJoins_RealMinIO(t *testin
 	e.mustUnpublish("vol", e.target("pod"))
 }
 
-// The CSI idempotency rules and the unpublish edge cases (invariant 3).
+// The CSI idempotency rules and the unpublish edge cases (the "idempotent publish" invariant).
 func TestPublish_IdempotencyAndAlreadyExists_RealMounts(t *testing.T) {
 	e := newEnv(t)
 	e.upload("m1", randomModel(9, map[string]int{"w": 1000}))
@@ -372,7 +372,7 @@ func TestPublish_IdempotencyAndAlreadyExists_RealMounts(t *testing.T) {
 }
 
 // The error table of docs/design.md, each against the real remote, and no secret
-// in any message or log line even at the highest verbosity (invariant 8).
+// in any message or log line even at the highest verbosity (the "secrets stay in memory" invariant).
 func TestPublish_ErrorCodes_NoSecretsInMessagesOrLogs_RealMinIO(t *testing.T) {
 	e := newEnv(t)
 	e.driver.Stop()
@@ -471,7 +471,7 @@ func assertNotInFiles(t *testing.T, dir, secret string) {
 
 // The storage-initializer form s3://bucket/prefix with AWS_* keys reaches the
 // same bytes as the rclone remote form: it shares the tree after its own
-// credentials were checked by a listing (invariant 10), downloading nothing.
+// credentials were checked by a listing (the "authorized cache hits" invariant), downloading nothing.
 func TestPublish_S3URIForm_SharesTreeWithRemoteForm_RealMinIO(t *testing.T) {
 	e := newEnv(t)
 	files := randomModel(12, map[string]int{"w.bin": 1 << 20})

@@ -20,7 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Invariant 10 against real MinIO users: a cache hit is served only to
+// The "authorized cache hits" invariant against real MinIO users: a cache hit is served only to
 // credentials that can read the model themselves, checked with metadata
 // requests (no object body is downloaded again), and recorded so the next
 // publish with the same credentials asks the remote nothing.
@@ -110,7 +110,7 @@ func (e *env) notMounted(target string) {
 	}
 }
 
-// noTenantSecretsInLogs checks invariant 8 for every tenant: the driver runs
+// noTenantSecretsInLogs checks the "secrets stay in memory" invariant for every tenant: the driver runs
 // at -v=10 and no log line may hold a tenant's secret or access key.
 func (e *env) noTenantSecretsInLogs(all []tenant) {
 	e.t.Helper()
