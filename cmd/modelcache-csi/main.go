@@ -17,6 +17,7 @@ import (
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/admin"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
@@ -60,7 +61,7 @@ func main() {
 	flag.DurationVar(&o.releaseGrace, "release-grace", 10*time.Minute, "after a restart, how long a reference whose mount is gone waits for kubelet before it is released")
 	flag.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet's root directory: every target path must be under it")
 	flag.BoolVar(&o.requirePodInfo, "require-pod-info", true, "refuse publishes without kubelet's pod information (the CSIDriver's podInfoOnMount)")
-	flag.StringVar(&o.verifyCredentials, "verify-credentials", csi.VerifyIfNotRecorded, "when a cache hit checks the request's credentials against the remote (metadata only): IfNotRecorded, Always or Never")
+	flag.StringVar(&o.verifyCredentials, "verify-credentials", cache.VerifyIfNotRecorded, "when a cache hit checks the request's credentials against the remote (metadata only): IfNotRecorded, Always or Never")
 	flag.DurationVar(&o.reverifyAfter, "reverify-after", 0, "re-check recorded credentials after this long (0: never expire)")
 	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs that endpoints may resolve to although loopback, link-local or the node's own (e.g. an in-node MinIO)")
 	flag.StringVar(&o.minFree, "min-free", "10%", "space the cache filesystem keeps free: bytes or a percentage of its size")
@@ -110,7 +111,7 @@ func run(o options) error {
 		return fmt.Errorf("--allow-endpoint: %w", err)
 	}
 	switch o.verifyCredentials {
-	case csi.VerifyAlways, csi.VerifyIfNotRecorded, csi.VerifyNever:
+	case cache.VerifyAlways, cache.VerifyIfNotRecorded, cache.VerifyNever:
 	default:
 		return fmt.Errorf("--verify-credentials must be IfNotRecorded, Always or Never, not %q", o.verifyCredentials)
 	}
@@ -121,7 +122,7 @@ func run(o options) error {
 		if node, err = startNode(ctx, o, db, resolver); err != nil {
 			return err
 		}
-		defer node.Store.Close()
+		defer node.Cache.Store.Close()
 		defer node.Events.Shutdown()
 	}
 	var ctrl *csi.Controller
@@ -192,26 +193,27 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if err != nil {
 		return nil, err
 	}
-	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Store: st, State: db, Mounter: mount.NewKernel(), Metrics: m,
-		KubeletDir: o.kubeletDir, RequirePodInfo: o.requirePodInfo,
+	c := &cache.Cache{Store: st, State: db, Mounter: mount.NewKernel(),
 		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter}
+	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Cache: c, Metrics: m,
+		KubeletDir: o.kubeletDir, RequirePodInfo: o.requirePodInfo}
 	if client, err := eventClient(o.kubeconfig); err != nil {
 		klog.InfoS("pod events are off", "reason", err)
 	} else {
 		node.Events = kube.NewEvents(client, "modelcache-node", o.nodeID)
 	}
-	live, gone, err := node.Recover()
+	live, gone, err := c.Recover()
 	if err != nil {
 		st.Close()
 		return nil, fmt.Errorf("recovering references: %w", err)
 	}
-	forgotten, removed, err := node.Reconcile()
+	forgotten, removed, err := c.Reconcile()
 	if err != nil {
 		st.Close()
 		return nil, fmt.Errorf("reconciling state and store: %w", err)
 	}
 	klog.InfoS("state recovered", "liveMounts", live, "missingMounts", len(gone), "recordsDropped", forgotten, "orphanTreesRemoved", removed)
-	go node.ReleaseStale(ctx, o.releaseGrace, gone)
+	go c.ReleaseStale(ctx, o.releaseGrace, gone)
 
 	if m != nil {
 		m.SetCacheStats(func() (metrics.CacheStats, error) {
@@ -225,7 +227,7 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 		}()
 	}
 	if sock := adminSocket(o); sock != "" {
-		srv := &admin.Server{Store: st, State: db, Resolver: resolver}
+		srv := &admin.Server{Cache: c, Resolver: resolver}
 		go func() {
 			if err := admin.Serve(ctx, sock, srv.Handler()); err != nil {
 				klog.ErrorS(err, "admin API stopped", "socket", sock)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"io"
 	"net"
 	"net/http"
@@ -16,10 +17,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/modelcache/modelcache/pkg/admin"
-	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/pkg/store"
 )
 
 // These are unit tests: a fake admin API on a unix socket in a temporary
@@ -100,15 +97,15 @@ func fail(code int, msg string) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(code)
-		_ = json.NewEncoder(w).Encode(admin.Error{Error: msg})
+		_ = json.NewEncoder(w).Encode(adminapi.Error{Error: msg})
 	}
 }
 
 // stream answers a prefetch with NDJSON events, checking the request as
 // pkg/admin decodes it.
-func stream(t *testing.T, events ...admin.PrefetchEvent) http.HandlerFunc {
+func stream(t *testing.T, events ...adminapi.PrefetchEvent) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		var req admin.PrefetchRequest
+		var req adminapi.PrefetchRequest
 		dec := json.NewDecoder(r.Body)
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
@@ -156,30 +153,25 @@ func runCLIWith(t *testing.T, socket string, step time.Duration, args ...string)
 	return result{code, out.String(), errb.String()}
 }
 
-func cached(digest string, size int64, files int, uris []string, lastUsed time.Duration, refs ...state.Ref) state.CachedTree {
-	return state.CachedTree{TreeRecord: state.TreeRecord{
-		Tree: store.Tree{Digest: digest, Size: size, Files: files}, URIs: uris, LastUsed: testNow.Add(-lastUsed),
-	}, Refs: refs}
+func cached(digest string, size int64, files int, uris []string, lastUsed time.Duration, refs ...adminapi.Ref) adminapi.Tree {
+	return adminapi.Tree{Digest: digest, Size: size, Files: files, URIs: uris, LastUsed: testNow.Add(-lastUsed), Refs: refs}
 }
 
-func testTrees() []admin.Tree {
+func testTrees() []adminapi.Tree {
 	llama := cached(dLlama, 2600*mib, 3, []string{"mys3:models/llama", "s3://models/llama"}, 3*time.Minute,
-		state.Ref{VolumeID: "csi-1", Tree: dLlama, PodName: "llama-1", PodNS: "serving"},
-		state.Ref{VolumeID: "csi-2", Tree: dLlama, PodName: "llama-0", PodNS: "serving"},
-		state.Ref{VolumeID: "csi-3", Tree: dLlama, PodName: "llama-0", PodNS: "serving"})
+		adminapi.Ref{VolumeID: "csi-1", Tree: dLlama, PodName: "llama-1", PodNS: "serving"},
+		adminapi.Ref{VolumeID: "csi-2", Tree: dLlama, PodName: "llama-0", PodNS: "serving"},
+		adminapi.Ref{VolumeID: "csi-3", Tree: dLlama, PodName: "llama-0", PodNS: "serving"})
 	llama.Pinned, llama.PinnedAt = true, testNow.Add(-2*time.Hour)
-	bert := cached(dBert, 512*mib, 2, []string{"gs://m/bert"}, 5*time.Hour, state.Ref{VolumeID: "pv-bert", Tree: dBert})
+	bert := cached(dBert, 512*mib, 2, []string{"gs://m/bert"}, 5*time.Hour, adminapi.Ref{VolumeID: "pv-bert", Tree: dBert})
 	bert.Doomed = "operator"
 	old := cached(dOld, 1536, 1, nil, 72*time.Hour)
-	return []admin.Tree{
-		{CachedTree: llama, Present: true},
-		{CachedTree: bert, Present: true},
-		{CachedTree: old, Present: false},
-	}
+	llama.Present, bert.Present = true, true
+	return []adminapi.Tree{llama, bert, old}
 }
 
-func testInspection() admin.Inspection {
-	return admin.Inspection{Tree: testTrees()[0], Contents: []admin.File{
+func testInspection() adminapi.Inspection {
+	return adminapi.Inspection{Tree: testTrees()[0], Contents: []adminapi.File{
 		{Path: "config.json", Size: 612, Sha256: strings.Repeat("c", 64)},
 		{Path: "model.safetensors", Size: 2600*mib - 612 - 2*mib, Sha256: strings.Repeat("d", 64)},
 		{Path: "tokenizer/tokenizer.json", Size: 2 * mib, Sha256: ""},
@@ -259,7 +251,7 @@ func TestListAndInspect(t *testing.T) {
 		stderrNone: true,
 	}, {
 		name:       "ls empty",
-		routes:     map[string]http.HandlerFunc{"GET /v1/trees": reply([]admin.Tree{})},
+		routes:     map[string]http.HandlerFunc{"GET /v1/trees": reply([]adminapi.Tree{})},
 		args:       []string{"ls"},
 		stdout:     []string{"no models cached on this node"},
 		stderrNone: true,
@@ -323,17 +315,17 @@ func TestListAndInspect(t *testing.T) {
 }
 
 func TestPrefetch(t *testing.T) {
-	done := admin.PrefetchEvent{Event: "done", Done: 100 * mib, Total: 100 * mib, Tree: dLlama, Files: 3, Fetched: true, Took: "10.4321s"}
+	done := adminapi.PrefetchEvent{Event: "done", Done: 100 * mib, Total: 100 * mib, Tree: dLlama, Files: 3, Fetched: true, Took: "10.4321s"}
 	runCases(t, []cliCase{{
 		// The fake clock steps 2s per event at 10 MiB/s; plain lines are
 		// printed at most every 5s.
 		name: "progress when stdout is not a terminal",
 		routes: map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
-			admin.PrefetchEvent{Event: "progress", Done: 0, Total: 100 * mib},
-			admin.PrefetchEvent{Event: "progress", Done: 20 * mib, Total: 100 * mib},
-			admin.PrefetchEvent{Event: "progress", Done: 40 * mib, Total: 100 * mib},
-			admin.PrefetchEvent{Event: "progress", Done: 60 * mib, Total: 100 * mib},
-			admin.PrefetchEvent{Event: "progress", Done: 80 * mib, Total: 100 * mib},
+			adminapi.PrefetchEvent{Event: "progress", Done: 0, Total: 100 * mib},
+			adminapi.PrefetchEvent{Event: "progress", Done: 20 * mib, Total: 100 * mib},
+			adminapi.PrefetchEvent{Event: "progress", Done: 40 * mib, Total: 100 * mib},
+			adminapi.PrefetchEvent{Event: "progress", Done: 60 * mib, Total: 100 * mib},
+			adminapi.PrefetchEvent{Event: "progress", Done: 80 * mib, Total: 100 * mib},
 			done)},
 		args:      []string{"prefetch", "mys3:models/llama"},
 		clockStep: 2 * time.Second,
@@ -344,7 +336,7 @@ func TestPrefetch(t *testing.T) {
 		},
 		stderrNone: true,
 		check: func(t *testing.T, f *fakeAPI, _ result) {
-			var req admin.PrefetchRequest
+			var req adminapi.PrefetchRequest
 			if err := json.Unmarshal(f.body("POST /v1/prefetch"), &req); err != nil {
 				t.Fatal(err)
 			}
@@ -355,22 +347,22 @@ func TestPrefetch(t *testing.T) {
 	}, {
 		name: "already cached",
 		routes: map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
-			admin.PrefetchEvent{Event: "done", Done: 2 * gib, Total: 2 * gib, Tree: dLlama, Files: 1, Took: "12ms"})},
+			adminapi.PrefetchEvent{Event: "done", Done: 2 * gib, Total: 2 * gib, Tree: dLlama, Files: 1, Took: "12ms"})},
 		args:       []string{"prefetch", "mys3:models/llama"},
 		stdout:     []string{"already cached as " + dLlama + " (1 file, 2.0 GiB)"},
 		stderrNone: true,
 	}, {
 		name: "error event",
 		routes: map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
-			admin.PrefetchEvent{Event: "progress", Done: 1 * mib, Total: 100 * mib},
-			admin.PrefetchEvent{Event: "error", Error: "downloading mys3:models/llama: remote refused the credentials"})},
+			adminapi.PrefetchEvent{Event: "progress", Done: 1 * mib, Total: 100 * mib},
+			adminapi.PrefetchEvent{Event: "error", Error: "downloading mys3:models/llama: remote refused the credentials"})},
 		args:      []string{"prefetch", "mys3:models/llama"},
 		code:      1,
 		stderrHas: []string{"modelcachectl prefetch: downloading mys3:models/llama: remote refused the credentials"},
 	}, {
 		name: "stream ends without a result",
 		routes: map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
-			admin.PrefetchEvent{Event: "progress", Done: 1 * mib, Total: 100 * mib})},
+			adminapi.PrefetchEvent{Event: "progress", Done: 1 * mib, Total: 100 * mib})},
 		args:      []string{"prefetch", "mys3:models/llama"},
 		code:      1,
 		stderrHas: []string{"closed the connection before mys3:models/llama was cached; run the same prefetch again"},
@@ -440,17 +432,17 @@ stringData:
 				if err := os.WriteFile(path, []byte(file.content), 0o600); err != nil {
 					t.Fatal(err)
 				}
-				last := admin.PrefetchEvent{Event: "done", Done: mib, Total: mib, Tree: dLlama, Files: 1, Fetched: true, Took: "1s"}
+				last := adminapi.PrefetchEvent{Event: "done", Done: mib, Total: mib, Tree: dLlama, Files: 1, Fetched: true, Took: "1s"}
 				if outcome == "error" {
-					last = admin.PrefetchEvent{Event: "error", Error: "listing mys3:models/llama: access denied"}
+					last = adminapi.PrefetchEvent{Event: "error", Error: "listing mys3:models/llama: access denied"}
 				}
 				f := startAPI(t, map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
-					admin.PrefetchEvent{Event: "progress", Done: 1, Total: mib}, last)})
+					adminapi.PrefetchEvent{Event: "progress", Done: 1, Total: mib}, last)})
 				r := runCLI(t, f.socket, "prefetch", "--secret-file", path, "mys3:models/llama")
 				if wantCode := map[string]int{"done": 0, "error": 1}[outcome]; r.code != wantCode {
 					t.Errorf("exit code %d, want %d; stderr: %s", r.code, wantCode, r.stderr)
 				}
-				var req admin.PrefetchRequest
+				var req adminapi.PrefetchRequest
 				if err := json.Unmarshal(f.body("POST /v1/prefetch"), &req); err != nil {
 					t.Fatal(err)
 				}
@@ -468,12 +460,12 @@ stringData:
 }
 
 func TestMutations(t *testing.T) {
-	llama := testTrees()[0].CachedTree
+	llama := testTrees()[0]
 	unpinned := llama
 	unpinned.Pinned, unpinned.PinnedAt = false, time.Time{}
-	refBody := func(want admin.RefRequest, route string) func(*testing.T, *fakeAPI, result) {
+	refBody := func(want adminapi.RefRequest, route string) func(*testing.T, *fakeAPI, result) {
 		return func(t *testing.T, f *fakeAPI, _ result) {
-			var got admin.RefRequest
+			var got adminapi.RefRequest
 			dec := json.NewDecoder(bytes.NewReader(f.body(route)))
 			dec.DisallowUnknownFields()
 			if err := dec.Decode(&got); err != nil {
@@ -491,28 +483,28 @@ func TestMutations(t *testing.T) {
 		args:       []string{"pin", "mys3:models/llama"},
 		stdout:     []string{"pinned " + dLlama + " (mys3:models/llama, s3://models/llama, 2.5 GiB)"},
 		stderrNone: true,
-		check:      refBody(admin.RefRequest{Ref: "mys3:models/llama"}, "POST /v1/pin"),
+		check:      refBody(adminapi.RefRequest{Ref: "mys3:models/llama"}, "POST /v1/pin"),
 	}, {
 		name:       "unpin",
 		routes:     map[string]http.HandlerFunc{"POST /v1/unpin": reply(unpinned)},
 		args:       []string{"unpin", "3f9a1c0d7e2b"},
 		stdout:     []string{"unpinned " + dLlama + " (mys3:models/llama, s3://models/llama, 2.5 GiB)"},
 		stderrNone: true,
-		check:      refBody(admin.RefRequest{Ref: "3f9a1c0d7e2b"}, "POST /v1/unpin"),
+		check:      refBody(adminapi.RefRequest{Ref: "3f9a1c0d7e2b"}, "POST /v1/unpin"),
 	}, {
 		name:       "evict",
-		routes:     map[string]http.HandlerFunc{"POST /v1/evict": reply(admin.EvictResult{Tree: dBert, Removed: true, Freed: 512 * mib})},
+		routes:     map[string]http.HandlerFunc{"POST /v1/evict": reply(adminapi.EvictResult{Tree: dBert, Removed: true, Freed: 512 * mib})},
 		args:       []string{"evict", "gs://m/bert"},
 		stdout:     []string{"evicted " + dBert + " (freed 512.0 MiB)"},
 		stderrNone: true,
-		check:      refBody(admin.RefRequest{Ref: "gs://m/bert"}, "POST /v1/evict"),
+		check:      refBody(adminapi.RefRequest{Ref: "gs://m/bert"}, "POST /v1/evict"),
 	}, {
 		name:       "evict --when-unused in use",
-		routes:     map[string]http.HandlerFunc{"POST /v1/evict": reply(admin.EvictResult{Tree: dLlama, Pending: true})},
+		routes:     map[string]http.HandlerFunc{"POST /v1/evict": reply(adminapi.EvictResult{Tree: dLlama, Pending: true})},
 		args:       []string{"evict", "--when-unused", "mys3:models/llama"},
 		stdout:     []string{dLlama + " is in use; it will be removed when its last mount goes"},
 		stderrNone: true,
-		check:      refBody(admin.RefRequest{Ref: "mys3:models/llama", WhenUnused: true}, "POST /v1/evict"),
+		check:      refBody(adminapi.RefRequest{Ref: "mys3:models/llama", WhenUnused: true}, "POST /v1/evict"),
 	}, {
 		name:      "evict in use without --when-unused",
 		routes:    map[string]http.HandlerFunc{"POST /v1/evict": fail(http.StatusConflict, inUse)},
@@ -521,23 +513,20 @@ func TestMutations(t *testing.T) {
 		stdout:    []string{""},
 		stderrHas: []string{"modelcachectl evict: " + inUse + "\n"},
 	}, {
-		name: "gc",
-		routes: map[string]http.HandlerFunc{"POST /v1/gc": reply(struct {
-			store.Plan
-			DryRun bool `json:"dryRun"`
-		}{Plan: store.Plan{Evicted: []store.Candidate{{Digest: dOld, Size: 1536}, {Digest: dBert, Size: 512 * mib}}, Freed: 512*mib + 1536}})},
-		args: []string{"gc"},
+		name:   "gc",
+		routes: map[string]http.HandlerFunc{"POST /v1/gc": reply(adminapi.GCResult{Evicted: []adminapi.Candidate{{Digest: dOld, Size: 1536}, {Digest: dBert, Size: 512 * mib}}, Freed: 512*mib + 1536})},
+		args:   []string{"gc"},
 		stdout: []string{
 			"evicted " + dOld + " (1.5 KiB)",
 			"evicted " + dBert + " (512.0 MiB)",
 			"freed 512.0 MiB from 2 models",
 		},
 		stderrNone: true,
-		check:      refBody(admin.RefRequest{}, "POST /v1/gc"),
+		check:      refBody(adminapi.RefRequest{}, "POST /v1/gc"),
 	}, {
 		name: "gc dry run still over budget",
-		routes: map[string]http.HandlerFunc{"POST /v1/gc": reply(gcReply{
-			Plan:   store.Plan{Evicted: []store.Candidate{{Digest: dOld, Size: 1536}}, Freed: 1536, Over: gib},
+		routes: map[string]http.HandlerFunc{"POST /v1/gc": reply(adminapi.GCResult{
+			Evicted: []adminapi.Candidate{{Digest: dOld, Size: 1536}}, Freed: 1536, Over: gib,
 			DryRun: true, Warning: "no space: 1 in-use trees hold 2.5 GiB and 1 pinned trees hold 2.5 GiB, and nothing else can be evicted",
 		})},
 		args: []string{"gc", "--dry-run"},
@@ -546,10 +535,10 @@ func TestMutations(t *testing.T) {
 			"would free 1.5 KiB from 1 model",
 		},
 		stderrHas: []string{"warning: no space: 1 in-use trees hold"},
-		check:     refBody(admin.RefRequest{DryRun: true}, "POST /v1/gc"),
+		check:     refBody(adminapi.RefRequest{DryRun: true}, "POST /v1/gc"),
 	}, {
 		name:   "drain",
-		routes: map[string]http.HandlerFunc{"POST /v1/drain": reply(admin.DrainResult{Drained: true, Removed: []string{dOld, dBert}, Freed: 512*mib + 1536, Pending: []string{dLlama}})},
+		routes: map[string]http.HandlerFunc{"POST /v1/drain": reply(adminapi.DrainResult{Drained: true, Removed: []string{dOld, dBert}, Freed: 512*mib + 1536, Pending: []string{dLlama}})},
 		args:   []string{"drain"},
 		stdout: []string{
 			"removed " + dOld,
@@ -560,13 +549,13 @@ func TestMutations(t *testing.T) {
 		stderrNone: true,
 	}, {
 		name:       "drain again",
-		routes:     map[string]http.HandlerFunc{"POST /v1/drain": reply(admin.DrainResult{Drained: true, Removed: []string{}, Pending: []string{}})},
+		routes:     map[string]http.HandlerFunc{"POST /v1/drain": reply(adminapi.DrainResult{Drained: true, Removed: []string{}, Pending: []string{}})},
 		args:       []string{"drain"},
 		stdout:     []string{"node drained: removed 0 models (freed 0 B), 0 pending; no downloads start until 'modelcachectl undrain'"},
 		stderrNone: true,
 	}, {
 		name:       "undrain",
-		routes:     map[string]http.HandlerFunc{"POST /v1/undrain": reply(admin.DrainResult{Removed: []string{}, Pending: []string{}})},
+		routes:     map[string]http.HandlerFunc{"POST /v1/undrain": reply(adminapi.DrainResult{Removed: []string{}, Pending: []string{}})},
 		args:       []string{"undrain"},
 		stdout:     []string{"node undrained: models are downloaded again"},
 		stderrNone: true,
@@ -574,24 +563,24 @@ func TestMutations(t *testing.T) {
 }
 
 func TestVerifyAndDu(t *testing.T) {
-	usage := admin.DiskUsage{
-		Usage:      store.Usage{BlobBytes: 2600*mib + 2*mib, Blobs: 6, TreeBytes: 3112 * mib, Trees: 3, IngestBytes: 300 * mib, Quarantined: 1, FSSize: 100 * gib, FSFree: 40 * gib},
+	usage := adminapi.DiskUsage{
+		BlobBytes: 2600*mib + 2*mib, Blobs: 6, TreeBytes: 3112 * mib, Trees: 3, IngestBytes: 300 * mib, Quarantined: 1, FSSize: 100 * gib, FSFree: 40 * gib,
 		SavedBytes: 510 * mib,
 	}
 	runCases(t, []cliCase{{
 		name: "verify ok",
-		routes: map[string]http.HandlerFunc{"POST /v1/verify": reply(admin.VerifyReport{
-			VerifyResult: store.VerifyResult{Blobs: 6, Bytes: 2602 * mib, Took: "3.217s"},
-			Removed:      []string{}, Invalidated: []string{}, OK: true,
+		routes: map[string]http.HandlerFunc{"POST /v1/verify": reply(adminapi.VerifyReport{
+			Blobs: 6, Bytes: 2602 * mib, Took: "3.217s",
+			Removed: []string{}, Invalidated: []string{}, OK: true,
 		})},
 		args:       []string{"verify"},
 		stdout:     []string{"checked 6 blobs (2.5 GiB) in 3.2s", "no corruption found"},
 		stderrNone: true,
 	}, {
 		name: "verify found corruption",
-		routes: map[string]http.HandlerFunc{"POST /v1/verify": reply(admin.VerifyReport{
-			VerifyResult: store.VerifyResult{Blobs: 6, Bytes: 2602 * mib, Took: "3.217s",
-				Corrupt: []string{strings.Repeat("e", 64)}, Damaged: []string{dLlama, dOld}, Quarantined: []string{strings.Repeat("e", 64) + "-1764072000"}},
+		routes: map[string]http.HandlerFunc{"POST /v1/verify": reply(adminapi.VerifyReport{
+			Blobs: 6, Bytes: 2602 * mib, Took: "3.217s",
+			Corrupt: []string{strings.Repeat("e", 64)}, Damaged: []string{dLlama, dOld}, Quarantined: []string{strings.Repeat("e", 64) + "-1764072000"},
 			Removed: []string{dOld}, Invalidated: []string{dLlama}, OK: false,
 		})},
 		args: []string{"verify"},
@@ -696,10 +685,34 @@ func TestUsageAndConnection(t *testing.T) {
 		}
 	})
 	t.Run("--socket after the command", func(t *testing.T) {
-		f := startAPI(t, map[string]http.HandlerFunc{"GET /v1/trees": reply([]admin.Tree{})})
+		f := startAPI(t, map[string]http.HandlerFunc{"GET /v1/trees": reply([]adminapi.Tree{})})
 		r := runCLI(t, "/nonexistent.sock", "ls", "--socket", f.socket)
 		if r.code != 0 || r.stdout != "no models cached on this node\n" {
 			t.Errorf("exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
 		}
 	})
+}
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// assertSameJSON fails unless want and got decode to the same value.
+func assertSameJSON(t *testing.T, want, got []byte) {
+	t.Helper()
+	var w, g any
+	if err := json.Unmarshal(want, &w); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(got, &g); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(w, g) {
+		t.Errorf("shapes differ:\nserver: %s\ncli:    %s", want, got)
+	}
 }

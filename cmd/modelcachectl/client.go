@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"io"
 	"net"
 	"net/http"
@@ -141,7 +142,7 @@ func (c *client) do(ctx context.Context, method, path string, body any) (*http.R
 	}
 	defer resp.Body.Close()
 	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	var e apiErrorBody
+	var e adminapi.Error
 	if json.Unmarshal(raw, &e) == nil && e.Error != "" {
 		return nil, &apiError{Status: resp.StatusCode, Message: e.Error}
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"io"
 	"net/url"
 	"strings"
@@ -28,7 +29,7 @@ func (a *app) ls(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var trees []tree
+	var trees []adminapi.Tree
 	raw, err := a.client().getJSON(a.ctx, "/v1/trees", nil, &trees)
 	if err != nil {
 		return err
@@ -77,7 +78,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var in inspection
+	var in adminapi.Inspection
 	raw, err := a.client().getJSON(a.ctx, "/v1/tree", url.Values{"ref": {pos[0]}}, &in)
 	if err != nil {
 		return err
@@ -109,13 +110,13 @@ func (a *app) inspect(cmd *command, args []string) error {
 	if err := t.Flush(); err != nil {
 		return err
 	}
-	if len(in.FileList) == 0 {
+	if len(in.Contents) == 0 {
 		return nil
 	}
 	fmt.Fprintln(a.stdout)
 	t = newTable(a.stdout)
 	fmt.Fprintln(t, "PATH\tSIZE\tSHA256")
-	for _, f := range in.FileList {
+	for _, f := range in.Contents {
 		sum := f.Sha256
 		if sum == "" {
 			sum = "-"
@@ -161,7 +162,7 @@ func (a *app) prefetch(cmd *command, args []string) error {
 			return err
 		}
 	}
-	resp, err := a.client().do(a.ctx, "POST", "/v1/prefetch", prefetchRequest{URI: uri, Secrets: secrets})
+	resp, err := a.client().do(a.ctx, "POST", "/v1/prefetch", adminapi.PrefetchRequest{URI: uri, Secrets: secrets})
 	if err != nil {
 		return err
 	}
@@ -169,7 +170,7 @@ func (a *app) prefetch(cmd *command, args []string) error {
 	p := &progress{w: a.stdout, uri: uri, tty: a.isTTY(), width: a.termWidth, now: a.now, interval: a.progressEvery}
 	dec := json.NewDecoder(resp.Body)
 	for {
-		var ev prefetchEvent
+		var ev adminapi.PrefetchEvent
 		if err := dec.Decode(&ev); err != nil {
 			p.clear()
 			switch {
@@ -227,8 +228,8 @@ func (a *app) pin(cmd *command, args []string, on bool) error {
 	if err != nil {
 		return err
 	}
-	var t cachedTree
-	if _, err := a.client().postJSON(a.ctx, "/v1/"+cmd.name, refRequest{Ref: pos[0]}, &t); err != nil {
+	var t adminapi.Tree
+	if _, err := a.client().postJSON(a.ctx, "/v1/"+cmd.name, adminapi.RefRequest{Ref: pos[0]}, &t); err != nil {
 		return err
 	}
 	verb := "unpinned"
@@ -258,8 +259,8 @@ func (a *app) evict(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var res evictResult
-	if _, err := a.client().postJSON(a.ctx, "/v1/evict", refRequest{Ref: pos[0], WhenUnused: *whenUnused}, &res); err != nil {
+	var res adminapi.EvictResult
+	if _, err := a.client().postJSON(a.ctx, "/v1/evict", adminapi.RefRequest{Ref: pos[0], WhenUnused: *whenUnused}, &res); err != nil {
 		return err
 	}
 	if res.Pending {
@@ -287,8 +288,8 @@ func (a *app) gc(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var res gcResult
-	if _, err := a.client().postJSON(a.ctx, "/v1/gc", refRequest{DryRun: *dryRun}, &res); err != nil {
+	var res adminapi.GCResult
+	if _, err := a.client().postJSON(a.ctx, "/v1/gc", adminapi.RefRequest{DryRun: *dryRun}, &res); err != nil {
 		return err
 	}
 	verb, total := "evicted", "freed"
@@ -328,7 +329,7 @@ func (a *app) drain(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var res drainResult
+	var res adminapi.DrainResult
 	if _, err := a.client().postJSON(a.ctx, "/v1/drain", nil, &res); err != nil {
 		return err
 	}
@@ -359,7 +360,7 @@ func (a *app) undrain(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var res drainResult
+	var res adminapi.DrainResult
 	if _, err := a.client().postJSON(a.ctx, "/v1/undrain", nil, &res); err != nil {
 		return err
 	}
@@ -385,7 +386,7 @@ func (a *app) verify(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var rep verifyReport
+	var rep adminapi.VerifyReport
 	if _, err := a.client().postJSON(a.ctx, "/v1/verify", nil, &rep); err != nil {
 		return err
 	}
@@ -427,7 +428,7 @@ func (a *app) du(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var u diskUsage
+	var u adminapi.DiskUsage
 	raw, err := a.client().getJSON(a.ctx, "/v1/du", nil, &u)
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"io"
 	"math"
 	"slices"
@@ -146,7 +147,7 @@ func shortDigest(d string) string {
 
 // usersOf names who mounts a tree: "namespace/pod" when the pod is known,
 // else the volume ID; sorted, without repeats.
-func usersOf(refs []ref) []string {
+func usersOf(refs []adminapi.Ref) []string {
 	var out []string
 	for _, r := range refs {
 		if r.PodName != "" {

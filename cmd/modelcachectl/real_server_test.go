@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/admin"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
 )
@@ -34,7 +35,9 @@ func TestAgainstRealAdminServer(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	socket := filepath.Join(dir, "admin.sock")
 	served := make(chan error, 1)
-	go func() { served <- admin.Serve(ctx, socket, (&admin.Server{Store: st, State: db}).Handler()) }()
+	go func() {
+		served <- admin.Serve(ctx, socket, (&admin.Server{Cache: &cache.Cache{Store: st, State: db}}).Handler())
+	}()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-served; err != nil {

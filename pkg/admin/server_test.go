@@ -30,6 +30,8 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/admin"
+	"github.com/modelcache/modelcache/pkg/adminapi"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -269,7 +271,7 @@ func newHarness(t *testing.T) *harness {
 		_ = db.Close()
 		makeWritable(dir)
 	})
-	h.srv = &admin.Server{Store: h.store, State: db, Resolver: h.res, ProgressEvery: 5 * time.Millisecond}
+	h.srv = &admin.Server{Cache: &cache.Cache{Store: h.store, State: db, ProgressEvery: 5 * time.Millisecond}, Resolver: h.res}
 	return h
 }
 
@@ -287,7 +289,7 @@ func (h *harness) openStore(b store.Budget) {
 	}
 	h.store = st
 	if h.srv != nil {
-		h.srv.Store = st
+		h.srv.Cache.Store = st
 	}
 }
 
@@ -366,7 +368,7 @@ func (h *harness) call(method, path string, body any, code int, out any) {
 // holds every hint.
 func (h *harness) wantError(method, path string, body any, code int, hints ...string) string {
 	h.t.Helper()
-	var e admin.Error
+	var e adminapi.Error
 	h.call(method, path, body, code, &e)
 	if strings.TrimSpace(e.Error) == "" {
 		h.t.Errorf("%s %s: empty error message", method, path)
@@ -436,9 +438,9 @@ func TestListTrees(t *testing.T) {
 	if err := h.db.SetPinned(roberta, true); err != nil {
 		t.Fatal(err)
 	}
-	var trees []admin.Tree
+	var trees []adminapi.Tree
 	h.call("GET", "/v1/trees", nil, 200, &trees)
-	byDigest := map[string]admin.Tree{}
+	byDigest := map[string]adminapi.Tree{}
 	for _, tr := range trees {
 		byDigest[tr.Digest] = tr
 	}
@@ -527,12 +529,12 @@ func TestInspect(t *testing.T) {
 				h.wantError("GET", treeURL(tt.ref), nil, tt.code, tt.hint)
 				return
 			}
-			var got admin.Inspection
+			var got adminapi.Inspection
 			h.call("GET", treeURL(tt.ref), nil, 200, &got)
 			if got.Digest != bert || !got.Present || !slices.Contains(got.URIs, bertURI) {
 				t.Errorf("inspect %q = %s (present %v, URIs %v), want %s", tt.ref, got.Digest, got.Present, got.URIs, bert)
 			}
-			files := map[string]admin.File{}
+			files := map[string]adminapi.File{}
 			for _, f := range got.Contents {
 				files[f.Path] = f
 			}
@@ -566,10 +568,10 @@ func TestPinUnpin(t *testing.T) {
 	}
 	for _, st := range steps {
 		if st.code != 200 {
-			h.wantError("POST", st.path, admin.RefRequest{Ref: st.ref}, st.code)
+			h.wantError("POST", st.path, adminapi.RefRequest{Ref: st.ref}, st.code)
 		} else {
 			var got state.CachedTree
-			h.call("POST", st.path, admin.RefRequest{Ref: st.ref}, 200, &got)
+			h.call("POST", st.path, adminapi.RefRequest{Ref: st.ref}, 200, &got)
 			if got.Digest != bert || got.Pinned != st.wantPinned {
 				t.Errorf("%s %q replied %s pinned %v, want %s %v", st.path, st.ref, got.Digest, got.Pinned, bert, st.wantPinned)
 			}
@@ -609,18 +611,18 @@ func TestEvict(t *testing.T) {
 			if tt.mounted {
 				h.mount("/t/a", bert, "serving", "bert-0")
 			}
-			req := admin.RefRequest{Ref: bertURI, WhenUnused: tt.whenUnused}
+			req := adminapi.RefRequest{Ref: bertURI, WhenUnused: tt.whenUnused}
 			if tt.code != 200 {
 				h.wantError("POST", "/v1/evict", req, tt.code, tt.hint, "--when-unused")
 			} else {
-				var got admin.EvictResult
+				var got adminapi.EvictResult
 				h.call("POST", "/v1/evict", req, 200, &got)
 				wantFreed := int64(0)
 				if tt.wantRemoved {
 					// The shared tokenizer stays with roberta.
 					wantFreed = sizeOf(bertFiles) - int64(len(tokenizer))
 				}
-				if got != (admin.EvictResult{Tree: bert, Removed: tt.wantRemoved, Freed: wantFreed, Pending: tt.wantPending}) {
+				if got != (adminapi.EvictResult{Tree: bert, Removed: tt.wantRemoved, Freed: wantFreed, Pending: tt.wantPending}) {
 					t.Errorf("evict = %+v; want removed %v, freed %d, pending %v", got, tt.wantRemoved, wantFreed, tt.wantPending)
 				}
 			}
@@ -651,7 +653,7 @@ func TestEvict(t *testing.T) {
 	}
 	t.Run("unknown", func(t *testing.T) {
 		h := newHarness(t)
-		h.wantError("POST", "/v1/evict", admin.RefRequest{Ref: "sha256:" + strings.Repeat("e", 64)}, 404)
+		h.wantError("POST", "/v1/evict", adminapi.RefRequest{Ref: "sha256:" + strings.Repeat("e", 64)}, 404)
 	})
 }
 
@@ -666,10 +668,10 @@ func TestPendingTreesAreReleasedAtLastUnmount(t *testing.T) {
 		bug    string
 	}{
 		{"evict when unused", false, func(h *harness, d string) {
-			h.call("POST", "/v1/evict", admin.RefRequest{Ref: d, WhenUnused: true}, 200, nil)
+			h.call("POST", "/v1/evict", adminapi.RefRequest{Ref: d, WhenUnused: true}, 200, nil)
 		}, "operator", ""},
 		{"evict when unused, pinned", true, func(h *harness, d string) {
-			h.call("POST", "/v1/evict", admin.RefRequest{Ref: d, WhenUnused: true}, 200, nil)
+			h.call("POST", "/v1/evict", adminapi.RefRequest{Ref: d, WhenUnused: true}, 200, nil)
 		}, "operator", ""},
 		{"drain", false, func(h *harness, d string) {
 			h.call("POST", "/v1/drain", nil, 200, nil)
@@ -703,7 +705,7 @@ func TestPendingTreesAreReleasedAtLastUnmount(t *testing.T) {
 			if p, err := h.db.Protected(bert); err != nil || p {
 				t.Errorf("pending tree is still protected (%v) once unused", err)
 			}
-			_, removed, err := h.store.Evict(bert, tt.reason)
+			_, removed, err := h.store.Evict(bert, store.EvictReason(tt.reason))
 			if err != nil || !removed {
 				t.Errorf("Evict of the pending tree at its last unmount = removed %v, %v; want removed", removed, err)
 			}
@@ -740,8 +742,8 @@ func TestGC(t *testing.T) {
 				h.mount("/t/iris", iris, "serving", "iris-0")
 			}
 			h.openStore(store.Budget{MaxBytes: tt.maxBytes})
-			var got admin.GCResult
-			h.call("POST", "/v1/gc", admin.RefRequest{DryRun: tt.dryRun}, 200, &got)
+			var got adminapi.GCResult
+			h.call("POST", "/v1/gc", adminapi.RefRequest{DryRun: tt.dryRun}, 200, &got)
 			var want []string
 			for _, u := range tt.wantEvicted {
 				want = append(want, map[string]string{irisURI: iris, bertURI: bert}[u])
@@ -797,7 +799,7 @@ func TestDrainUndrain(t *testing.T) {
 		{"/v1/undrain", false, []string{}, []string{}, 0},
 	}
 	for i, st := range steps {
-		var got admin.DrainResult
+		var got adminapi.DrainResult
 		h.call("POST", st.path, nil, 200, &got)
 		slices.Sort(got.Removed)
 		slices.Sort(st.wantRemoved)
@@ -807,7 +809,7 @@ func TestDrainUndrain(t *testing.T) {
 		if d, err := h.db.Drained(); err != nil || d != st.wantDrained {
 			t.Errorf("step %d: state drained = %v, %v", i, d, err)
 		}
-		var du admin.DiskUsage
+		var du adminapi.DiskUsage
 		h.call("GET", "/v1/du", nil, 200, &du)
 		if du.Drained != st.wantDrained {
 			t.Errorf("step %d: du drained = %v", i, du.Drained)
@@ -833,7 +835,7 @@ func TestVerify(t *testing.T) {
 	iris := h.build(irisURI, irisFiles)
 	h.mount("/t/roberta", roberta, "serving", "roberta-0")
 
-	var clean admin.VerifyReport
+	var clean adminapi.VerifyReport
 	h.call("POST", "/v1/verify", nil, 200, &clean)
 	if !clean.OK || len(clean.Corrupt) != 0 || len(clean.Removed) != 0 || len(clean.Invalidated) != 0 || clean.Blobs != 6 {
 		t.Errorf("verify of a clean cache = %+v", clean)
@@ -853,7 +855,7 @@ func TestVerify(t *testing.T) {
 	}
 	f.Close()
 
-	var rep admin.VerifyReport
+	var rep adminapi.VerifyReport
 	h.call("POST", "/v1/verify", nil, 200, &rep)
 	slices.Sort(rep.Damaged)
 	wantDamaged := []string{bert, roberta}
@@ -883,7 +885,7 @@ func TestVerify(t *testing.T) {
 	if _, ok, _ := h.db.TreeForKey("key-" + irisURI); !ok || !h.store.HasTree(iris) {
 		t.Error("verify touched a clean tree")
 	}
-	var du admin.DiskUsage
+	var du adminapi.DiskUsage
 	h.call("GET", "/v1/du", nil, 200, &du)
 	if du.Quarantined != 1 {
 		t.Errorf("du quarantined = %d, want 1", du.Quarantined)
@@ -892,7 +894,7 @@ func TestVerify(t *testing.T) {
 
 func TestDiskUsage(t *testing.T) {
 	h := newHarness(t)
-	var du admin.DiskUsage
+	var du adminapi.DiskUsage
 	h.call("GET", "/v1/du", nil, 200, &du)
 	if du.Trees != 0 || du.BlobBytes != 0 || du.SavedBytes != 0 || du.FSSize <= 0 {
 		t.Errorf("du of an empty cache = %+v", du)
@@ -900,12 +902,10 @@ func TestDiskUsage(t *testing.T) {
 	h.build(bertURI, bertFiles)
 	h.build(robertaURI, robertaFiles)
 	h.call("GET", "/v1/du", nil, 200, &du)
-	want := admin.DiskUsage{
-		Usage: store.Usage{
-			BlobBytes: sizeOf(bertFiles) + sizeOf(robertaFiles) - int64(len(tokenizer)), Blobs: 5,
-			TreeBytes: sizeOf(bertFiles) + sizeOf(robertaFiles), Trees: 2,
-			FSSize: du.FSSize, FSFree: du.FSFree,
-		},
+	want := adminapi.DiskUsage{
+		BlobBytes: sizeOf(bertFiles) + sizeOf(robertaFiles) - int64(len(tokenizer)), Blobs: 5,
+		TreeBytes: sizeOf(bertFiles) + sizeOf(robertaFiles), Trees: 2,
+		FSSize: du.FSSize, FSFree: du.FSFree,
 		SavedBytes: int64(len(tokenizer)),
 	}
 	if du != want {
@@ -914,14 +914,14 @@ func TestDiskUsage(t *testing.T) {
 }
 
 // readEvents reads NDJSON prefetch events until "done" or "error" (or EOF).
-func readEvents(t *testing.T, r io.Reader, onLine func(admin.PrefetchEvent)) []admin.PrefetchEvent {
+func readEvents(t *testing.T, r io.Reader, onLine func(adminapi.PrefetchEvent)) []adminapi.PrefetchEvent {
 	t.Helper()
-	var evs []admin.PrefetchEvent
+	var evs []adminapi.PrefetchEvent
 	sc := bufio.NewScanner(r)
 	for sc.Scan() {
 		line := sc.Text()
 		wantNoSecrets(t, line)
-		var ev admin.PrefetchEvent
+		var ev adminapi.PrefetchEvent
 		dec := json.NewDecoder(strings.NewReader(line))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&ev); err != nil {
@@ -938,8 +938,8 @@ func readEvents(t *testing.T, r io.Reader, onLine func(admin.PrefetchEvent)) []a
 	return evs
 }
 
-func prefetchReq(uri string) admin.PrefetchRequest {
-	return admin.PrefetchRequest{URI: uri, Secrets: testSecrets()}
+func prefetchReq(uri string) adminapi.PrefetchRequest {
+	return adminapi.PrefetchRequest{URI: uri, Secrets: testSecrets()}
 }
 
 // Prefetch streams progress while the download runs and ends with "done";
@@ -955,7 +955,7 @@ func TestPrefetchStreams(t *testing.T) {
 	})
 	// Unflushed, ~40 progress lines (800ms) would fill the server's
 	// buffer before the client saw the first.
-	h.srv.ProgressEvery = 20 * time.Millisecond
+	h.srv.Cache.ProgressEvery = 20 * time.Millisecond
 	ts := httptest.NewServer(h.srv.Handler())
 	defer ts.Close()
 
@@ -969,7 +969,7 @@ func TestPrefetchStreams(t *testing.T) {
 		t.Fatalf("prefetch = %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 	released := false
-	evs := readEvents(t, resp.Body, func(ev admin.PrefetchEvent) {
+	evs := readEvents(t, resp.Body, func(ev adminapi.PrefetchEvent) {
 		// Release the remote once a progress line has arrived while the
 		// download is held: the reply streams, it is not buffered.
 		if ev.Event == "progress" && !released {
@@ -981,7 +981,7 @@ func TestPrefetchStreams(t *testing.T) {
 		t.Fatalf("no progress line before the end: %+v", evs)
 	}
 	last := evs[len(evs)-1]
-	want := admin.PrefetchEvent{Event: "done", Done: 14000, Total: 14000, Tree: treeDigestOf(files), Files: 2, Fetched: true, Took: last.Took}
+	want := adminapi.PrefetchEvent{Event: "done", Done: 14000, Total: 14000, Tree: treeDigestOf(files), Files: 2, Fetched: true, Took: last.Took}
 	if last != want || last.Took == "" {
 		t.Errorf("last event = %+v, want %+v", last, want)
 	}
@@ -1273,7 +1273,7 @@ func TestServe(t *testing.T) {
 	if err != nil {
 		t.Fatalf("GET over the socket: %v", err)
 	}
-	var trees []admin.Tree
+	var trees []adminapi.Tree
 	err = json.NewDecoder(resp.Body).Decode(&trees)
 	resp.Body.Close()
 	if err != nil || resp.StatusCode != 200 || len(trees) != 1 {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/keymutex"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
@@ -42,7 +43,7 @@ type Controller struct {
 	// Claims reads PVC annotations; nil when not running in a cluster.
 	Claims ClaimReader
 
-	names keyedMutex
+	names keymutex.Map
 }
 
 // readerModes are the access modes a read-only model cache can honour.

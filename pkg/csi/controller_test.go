@@ -946,7 +946,7 @@ func TestCreateVolumeConcurrent(t *testing.T) {
 	if lists := h.res.listCount(); lists != 1 {
 		t.Errorf("%d concurrent CreateVolume calls listed the model %d times, want 1", n, lists)
 	}
-	if k := h.ctrl.names.size(); k != 0 {
+	if k := h.ctrl.names.Len(); k != 0 {
 		t.Errorf("%d name locks left after all calls returned", k)
 	}
 

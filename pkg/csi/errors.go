@@ -3,8 +3,8 @@ package csi
 import (
 	"context"
 	"errors"
-	"fmt"
 
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -12,19 +12,13 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// errNotCached is returned for pullPolicy=Never when the node lacks the model.
-var errNotCached = errors.New("not cached")
-
-// errDrained is returned when a drained node would have to download.
-var errDrained = errors.New("node is drained")
-
-// errDigestMismatch is returned when a digest pin does not match the model.
-var errDigestMismatch = errors.New("digest mismatch")
-
 // publishError maps an error from resolving, downloading or mounting a model
 // onto the CSI code kubelet acts on, with a sentence saying what to do next.
 // This is the only place that chooses codes for the publish path.
 func publishError(uri string, err error) error {
+	if err == nil {
+		return nil
+	}
 	var inProgress *store.InProgressError
 	switch {
 	case errors.As(err, &inProgress):
@@ -45,22 +39,21 @@ func publishError(uri string, err error) error {
 		return status.Errorf(codes.Unavailable, "the remote for %s could not be reached: %v; kubelet will retry", uri, err)
 	case errors.Is(err, store.ErrNoSpace):
 		return status.Errorf(codes.ResourceExhausted, "no room in this node's model cache for %s: %v; unpin or evict models (modelcachectl ls), free space on the disk, or raise --cache-size", uri, err)
-	case errors.Is(err, errDrained):
+	case errors.Is(err, cache.ErrConflict):
+		return status.Errorf(codes.AlreadyExists, "%v, published with other arguments; unpublish it first", err)
+	case errors.Is(err, cache.ErrEvictedMeanwhile):
+		return status.Errorf(codes.Unavailable, "model %s was evicted while being mounted: %v; kubelet will retry", uri, err)
+	case errors.Is(err, cache.ErrDrained):
 		return status.Errorf(codes.Unavailable, "model %s is not cached on this node and the node is drained, so it starts no downloads; run modelcachectl undrain on the node, or let the pod schedule elsewhere", uri)
-	case errors.Is(err, errNotCached):
+	case errors.Is(err, cache.ErrNotCached):
 		return status.Errorf(codes.FailedPrecondition, "model %s is not cached on this node and pullPolicy is Never; prefetch it or use pullPolicy IfNotPresent", uri)
-	case errors.Is(err, errDigestMismatch):
+	case errors.Is(err, cache.ErrDigestMismatch):
 		return status.Errorf(codes.FailedPrecondition, "model %s: %v; update the digest attribute or restore the pinned model at the remote", uri, err)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		return status.Errorf(codes.DeadlineExceeded, "publishing %s: %v; kubelet will retry", uri, err)
 	default:
 		return status.Errorf(codes.Internal, "publishing %s: %v", uri, err)
 	}
-}
-
-// mismatch formats a digest pin failure.
-func mismatch(want, got string) error {
-	return fmt.Errorf("%w: the digest attribute pins %s but the model's content digest is %s", errDigestMismatch, want, got)
 }
 
 // provisionError maps an error from listing a model with the provisioner

@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
@@ -35,8 +36,8 @@ func TestPublishError(t *testing.T) {
 		{"no space", fmt.Errorf("%w: %w", store.ErrNoSpace, syscall.ENOSPC), codes.ResourceExhausted, []string{uri, "free space"}},
 		{"in progress", &store.InProgressError{Done: 512 << 20, Total: 1 << 30}, codes.Aborted, []string{uri, "512.0 MiB of 1.0 GiB (50%)", "retry"}},
 		{"in progress, nothing yet", &store.InProgressError{Total: 1 << 30}, codes.Aborted, []string{"(0%)"}},
-		{"not cached", errNotCached, codes.FailedPrecondition, []string{uri, "pullPolicy", "IfNotPresent"}},
-		{"digest mismatch", mismatch(pin, got), codes.FailedPrecondition, []string{uri, pin, got}},
+		{"not cached", cache.ErrNotCached, codes.FailedPrecondition, []string{uri, "pullPolicy", "IfNotPresent"}},
+		{"digest mismatch", fmt.Errorf("%w: the digest attribute pins %s but the model's content digest is %s", cache.ErrDigestMismatch, pin, got), codes.FailedPrecondition, []string{uri, pin, got}},
 		{"deadline", context.DeadlineExceeded, codes.DeadlineExceeded, []string{uri, "retry"}},
 		{"cancelled", context.Canceled, codes.DeadlineExceeded, []string{uri, "retry"}},
 		{"anything else", errors.New("tree record is corrupt"), codes.Internal, []string{uri, "tree record is corrupt"}},

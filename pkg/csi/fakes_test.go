@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
@@ -368,6 +369,7 @@ type harness struct {
 	state *state.DB
 	mnt   *mount.Fake
 	res   *fakeResolver
+	cache *cache.Cache
 }
 
 func newHarness(t *testing.T) *harness {
@@ -403,9 +405,10 @@ func newHarnessWith(t *testing.T, opts func(db *state.DB) store.Options) *harnes
 	res := newFakeResolver()
 	res.setModel(testURI, irisFiles())
 	mnt := mount.NewFake()
+	c := &cache.Cache{Store: st, State: db, Mounter: mnt}
 	return &harness{
-		t: t, dir: dir, store: st, state: db, mnt: mnt, res: res,
-		node: &Node{NodeID: "node-a", Resolver: res, Store: st, State: db, Mounter: mnt},
+		t: t, dir: dir, store: st, state: db, mnt: mnt, res: res, cache: c,
+		node: &Node{NodeID: "node-a", Resolver: res, Cache: c},
 	}
 }
 

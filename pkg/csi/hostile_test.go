@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -75,12 +76,12 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 	}{
 		{"B allowed: served from cache after one check", "", false, codes.OK, 1},
 		{"B denied: refused, nothing mounted", "", true, codes.PermissionDenied, 1},
-		{"policy Never: B served unchecked", VerifyNever, true, codes.OK, 0},
+		{"policy Never: B served unchecked", cache.VerifyNever, true, codes.OK, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newHarness(t)
-			h.node.VerifyCredentials = tt.policy
+			h.cache.VerifyCredentials = tt.policy
 			a := publishReq("vol-a", h.target("pod-a"), testURI, nil)
 			a.Secrets = tenantA
 			h.mustPublish(a)
@@ -122,7 +123,7 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 
 	t.Run("policy Always checks every publish", func(t *testing.T) {
 		h := newHarness(t)
-		h.node.VerifyCredentials = VerifyAlways
+		h.cache.VerifyCredentials = cache.VerifyAlways
 		for i, pod := range []string{"pod-a", "pod-b", "pod-c"} {
 			h.mustPublish(publishReq("vol-"+pod, h.target(pod), testURI, nil))
 			h.res.set(func(r *fakeResolver) {

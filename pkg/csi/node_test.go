@@ -690,7 +690,7 @@ func TestNodeGetVolumeStats(t *testing.T) {
 
 func TestRecover(t *testing.T) {
 	h := newHarness(t)
-	if live, gone, err := h.node.Recover(); live != 0 || len(gone) != 0 || err != nil {
+	if live, gone, err := h.cache.Recover(); live != 0 || len(gone) != 0 || err != nil {
 		t.Fatalf("Recover on an empty node = %d, %d, %v", live, len(gone), err)
 	}
 	digest := treeDigestOf(irisFiles())
@@ -702,7 +702,7 @@ func TestRecover(t *testing.T) {
 	if err := h.state.AddRef(state.Ref{VolumeID: "vol-d", TargetPath: h.target("pod-d"), Tree: digest, URI: testURI, Published: time.Now()}, ""); err != nil {
 		t.Fatal(err)
 	}
-	live, gone, err := h.node.Recover()
+	live, gone, err := h.cache.Recover()
 	if err != nil || live != 2 || len(gone) != 2 {
 		t.Fatalf("Recover = %d live, %d gone, %v; want 2, 2", live, len(gone), err)
 	}

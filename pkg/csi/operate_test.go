@@ -253,7 +253,7 @@ func TestReconcile(t *testing.T) {
 		}
 	}
 
-	forgotten, removed, err := h.node.Reconcile()
+	forgotten, removed, err := h.cache.Reconcile()
 	if err != nil || forgotten != 1 || removed != 1 {
 		t.Fatalf("Reconcile = %d forgotten, %d removed, %v; want 1, 1", forgotten, removed, err)
 	}
@@ -282,7 +282,7 @@ func TestReconcile(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(h.store.Dir(), store.BlobsDir, sha256Hex(models["orphan"]["orphan.bin"]))); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("orphan tree's blob still there (%v)", err)
 	}
-	if f, r, err := h.node.Reconcile(); err != nil || f != 0 || r != 0 {
+	if f, r, err := h.cache.Reconcile(); err != nil || f != 0 || r != 0 {
 		t.Errorf("second Reconcile = %d, %d, %v; want nothing to do", f, r, err)
 	}
 }
@@ -325,7 +325,7 @@ func TestReleaseStale(t *testing.T) {
 			// A reboot loses b's and c's mounts; kubelet publishes c again.
 			h.mnt.Forget(h.target("pod-b"))
 			h.mnt.Forget(h.target("pod-c"))
-			live, gone, err := h.node.Recover()
+			live, gone, err := h.cache.Recover()
 			if err != nil || live != 1 || len(gone) != 2 {
 				t.Fatalf("Recover = %d live, %d gone, %v", live, len(gone), err)
 			}
@@ -339,7 +339,7 @@ func TestReleaseStale(t *testing.T) {
 			defer cancel()
 			returned := make(chan struct{})
 			go func() {
-				h.node.ReleaseStale(ctx, tt.grace, gone)
+				h.cache.ReleaseStale(ctx, tt.grace, gone)
 				close(returned)
 			}()
 			recv(t, returned, "ReleaseStale")
@@ -368,12 +368,12 @@ func TestReleaseStale(t *testing.T) {
 		target := h.target("pod-a")
 		h.mustPublish(publishReq("vol-a", target, testURI, nil))
 		h.mnt.Forget(target)
-		_, gone, err := h.node.Recover()
+		_, gone, err := h.cache.Recover()
 		if err != nil || len(gone) != 1 {
 			t.Fatalf("Recover = %d gone, %v", len(gone), err)
 		}
 		h.setDrained(true)
-		h.node.ReleaseStale(context.Background(), 0, gone)
+		h.cache.ReleaseStale(context.Background(), 0, gone)
 		if _, ok, _ := h.state.Ref(target); ok {
 			t.Error("stale reference kept")
 		}

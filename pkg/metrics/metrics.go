@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/modelcache/modelcache/pkg/store"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc/codes"
@@ -32,7 +33,7 @@ var downloadBuckets = prometheus.ExponentialBuckets(0.1, 2.5, 13)
 
 // evictionReasons are the reasons Evicted accepts as label values; any other
 // reason is counted as "other".
-var evictionReasons = []string{"budget", "operator", "drain", "unused", "corrupt"}
+var evictionReasons = store.EvictReasons
 
 // otherReason is the label value for an eviction reason not in evictionReasons.
 const otherReason = "other"
@@ -99,8 +100,7 @@ func New() *Metrics {
 			Namespace: namespace,
 			Name:      "evictions_total",
 			Help: "Models (trees) removed from the node's cache, by reason: budget (cache over its size budget), " +
-				"operator (evicted by hand), drain (node cache drained), unused (not used for too long), " +
-				"corrupt (failed verification).",
+				"operator (evicted by hand), drain (node cache drained), corrupt (failed verification).",
 		}, []string{"reason"}),
 		evictedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace,
@@ -119,8 +119,8 @@ func New() *Metrics {
 		m.downloadDuration.WithLabelValues(r)
 	}
 	for _, r := range evictionReasons {
-		m.evictions.WithLabelValues(r)
-		m.evictedBytes.WithLabelValues(r)
+		m.evictions.WithLabelValues(string(r))
+		m.evictedBytes.WithLabelValues(string(r))
 	}
 
 	m.registry.MustRegister(
@@ -190,18 +190,18 @@ func (m *Metrics) DownloadStarted() (done func(bytes int64, err error)) {
 	}
 }
 
-// Evicted counts a tree removed from the cache, its size in bytes and why:
-// one of "budget", "operator", "drain", "unused" or "corrupt";
-// any other reason is counted as "other".
-func (m *Metrics) Evicted(reason string, bytes int64) {
+// Evicted counts a tree removed from the cache, its size in bytes and why
+// (store.EvictReasons); any other reason is counted as "other".
+func (m *Metrics) Evicted(reason store.EvictReason, bytes int64) {
 	if m == nil {
 		return
 	}
+	label := string(reason)
 	if !slices.Contains(evictionReasons, reason) {
-		reason = otherReason
+		label = otherReason
 	}
-	m.evictions.WithLabelValues(reason).Inc()
+	m.evictions.WithLabelValues(label).Inc()
 	if bytes > 0 {
-		m.evictedBytes.WithLabelValues(reason).Add(float64(bytes))
+		m.evictedBytes.WithLabelValues(label).Add(float64(bytes))
 	}
 }

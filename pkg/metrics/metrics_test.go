@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/modelcache/modelcache/pkg/store"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -246,7 +247,7 @@ func TestScrapeAfterKnownSequence(t *testing.T) {
 	for _, name := range []string{"modelcache_evictions_total", "modelcache_evicted_bytes_total"} {
 		allowed[name] = map[string]bool{"reason=other": true}
 		for _, r := range evictionReasons {
-			allowed[name]["reason="+r] = true
+			allowed[name]["reason="+string(r)] = true
 		}
 	}
 	for name, ok := range allowed {
@@ -534,7 +535,7 @@ func TestConcurrentUse(t *testing.T) {
 				m.Publish("OK")
 				m.Lookup(i%2 == 0)
 				done := m.DownloadStarted()
-				m.Evicted("unused", 1)
+				m.Evicted(store.EvictDrain, 1)
 				m.SetCacheStats(func() (CacheStats, error) {
 					return CacheStats{Trees: w}, nil
 				})
@@ -556,8 +557,8 @@ func TestConcurrentUse(t *testing.T) {
 		{"modelcache_downloads_in_flight", "", 0},
 		{"modelcache_download_duration_seconds", "result=ok", n},
 		{"modelcache_downloaded_bytes_total", "", 3 * n},
-		{"modelcache_evictions_total", "reason=unused", n},
-		{"modelcache_evicted_bytes_total", "reason=unused", n},
+		{"modelcache_evictions_total", "reason=drain", n},
+		{"modelcache_evicted_bytes_total", "reason=drain", n},
 	})
 	if _, ok := fams["modelcache_cache_trees"]; !ok {
 		t.Error("modelcache_cache_trees missing after concurrent SetCacheStats")

@@ -47,6 +47,13 @@ func (e *InProgressError) Error() string {
 // that joined another caller's download gets false, since its own
 // credentials were never used.
 func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fetcher) (t Tree, fetched bool, err error) {
+	return s.EnsureGated(ctx, key, m, f, nil)
+}
+
+// EnsureGated is Ensure with a gate: when this call would start a new
+// download (not join one, not find the tree committed), gate runs first, in
+// the flight, and an error from it refuses the download.
+func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, f Fetcher, gate func() error) (t Tree, fetched bool, err error) {
 	if t, ok := s.lookup(key); ok {
 		return t, false, nil
 	}
@@ -57,6 +64,11 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 		// A flight that finished between lookup and DoChan recorded its tree.
 		if t, ok := s.lookup(key); ok {
 			return flight{tree: t}, nil
+		}
+		if gate != nil {
+			if err := gate(); err != nil {
+				return nil, err
+			}
 		}
 		p := &Progress{Total: m.Size()}
 		s.mu.Lock()

@@ -202,6 +202,9 @@ func (s *Store) sweepBlobs() (int64, error) {
 	return freed, s.syncDir(BlobsDir)
 }
 
+// IsNotCached reports whether err says a tree or model is not in the store.
+func IsNotCached(err error) bool { return errors.Is(err, ErrNotCached) }
+
 // UseTree runs fn while no eviction can remove the tree, and fails with
 // ErrNotCached if the tree is gone. Publishing mounts a tree inside fn so
 // an eviction never removes a tree between the lookup and the mount.
@@ -214,8 +217,23 @@ func (s *Store) UseTree(digest string, fn func() error) error {
 	return fn()
 }
 
+// EvictReason says why a tree left the cache; the values are also the
+// reason label of the eviction metrics.
+type EvictReason string
+
+// Eviction reasons.
+const (
+	EvictBudget   EvictReason = "budget"   // the cache was over its size budget
+	EvictOperator EvictReason = "operator" // modelcachectl evict
+	EvictDrain    EvictReason = "drain"    // modelcachectl drain
+	EvictCorrupt  EvictReason = "corrupt"  // modelcachectl verify found it damaged
+)
+
+// EvictReasons lists every EvictReason.
+var EvictReasons = []EvictReason{EvictBudget, EvictOperator, EvictDrain, EvictCorrupt}
+
 // Evict removes one tree unless it became protected, under the tree lock.
-func (s *Store) Evict(digest, reason string) (freed int64, removed bool, err error) {
+func (s *Store) Evict(digest string, reason EvictReason) (freed int64, removed bool, err error) {
 	s.treesMu.Lock()
 	defer s.treesMu.Unlock()
 	if s.evictor != nil {
@@ -291,7 +309,7 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 			plan.Freed += freed
 			continue
 		}
-		freed, removed, err := s.Evict(c.Digest, "budget")
+		freed, removed, err := s.Evict(c.Digest, EvictBudget)
 		if err != nil {
 			return plan, err
 		}

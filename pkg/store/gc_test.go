@@ -91,12 +91,12 @@ type evictRecorder struct {
 	log   *eventLog
 }
 
-func (r *evictRecorder) onEvict(reason string, freed int64) {
+func (r *evictRecorder) onEvict(reason store.EvictReason, freed int64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.calls = append(r.calls, evictCall{reason, freed})
+	r.calls = append(r.calls, evictCall{string(reason), freed})
 	if r.log != nil {
-		r.log.add("evict " + reason)
+		r.log.add("evict " + string(reason))
 	}
 }
 

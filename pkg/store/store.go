@@ -63,7 +63,7 @@ type Store struct {
 
 	budget     Budget
 	evictor    Evictor
-	onEvict    func(reason string, freed int64)
+	onEvict    func(reason EvictReason, freed int64)
 	onDownload func() func(int64, error)
 
 	flights singleflight.Group
@@ -90,7 +90,7 @@ type Options struct {
 	Budget  Budget
 	Evictor Evictor
 	// OnEvict is told of every eviction (metrics).
-	OnEvict func(reason string, freed int64)
+	OnEvict func(reason EvictReason, freed int64)
 	// OnDownload is called as a download starts; the function it returns
 	// is called with the bytes transferred when it ends (metrics).
 	OnDownload func() (done func(bytes int64, err error))

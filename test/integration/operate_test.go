@@ -27,7 +27,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/admin"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/store"
 	"github.com/modelcache/modelcache/test/testenv"
 	dto "github.com/prometheus/client_model/go"
@@ -119,7 +119,7 @@ func (e *env) wantTrees(digests map[string]string, names ...string) {
 	}
 }
 
-func digestsOf(cands []store.Candidate) []string {
+func digestsOf(cands []adminapi.Candidate) []string {
 	out := []string{}
 	for _, c := range cands {
 		out = append(out, c.Digest)
@@ -400,7 +400,7 @@ func flipByte(t *testing.T, p string, off int64) {
 
 // checkQuarantined checks a failed verify: exactly the flipped blob is
 // reported and moved from blobs/ to quarantine/.
-func checkQuarantined(t *testing.T, e *env, rep admin.VerifyReport, blob, tree string) {
+func checkQuarantined(t *testing.T, e *env, rep adminapi.VerifyReport, blob, tree string) {
 	t.Helper()
 	if rep.OK || !slices.Equal(rep.Corrupt, []string{blob}) || !slices.Equal(rep.Damaged, []string{tree}) || len(rep.Quarantined) != 1 {
 		t.Fatalf("verify = %+v, want not OK, corrupt [%s], damaged [%s], one quarantined file", rep, blob, tree)

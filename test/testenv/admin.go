@@ -14,9 +14,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/admin"
-	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 )
 
 // Admin is a typed client of the node plugin's operator API on its unix
@@ -44,13 +42,6 @@ func AdminStatus(err error) int {
 		return ae.Status
 	}
 	return 0
-}
-
-// GCResult is what POST /v1/gc answers.
-type GCResult struct {
-	store.Plan
-	DryRun  bool   `json:"dryRun"`
-	Warning string `json:"warning"`
 }
 
 // adminTimeout bounds one call; the models tests use are small.
@@ -85,62 +76,62 @@ func (a *Admin) Wait(timeout time.Duration) error {
 }
 
 // Trees lists the cached trees, least recently used first.
-func (a *Admin) Trees() ([]admin.Tree, error) {
-	var out []admin.Tree
+func (a *Admin) Trees() ([]adminapi.Tree, error) {
+	var out []adminapi.Tree
 	return out, a.call(http.MethodGet, "/v1/trees", nil, &out)
 }
 
 // Tree inspects one tree named by digest, digest prefix or model URI.
-func (a *Admin) Tree(ref string) (admin.Inspection, error) {
-	var out admin.Inspection
+func (a *Admin) Tree(ref string) (adminapi.Inspection, error) {
+	var out adminapi.Inspection
 	return out, a.call(http.MethodGet, "/v1/tree?ref="+url.QueryEscape(ref), nil, &out)
 }
 
 // DU reports the cache's disk usage.
-func (a *Admin) DU() (admin.DiskUsage, error) {
-	var out admin.DiskUsage
+func (a *Admin) DU() (adminapi.DiskUsage, error) {
+	var out adminapi.DiskUsage
 	return out, a.call(http.MethodGet, "/v1/du", nil, &out)
 }
 
 // Pin protects a tree from budget eviction.
-func (a *Admin) Pin(ref string) (state.CachedTree, error) {
-	var out state.CachedTree
-	return out, a.call(http.MethodPost, "/v1/pin", admin.RefRequest{Ref: ref}, &out)
+func (a *Admin) Pin(ref string) (adminapi.Tree, error) {
+	var out adminapi.Tree
+	return out, a.call(http.MethodPost, "/v1/pin", adminapi.RefRequest{Ref: ref}, &out)
 }
 
 // Unpin drops a pin.
-func (a *Admin) Unpin(ref string) (state.CachedTree, error) {
-	var out state.CachedTree
-	return out, a.call(http.MethodPost, "/v1/unpin", admin.RefRequest{Ref: ref}, &out)
+func (a *Admin) Unpin(ref string) (adminapi.Tree, error) {
+	var out adminapi.Tree
+	return out, a.call(http.MethodPost, "/v1/unpin", adminapi.RefRequest{Ref: ref}, &out)
 }
 
 // Evict removes a tree now, or with whenUnused when its last mount goes.
-func (a *Admin) Evict(ref string, whenUnused bool) (admin.EvictResult, error) {
-	var out admin.EvictResult
-	return out, a.call(http.MethodPost, "/v1/evict", admin.RefRequest{Ref: ref, WhenUnused: whenUnused}, &out)
+func (a *Admin) Evict(ref string, whenUnused bool) (adminapi.EvictResult, error) {
+	var out adminapi.EvictResult
+	return out, a.call(http.MethodPost, "/v1/evict", adminapi.RefRequest{Ref: ref, WhenUnused: whenUnused}, &out)
 }
 
 // GC enforces the budget, or with dryRun reports what enforcing it would remove.
-func (a *Admin) GC(dryRun bool) (GCResult, error) {
-	var out GCResult
-	return out, a.call(http.MethodPost, "/v1/gc", admin.RefRequest{DryRun: dryRun}, &out)
+func (a *Admin) GC(dryRun bool) (adminapi.GCResult, error) {
+	var out adminapi.GCResult
+	return out, a.call(http.MethodPost, "/v1/gc", adminapi.RefRequest{DryRun: dryRun}, &out)
 }
 
 // Drain stops new downloads and removes every tree no pod uses.
-func (a *Admin) Drain() (admin.DrainResult, error) {
-	var out admin.DrainResult
+func (a *Admin) Drain() (adminapi.DrainResult, error) {
+	var out adminapi.DrainResult
 	return out, a.call(http.MethodPost, "/v1/drain", nil, &out)
 }
 
 // Undrain lets downloads start again.
-func (a *Admin) Undrain() (admin.DrainResult, error) {
-	var out admin.DrainResult
+func (a *Admin) Undrain() (adminapi.DrainResult, error) {
+	var out adminapi.DrainResult
 	return out, a.call(http.MethodPost, "/v1/undrain", nil, &out)
 }
 
 // Verify re-hashes every blob.
-func (a *Admin) Verify() (admin.VerifyReport, error) {
-	var out admin.VerifyReport
+func (a *Admin) Verify() (adminapi.VerifyReport, error) {
+	var out adminapi.VerifyReport
 	return out, a.call(http.MethodPost, "/v1/verify", nil, &out)
 }
 
@@ -148,19 +139,19 @@ func (a *Admin) Verify() (admin.VerifyReport, error) {
 // secret, reads the NDJSON stream to its final event and returns it. A
 // refused request is an *AdminError; an "error" event is returned with an
 // error carrying its message.
-func (a *Admin) Prefetch(uri string, secrets map[string]string) (admin.PrefetchEvent, error) {
-	resp, err := a.do(http.MethodPost, "/v1/prefetch", admin.PrefetchRequest{URI: uri, Secrets: secrets})
+func (a *Admin) Prefetch(uri string, secrets map[string]string) (adminapi.PrefetchEvent, error) {
+	resp, err := a.do(http.MethodPost, "/v1/prefetch", adminapi.PrefetchRequest{URI: uri, Secrets: secrets})
 	if err != nil {
-		return admin.PrefetchEvent{}, err
+		return adminapi.PrefetchEvent{}, err
 	}
 	defer resp.Body.Close()
 	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/x-ndjson") {
-		return admin.PrefetchEvent{}, fmt.Errorf("prefetch replied with Content-Type %q, want application/x-ndjson", ct)
+		return adminapi.PrefetchEvent{}, fmt.Errorf("prefetch replied with Content-Type %q, want application/x-ndjson", ct)
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
-		var ev admin.PrefetchEvent
+		var ev adminapi.PrefetchEvent
 		if err := strictDecode(sc.Bytes(), &ev); err != nil {
 			return ev, fmt.Errorf("decoding prefetch event %q: %w", sc.Text(), err)
 		}
@@ -176,9 +167,9 @@ func (a *Admin) Prefetch(uri string, secrets map[string]string) (admin.PrefetchE
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return admin.PrefetchEvent{}, fmt.Errorf("reading prefetch stream: %w", err)
+		return adminapi.PrefetchEvent{}, fmt.Errorf("reading prefetch stream: %w", err)
 	}
-	return admin.PrefetchEvent{}, errors.New("prefetch stream ended without a done or error event")
+	return adminapi.PrefetchEvent{}, errors.New("prefetch stream ended without a done or error event")
 }
 
 func (a *Admin) call(method, path string, body, v any) error {
@@ -224,7 +215,7 @@ func (a *Admin) do(method, path string, body any) (*http.Response, error) {
 	}
 	defer resp.Body.Close()
 	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	var e admin.Error
+	var e adminapi.Error
 	if err := strictDecode(raw, &e); err != nil || e.Error == "" {
 		return nil, &AdminError{Status: resp.StatusCode, Message: fmt.Sprintf("(not the API's error shape) %s", bytes.TrimSpace(raw))}
 	}

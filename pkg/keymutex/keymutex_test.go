@@ -1,4 +1,4 @@
-package csi
+package keymutex
 
 import (
 	"runtime"
@@ -9,7 +9,7 @@ import (
 // TestKeyedMutexSerialisesSameKey: a second Lock of a held key waits until
 // the first unlock.
 func TestKeyedMutexSerialisesSameKey(t *testing.T) {
-	var k keyedMutex
+	var k Map
 	unlock := k.Lock("/target/a")
 	acquired := make(chan func())
 	go func() { acquired <- k.Lock("/target/a") }()
@@ -27,14 +27,14 @@ func TestKeyedMutexSerialisesSameKey(t *testing.T) {
 	unlock()
 	second := recv(t, acquired, "the second Lock after unlock")
 	second()
-	if n := k.size(); n != 0 {
+	if n := k.Len(); n != 0 {
 		t.Errorf("%d keys left after every lock was released", n)
 	}
 }
 
 // TestKeyedMutexDifferentKeys: holding one key never blocks another.
 func TestKeyedMutexDifferentKeys(t *testing.T) {
-	var k keyedMutex
+	var k Map
 	unlockA := k.Lock("/target/a")
 	defer unlockA()
 	done := make(chan struct{})
@@ -48,7 +48,7 @@ func TestKeyedMutexDifferentKeys(t *testing.T) {
 
 // TestKeyedMutexNoOverlap: many goroutines on one key never overlap.
 func TestKeyedMutexNoOverlap(t *testing.T) {
-	var k keyedMutex
+	var k Map
 	const n = 32
 	inside := 0
 	overlap := make(chan struct{}, n)
@@ -74,21 +74,14 @@ func TestKeyedMutexNoOverlap(t *testing.T) {
 	if len(overlap) != 0 {
 		t.Fatal("two holders of one key at once")
 	}
-	if m := k.size(); m != 0 {
+	if m := k.Len(); m != 0 {
 		t.Errorf("%d keys left after every lock was released", m)
 	}
 }
 
-// size is the number of keys with a holder or waiter.
-func (k *keyedMutex) size() int {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return len(k.locks)
-}
-
 // waitWaiters waits until key has n holders and waiters. It spins on the
 // lock's own count instead of sleeping; the deadline is only a hang guard.
-func (k *keyedMutex) waitWaiters(t *testing.T, key string, n int) {
+func (k *Map) waitWaiters(t *testing.T, key string, n int) {
 	t.Helper()
 	deadline := time.Now().Add(waitLimit)
 	for {
@@ -107,3 +100,19 @@ func (k *keyedMutex) waitWaiters(t *testing.T, key string, n int) {
 		runtime.Gosched()
 	}
 }
+
+// recv waits for a value from ch with a hang guard.
+func recv[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(waitLimit):
+		t.Fatalf("timed out waiting for %s", what)
+		var zero T
+		return zero
+	}
+}
+
+// waitLimit bounds every wait of a test that would otherwise hang.
+const waitLimit = 10 * time.Second

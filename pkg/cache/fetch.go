@@ -1,0 +1,204 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/state"
+	"github.com/modelcache/modelcache/pkg/store"
+	"k8s.io/klog/v2"
+)
+
+// Observer hears what one Fetch does, for pod events or a prefetch's
+// progress lines. Its methods may be called from another goroutine.
+type Observer interface {
+	// Hit: the tree was served from the cache.
+	Hit(t store.Tree)
+	// Started: this fetch starts a download of total bytes.
+	Started(total int64)
+	// Progress of the download this fetch waits for (its own or joined).
+	Progress(done, total int64, rate float64)
+	// Finished: this fetch's download committed t.
+	Finished(t store.Tree, took time.Duration)
+	// Failed: the download failed (not "still running").
+	Failed(err error)
+}
+
+// FetchRequest is one request for a model.
+type FetchRequest struct {
+	URI    string
+	Remote source.Remote
+	// Policy is PullIfNotPresent (or ""), PullAlways or PullNever.
+	Policy string
+	// Digest, when set, pins the model's content digest.
+	Digest string
+	// Observer may be nil.
+	Observer Observer
+}
+
+// Fetched is the tree a Fetch resolved to.
+type Fetched struct {
+	Tree store.Tree
+	// Hit: no download by this request (cached, or another's download joined).
+	Hit bool
+	// sourceKey names the request's credentials and model when they were
+	// checked by this fetch, so that the next fetch with them is a hit;
+	// "" when there is nothing new to record.
+	sourceKey string
+	uri       string
+}
+
+// Fetch finds or downloads the model for a request, once per content key
+// per node however many ask (the "one download per key" invariant): the
+// source index for credentials checked before, else a listing, the content
+// key, the drain gate (taken in the same step that starts a download, so a
+// drained node never starts one), the download or a join of one running,
+// and the credential check a cache hit needs (the "authorized cache hits"
+// invariant). A caller whose context ends first gets a
+// *store.InProgressError; the download goes on.
+func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
+	obs := req.Observer
+	if obs == nil {
+		obs = nopObserver{}
+	}
+	sourceKey := source.SourceKey(req.Remote)
+	if req.Policy != PullAlways {
+		t, ok := c.checkedTree(sourceKey)
+		switch {
+		case ok && (req.Digest == "" || req.Digest == t.Digest):
+			// These credentials were checked for this tree before; the
+			// record keeps the time of that check, not of this use.
+			obs.Hit(t)
+			return Fetched{Tree: t, Hit: true}, nil
+		case ok && req.Policy == PullNever:
+			return Fetched{}, mismatch(req.Digest, t.Digest)
+		case req.Policy == PullNever:
+			return Fetched{}, ErrNotCached
+		}
+	}
+	m, err := req.Remote.List(ctx)
+	if err != nil {
+		return Fetched{}, err
+	}
+	key := source.ContentKey(req.Remote.Identity(), m)
+	gate := func() error {
+		// A drained node serves what it has and lets a running download
+		// be joined, but starts none.
+		if drained, err := c.State.Drained(); err != nil || drained {
+			return errors.Join(ErrDrained, err)
+		}
+		obs.Started(m.Size())
+		return nil
+	}
+	stop := c.reportProgress(obs, key)
+	start := time.Now()
+	t, fetched, err := c.Store.EnsureGated(ctx, key, m, req.Remote, gate)
+	stop()
+	switch {
+	case store.IsInProgress(err):
+		// Not a failure: the next request joins and reports on.
+		return Fetched{}, err
+	case err != nil:
+		obs.Failed(err)
+		return Fetched{}, err
+	case fetched:
+		obs.Finished(t, time.Since(start))
+	}
+	if req.Digest != "" && t.Digest != req.Digest {
+		return Fetched{}, mismatch(req.Digest, t.Digest)
+	}
+	res := Fetched{Tree: t, Hit: !fetched, uri: req.URI}
+	switch {
+	case fetched:
+		res.sourceKey = sourceKey
+	case c.VerifyCredentials != VerifyNever:
+		// The tree came from the cache or from another request's
+		// download, so these credentials have read nothing yet: stat
+		// every object with them before anything is served.
+		if err := req.Remote.Verify(ctx, m); err != nil {
+			return Fetched{}, fmt.Errorf("checking this request's credentials against the cached model: %w", err)
+		}
+		res.sourceKey = sourceKey
+	}
+	// With VerifyNever nothing checked these credentials: nothing is
+	// recorded, and the next fetch lists the remote again.
+	return res, nil
+}
+
+// Keep records a fetched model's source without a mount (a prefetch), so
+// the next fetch with the same credentials is a hit.
+func (c *Cache) Keep(f Fetched) error {
+	if f.sourceKey == "" {
+		return nil
+	}
+	return c.State.RecordSource(f.sourceKey, state.Source{Tree: f.Tree.Digest, URI: f.uri, Checked: time.Now()})
+}
+
+// checkedTree returns the tree these credentials were checked for before,
+// if it is still on disk and the check is recent enough for the policy.
+func (c *Cache) checkedTree(sourceKey string) (store.Tree, bool) {
+	if c.VerifyCredentials == VerifyAlways {
+		return store.Tree{}, false
+	}
+	src, ok, err := c.State.SourceTree(sourceKey)
+	if err != nil {
+		// A record that cannot be read counts as absent: the credentials
+		// are checked again.
+		klog.ErrorS(err, "reading source index; treating as not cached")
+		return store.Tree{}, false
+	}
+	if !ok || !c.Store.HasTree(src.Tree) {
+		return store.Tree{}, false
+	}
+	if c.ReverifyAfter > 0 && time.Since(src.Checked) > c.ReverifyAfter {
+		return store.Tree{}, false
+	}
+	rec, ok, err := c.State.Tree(src.Tree)
+	if err != nil || !ok {
+		return store.Tree{}, false
+	}
+	return rec.Tree, true
+}
+
+// reportProgress tells obs the progress of the download of key every
+// ProgressEvery until stop is called.
+func (c *Cache) reportProgress(obs Observer, key string) (stop func()) {
+	every := c.ProgressEvery
+	if every <= 0 {
+		every = time.Second
+	}
+	done := make(chan struct{})
+	go func() {
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		var last int64
+		lastAt := time.Now()
+		for {
+			select {
+			case <-done:
+				return
+			case now := <-tick.C:
+				p, ok := c.Store.Downloading(key)
+				if !ok {
+					continue
+				}
+				d := p.Done()
+				rate := float64(d-last) / now.Sub(lastAt).Seconds()
+				last, lastAt = d, now
+				obs.Progress(d, p.Total, rate)
+			}
+		}
+	}()
+	return func() { close(done) }
+}
+
+type nopObserver struct{}
+
+func (nopObserver) Hit(store.Tree)                     {}
+func (nopObserver) Started(int64)                      {}
+func (nopObserver) Progress(int64, int64, float64)     {}
+func (nopObserver) Finished(store.Tree, time.Duration) {}
+func (nopObserver) Failed(error)                       {}
