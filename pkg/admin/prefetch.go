@@ -103,4 +103,3 @@ func sourceStatus(err error) int {
 		return http.StatusBadGateway
 	}
 }
-
