@@ -7,12 +7,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/klogtest"
 	"io"
 	"io/fs"
 	"net"
@@ -22,10 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
-	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -33,6 +28,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
 	"k8s.io/klog/v2"
@@ -65,177 +61,6 @@ func testSecrets() map[string]string {
 	}
 }
 
-// fakeResolver resolves modelUris to models held in memory.
-type fakeResolver struct {
-	mu         sync.Mutex
-	models     map[string]map[string][]byte // canonical modelUri → files
-	resolveErr error
-	listErr    error
-	openErr    error
-	opens      int
-
-	// gate, when set, stops each reader after gateAfter bytes until closed.
-	gate      chan struct{}
-	gateAfter int
-	blocked   chan string
-}
-
-func newFakeResolver() *fakeResolver {
-	return &fakeResolver{models: map[string]map[string][]byte{}}
-}
-
-func (r *fakeResolver) set(f func(r *fakeResolver)) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	f(r)
-}
-
-func (r *fakeResolver) openCount() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.opens
-}
-
-func (r *fakeResolver) Resolve(_ context.Context, uri string, secrets map[string]string) (source.Remote, error) {
-	r.mu.Lock()
-	err := r.resolveErr
-	r.mu.Unlock()
-	if err != nil {
-		return nil, err
-	}
-	u, err := source.ParseURI(uri)
-	if err != nil {
-		return nil, err
-	}
-	keys := make([]string, 0, len(secrets))
-	for k := range secrets {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	h := sha256.New()
-	for _, k := range keys {
-		fmt.Fprintf(h, "%s=%s\x00", k, secrets[k])
-	}
-	return &fakeRemote{r: r, uri: u, credID: "cred:" + hex.EncodeToString(h.Sum(nil))[:16]}, nil
-}
-
-type fakeRemote struct {
-	r      *fakeResolver
-	uri    source.URI
-	credID string
-}
-
-func (f *fakeRemote) URI() source.URI      { return f.uri }
-func (f *fakeRemote) Identity() string     { return "fake|" + f.uri.String() }
-func (f *fakeRemote) CredentialID() string { return f.credID }
-
-func (f *fakeRemote) List(context.Context) (source.Manifest, error) {
-	f.r.mu.Lock()
-	defer f.r.mu.Unlock()
-	if f.r.listErr != nil {
-		return nil, f.r.listErr
-	}
-	files, ok := f.r.models[f.uri.String()]
-	if !ok {
-		return nil, fmt.Errorf("listing %s: %w", f.uri, source.ErrNotFound)
-	}
-	return manifestOf(files), nil
-}
-
-// Verify implements source.Remote; the admin API never verifies.
-func (f *fakeRemote) Verify(context.Context, source.Manifest) error { return nil }
-
-func (f *fakeRemote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
-	r := f.r
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.opens++
-	if r.openErr != nil {
-		return nil, r.openErr
-	}
-	data, ok := r.models[f.uri.String()][e.Path]
-	if !ok {
-		return nil, fmt.Errorf("opening %s: %w", e.Path, source.ErrNotFound)
-	}
-	return &gatedReader{ctx: ctx, data: data, gate: r.gate, after: r.gateAfter, blocked: r.blocked, path: e.Path}, nil
-}
-
-type gatedReader struct {
-	ctx     context.Context
-	data    []byte
-	off     int
-	path    string
-	gate    chan struct{}
-	after   int
-	blocked chan string
-	passed  bool
-}
-
-func (g *gatedReader) Read(p []byte) (int, error) {
-	if g.gate != nil && !g.passed && g.off >= g.after {
-		g.blocked <- g.path
-		select {
-		case <-g.gate:
-			g.passed = true
-		case <-g.ctx.Done():
-			return 0, g.ctx.Err()
-		}
-	}
-	if g.off >= len(g.data) {
-		return 0, io.EOF
-	}
-	end := len(g.data)
-	if g.gate != nil && !g.passed && g.after < end {
-		end = g.after
-	}
-	n := copy(p, g.data[g.off:end])
-	g.off += n
-	return n, nil
-}
-
-func (g *gatedReader) Close() error { return nil }
-
-func manifestOf(files map[string][]byte) source.Manifest {
-	var m source.Manifest
-	for p, b := range files {
-		m = append(m, source.Entry{Path: p, Size: int64(len(b)), Hash: "etag-" + sha256Hex(b)[:8], ModTime: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)})
-	}
-	slices.SortFunc(m, func(a, b source.Entry) int { return strings.Compare(a.Path, b.Path) })
-	return m
-}
-
-func sha256Hex(b []byte) string {
-	s := sha256.Sum256(b)
-	return hex.EncodeToString(s[:])
-}
-
-func treeDigestOf(files map[string][]byte) string {
-	m := manifestOf(files)
-	sums := make([]string, len(m))
-	for i, e := range m {
-		sums[i] = sha256Hex(files[e.Path])
-	}
-	return store.TreeDigest(m, sums)
-}
-
-func sizeOf(files map[string][]byte) int64 {
-	var n int64
-	for _, b := range files {
-		n += int64(len(b))
-	}
-	return n
-}
-
-// bytesOf makes n deterministic bytes that differ per seed.
-func bytesOf(seed string, n int) []byte {
-	var b []byte
-	for i := 0; len(b) < n; i++ {
-		s := sha256.Sum256([]byte(fmt.Sprintf("%s/%d", seed, i)))
-		b = append(b, s[:]...)
-	}
-	return b[:n]
-}
-
 // memFetcher serves files from memory, for building trees directly.
 type memFetcher map[string][]byte
 
@@ -253,7 +78,7 @@ type harness struct {
 	dir   string
 	store *store.Store
 	db    *state.DB
-	res   *fakeResolver
+	res   *sourcetest.Resolver
 	srv   *admin.Server
 }
 
@@ -264,7 +89,7 @@ func newHarness(t *testing.T) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, dir: dir, db: db, res: newFakeResolver()}
+	h := &harness{t: t, dir: dir, db: db, res: sourcetest.NewResolver()}
 	h.openStore(store.Budget{})
 	t.Cleanup(func() {
 		_ = h.store.Close()
@@ -306,7 +131,7 @@ func makeWritable(dir string) {
 // prefetch leaves it: content key "key-<uri>", source "src-<uri>".
 func (h *harness) build(uri string, files map[string][]byte) string {
 	h.t.Helper()
-	tr, _, err := h.store.Ensure(context.Background(), "key-"+uri, manifestOf(files), memFetcher(files))
+	tr, _, err := h.store.Ensure(context.Background(), "key-"+uri, sourcetest.ManifestOf(files, time.Time{}), memFetcher(files))
 	if err != nil {
 		h.t.Fatalf("building %s: %v", uri, err)
 	}
@@ -403,18 +228,18 @@ func (h *harness) cached(digest string) (state.CachedTree, bool) {
 
 // Two small models sharing a tokenizer, as in docs/design.md.
 var (
-	tokenizer = bytesOf("tokenizer", 3000)
+	tokenizer = sourcetest.Bytes("tokenizer", 3000)
 	bertFiles = map[string][]byte{
 		"config.json":    []byte(`{"model_type":"bert"}`),
 		"tokenizer.json": tokenizer,
-		"model.bin":      bytesOf("bert", 5000),
+		"model.bin":      sourcetest.Bytes("bert", 5000),
 	}
 	robertaFiles = map[string][]byte{
 		"config.json":        []byte(`{"model_type":"roberta"}`),
 		"tok/tokenizer.json": tokenizer,
-		"model.bin":          bytesOf("roberta", 4000),
+		"model.bin":          sourcetest.Bytes("roberta", 4000),
 	}
-	irisFiles = map[string][]byte{"model.joblib": bytesOf("iris", 1500)}
+	irisFiles = map[string][]byte{"model.joblib": sourcetest.Bytes("iris", 1500)}
 )
 
 const (
@@ -469,10 +294,10 @@ func TestListTrees(t *testing.T) {
 			pods = append(pods, r.PodName)
 		}
 		slices.Sort(pods)
-		if !got.Present || got.Size != sizeOf(tt.files) || got.Files != len(tt.files) || !slices.Contains(got.URIs, tt.uri) ||
+		if !got.Present || got.Size != sourcetest.SizeOf(tt.files) || got.Files != len(tt.files) || !slices.Contains(got.URIs, tt.uri) ||
 			!slices.Equal(pods, tt.pods) || got.Pinned != tt.pinned {
 			t.Errorf("ls entry for %s = %+v; want present, size %d, %d files, URI, pods %v, pinned %v",
-				tt.uri, got, sizeOf(tt.files), len(tt.files), tt.pods, tt.pinned)
+				tt.uri, got, sourcetest.SizeOf(tt.files), len(tt.files), tt.pods, tt.pinned)
 		}
 	}
 
@@ -493,9 +318,9 @@ func TestInspect(t *testing.T) {
 	bert := h.build(bertURI, bertFiles)
 	h.build(robertaURI, robertaFiles)
 	// A model updated at the remote: two trees fetched as one URI.
-	updated := map[string][]byte{"model.joblib": bytesOf("iris-v2", 1500)}
+	updated := map[string][]byte{"model.joblib": sourcetest.Bytes("iris-v2", 1500)}
 	h.build(irisURI, irisFiles)
-	tr, _, err := h.store.Ensure(context.Background(), "key-iris-v2", manifestOf(updated), memFetcher(updated))
+	tr, _, err := h.store.Ensure(context.Background(), "key-iris-v2", sourcetest.ManifestOf(updated, time.Time{}), memFetcher(updated))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -542,8 +367,8 @@ func TestInspect(t *testing.T) {
 				t.Errorf("inspect lists %d files, want %d", len(got.Contents), len(bertFiles))
 			}
 			for p, b := range bertFiles {
-				if f := files[p]; f.Size != int64(len(b)) || f.Sha256 != sha256Hex(b) {
-					t.Errorf("file %s = %+v, want size %d sha256 %s", p, f, len(b), sha256Hex(b))
+				if f := files[p]; f.Size != int64(len(b)) || f.Sha256 != sourcetest.Sha256Hex(b) {
+					t.Errorf("file %s = %+v, want size %d sha256 %s", p, f, len(b), sourcetest.Sha256Hex(b))
 				}
 			}
 		})
@@ -620,7 +445,7 @@ func TestEvict(t *testing.T) {
 				wantFreed := int64(0)
 				if tt.wantRemoved {
 					// The shared tokenizer stays with roberta.
-					wantFreed = sizeOf(bertFiles) - int64(len(tokenizer))
+					wantFreed = sourcetest.SizeOf(bertFiles) - int64(len(tokenizer))
 				}
 				if got != (adminapi.EvictResult{Tree: bert, Removed: tt.wantRemoved, Freed: wantFreed, Pending: tt.wantPending}) {
 					t.Errorf("evict = %+v; want removed %v, freed %d, pending %v", got, tt.wantRemoved, wantFreed, tt.wantPending)
@@ -793,7 +618,7 @@ func TestDrainUndrain(t *testing.T) {
 		wantFreed   int64
 	}{
 		// Pinned trees go too; the tokenizer stays with bert.
-		{"/v1/drain", true, []string{iris, roberta}, []string{bert}, sizeOf(irisFiles) + sizeOf(robertaFiles) - int64(len(tokenizer))},
+		{"/v1/drain", true, []string{iris, roberta}, []string{bert}, sourcetest.SizeOf(irisFiles) + sourcetest.SizeOf(robertaFiles) - int64(len(tokenizer))},
 		{"/v1/drain", true, []string{}, []string{bert}, 0},
 		{"/v1/undrain", false, []string{}, []string{}, 0},
 		{"/v1/undrain", false, []string{}, []string{}, 0},
@@ -842,7 +667,7 @@ func TestVerify(t *testing.T) {
 	}
 
 	// The shared tokenizer rots on disk.
-	blob := filepath.Join(h.dir, store.BlobsDir, sha256Hex(tokenizer))
+	blob := filepath.Join(h.dir, store.BlobsDir, sourcetest.Sha256Hex(tokenizer))
 	if err := os.Chmod(blob, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -860,7 +685,7 @@ func TestVerify(t *testing.T) {
 	slices.Sort(rep.Damaged)
 	wantDamaged := []string{bert, roberta}
 	slices.Sort(wantDamaged)
-	if rep.OK || !slices.Equal(rep.Corrupt, []string{sha256Hex(tokenizer)}) || !slices.Equal(rep.Damaged, wantDamaged) ||
+	if rep.OK || !slices.Equal(rep.Corrupt, []string{sourcetest.Sha256Hex(tokenizer)}) || !slices.Equal(rep.Damaged, wantDamaged) ||
 		!slices.Equal(rep.Removed, []string{bert}) || !slices.Equal(rep.Invalidated, []string{roberta}) {
 		t.Errorf("verify = %+v; want not ok, tokenizer corrupt, bert removed, roberta invalidated", rep)
 	}
@@ -903,8 +728,8 @@ func TestDiskUsage(t *testing.T) {
 	h.build(robertaURI, robertaFiles)
 	h.call("GET", "/v1/du", nil, 200, &du)
 	want := adminapi.DiskUsage{
-		BlobBytes: sizeOf(bertFiles) + sizeOf(robertaFiles) - int64(len(tokenizer)), Blobs: 5,
-		TreeBytes: sizeOf(bertFiles) + sizeOf(robertaFiles), Trees: 2,
+		BlobBytes: sourcetest.SizeOf(bertFiles) + sourcetest.SizeOf(robertaFiles) - int64(len(tokenizer)), Blobs: 5,
+		TreeBytes: sourcetest.SizeOf(bertFiles) + sourcetest.SizeOf(robertaFiles), Trees: 2,
 		FSSize: du.FSSize, FSFree: du.FSFree,
 		SavedBytes: int64(len(tokenizer)),
 	}
@@ -946,13 +771,9 @@ func prefetchReq(uri string) adminapi.PrefetchRequest {
 // a second prefetch finds the model cached.
 func TestPrefetchStreams(t *testing.T) {
 	h := newHarness(t)
-	files := map[string][]byte{"a.bin": bytesOf("a", 8000), "b.bin": bytesOf("b", 6000)}
-	h.res.models[bertURI] = files
-	h.res.set(func(r *fakeResolver) {
-		r.gate = make(chan struct{})
-		r.gateAfter = 1000
-		r.blocked = make(chan string, 16)
-	})
+	files := map[string][]byte{"a.bin": sourcetest.Bytes("a", 8000), "b.bin": sourcetest.Bytes("b", 6000)}
+	h.res.SetModel(bertURI, files)
+	h.res.WithGate(1000)
 	// Unflushed, ~40 progress lines (800ms) would fill the server's
 	// buffer before the client saw the first.
 	h.srv.Cache.ProgressEvery = 20 * time.Millisecond
@@ -974,14 +795,14 @@ func TestPrefetchStreams(t *testing.T) {
 		// download is held: the reply streams, it is not buffered.
 		if ev.Event == "progress" && !released {
 			released = true
-			close(h.res.gate)
+			h.res.Release()
 		}
 	})
 	if !released {
 		t.Fatalf("no progress line before the end: %+v", evs)
 	}
 	last := evs[len(evs)-1]
-	want := adminapi.PrefetchEvent{Event: "done", Done: 14000, Total: 14000, Tree: treeDigestOf(files), Files: 2, Fetched: true, Took: last.Took}
+	want := adminapi.PrefetchEvent{Event: "done", Done: 14000, Total: 14000, Tree: sourcetest.TreeDigestOf(files), Files: 2, Fetched: true, Took: last.Took}
 	if last != want || last.Took == "" {
 		t.Errorf("last event = %+v, want %+v", last, want)
 	}
@@ -1005,21 +826,23 @@ func TestPrefetchStreams(t *testing.T) {
 		t.Errorf("source of the prefetch = %+v, %v, %v; want tree %s", src, ok, err, last.Tree)
 	}
 
-	opens := h.res.openCount()
+	opens := h.res.OpenTotal()
 	rec := h.do("POST", "/v1/prefetch", prefetchReq(bertURI))
 	evs = readEvents(t, rec.Body, nil)
 	if rec.Code != 200 || len(evs) != 1 || evs[0].Event != "done" || evs[0].Fetched || evs[0].Tree != last.Tree {
 		t.Errorf("second prefetch = %d %+v; want one done event with fetched false", rec.Code, evs)
 	}
-	if h.res.openCount() != opens {
+	if h.res.OpenTotal() != opens {
 		t.Error("second prefetch downloaded again")
 	}
 }
 
 func TestPrefetchDownloadFailure(t *testing.T) {
 	h := newHarness(t)
-	h.res.models[bertURI] = bertFiles
-	h.res.openErr = fmt.Errorf("reading model.bin: %w: access denied", source.ErrDenied)
+	h.res.SetModel(bertURI, bertFiles)
+	h.res.Set(func(r *sourcetest.Resolver) {
+		r.OpenErr = fmt.Errorf("reading model.bin: %w: access denied", source.ErrDenied)
+	})
 	rec := h.do("POST", "/v1/prefetch", prefetchReq(bertURI))
 	evs := readEvents(t, rec.Body, nil)
 	if rec.Code != 200 || len(evs) == 0 || evs[len(evs)-1].Event != "error" || !strings.Contains(evs[len(evs)-1].Error, "access denied") {
@@ -1042,7 +865,7 @@ func TestPrefetchWhenDrained(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newHarness(t)
-			h.res.models[bertURI] = bertFiles
+			h.res.SetModel(bertURI, bertFiles)
 			if tt.cached {
 				h.call("POST", "/v1/prefetch", prefetchReq(bertURI), 200, nil)
 				// Drained without drain's removals, as if a mount held it.
@@ -1052,7 +875,7 @@ func TestPrefetchWhenDrained(t *testing.T) {
 			} else {
 				h.call("POST", "/v1/drain", nil, 200, nil)
 			}
-			opens := h.res.openCount()
+			opens := h.res.OpenTotal()
 			if tt.code != 200 {
 				h.wantError("POST", "/v1/prefetch", prefetchReq(bertURI), tt.code, "drained", "undrain")
 			} else {
@@ -1062,7 +885,7 @@ func TestPrefetchWhenDrained(t *testing.T) {
 					t.Errorf("prefetch of a cached model on a drained node = %d %+v", rec.Code, evs)
 				}
 			}
-			if h.res.openCount() != opens {
+			if h.res.OpenTotal() != opens {
 				t.Error("a drained node downloaded")
 			}
 		})
@@ -1091,10 +914,10 @@ func TestPrefetchSourceErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newHarness(t)
-			h.res.models[bertURI] = bertFiles
-			h.res.resolveErr, h.res.listErr = tt.resolveErr, tt.listErr
+			h.res.SetModel(bertURI, bertFiles)
+			h.res.Set(func(r *sourcetest.Resolver) { r.ResolveErr, r.ListErr = tt.resolveErr, tt.listErr })
 			h.wantError("POST", "/v1/prefetch", prefetchReq(tt.uri), tt.code)
-			if n := h.res.openCount(); n != 0 {
+			if n := h.res.OpenTotal(); n != 0 {
 				t.Errorf("a refused prefetch opened %d objects", n)
 			}
 		})
@@ -1149,63 +972,24 @@ func TestBadRequests(t *testing.T) {
 	}
 }
 
-// klogCapture sends klog output to a buffer for one test.
-type klogCapture struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (c *klogCapture) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.buf.Write(p)
-}
-
-func (c *klogCapture) String() string {
-	klog.Flush()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.buf.String()
-}
-
-// captureKlog must not be used by parallel tests: klog's settings are global.
-func captureKlog(t *testing.T, v int) *klogCapture {
-	t.Helper()
-	flags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(flags)
-	set := func(name, value string) {
-		if err := flags.Set(name, value); err != nil {
-			t.Fatalf("klog flag %s: %v", name, err)
-		}
-	}
-	c := &klogCapture{}
-	set("v", strconv.Itoa(v))
-	set("logtostderr", "false")
-	set("alsologtostderr", "false")
-	klog.SetOutput(c)
-	t.Cleanup(func() {
-		klog.Flush()
-		set("v", "0")
-		klog.SetOutput(io.Discard)
-	})
-	return c
-}
+// captureKlog sends klog's output at verbosity v to a buffer for one test.
+func captureKlog(t *testing.T, v int) *klogtest.Capture { return klogtest.Start(t, v) }
 
 // Secrets sent for a prefetch are used in memory only: no reply, log line
 // (at any verbosity) or database byte holds them (the "secrets stay in memory" invariant).
 func TestSecretsNeverLeave(t *testing.T) {
 	logs := captureKlog(t, 10)
 	h := newHarness(t)
-	h.res.models[bertURI] = bertFiles
-	h.res.models[irisURI] = irisFiles
+	h.res.SetModel(bertURI, bertFiles)
+	h.res.SetModel(irisURI, irisFiles)
 
 	var out strings.Builder
 	record := func(rec *httptest.ResponseRecorder) { out.WriteString(rec.Body.String()) }
 	record(h.do("POST", "/v1/prefetch", prefetchReq(bertURI)))
 	record(h.do("POST", "/v1/prefetch", prefetchReq(bertURI)))
-	h.res.set(func(r *fakeResolver) { r.openErr = fmt.Errorf("%w: 403 Forbidden", source.ErrDenied) })
+	h.res.Set(func(r *sourcetest.Resolver) { r.OpenErr = fmt.Errorf("%w: 403 Forbidden", source.ErrDenied) })
 	record(h.do("POST", "/v1/prefetch", prefetchReq(irisURI)))
-	h.res.set(func(r *fakeResolver) { r.listErr = fmt.Errorf("%w: 403 Forbidden", source.ErrDenied) })
+	h.res.Set(func(r *sourcetest.Resolver) { r.ListErr = fmt.Errorf("%w: 403 Forbidden", source.ErrDenied) })
 	record(h.do("POST", "/v1/prefetch", prefetchReq(irisURI)))
 	record(h.do("POST", "/v1/prefetch", `{"uri":"`+irisURI+`","secrets":{"K":"`+secretKey+`"},"x":"`+accessKey+`"}`))
 	record(h.do("GET", "/v1/trees", nil))

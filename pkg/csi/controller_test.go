@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"maps"
 	"path/filepath"
 	"strings"
@@ -81,7 +82,7 @@ func (c *countingClaims) count() int {
 type ctrlHarness struct {
 	ctrl *Controller
 	db   *state.DB
-	res  *fakeResolver
+	res  *sourcetest.Resolver
 }
 
 func newCtrlHarness(t *testing.T, claims ClaimReader) *ctrlHarness {
@@ -95,9 +96,9 @@ func newCtrlHarness(t *testing.T, claims ClaimReader) *ctrlHarness {
 			t.Errorf("state.Close: %v", err)
 		}
 	})
-	res := newFakeResolver()
-	res.setModel(testURI, irisFiles())
-	res.setModel(otherURI, map[string][]byte{"model.onnx": []byte("resnet weights")})
+	res := sourcetest.NewResolver()
+	res.SetModel(testURI, irisFiles())
+	res.SetModel(otherURI, map[string][]byte{"model.onnx": []byte("resnet weights")})
 	return &ctrlHarness{ctrl: &Controller{Resolver: res, Volumes: db, Claims: claims}, db: db, res: res}
 }
 
@@ -194,7 +195,7 @@ func (h *ctrlHarness) wantNoVolume(t *testing.T, name string) {
 // wantRemoteUnused checks that the resolver was never called.
 func (h *ctrlHarness) wantRemoteUnused(t *testing.T) {
 	t.Helper()
-	if resolves, lists, opens := h.res.counts(); resolves+lists+opens != 0 {
+	if resolves, lists, opens := h.res.Counts(); resolves+lists+opens != 0 {
 		t.Errorf("remote was used: %d resolves, %d lists, %d opens", resolves, lists, opens)
 	}
 }
@@ -609,7 +610,7 @@ func TestCreateVolumeAccepts(t *testing.T) {
 }
 
 func TestCreateVolumeCapacity(t *testing.T) {
-	size := sizeOf(irisFiles())
+	size := sourcetest.SizeOf(irisFiles())
 	tests := []struct {
 		name      string
 		noSecrets bool
@@ -640,7 +641,7 @@ func TestCreateVolumeCapacity(t *testing.T) {
 				req.Secrets = provisionerSecrets()
 			}
 			resp, err := h.ctrl.CreateVolume(ctrlCtx(t), req)
-			resolves, lists, _ := h.res.counts()
+			resolves, lists, _ := h.res.Counts()
 			if tc.noSecrets && resolves+lists != 0 {
 				t.Errorf("no provisioner secret, yet the remote was used: %d resolves, %d lists", resolves, lists)
 			}
@@ -669,75 +670,77 @@ func TestCreateVolumeCapacity(t *testing.T) {
 // Remote errors while sizing the model map through provisionError, leave
 // no record, and a retry once the cause is fixed succeeds.
 func TestCreateVolumeRemoteErrors(t *testing.T) {
-	size := sizeOf(irisFiles())
+	size := sourcetest.SizeOf(irisFiles())
 	missing := "mys3:models/not-there"
 	tests := []struct {
 		name   string
 		uri    string
-		inject func(r *fakeResolver)
-		fix    func(r *fakeResolver)
+		inject func(r *sourcetest.Resolver)
+		fix    func(r *sourcetest.Resolver)
 		code   codes.Code
 		hints  []string
 	}{
 		{
 			name: "resolve refuses the secret's config",
-			inject: func(r *fakeResolver) {
-				r.resolveErr = fmt.Errorf("backend type %q is not allowed: %w", "local", source.ErrInvalid)
+			inject: func(r *sourcetest.Resolver) {
+				r.ResolveErr = fmt.Errorf("backend type %q is not allowed: %w", "local", source.ErrInvalid)
 			},
-			fix:   func(r *fakeResolver) { r.resolveErr = nil },
+			fix:   func(r *sourcetest.Resolver) { r.ResolveErr = nil },
 			code:  codes.InvalidArgument,
 			hints: []string{testURI, "not allowed"},
 		},
 		{
 			name:   "unsafe object key",
-			inject: func(r *fakeResolver) { r.listErr = fmt.Errorf("object %q: %w", "../x", source.ErrUnsafePath) },
-			fix:    func(r *fakeResolver) { r.listErr = nil },
+			inject: func(r *sourcetest.Resolver) { r.ListErr = fmt.Errorf("object %q: %w", "../x", source.ErrUnsafePath) },
+			fix:    func(r *sourcetest.Resolver) { r.ListErr = nil },
 			code:   codes.InvalidArgument,
 			hints:  []string{testURI},
 		},
 		{
-			name:  "model not at the remote",
-			uri:   missing,
-			fix:   func(r *fakeResolver) { r.models[missing] = &fakeModel{files: irisFiles(), modTime: time.Unix(0, 0)} },
+			name: "model not at the remote",
+			uri:  missing,
+			fix: func(r *sourcetest.Resolver) {
+				r.Put(missing, irisFiles(), time.Unix(0, 0))
+			},
 			code:  codes.NotFound,
 			hints: []string{missing, "not found", kube.AnnotationModelURI},
 		},
 		{
 			name: "credentials refused",
-			inject: func(r *fakeResolver) {
-				r.listErr = fmt.Errorf("listing %s: 403 Forbidden: %w", testURI, source.ErrDenied)
+			inject: func(r *sourcetest.Resolver) {
+				r.ListErr = fmt.Errorf("listing %s: 403 Forbidden: %w", testURI, source.ErrDenied)
 			},
-			fix:   func(r *fakeResolver) { r.listErr = nil },
+			fix:   func(r *sourcetest.Resolver) { r.ListErr = nil },
 			code:  codes.PermissionDenied,
 			hints: []string{testURI, "provisioner-secret-name"},
 		},
 		{
 			name:   "resolve refuses credentials",
-			inject: func(r *fakeResolver) { r.resolveErr = fmt.Errorf("401 Unauthorized: %w", source.ErrDenied) },
-			fix:    func(r *fakeResolver) { r.resolveErr = nil },
+			inject: func(r *sourcetest.Resolver) { r.ResolveErr = fmt.Errorf("401 Unauthorized: %w", source.ErrDenied) },
+			fix:    func(r *sourcetest.Resolver) { r.ResolveErr = nil },
 			code:   codes.PermissionDenied,
 			hints:  []string{testURI},
 		},
 		{
 			name: "remote unreachable",
-			inject: func(r *fakeResolver) {
-				r.listErr = fmt.Errorf("dial tcp: connection refused: %w", source.ErrUnavailable)
+			inject: func(r *sourcetest.Resolver) {
+				r.ListErr = fmt.Errorf("dial tcp: connection refused: %w", source.ErrUnavailable)
 			},
-			fix:   func(r *fakeResolver) { r.listErr = nil },
+			fix:   func(r *sourcetest.Resolver) { r.ListErr = nil },
 			code:  codes.Unavailable,
 			hints: []string{testURI, "retry"},
 		},
 		{
 			name:   "listing times out",
-			inject: func(r *fakeResolver) { r.listErr = fmt.Errorf("listing: %w", context.DeadlineExceeded) },
-			fix:    func(r *fakeResolver) { r.listErr = nil },
+			inject: func(r *sourcetest.Resolver) { r.ListErr = fmt.Errorf("listing: %w", context.DeadlineExceeded) },
+			fix:    func(r *sourcetest.Resolver) { r.ListErr = nil },
 			code:   codes.Unavailable,
 			hints:  []string{testURI, "retry"},
 		},
 		{
 			name:   "unclassified error",
-			inject: func(r *fakeResolver) { r.listErr = errors.New("unexpected EOF") },
-			fix:    func(r *fakeResolver) { r.listErr = nil },
+			inject: func(r *sourcetest.Resolver) { r.ListErr = errors.New("unexpected EOF") },
+			fix:    func(r *sourcetest.Resolver) { r.ListErr = nil },
 			code:   codes.Internal,
 			hints:  []string{testURI, "unexpected EOF"},
 		},
@@ -750,7 +753,7 @@ func TestCreateVolumeRemoteErrors(t *testing.T) {
 				uri = tc.uri
 			}
 			if tc.inject != nil {
-				h.res.set(tc.inject)
+				h.res.Set(tc.inject)
 			}
 			req := createReq("pvc-remote-error", map[string]string{AttrModelURI: uri})
 			req.Secrets = provisionerSecrets()
@@ -758,7 +761,7 @@ func TestCreateVolumeRemoteErrors(t *testing.T) {
 			wantCtrlCode(t, err, tc.code, tc.hints...)
 			h.wantNoVolume(t, "pvc-remote-error")
 
-			h.res.set(tc.fix)
+			h.res.Set(tc.fix)
 			v := h.mustCreate(t, req)
 			if v.GetCapacityBytes() != size {
 				t.Errorf("capacity after the retry = %d, want %d", v.GetCapacityBytes(), size)
@@ -768,7 +771,7 @@ func TestCreateVolumeRemoteErrors(t *testing.T) {
 
 	t.Run("remote that never answers", func(t *testing.T) {
 		h := newCtrlHarness(t, nil)
-		h.res.set(func(r *fakeResolver) { r.listWaitsForCtx = true })
+		h.res.Set(func(r *sourcetest.Resolver) { r.ListWaitsForCtx = true })
 		c, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
 		req := createReq("pvc-hang", map[string]string{AttrModelURI: testURI})
@@ -780,7 +783,7 @@ func TestCreateVolumeRemoteErrors(t *testing.T) {
 }
 
 func TestCreateVolumeIdempotent(t *testing.T) {
-	size := sizeOf(irisFiles())
+	size := sourcetest.SizeOf(irisFiles())
 	claims, _ := claimsFor(newPVC(claimNS, claimName, map[string]string{kube.AnnotationModelURI: otherURI}))
 	h := newCtrlHarness(t, claims)
 
@@ -816,7 +819,7 @@ func TestCreateVolumeIdempotent(t *testing.T) {
 			if !proto.Equal(v, v1) {
 				t.Errorf("repeated CreateVolume = %v, want %v", v, v1)
 			}
-			if resolves, lists, _ := h.res.counts(); resolves != 1 || lists != 1 {
+			if resolves, lists, _ := h.res.Counts(); resolves != 1 || lists != 1 {
 				t.Errorf("repeated CreateVolume used the remote: %d resolves, %d lists in all, want 1 and 1", resolves, lists)
 			}
 		})
@@ -852,7 +855,7 @@ func TestCreateVolumeIdempotent(t *testing.T) {
 			}
 		})
 	}
-	if resolves, lists, _ := h.res.counts(); resolves != 1 || lists != 1 {
+	if resolves, lists, _ := h.res.Counts(); resolves != 1 || lists != 1 {
 		t.Errorf("conflicting requests used the remote: %d resolves, %d lists in all, want 1 and 1", resolves, lists)
 	}
 
@@ -915,7 +918,7 @@ func TestCreateVolumeUnknownCapacityFitsAnyRange(t *testing.T) {
 // Many CreateVolume calls for one name at once (the provisioner retrying
 // while the first is still running) get one volume and one listing.
 func TestCreateVolumeConcurrent(t *testing.T) {
-	size := sizeOf(irisFiles())
+	size := sourcetest.SizeOf(irisFiles())
 	h := newCtrlHarness(t, nil)
 	const n = 32
 	var wg sync.WaitGroup
@@ -943,7 +946,7 @@ func TestCreateVolumeConcurrent(t *testing.T) {
 			t.Errorf("call %d: volume %s of %d bytes, want %s of %d", i, ids[i], caps[i], volumeIDForName("pvc-concurrent"), size)
 		}
 	}
-	if lists := h.res.listCount(); lists != 1 {
+	if lists := h.res.ListCount(); lists != 1 {
 		t.Errorf("%d concurrent CreateVolume calls listed the model %d times, want 1", n, lists)
 	}
 	if k := h.ctrl.names.Len(); k != 0 {
@@ -1212,7 +1215,7 @@ func TestControllerSecretsStayInMemory(t *testing.T) {
 			wantCtrlCode(t, err, grpcstatus.Code(err))
 		}
 	}
-	h.res.set(func(r *fakeResolver) { r.listErr = fmt.Errorf("listing: 403: %w", source.ErrDenied) })
+	h.res.Set(func(r *sourcetest.Resolver) { r.ListErr = fmt.Errorf("listing: 403: %w", source.ErrDenied) })
 	req := createReq("pvc-denied", map[string]string{AttrModelURI: testURI})
 	req.Secrets = secrets
 	_, err := h.ctrl.CreateVolume(ctrlCtx(t), req)

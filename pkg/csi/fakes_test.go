@@ -8,26 +8,19 @@ package csi
 import (
 	"bytes"
 	"context"
-	"crypto/md5"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
-	"fmt"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
-	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/mount"
-	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
@@ -87,278 +80,6 @@ func irisFiles() map[string][]byte {
 	}
 }
 
-// fakeModel is one model at the fake remote.
-type fakeModel struct {
-	files   map[string][]byte
-	modTime time.Time
-}
-
-// fakeResolver resolves every modelUri to a fakeRemote backed by an
-// in-memory map. It counts calls and can be told to fail or to hold
-// downloads.
-type fakeResolver struct {
-	mu     sync.Mutex
-	models map[string]*fakeModel // canonical modelUri → model
-
-	resolves int
-	lists    int
-	verifies int
-	opens    map[string]int // "uri|path" → Open calls
-
-	// verifyDenied holds credential IDs whose Verify is refused.
-	verifyDenied map[string]bool
-
-	// Errors injected at each step; nil means succeed.
-	resolveErr error
-	listErr    error
-	openErr    error
-
-	// listWaitsForCtx makes List block until its context ends and return
-	// the context's error, like a remote that never answers.
-	listWaitsForCtx bool
-	// listed receives the modelUri of every List call, when non-nil.
-	listed chan string
-
-	// gate, when non-nil, stops every reader once it has delivered
-	// gateAfter bytes, until gate is closed or the download's context
-	// ends; the reader sends its path on blocked first.
-	gate      chan struct{}
-	gateAfter int
-	blocked   chan string
-}
-
-func newFakeResolver() *fakeResolver {
-	return &fakeResolver{models: map[string]*fakeModel{}, opens: map[string]int{}}
-}
-
-// setModel puts (or replaces) a model at uri. A new modTime makes the
-// listing change, as an upload would.
-func (r *fakeResolver) setModel(uri string, files map[string][]byte) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	prev := r.models[uri]
-	mt := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
-	if prev != nil {
-		mt = prev.modTime.Add(time.Hour)
-	}
-	r.models[uri] = &fakeModel{files: files, modTime: mt}
-}
-
-// withGate makes readers stop after n bytes until release.
-func (r *fakeResolver) withGate(n int) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.gate = make(chan struct{})
-	r.gateAfter = n
-	r.blocked = make(chan string, 64)
-}
-
-func (r *fakeResolver) release() { close(r.gate) }
-
-// set runs f with the resolver locked, to change its fields safely.
-func (r *fakeResolver) set(f func(r *fakeResolver)) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	f(r)
-}
-
-func (r *fakeResolver) counts() (resolves, lists, opens int) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, n := range r.opens {
-		opens += n
-	}
-	return r.resolves, r.lists, opens
-}
-
-func (r *fakeResolver) openCount(uri, path string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.opens[uri+"|"+path]
-}
-
-func (r *fakeResolver) listCount() int {
-	_, l, _ := r.counts()
-	return l
-}
-
-func (r *fakeResolver) openTotal() int {
-	_, _, o := r.counts()
-	return o
-}
-
-// Resolve implements source.Resolver.
-func (r *fakeResolver) Resolve(_ context.Context, uri string, secrets map[string]string) (source.Remote, error) {
-	r.mu.Lock()
-	r.resolves++
-	err := r.resolveErr
-	r.mu.Unlock()
-	if err != nil {
-		return nil, err
-	}
-	u, err := source.ParseURI(uri)
-	if err != nil {
-		return nil, err
-	}
-	return &fakeRemote{r: r, uri: u, credID: fingerprint(secrets)}, nil
-}
-
-// fingerprint stands in for the HMAC of the credentials: equal secrets give
-// equal IDs, and the ID does not contain them.
-func fingerprint(secrets map[string]string) string {
-	keys := make([]string, 0, len(secrets))
-	for k := range secrets {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	h := sha256.New()
-	fmt.Fprint(h, "fake node key\x00")
-	for _, k := range keys {
-		fmt.Fprintf(h, "%s=%s\x00", k, secrets[k])
-	}
-	return "cred:" + hex.EncodeToString(h.Sum(nil))[:16]
-}
-
-// fakeRemote is one model reached with one request's credentials.
-type fakeRemote struct {
-	r      *fakeResolver
-	uri    source.URI
-	credID string
-}
-
-func (f *fakeRemote) URI() source.URI      { return f.uri }
-func (f *fakeRemote) Identity() string     { return identityOf(f.uri.String()) }
-func (f *fakeRemote) CredentialID() string { return f.credID }
-
-// identityOf is the fake's backend identity for a modelUri.
-func identityOf(uri string) string { return "fake-s3|minio.example|" + uri }
-
-// Verify implements source.Remote: credentials listed in verifyDenied are
-// refused, as the remote's HEAD would refuse them.
-func (f *fakeRemote) Verify(_ context.Context, _ source.Manifest) error {
-	r := f.r
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.verifies++
-	if r.verifyDenied[f.credID] {
-		return fmt.Errorf("HEAD %s: %w", f.uri, source.ErrDenied)
-	}
-	return nil
-}
-
-func (f *fakeRemote) List(ctx context.Context) (source.Manifest, error) {
-	r := f.r
-	r.mu.Lock()
-	r.lists++
-	err, wait, listed := r.listErr, r.listWaitsForCtx, r.listed
-	m := r.models[f.uri.String()]
-	var man source.Manifest
-	if m != nil {
-		man = manifestOf(m.files, m.modTime)
-	}
-	r.mu.Unlock()
-	if listed != nil {
-		listed <- f.uri.String()
-	}
-	if wait {
-		<-ctx.Done()
-		return nil, ctx.Err()
-	}
-	if err != nil {
-		return nil, err
-	}
-	if m == nil {
-		return nil, fmt.Errorf("listing %s: %w", f.uri, source.ErrNotFound)
-	}
-	return man, nil
-}
-
-func (f *fakeRemote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
-	r := f.r
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.opens[f.uri.String()+"|"+e.Path]++
-	if r.openErr != nil {
-		return nil, r.openErr
-	}
-	m := r.models[f.uri.String()]
-	if m == nil {
-		return nil, fmt.Errorf("opening %s/%s: %w", f.uri, e.Path, source.ErrNotFound)
-	}
-	data, ok := m.files[e.Path]
-	if !ok {
-		return nil, fmt.Errorf("opening %s/%s: %w", f.uri, e.Path, source.ErrNotFound)
-	}
-	return &gatedReader{ctx: ctx, data: data, path: e.Path, gate: r.gate, after: r.gateAfter, blocked: r.blocked}, nil
-}
-
-// gatedReader serves data, stopping once at after bytes while gate is open.
-type gatedReader struct {
-	ctx     context.Context
-	data    []byte
-	off     int
-	path    string
-	gate    chan struct{}
-	after   int
-	blocked chan string
-	passed  bool
-}
-
-func (g *gatedReader) Read(p []byte) (int, error) {
-	if g.gate != nil && !g.passed && g.off >= g.after && g.after < len(g.data) {
-		g.blocked <- g.path
-		select {
-		case <-g.gate:
-			g.passed = true
-		case <-g.ctx.Done():
-			return 0, g.ctx.Err()
-		}
-	}
-	if g.off >= len(g.data) {
-		return 0, io.EOF
-	}
-	end := len(g.data)
-	if g.gate != nil && !g.passed && g.after < end {
-		end = g.after
-	}
-	n := copy(p, g.data[g.off:end])
-	g.off += n
-	return n, nil
-}
-
-func (g *gatedReader) Close() error { return nil }
-
-// manifestOf lists files the way a Remote does: sorted, with size, an
-// ETag-like checksum and the upload time.
-func manifestOf(files map[string][]byte, modTime time.Time) source.Manifest {
-	var m source.Manifest
-	for p, b := range files {
-		sum := md5.Sum(b)
-		m = append(m, source.Entry{Path: p, Size: int64(len(b)), Hash: hex.EncodeToString(sum[:]), ModTime: modTime})
-	}
-	slices.SortFunc(m, func(a, b source.Entry) int { return strings.Compare(a.Path, b.Path) })
-	return m
-}
-
-// treeDigestOf is the digest the store must give a model's files.
-func treeDigestOf(files map[string][]byte) string {
-	m := manifestOf(files, time.Time{})
-	sums := make([]string, len(m))
-	for i, e := range m {
-		s := sha256.Sum256(files[e.Path])
-		sums[i] = hex.EncodeToString(s[:])
-	}
-	return store.TreeDigest(m, sums)
-}
-
-func sizeOf(files map[string][]byte) int64 {
-	var n int64
-	for _, b := range files {
-		n += int64(len(b))
-	}
-	return n
-}
-
 // harness is a Node wired to a real store and state database in a
 // temporary directory, the fake mounter and the fake resolver.
 type harness struct {
@@ -368,7 +89,7 @@ type harness struct {
 	store *store.Store
 	state *state.DB
 	mnt   *mount.Fake
-	res   *fakeResolver
+	res   *sourcetest.Resolver
 	cache *cache.Cache
 }
 
@@ -402,8 +123,8 @@ func newHarnessWith(t *testing.T, opts func(db *state.DB) store.Options) *harnes
 		}
 		makeWritable(dir)
 	})
-	res := newFakeResolver()
-	res.setModel(testURI, irisFiles())
+	res := sourcetest.NewResolver()
+	res.SetModel(testURI, irisFiles())
 	mnt := mount.NewFake()
 	c := &cache.Cache{Store: st, State: db, Mounter: mnt}
 	return &harness{
@@ -551,20 +272,5 @@ func wantCode(t *testing.T, err error, want codes.Code, hints ...string) {
 // recv waits for a value from ch with a hang guard.
 func recv[T any](t *testing.T, ch <-chan T, what string) T {
 	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(waitLimit):
-		t.Fatalf("timed out waiting for %s", what)
-		var zero T
-		return zero
-	}
-}
-
-// manifest is the listing the fake currently gives for uri.
-func (r *fakeResolver) manifest(uri string) source.Manifest {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	m := r.models[uri]
-	return manifestOf(m.files, m.modTime)
+	return sourcetest.Recv(t, ch, waitLimit, what)
 }

@@ -2,6 +2,7 @@ package csi
 
 import (
 	"context"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -85,9 +86,9 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 			a := publishReq("vol-a", h.target("pod-a"), testURI, nil)
 			a.Secrets = tenantA
 			h.mustPublish(a)
-			opens := h.res.openTotal()
+			opens := h.res.OpenTotal()
 			if tt.denyB {
-				h.res.set(func(r *fakeResolver) { r.verifyDenied = map[string]bool{fingerprint(tenantB): true} })
+				h.res.Set(func(r *sourcetest.Resolver) { r.VerifyDenied = map[string]bool{sourcetest.Fingerprint(tenantB): true} })
 			}
 			b := publishReq("vol-b", h.target("pod-b"), testURI, nil)
 			b.Secrets = tenantB
@@ -95,12 +96,12 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 			if status.Code(err) != tt.wantCode {
 				t.Fatalf("tenant B's publish = %v, want %v", err, tt.wantCode)
 			}
-			h.res.set(func(r *fakeResolver) {
-				if r.verifies != tt.wantVerify {
-					t.Errorf("Verify ran %d times, want %d", r.verifies, tt.wantVerify)
+			h.res.Set(func(r *sourcetest.Resolver) {
+				if r.Verifies != tt.wantVerify {
+					t.Errorf("Verify ran %d times, want %d", r.Verifies, tt.wantVerify)
 				}
 			})
-			if n := h.res.openTotal(); n != opens {
+			if n := h.res.OpenTotal(); n != opens {
 				t.Errorf("tenant B's publish downloaded %d objects; a cache hit downloads none", n-opens)
 			}
 			if mounted := len(h.mnt.Mounts()); (tt.wantCode == codes.OK) != (mounted == 2) {
@@ -113,9 +114,9 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 			b2 := publishReq("vol-b2", h.target("pod-b2"), testURI, nil)
 			b2.Secrets = tenantB
 			h.mustPublish(b2)
-			h.res.set(func(r *fakeResolver) {
-				if r.verifies != tt.wantVerify {
-					t.Errorf("a recorded credential was checked again: %d checks", r.verifies)
+			h.res.Set(func(r *sourcetest.Resolver) {
+				if r.Verifies != tt.wantVerify {
+					t.Errorf("a recorded credential was checked again: %d checks", r.Verifies)
 				}
 			})
 		})
@@ -126,9 +127,9 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 		h.cache.VerifyCredentials = cache.VerifyAlways
 		for i, pod := range []string{"pod-a", "pod-b", "pod-c"} {
 			h.mustPublish(publishReq("vol-"+pod, h.target(pod), testURI, nil))
-			h.res.set(func(r *fakeResolver) {
-				if r.verifies != i {
-					t.Errorf("after publish %d: %d checks, want %d (the first publish downloads)", i+1, r.verifies, i)
+			h.res.Set(func(r *sourcetest.Resolver) {
+				if r.Verifies != i {
+					t.Errorf("after publish %d: %d checks, want %d (the first publish downloads)", i+1, r.Verifies, i)
 				}
 			})
 		}

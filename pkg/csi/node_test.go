@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -71,7 +72,7 @@ func TestNodePublishVolumeValidation(t *testing.T) {
 			tc.mutate(req)
 			_, err := h.node.NodePublishVolume(context.Background(), req)
 			wantCode(t, err, codes.InvalidArgument, tc.hint)
-			if resolves, lists, opens := h.res.counts(); resolves+lists+opens != 0 {
+			if resolves, lists, opens := h.res.Counts(); resolves+lists+opens != 0 {
 				t.Errorf("remote was used for an invalid request: %d resolves, %d lists, %d opens", resolves, lists, opens)
 			}
 			if m := h.mnt.Mounts(); len(m) != 0 {
@@ -91,7 +92,7 @@ func TestNodePublishVolumeValidation(t *testing.T) {
 func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := treeDigestOf(files)
+	digest := sourcetest.TreeDigestOf(files)
 
 	a := h.target("pod-a")
 	h.mustPublish(publishReq("vol-a", a, testURI, nil))
@@ -100,19 +101,19 @@ func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 	if ref.URI != testURI || ref.PodName != "model-server-0" || ref.PodNS != "seldon" || ref.PodUID == "" {
 		t.Errorf("reference does not name the model and pod: %+v", ref)
 	}
-	if n := h.res.listCount(); n != 1 {
+	if n := h.res.ListCount(); n != 1 {
 		t.Errorf("cold publish listed the remote %d times, want 1", n)
 	}
 	for p := range files {
-		if n := h.res.openCount(testURI, p); n != 1 {
+		if n := h.res.OpenCount(testURI, p); n != 1 {
 			t.Errorf("cold publish opened %s %d times, want 1", p, n)
 		}
 	}
 	// The content key node.go computes points at the tree.
-	key := source.ContentKey(identityOf(testURI), h.res.manifest(testURI))
+	key := source.ContentKey(sourcetest.IdentityOf(testURI), h.res.Manifest(testURI))
 	tree, ok, err := h.state.TreeForKey(key)
-	if err != nil || !ok || tree.Digest != digest || tree.Size != sizeOf(files) || tree.Files != len(files) {
-		t.Errorf("TreeForKey(content key) = %+v, %v, %v; want tree %s of %d bytes, %d files", tree, ok, err, digest, sizeOf(files), len(files))
+	if err != nil || !ok || tree.Digest != digest || tree.Size != sourcetest.SizeOf(files) || tree.Files != len(files) {
+		t.Errorf("TreeForKey(content key) = %+v, %v, %v; want tree %s of %d bytes, %d files", tree, ok, err, digest, sourcetest.SizeOf(files), len(files))
 	}
 	// What is mounted is the model's bytes.
 	for p, want := range files {
@@ -128,10 +129,10 @@ func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 	h.wantMounted(b, digest)
 	h.wantRef(b, "vol-b", digest)
 	h.wantMounted(a, digest)
-	if n := h.res.listCount(); n != 1 {
+	if n := h.res.ListCount(); n != 1 {
 		t.Errorf("cache hit listed the remote: %d lists in all, want 1", n)
 	}
-	if n := h.res.openTotal(); n != len(files) {
+	if n := h.res.OpenTotal(); n != len(files) {
 		t.Errorf("cache hit downloaded: %d opens in all, want %d", n, len(files))
 	}
 }
@@ -141,7 +142,7 @@ func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := treeDigestOf(files)
+	digest := sourcetest.TreeDigestOf(files)
 	h.mustPublish(publishReq("vol-a", h.target("pod-a"), testURI, nil))
 
 	b := h.target("pod-b")
@@ -149,10 +150,10 @@ func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 	req.Secrets = otherSecrets()
 	h.mustPublish(req)
 	h.wantMounted(b, digest)
-	if n := h.res.listCount(); n != 2 {
+	if n := h.res.ListCount(); n != 2 {
 		t.Errorf("new credentials were not checked against the remote: %d lists, want 2", n)
 	}
-	if n := h.res.openTotal(); n != len(files) {
+	if n := h.res.OpenTotal(); n != len(files) {
 		t.Errorf("new credentials downloaded the cached model again: %d opens, want %d", n, len(files))
 	}
 
@@ -161,14 +162,14 @@ func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 	req = publishReq("vol-c", c, testURI, nil)
 	req.Secrets = otherSecrets()
 	h.mustPublish(req)
-	if n := h.res.listCount(); n != 2 {
+	if n := h.res.ListCount(); n != 2 {
 		t.Errorf("accepted credentials listed again: %d lists, want 2", n)
 	}
 
 	// Credentials the remote refuses never get the cached model, while
 	// credentials already seen still do without a remote call.
-	h.res.set(func(r *fakeResolver) {
-		r.listErr = fmt.Errorf("listing %s: 403 Forbidden: %w", testURI, source.ErrDenied)
+	h.res.Set(func(r *sourcetest.Resolver) {
+		r.ListErr = fmt.Errorf("listing %s: 403 Forbidden: %w", testURI, source.ErrDenied)
 	})
 	d := h.target("pod-d")
 	req = publishReq("vol-d", d, testURI, nil)
@@ -185,16 +186,16 @@ func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 func TestNodePublishVolumePullAlways(t *testing.T) {
 	h := newHarness(t)
 	v1 := irisFiles()
-	d1 := treeDigestOf(v1)
+	d1 := sourcetest.TreeDigestOf(v1)
 	always := map[string]string{AttrPullPolicy: PullAlways}
 
 	a, b := h.target("pod-a"), h.target("pod-b")
 	h.mustPublish(publishReq("vol-a", a, testURI, always))
 	h.mustPublish(publishReq("vol-b", b, testURI, always))
-	if n := h.res.listCount(); n != 2 {
+	if n := h.res.ListCount(); n != 2 {
 		t.Errorf("pullPolicy Always: %d lists for 2 publishes, want 2", n)
 	}
-	if n := h.res.openTotal(); n != len(v1) {
+	if n := h.res.OpenTotal(); n != len(v1) {
 		t.Errorf("unchanged model downloaded again: %d opens, want %d", n, len(v1))
 	}
 	h.wantMounted(b, d1)
@@ -202,14 +203,14 @@ func TestNodePublishVolumePullAlways(t *testing.T) {
 	// The model changes at the remote.
 	v2 := irisFiles()
 	v2["model.joblib"] = bytes.Repeat([]byte("retrained weights "), 300)
-	d2 := treeDigestOf(v2)
+	d2 := sourcetest.TreeDigestOf(v2)
 	if d1 == d2 {
 		t.Fatal("test models have equal digests")
 	}
-	h.res.setModel(testURI, v2)
+	h.res.SetModel(testURI, v2)
 	c := h.target("pod-c")
 	h.mustPublish(publishReq("vol-c", c, testURI, always))
-	if n := h.res.listCount(); n != 3 {
+	if n := h.res.ListCount(); n != 3 {
 		t.Errorf("pullPolicy Always: %d lists for 3 publishes, want 3", n)
 	}
 	h.wantMounted(c, d2)
@@ -223,7 +224,7 @@ func TestNodePublishVolumePullAlways(t *testing.T) {
 	d := h.target("pod-d")
 	h.mustPublish(publishReq("vol-d", d, testURI, nil))
 	h.wantMounted(d, d2)
-	if n := h.res.listCount(); n != 3 {
+	if n := h.res.ListCount(); n != 3 {
 		t.Errorf("IfNotPresent after Always listed the remote: %d lists, want 3", n)
 	}
 }
@@ -231,29 +232,29 @@ func TestNodePublishVolumePullAlways(t *testing.T) {
 func TestNodePublishVolumePullNever(t *testing.T) {
 	h := newHarness(t)
 	never := map[string]string{AttrPullPolicy: PullNever}
-	digest := treeDigestOf(irisFiles())
+	digest := sourcetest.TreeDigestOf(irisFiles())
 
 	a := h.target("pod-a")
 	err := h.publish(publishReq("vol-a", a, testURI, never))
 	wantCode(t, err, codes.FailedPrecondition, testURI, "pullPolicy")
 	h.wantNothingAt(a)
-	if resolves, lists, opens := h.res.counts(); lists+opens != 0 {
+	if resolves, lists, opens := h.res.Counts(); lists+opens != 0 {
 		t.Errorf("pullPolicy Never reached the remote: %d resolves, %d lists, %d opens", resolves, lists, opens)
 	}
 
 	h.mustPublish(publishReq("vol-b", h.target("pod-b"), testURI, nil))
-	lists := h.res.listCount()
+	lists := h.res.ListCount()
 	c := h.target("pod-c")
 	h.mustPublish(publishReq("vol-c", c, testURI, never))
 	h.wantMounted(c, digest)
 	h.wantRef(c, "vol-c", digest)
-	if n := h.res.listCount(); n != lists {
+	if n := h.res.ListCount(); n != lists {
 		t.Errorf("pullPolicy Never on a cached model listed the remote (%d → %d lists)", lists, n)
 	}
 }
 
 func TestNodePublishVolumeDigestPin(t *testing.T) {
-	digest := treeDigestOf(irisFiles())
+	digest := sourcetest.TreeDigestOf(irisFiles())
 	wrong := "sha256:" + strings.Repeat("0", 64)
 	tests := []struct {
 		name      string
@@ -278,14 +279,14 @@ func TestNodePublishVolumeDigestPin(t *testing.T) {
 			if tc.cached {
 				h.mustPublish(publishReq("vol-0", h.target("pod-0"), testURI, nil))
 			}
-			lists := h.res.listCount()
+			lists := h.res.ListCount()
 			target := h.target("pod-a")
 			attrs := map[string]string{AttrDigest: tc.pin}
 			if tc.policy != "" {
 				attrs[AttrPullPolicy] = tc.policy
 			}
 			err := h.publish(publishReq("vol-a", target, testURI, attrs))
-			if n := h.res.listCount() - lists; n != tc.wantLists {
+			if n := h.res.ListCount() - lists; n != tc.wantLists {
 				t.Errorf("pinned publish listed the remote %d times, want %d", n, tc.wantLists)
 			}
 			if tc.want == codes.OK {
@@ -305,8 +306,8 @@ func TestNodePublishVolumeDigestPin(t *testing.T) {
 
 func TestNodePublishVolumeIdempotent(t *testing.T) {
 	h := newHarness(t)
-	h.res.setModel(otherURI, map[string][]byte{"model.onnx": []byte("resnet")})
-	digest := treeDigestOf(irisFiles())
+	h.res.SetModel(otherURI, map[string][]byte{"model.onnx": []byte("resnet")})
+	digest := sourcetest.TreeDigestOf(irisFiles())
 	a := h.target("pod-a")
 	req := publishReq("vol-a", a, testURI, nil)
 	h.mustPublish(req)
@@ -314,7 +315,7 @@ func TestNodePublishVolumeIdempotent(t *testing.T) {
 	if m := h.mnt.Mounts(); len(m) != 1 {
 		t.Errorf("mounts after publishing twice: %v, want one", m)
 	}
-	if resolves, lists, opens := h.res.counts(); resolves != 1 || lists != 1 || opens != len(irisFiles()) {
+	if resolves, lists, opens := h.res.Counts(); resolves != 1 || lists != 1 || opens != len(irisFiles()) {
 		t.Errorf("repeated publish did remote work: %d resolves, %d lists, %d opens", resolves, lists, opens)
 	}
 	h.wantMounted(a, digest)
@@ -343,11 +344,11 @@ func TestNodePublishVolumeIdempotent(t *testing.T) {
 	t.Run("mount gone", func(t *testing.T) {
 		h := h.in(t)
 		h.mnt.Forget(a)
-		lists := h.res.listCount()
+		lists := h.res.ListCount()
 		h.mustPublish(req)
 		h.wantMounted(a, digest)
 		h.wantRef(a, "vol-a", digest)
-		if n := h.res.listCount(); n != lists {
+		if n := h.res.ListCount(); n != lists {
 			t.Errorf("re-publish of a cached model listed the remote (%d → %d)", lists, n)
 		}
 	})
@@ -357,7 +358,7 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 	tests := []struct {
 		name    string
 		uri     string
-		setup   func(r *fakeResolver)
+		setup   func(r *sourcetest.Resolver)
 		timeout time.Duration // of the RPC; 0 means waitLimit
 		want    codes.Code
 		hints   []string
@@ -365,41 +366,41 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 	}{
 		{name: "model missing at the remote", uri: "mys3:models/missing",
 			want: codes.NotFound, hints: []string{"mys3:models/missing", "check the modelUri"}},
-		{name: "list not found", setup: func(r *fakeResolver) {
-			r.listErr = fmt.Errorf("listing %s: bucket does not exist: %w", testURI, source.ErrNotFound)
+		{name: "list not found", setup: func(r *sourcetest.Resolver) {
+			r.ListErr = fmt.Errorf("listing %s: bucket does not exist: %w", testURI, source.ErrNotFound)
 		}, want: codes.NotFound, hints: []string{testURI}, retryOK: true},
-		{name: "list denied", setup: func(r *fakeResolver) {
-			r.listErr = fmt.Errorf("listing %s: AccessDenied: %w", testURI, source.ErrDenied)
+		{name: "list denied", setup: func(r *sourcetest.Resolver) {
+			r.ListErr = fmt.Errorf("listing %s: AccessDenied: %w", testURI, source.ErrDenied)
 		}, want: codes.PermissionDenied, hints: []string{testURI, "node-publish secret"}, retryOK: true},
-		{name: "list unavailable", setup: func(r *fakeResolver) {
-			r.listErr = fmt.Errorf("listing %s: connection refused: %w", testURI, source.ErrUnavailable)
+		{name: "list unavailable", setup: func(r *sourcetest.Resolver) {
+			r.ListErr = fmt.Errorf("listing %s: connection refused: %w", testURI, source.ErrUnavailable)
 		}, want: codes.Unavailable, hints: []string{testURI, "retry"}, retryOK: true},
-		{name: "list unsafe key", setup: func(r *fakeResolver) {
-			r.listErr = fmt.Errorf("%w: %q has a \"..\" segment", source.ErrUnsafePath, "../etc/passwd")
+		{name: "list unsafe key", setup: func(r *sourcetest.Resolver) {
+			r.ListErr = fmt.Errorf("%w: %q has a \"..\" segment", source.ErrUnsafePath, "../etc/passwd")
 		}, want: codes.InvalidArgument, hints: []string{testURI, "rename or remove"}, retryOK: true},
-		{name: "list invalid", setup: func(r *fakeResolver) {
-			r.listErr = fmt.Errorf("%w: endpoint is not an http(s) URL", source.ErrInvalid)
+		{name: "list invalid", setup: func(r *sourcetest.Resolver) {
+			r.ListErr = fmt.Errorf("%w: endpoint is not an http(s) URL", source.ErrInvalid)
 		}, want: codes.InvalidArgument, hints: []string{"endpoint"}, retryOK: true},
-		{name: "resolve invalid secret", setup: func(r *fakeResolver) {
-			r.resolveErr = fmt.Errorf("%w: secret key RCLONE_CONFIG_MYS3_ENV_AUTH is not accepted", source.ErrInvalid)
+		{name: "resolve invalid secret", setup: func(r *sourcetest.Resolver) {
+			r.ResolveErr = fmt.Errorf("%w: secret key RCLONE_CONFIG_MYS3_ENV_AUTH is not accepted", source.ErrInvalid)
 		}, want: codes.InvalidArgument, hints: []string{"ENV_AUTH"}, retryOK: true},
-		{name: "open denied", setup: func(r *fakeResolver) {
-			r.openErr = fmt.Errorf("opening %s/model.joblib: %w", testURI, source.ErrDenied)
+		{name: "open denied", setup: func(r *sourcetest.Resolver) {
+			r.OpenErr = fmt.Errorf("opening %s/model.joblib: %w", testURI, source.ErrDenied)
 		}, want: codes.PermissionDenied, hints: []string{testURI}, retryOK: true},
-		{name: "open unavailable", setup: func(r *fakeResolver) {
-			r.openErr = fmt.Errorf("opening %s/model.joblib: reset: %w", testURI, source.ErrUnavailable)
+		{name: "open unavailable", setup: func(r *sourcetest.Resolver) {
+			r.OpenErr = fmt.Errorf("opening %s/model.joblib: reset: %w", testURI, source.ErrUnavailable)
 		}, want: codes.Unavailable, hints: []string{testURI}, retryOK: true},
-		{name: "object changed", setup: func(r *fakeResolver) {
-			r.openErr = fmt.Errorf("%w: model.joblib", source.ErrChanged)
+		{name: "object changed", setup: func(r *sourcetest.Resolver) {
+			r.OpenErr = fmt.Errorf("%w: model.joblib", source.ErrChanged)
 		}, want: codes.Unavailable, hints: []string{testURI}, retryOK: true},
-		{name: "cache full", setup: func(r *fakeResolver) {
-			r.openErr = fmt.Errorf("writing model.joblib: %w: %w", store.ErrNoSpace, syscall.ENOSPC)
+		{name: "cache full", setup: func(r *sourcetest.Resolver) {
+			r.OpenErr = fmt.Errorf("writing model.joblib: %w: %w", store.ErrNoSpace, syscall.ENOSPC)
 		}, want: codes.ResourceExhausted, hints: []string{testURI, "free space"}, retryOK: true},
-		{name: "object key escaping the tree", setup: func(r *fakeResolver) {
-			r.models[testURI] = &fakeModel{files: map[string][]byte{"../../escape": []byte("x")}}
+		{name: "object key escaping the tree", setup: func(r *sourcetest.Resolver) {
+			r.Put(testURI, map[string][]byte{"../../escape": []byte("x")}, time.Time{})
 		}, want: codes.InvalidArgument, hints: []string{testURI, "rename or remove"}},
-		{name: "remote never answers", setup: func(r *fakeResolver) {
-			r.listWaitsForCtx = true
+		{name: "remote never answers", setup: func(r *sourcetest.Resolver) {
+			r.ListWaitsForCtx = true
 		}, timeout: 100 * time.Millisecond, want: codes.DeadlineExceeded, hints: []string{testURI, "retry"}, retryOK: true},
 	}
 	for _, tc := range tests {
@@ -410,7 +411,7 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 				uri = tc.uri
 			}
 			if tc.setup != nil {
-				h.res.set(tc.setup)
+				h.res.Set(tc.setup)
 			}
 			timeout := tc.timeout
 			if timeout == 0 {
@@ -427,11 +428,11 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 			}
 			// A failure is not cached: once the remote behaves, the same
 			// publish succeeds.
-			h.res.set(func(r *fakeResolver) {
-				r.resolveErr, r.listErr, r.openErr, r.listWaitsForCtx = nil, nil, nil, false
+			h.res.Set(func(r *sourcetest.Resolver) {
+				r.ResolveErr, r.ListErr, r.OpenErr, r.ListWaitsForCtx = nil, nil, nil, false
 			})
 			h.mustPublish(publishReq("vol-a", target, uri, nil))
-			h.wantMounted(target, treeDigestOf(irisFiles()))
+			h.wantMounted(target, sourcetest.TreeDigestOf(irisFiles()))
 		})
 	}
 }
@@ -441,10 +442,10 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 func TestNodePublishVolumeInProgress(t *testing.T) {
 	h := newHarness(t)
 	files := map[string][]byte{"model.safetensors": bytes.Repeat([]byte{0x5a}, 8192)}
-	h.res.setModel(testURI, files)
-	h.res.withGate(4096)
+	h.res.SetModel(testURI, files)
+	h.res.WithGate(4096)
 	listed := make(chan string, 16)
-	h.res.set(func(r *fakeResolver) { r.listed = listed })
+	h.res.Set(func(r *sourcetest.Resolver) { r.Listed = listed })
 	a := h.target("pod-a")
 	req := publishReq("vol-a", a, testURI, nil)
 
@@ -469,7 +470,7 @@ func TestNodePublishVolumeInProgress(t *testing.T) {
 	h.wantNothingAt(a)
 
 	// The download goes on without the RPC and reaches the gate.
-	recv(t, h.res.blocked, "the download to reach the gate")
+	recv(t, h.res.Blocked(), "the download to reach the gate")
 	err = shortPublish()
 	wantCode(t, err, codes.Aborted, "4.0 KiB of 8.0 KiB (50%)")
 	h.wantNothingAt(a)
@@ -477,14 +478,14 @@ func TestNodePublishVolumeInProgress(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- h.publish(req) }()
 	recv(t, listed, "the third publish to list the remote")
-	h.res.release()
+	h.res.Release()
 	if err := recv(t, done, "the publish to finish"); err != nil {
 		t.Fatalf("publish after the download finished: %v", err)
 	}
-	digest := treeDigestOf(files)
+	digest := sourcetest.TreeDigestOf(files)
 	h.wantMounted(a, digest)
 	h.wantRef(a, "vol-a", digest)
-	if n := h.res.openCount(testURI, "model.safetensors"); n != 1 {
+	if n := h.res.OpenCount(testURI, "model.safetensors"); n != 1 {
 		t.Errorf("file opened %d times over three publishes, want 1", n)
 	}
 }
@@ -493,10 +494,10 @@ func TestNodePublishVolumeInProgress(t *testing.T) {
 func TestNodePublishVolumeConcurrent(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	h.res.withGate(100)
+	h.res.WithGate(100)
 	const n = 6
 	listed := make(chan string, n)
-	h.res.set(func(r *fakeResolver) { r.listed = listed })
+	h.res.Set(func(r *sourcetest.Resolver) { r.Listed = listed })
 	errs := make(chan error, n)
 	for i := range n {
 		req := publishReq(fmt.Sprintf("vol-%d", i), h.target(fmt.Sprintf("pod-%d", i)), testURI, nil)
@@ -505,18 +506,18 @@ func TestNodePublishVolumeConcurrent(t *testing.T) {
 	for range n {
 		recv(t, listed, "every publish to list the remote")
 	}
-	h.res.release()
+	h.res.Release()
 	for range n {
 		if err := recv(t, errs, "publishes"); err != nil {
 			t.Errorf("parallel publish: %v", err)
 		}
 	}
-	digest := treeDigestOf(files)
+	digest := sourcetest.TreeDigestOf(files)
 	for i := range n {
 		h.wantMounted(h.target(fmt.Sprintf("pod-%d", i)), digest)
 	}
 	for p := range files {
-		if c := h.res.openCount(testURI, p); c != 1 {
+		if c := h.res.OpenCount(testURI, p); c != 1 {
 			t.Errorf("%s opened %d times by %d parallel publishes, want 1", p, c, n)
 		}
 	}
@@ -531,17 +532,17 @@ func TestNodePublishVolumeMountFailure(t *testing.T) {
 	h.wantNothingAt(a)
 
 	// The model stayed in the cache: the retry mounts without downloading.
-	opens := h.res.openTotal()
+	opens := h.res.OpenTotal()
 	h.mustPublish(publishReq("vol-a", a, testURI, nil))
-	h.wantMounted(a, treeDigestOf(irisFiles()))
-	if n := h.res.openTotal(); n != opens {
+	h.wantMounted(a, sourcetest.TreeDigestOf(irisFiles()))
+	if n := h.res.OpenTotal(); n != opens {
 		t.Errorf("retry after a mount failure downloaded again (%d → %d opens)", opens, n)
 	}
 }
 
 func TestNodeUnpublishVolume(t *testing.T) {
 	h := newHarness(t)
-	digest := treeDigestOf(irisFiles())
+	digest := sourcetest.TreeDigestOf(irisFiles())
 	a, b := h.target("pod-a"), h.target("pod-b")
 	h.mustPublish(publishReq("vol-a", a, testURI, nil))
 	h.mustPublish(publishReq("vol-b", b, testURI, nil))
@@ -624,7 +625,7 @@ func TestNodeUnpublishVolume(t *testing.T) {
 func TestNodeGetVolumeStats(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := treeDigestOf(files)
+	digest := sourcetest.TreeDigestOf(files)
 	a := h.target("pod-a")
 	stats := func(id, p string) (*csi.NodeGetVolumeStatsResponse, error) {
 		return h.node.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: p})
@@ -650,8 +651,8 @@ func TestNodeGetVolumeStats(t *testing.T) {
 		for _, u := range resp.GetUsage() {
 			usage[u.GetUnit()] = u
 		}
-		if u := usage[csi.VolumeUsage_BYTES]; u.GetUsed() != sizeOf(files) || u.GetTotal() != sizeOf(files) {
-			t.Errorf("bytes usage = %v, want %d used of %d", u, sizeOf(files), sizeOf(files))
+		if u := usage[csi.VolumeUsage_BYTES]; u.GetUsed() != sourcetest.SizeOf(files) || u.GetTotal() != sourcetest.SizeOf(files) {
+			t.Errorf("bytes usage = %v, want %d used of %d", u, sourcetest.SizeOf(files), sourcetest.SizeOf(files))
 		}
 		if u := usage[csi.VolumeUsage_INODES]; u.GetUsed() != int64(len(files)) || u.GetTotal() != int64(len(files)) {
 			t.Errorf("inodes usage = %v, want %d", u, len(files))
@@ -693,7 +694,7 @@ func TestRecover(t *testing.T) {
 	if live, gone, err := h.cache.Recover(); live != 0 || len(gone) != 0 || err != nil {
 		t.Fatalf("Recover on an empty node = %d, %d, %v", live, len(gone), err)
 	}
-	digest := treeDigestOf(irisFiles())
+	digest := sourcetest.TreeDigestOf(irisFiles())
 	for _, pod := range []string{"a", "b", "c"} {
 		h.mustPublish(publishReq("vol-"+pod, h.target("pod-"+pod), testURI, nil))
 	}
@@ -752,7 +753,7 @@ func TestNodeGetInfo(t *testing.T) {
 func TestNodePublishVolumeEvictedTree(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := treeDigestOf(files)
+	digest := sourcetest.TreeDigestOf(files)
 	h.mustPublish(publishReq("vol-a", h.target("pod-a"), testURI, nil))
 	treePath := h.store.TreePath(digest)
 	makeWritable(treePath)
@@ -765,11 +766,11 @@ func TestNodePublishVolumeEvictedTree(t *testing.T) {
 		t.Fatalf("publish after eviction: %v", err)
 	}
 	h.wantMounted(b, digest)
-	if n := h.res.listCount(); n != 2 {
+	if n := h.res.ListCount(); n != 2 {
 		t.Errorf("publish after eviction listed %d times in all, want 2", n)
 	}
 	for p := range files {
-		if n := h.res.openCount(testURI, p); n != 2 {
+		if n := h.res.OpenCount(testURI, p); n != 2 {
 			t.Errorf("%s opened %d times in all, want 2 (once more after eviction)", p, n)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -74,7 +75,7 @@ func (h *harness) setDrained(on bool) {
 // A drained node serves what it caches and starts no download.
 func TestDrainedNodePublish(t *testing.T) {
 	h := newHarness(t)
-	h.res.setModel(otherURI, resnetFiles())
+	h.res.SetModel(otherURI, resnetFiles())
 	h.mustPublish(publishReq("vol-warm", h.target("warm"), testURI, nil))
 
 	tests := []struct {
@@ -101,12 +102,12 @@ func TestDrainedNodePublish(t *testing.T) {
 			if tt.secrets != nil {
 				req.Secrets = tt.secrets
 			}
-			opens := h.res.openTotal()
+			opens := h.res.OpenTotal()
 			err := h.publish(req)
 			if tt.code != codes.OK {
 				wantCode(t, err, tt.code, "drained", "undrain")
 				h.wantNothingAt(target)
-				if h.res.openTotal() != opens {
+				if h.res.OpenTotal() != opens {
 					t.Error("a drained node downloaded")
 				}
 				return
@@ -114,8 +115,8 @@ func TestDrainedNodePublish(t *testing.T) {
 			if err != nil {
 				t.Fatalf("publish: %v", err)
 			}
-			h.wantMounted(target, treeDigestOf(h.res.models[tt.uri].files))
-			if tt.drained && h.res.openTotal() != opens {
+			h.wantMounted(target, sourcetest.TreeDigestOf(h.res.Files(tt.uri)))
+			if tt.drained && h.res.OpenTotal() != opens {
 				t.Error("a drained node downloaded")
 			}
 		})
@@ -126,7 +127,7 @@ func TestDrainedNodePublish(t *testing.T) {
 // joined: the retry reports progress, not "drained".
 func TestDrainedNodeJoinsRunningDownload(t *testing.T) {
 	h := newHarness(t)
-	h.res.withGate(10)
+	h.res.WithGate(10)
 	target := h.target("pod-a")
 	req := publishReq("vol-a", target, testURI, nil)
 	wantCode(t, h.publishWithin(500*time.Millisecond, req), codes.Aborted, "still downloading")
@@ -137,13 +138,13 @@ func TestDrainedNodeJoinsRunningDownload(t *testing.T) {
 	// The first pod's retry joins and, once it ends, mounts.
 	done := make(chan error, 1)
 	go func() { done <- h.publishWithin(waitLimit, req) }()
-	h.res.release()
+	h.res.Release()
 	if err := recv(t, done, "publish joining the download"); err != nil {
 		t.Fatalf("retry on a drained node after its download ended: %v", err)
 	}
-	h.wantMounted(target, treeDigestOf(irisFiles()))
+	h.wantMounted(target, sourcetest.TreeDigestOf(irisFiles()))
 	for p := range irisFiles() {
-		if n := h.res.openCount(testURI, p); n != 1 {
+		if n := h.res.OpenCount(testURI, p); n != 1 {
 			t.Errorf("%s opened %d times, want 1", p, n)
 		}
 	}
@@ -173,9 +174,9 @@ func TestTreeReleasedAtLastUnpublish(t *testing.T) {
 				t.Skip("BUG: " + tt.bug)
 			}
 			h := newWiredHarness(t)
-			h.res.setModel(otherURI, resnetFiles())
-			digest := treeDigestOf(irisFiles())
-			other := treeDigestOf(resnetFiles())
+			h.res.SetModel(otherURI, resnetFiles())
+			digest := sourcetest.TreeDigestOf(irisFiles())
+			other := sourcetest.TreeDigestOf(resnetFiles())
 			a, b := h.target("pod-a"), h.target("pod-b")
 			h.mustPublish(publishReq("vol-a", a, testURI, nil))
 			h.mustPublish(publishReq("vol-b", b, testURI, nil))
@@ -233,7 +234,7 @@ func TestReconcile(t *testing.T) {
 	}
 	digests := map[string]string{}
 	for name, files := range models {
-		tr, _, err := h.store.Ensure(ctx, "key-"+name, manifestOf(files, time.Time{}), memFiles(files))
+		tr, _, err := h.store.Ensure(ctx, "key-"+name, sourcetest.ManifestOf(files, time.Time{}), memFiles(files))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -356,11 +357,11 @@ func TestReleaseStale(t *testing.T) {
 			if !slices.Equal(pods, tt.wantRefs) {
 				t.Errorf("references after ReleaseStale: %v, want %v", pods, tt.wantRefs)
 			}
-			if !h.store.HasTree(treeDigestOf(irisFiles())) {
+			if !h.store.HasTree(sourcetest.TreeDigestOf(irisFiles())) {
 				t.Error("a tree still mounted was removed")
 			}
-			h.wantMounted(h.target("pod-a"), treeDigestOf(irisFiles()))
-			h.wantMounted(h.target("pod-c"), treeDigestOf(irisFiles()))
+			h.wantMounted(h.target("pod-a"), sourcetest.TreeDigestOf(irisFiles()))
+			h.wantMounted(h.target("pod-c"), sourcetest.TreeDigestOf(irisFiles()))
 		})
 	}
 	t.Run("drained node, last reference", func(t *testing.T) {
@@ -377,7 +378,7 @@ func TestReleaseStale(t *testing.T) {
 		if _, ok, _ := h.state.Ref(target); ok {
 			t.Error("stale reference kept")
 		}
-		if h.store.HasTree(treeDigestOf(irisFiles())) {
+		if h.store.HasTree(sourcetest.TreeDigestOf(irisFiles())) {
 			t.Error("a drained node kept a tree whose last reference was released")
 		}
 	})
@@ -424,7 +425,7 @@ func TestPublishEvents(t *testing.T) {
 	ev := kube.NewEvents(cs, "modelcache-node", "node-1")
 	t.Cleanup(ev.Shutdown)
 	h.node.Events = ev
-	h.res.setModel(otherURI, resnetFiles())
+	h.res.SetModel(otherURI, resnetFiles())
 
 	steps := []struct {
 		name    string
@@ -437,8 +438,8 @@ func TestPublishEvents(t *testing.T) {
 		{"cold", testURI, nil, false, []string{kube.ReasonDownloading, kube.ReasonDownloaded}, "Normal"},
 		{"warm", testURI, nil, false, []string{kube.ReasonCached}, "Normal"},
 		{"failed download", otherURI, func() {
-			h.res.set(func(r *fakeResolver) {
-				r.openErr = fmt.Errorf("%w: 403 Forbidden", source.ErrDenied)
+			h.res.Set(func(r *sourcetest.Resolver) {
+				r.OpenErr = fmt.Errorf("%w: 403 Forbidden", source.ErrDenied)
 			})
 		}, true, []string{kube.ReasonDownloadFailed}, "Warning"},
 	}
@@ -508,7 +509,7 @@ func TestPublishMetrics(t *testing.T) {
 	h := newHarness(t)
 	m := metrics.New()
 	h.node.Metrics = m
-	h.res.setModel(otherURI, resnetFiles())
+	h.res.SetModel(otherURI, resnetFiles())
 
 	h.mustPublish(publishReq("vol-a", h.target("pod-a"), testURI, nil)) // miss
 	h.mustPublish(publishReq("vol-b", h.target("pod-b"), testURI, nil)) // hit
@@ -545,8 +546,8 @@ func TestPublishMetrics(t *testing.T) {
 // was used more recently than one whose pods went away earlier.
 func TestUnpublishCountsAsUse(t *testing.T) {
 	h := newWiredHarness(t)
-	h.res.setModel(otherURI, resnetFiles())
-	iris, resnet := treeDigestOf(irisFiles()), treeDigestOf(resnetFiles())
+	h.res.SetModel(otherURI, resnetFiles())
+	iris, resnet := sourcetest.TreeDigestOf(irisFiles()), sourcetest.TreeDigestOf(resnetFiles())
 	a, b := h.target("pod-a"), h.target("pod-b")
 	h.mustPublish(publishReq("vol-a", a, testURI, nil)) // iris, mounted first
 	time.Sleep(10 * time.Millisecond)

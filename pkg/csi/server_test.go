@@ -1,17 +1,15 @@
 package csi
 
 import (
-	"bytes"
 	"context"
-	"flag"
-	"io"
+	"github.com/modelcache/modelcache/pkg/klogtest"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -20,7 +18,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"k8s.io/klog/v2"
 )
 
 // socketDir returns a short directory for unix sockets: t.TempDir's paths
@@ -103,47 +100,8 @@ func TestListenReplacesStaleSocket(t *testing.T) {
 	}
 }
 
-// klogCapture sends klog output at verbosity v to a buffer for one test.
-type klogCapture struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (c *klogCapture) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.buf.Write(p)
-}
-
-func (c *klogCapture) String() string {
-	klog.Flush()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.buf.String()
-}
-
-// captureKlog must not be used by parallel tests: klog's settings are global.
-func captureKlog(t *testing.T, v int) *klogCapture {
-	t.Helper()
-	flags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(flags)
-	set := func(name, value string) {
-		if err := flags.Set(name, value); err != nil {
-			t.Fatalf("klog flag %s: %v", name, err)
-		}
-	}
-	c := &klogCapture{}
-	set("v", strconv.Itoa(v))
-	set("logtostderr", "false")
-	set("alsologtostderr", "false")
-	klog.SetOutput(c)
-	t.Cleanup(func() {
-		klog.Flush()
-		set("v", "0")
-		klog.SetOutput(io.Discard) // as TestMain left it
-	})
-	return c
-}
+// captureKlog sends klog's output at verbosity v to a buffer for one test.
+func captureKlog(t *testing.T, v int) *klogtest.Capture { return klogtest.Start(t, v) }
 
 // loggedRequest is a publish request as kubelet sends it, secrets included.
 func loggedRequest() *csi.NodePublishVolumeRequest {
@@ -251,7 +209,7 @@ func TestServeOverUnixSocket(t *testing.T) {
 	if _, err := node.NodePublishVolume(rpcCtx, publishReq("vol-a", target, testURI, nil)); err != nil {
 		t.Fatalf("NodePublishVolume over gRPC: %v", err)
 	}
-	h.wantMounted(target, treeDigestOf(irisFiles()))
+	h.wantMounted(target, sourcetest.TreeDigestOf(irisFiles()))
 	_, err = node.NodePublishVolume(rpcCtx, publishReq("vol-b", h.target("pod-b"), "mys3:models/missing", nil))
 	wantCode(t, err, codes.NotFound, "mys3:models/missing")
 

@@ -6,8 +6,6 @@ package store_test
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +21,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
 )
 
@@ -275,10 +274,8 @@ func manifestOf(files map[string][]byte) source.Manifest {
 	return m
 }
 
-func sha256Hex(b []byte) string {
-	s := sha256.Sum256(b)
-	return hex.EncodeToString(s[:])
-}
+// sha256Hex is the hex sha256 of b.
+func sha256Hex(b []byte) string { return sourcetest.Sha256Hex(b) }
 
 // sumsOf returns the file digests of m's entries, in manifest order.
 func sumsOf(m source.Manifest, files map[string][]byte) []string {
@@ -290,14 +287,7 @@ func sumsOf(m source.Manifest, files map[string][]byte) []string {
 }
 
 // bytesOf makes n deterministic bytes that differ per seed.
-func bytesOf(seed string, n int) []byte {
-	b := make([]byte, 0, n+sha256.Size)
-	for i := 0; len(b) < n; i++ {
-		s := sha256.Sum256([]byte(fmt.Sprintf("%s/%d", seed, i)))
-		b = append(b, s[:]...)
-	}
-	return b[:n]
-}
+func bytesOf(seed string, n int) []byte { return sourcetest.Bytes(seed, n) }
 
 func statT(t *testing.T, p string) (fs.FileInfo, *syscall.Stat_t) {
 	t.Helper()

@@ -1,0 +1,370 @@
+// Package sourcetest is the in-memory remote every package's unit tests
+// share: a source.Resolver whose remotes serve models from a map, count
+// what they are asked, and can be told to fail, to hang, or to hold a
+// download at a byte offset until the test releases it.
+package sourcetest
+
+import (
+	"context"
+	"crypto/md5"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/store"
+)
+
+// model is one model at the fake remote.
+type model struct {
+	files   map[string][]byte
+	modTime time.Time
+}
+
+// Resolver resolves every modelUri to a Remote backed by an in-memory map.
+// It counts calls and can be told to fail or to hold downloads. Change its
+// exported fields through Set.
+type Resolver struct {
+	mu     sync.Mutex
+	models map[string]*model // canonical modelUri → model
+
+	// Calls so far.
+	Resolves, Lists, Verifies int
+	opens                     map[string]int // "uri|path" → Open calls
+
+	// VerifyDenied holds credential IDs whose Verify is refused.
+	VerifyDenied map[string]bool
+
+	// Errors injected at each step; nil means succeed.
+	ResolveErr error
+	ListErr    error
+	OpenErr    error
+
+	// ListWaitsForCtx makes List block until its context ends and return
+	// the context's error, like a remote that never answers.
+	ListWaitsForCtx bool
+	// Listed receives the modelUri of every List call, when non-nil.
+	Listed chan string
+
+	// gate, when non-nil, stops every reader once it has delivered
+	// gateAfter bytes, until gate is closed or the download's context
+	// ends; the reader sends its path on blocked first.
+	gate      chan struct{}
+	gateAfter int
+	blocked   chan string
+}
+
+// NewResolver returns a resolver with no models.
+func NewResolver() *Resolver {
+	return &Resolver{models: map[string]*model{}, opens: map[string]int{}}
+}
+
+// SetModel puts (or replaces) a model at uri. A new modTime makes the
+// listing change, as an upload would.
+func (r *Resolver) SetModel(uri string, files map[string][]byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	prev := r.models[uri]
+	mt := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
+	if prev != nil {
+		mt = prev.modTime.Add(time.Hour)
+	}
+	r.models[uri] = &model{files: files, modTime: mt}
+}
+
+// Put puts a model at uri with the given upload time, inside a Set
+// callback (the resolver is locked there; SetModel would wait for it).
+func (r *Resolver) Put(uri string, files map[string][]byte, modTime time.Time) {
+	r.models[uri] = &model{files: files, modTime: modTime}
+}
+
+// WithGate makes every reader stop after n bytes until Release, sending
+// its path on Blocked first.
+func (r *Resolver) WithGate(n int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.gate = make(chan struct{})
+	r.gateAfter = n
+	r.blocked = make(chan string, 64)
+}
+
+// Release lets gated readers go on.
+func (r *Resolver) Release() { close(r.gate) }
+
+// Blocked receives the path of each reader the gate stopped.
+func (r *Resolver) Blocked() <-chan string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.blocked
+}
+
+// Set runs f with the resolver locked, to change its fields safely.
+func (r *Resolver) Set(f func(r *Resolver)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f(r)
+}
+
+// Counts returns the Resolve, List and Open calls so far.
+func (r *Resolver) Counts() (resolves, lists, opens int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, n := range r.opens {
+		opens += n
+	}
+	return r.Resolves, r.Lists, opens
+}
+
+// OpenCount is the number of Open calls for one object.
+func (r *Resolver) OpenCount(uri, path string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.opens[uri+"|"+path]
+}
+
+// ListCount is the number of List calls.
+func (r *Resolver) ListCount() int {
+	_, l, _ := r.Counts()
+	return l
+}
+
+// OpenTotal is the number of Open calls.
+func (r *Resolver) OpenTotal() int {
+	_, _, o := r.Counts()
+	return o
+}
+
+// Resolve implements source.Resolver.
+func (r *Resolver) Resolve(_ context.Context, uri string, secrets map[string]string) (source.Remote, error) {
+	r.mu.Lock()
+	r.Resolves++
+	err := r.ResolveErr
+	r.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	u, err := source.ParseURI(uri)
+	if err != nil {
+		return nil, err
+	}
+	return &Remote{r: r, uri: u, credID: Fingerprint(secrets)}, nil
+}
+
+// Fingerprint stands in for the HMAC of the credentials: equal secrets give
+// equal IDs, and the ID does not contain them.
+func Fingerprint(secrets map[string]string) string {
+	keys := make([]string, 0, len(secrets))
+	for k := range secrets {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	h := sha256.New()
+	fmt.Fprint(h, "fake node key\x00")
+	for _, k := range keys {
+		fmt.Fprintf(h, "%s=%s\x00", k, secrets[k])
+	}
+	return "cred:" + hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+// Remote is one model reached with one request's credentials.
+type Remote struct {
+	r      *Resolver
+	uri    source.URI
+	credID string
+}
+
+// URI implements source.Remote.
+func (f *Remote) URI() source.URI { return f.uri }
+
+// Identity implements source.Remote.
+func (f *Remote) Identity() string { return IdentityOf(f.uri.String()) }
+
+// CredentialID implements source.Remote.
+func (f *Remote) CredentialID() string { return f.credID }
+
+// IdentityOf is the fake's backend identity for a modelUri.
+func IdentityOf(uri string) string { return "fake-s3|minio.example|" + uri }
+
+// Verify implements source.Remote: credentials Listed in VerifyDenied are
+// refused, as the remote's HEAD would refuse them.
+func (f *Remote) Verify(_ context.Context, _ source.Manifest) error {
+	r := f.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.Verifies++
+	if r.VerifyDenied[f.credID] {
+		return fmt.Errorf("HEAD %s: %w", f.uri, source.ErrDenied)
+	}
+	return nil
+}
+
+// List implements source.Remote.
+func (f *Remote) List(ctx context.Context) (source.Manifest, error) {
+	r := f.r
+	r.mu.Lock()
+	r.Lists++
+	err, wait, Listed := r.ListErr, r.ListWaitsForCtx, r.Listed
+	m := r.models[f.uri.String()]
+	var man source.Manifest
+	if m != nil {
+		man = ManifestOf(m.files, m.modTime)
+	}
+	r.mu.Unlock()
+	if Listed != nil {
+		Listed <- f.uri.String()
+	}
+	if wait {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	if err != nil {
+		return nil, err
+	}
+	if m == nil {
+		return nil, fmt.Errorf("listing %s: %w", f.uri, source.ErrNotFound)
+	}
+	return man, nil
+}
+
+// Open implements source.Remote.
+func (f *Remote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
+	r := f.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.opens[f.uri.String()+"|"+e.Path]++
+	if r.OpenErr != nil {
+		return nil, r.OpenErr
+	}
+	m := r.models[f.uri.String()]
+	if m == nil {
+		return nil, fmt.Errorf("opening %s/%s: %w", f.uri, e.Path, source.ErrNotFound)
+	}
+	data, ok := m.files[e.Path]
+	if !ok {
+		return nil, fmt.Errorf("opening %s/%s: %w", f.uri, e.Path, source.ErrNotFound)
+	}
+	return &gatedReader{ctx: ctx, data: data, path: e.Path, gate: r.gate, after: r.gateAfter, blocked: r.blocked}, nil
+}
+
+// gatedReader serves data, stopping once at after bytes while gate is open.
+type gatedReader struct {
+	ctx     context.Context
+	data    []byte
+	off     int
+	path    string
+	gate    chan struct{}
+	after   int
+	blocked chan string
+	passed  bool
+}
+
+func (g *gatedReader) Read(p []byte) (int, error) {
+	if g.gate != nil && !g.passed && g.off >= g.after && g.after < len(g.data) {
+		g.blocked <- g.path
+		select {
+		case <-g.gate:
+			g.passed = true
+		case <-g.ctx.Done():
+			return 0, g.ctx.Err()
+		}
+	}
+	if g.off >= len(g.data) {
+		return 0, io.EOF
+	}
+	end := len(g.data)
+	if g.gate != nil && !g.passed && g.after < end {
+		end = g.after
+	}
+	n := copy(p, g.data[g.off:end])
+	g.off += n
+	return n, nil
+}
+
+func (g *gatedReader) Close() error { return nil }
+
+// ManifestOf Lists files the way a Remote does: sorted, with size, an
+// ETag-like checksum and the upload time.
+func ManifestOf(files map[string][]byte, modTime time.Time) source.Manifest {
+	var m source.Manifest
+	for p, b := range files {
+		sum := md5.Sum(b)
+		m = append(m, source.Entry{Path: p, Size: int64(len(b)), Hash: hex.EncodeToString(sum[:]), ModTime: modTime})
+	}
+	slices.SortFunc(m, func(a, b source.Entry) int { return strings.Compare(a.Path, b.Path) })
+	return m
+}
+
+// TreeDigestOf is the digest the store must give a model's files.
+func TreeDigestOf(files map[string][]byte) string {
+	m := ManifestOf(files, time.Time{})
+	sums := make([]string, len(m))
+	for i, e := range m {
+		s := sha256.Sum256(files[e.Path])
+		sums[i] = hex.EncodeToString(s[:])
+	}
+	return store.TreeDigest(m, sums)
+}
+
+// SizeOf is the bytes of a model's files.
+func SizeOf(files map[string][]byte) int64 {
+	var n int64
+	for _, b := range files {
+		n += int64(len(b))
+	}
+	return n
+}
+
+// Manifest is the listing the resolver currently gives for uri.
+func (r *Resolver) Manifest(uri string) source.Manifest {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.models[uri]
+	return ManifestOf(m.files, m.modTime)
+}
+
+// Files returns the files of the model at uri.
+func (r *Resolver) Files(uri string) map[string][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if m := r.models[uri]; m != nil {
+		return m.files
+	}
+	return nil
+}
+
+// Bytes makes n deterministic bytes that differ per seed.
+func Bytes(seed string, n int) []byte {
+	b := make([]byte, 0, n+sha256.Size)
+	for i := 0; len(b) < n; i++ {
+		s := sha256.Sum256([]byte(fmt.Sprintf("%s/%d", seed, i)))
+		b = append(b, s[:]...)
+	}
+	return b[:n]
+}
+
+// Sha256Hex is the hex sha256 of b.
+func Sha256Hex(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+// Recv waits for a value from ch, failing the test after limit: a guard
+// against hangs, never a timing a test depends on.
+func Recv[T any](t testing.TB, ch <-chan T, limit time.Duration, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(limit):
+		t.Fatalf("timed out waiting for %s", what)
+		var zero T
+		return zero
+	}
+}
