@@ -1,0 +1,280 @@
+package cache_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/cache"
+	"github.com/modelcache/modelcache/pkg/mount"
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
+	"github.com/modelcache/modelcache/pkg/state"
+	"github.com/modelcache/modelcache/pkg/store"
+)
+
+// Unit tests with fakes: a real store and state database in a temporary
+// directory, the in-memory remote of sourcetest and mount.Fake; no root.
+
+const (
+	waitLimit = 60 * time.Second
+	modelURI  = "mys3:models/iris"
+)
+
+func files() map[string][]byte {
+	return map[string][]byte{
+		"config.json":    []byte(`{"name":"iris"}`),
+		"model.bin":      sourcetest.Bytes("iris", 64<<10),
+		"tokenizer.json": sourcetest.Bytes("tok", 4<<10),
+	}
+}
+
+func secrets() map[string]string {
+	return map[string]string{"RCLONE_CONFIG_MYS3_TYPE": "s3", "RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": "k"}
+}
+
+type harness struct {
+	t     *testing.T
+	dir   string
+	res   *sourcetest.Resolver
+	mnt   *mount.Fake
+	cache *cache.Cache
+}
+
+// newHarness opens a cache over dir; a second call over the same dir is a
+// restart of the node plugin.
+func newHarness(t *testing.T, dir string, res *sourcetest.Resolver, mnt *mount.Fake) *harness {
+	t.Helper()
+	db, err := state.Open(filepath.Join(dir, "state", "modelcache.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.Open(dir, db, store.Options{Evictor: db})
+	if err != nil {
+		db.Close()
+		t.Fatal(err)
+	}
+	c := &cache.Cache{Store: st, State: db, Mounter: mnt, ProgressEvery: 5 * time.Millisecond}
+	h := &harness{t: t, dir: dir, res: res, mnt: mnt, cache: c}
+	t.Cleanup(h.close)
+	return h
+}
+
+func (h *harness) close() {
+	_ = h.cache.Store.Close()
+	_ = h.cache.State.Close()
+}
+
+func (h *harness) remote(uri string, sec map[string]string) source.Remote {
+	h.t.Helper()
+	r, err := h.res.Resolve(context.Background(), uri, sec)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return r
+}
+
+// publish fetches and mounts a model at target as a publish does.
+func (h *harness) publish(target string) cache.Fetched {
+	h.t.Helper()
+	unlock := h.cache.LockTarget(target)
+	defer unlock()
+	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
+	if err != nil {
+		h.t.Fatalf("fetch: %v", err)
+	}
+	if err := h.cache.Acquire(f, state.Ref{VolumeID: "vol-" + filepath.Base(target), TargetPath: target, URI: modelURI, Published: time.Now()}); err != nil {
+		h.t.Fatalf("acquire: %v", err)
+	}
+	return f
+}
+
+func (h *harness) release(target string) {
+	h.t.Helper()
+	unlock := h.cache.LockTarget(target)
+	defer unlock()
+	if err := h.cache.Release(target); err != nil {
+		h.t.Fatalf("release: %v", err)
+	}
+}
+
+// A prefetch and a publish of one model at the same time share one
+// download, get the same tree, and leave the same source record: both go
+// through Cache.Fetch.
+func TestFetch_PrefetchAndPublishJoinOneDownload(t *testing.T) {
+	res := sourcetest.NewResolver()
+	res.SetModel(modelURI, files())
+	res.WithGate(1024)
+	h := newHarness(t, t.TempDir(), res, mount.NewFake())
+
+	type outcome struct {
+		f   cache.Fetched
+		err error
+	}
+	prefetched, published := make(chan outcome, 1), make(chan outcome, 1)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
+		if err == nil {
+			err = h.cache.Keep(f)
+		}
+		prefetched <- outcome{f, err}
+	})
+	// The first download is held at the gate: the publish must join it.
+	sourcetest.Recv(t, res.Blocked(), waitLimit, "the prefetch's download to start")
+	wg.Go(func() {
+		f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
+		published <- outcome{f, err}
+	})
+	waitDownloadJoined(t, h, 2)
+	res.Release()
+	wg.Wait()
+	p, q := <-prefetched, <-published
+	if p.err != nil || q.err != nil {
+		t.Fatalf("prefetch: %v, publish: %v", p.err, q.err)
+	}
+	if p.f.Tree.Digest != q.f.Tree.Digest || p.f.Tree.Digest != sourcetest.TreeDigestOf(files()) {
+		t.Fatalf("trees %s and %s, want both %s", p.f.Tree.Digest, q.f.Tree.Digest, sourcetest.TreeDigestOf(files()))
+	}
+	for path := range files() {
+		if n := res.OpenCount(modelURI, path); n != 1 {
+			t.Errorf("%s was opened %d times, want once", path, n)
+		}
+	}
+	// The publish joined: its credentials were checked with a HEAD, and its
+	// record goes with its reference.
+	target := filepath.Join(h.dir, "pods", "a", "mount")
+	unlock := h.cache.LockTarget(target)
+	if err := h.cache.Acquire(q.f, state.Ref{VolumeID: "vol-a", TargetPath: target, URI: modelURI, Published: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	src, ok, err := h.cache.State.SourceTree(source.SourceKey(h.remote(modelURI, secrets())))
+	if err != nil || !ok || src.Tree != p.f.Tree.Digest || src.URI != modelURI {
+		t.Fatalf("source record = %+v, %v, %v; want tree %s for %s", src, ok, err, p.f.Tree.Digest, modelURI)
+	}
+}
+
+// waitDownloadJoined waits until n fetches wait for the one running download.
+func waitDownloadJoined(t *testing.T, h *harness, n int) {
+	t.Helper()
+	// The second Fetch lists the remote before it joins: two listings.
+	deadline := time.Now().Add(waitLimit)
+	for h.res.ListCount() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d fetches listed the remote", h.res.ListCount(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// Let the joiner reach the flight. Were it later than the release, it
+	// would find the tree committed instead: the assertions hold either
+	// way (one Open per object, one tree, one record), so a slow machine
+	// cannot fail this test, only make it prove less.
+	time.Sleep(20 * time.Millisecond)
+}
+
+// Drain removes what no pod mounts and dooms what pods mount: those go
+// with their last mount even after undrain, and across a restart, as
+// modelcachectl drain and undrain say.
+func TestDrain_PendingRemovalSurvivesUndrainAndRestart(t *testing.T) {
+	for _, restart := range []bool{false, true} {
+		name := "same process"
+		if restart {
+			name = "across a restart"
+		}
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			res := sourcetest.NewResolver()
+			res.SetModel(modelURI, files())
+			mnt := mount.NewFake()
+			h := newHarness(t, dir, res, mnt)
+			target := filepath.Join(dir, "pods", "a", "mount")
+			f := h.publish(target)
+
+			d, err := h.cache.Drain()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(d.Removed) != 0 || len(d.Pending) != 1 || d.Pending[0] != f.Tree.Digest {
+				t.Fatalf("drain = %+v, want the mounted tree pending", d)
+			}
+			if err := h.cache.Undrain(); err != nil {
+				t.Fatal(err)
+			}
+			if restart {
+				h.close()
+				h = newHarness(t, dir, res, mnt)
+				if live, _, err := h.cache.Recover(); err != nil || live != 1 {
+					t.Fatalf("Recover = %d live, %v", live, err)
+				}
+			}
+			if !h.cache.Store.HasTree(f.Tree.Digest) {
+				t.Fatal("the mounted tree was removed under its pod")
+			}
+			h.release(target)
+			if h.cache.Store.HasTree(f.Tree.Digest) {
+				t.Fatal("the tree drain said was pending stayed after undrain and its last unmount")
+			}
+			if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("target still exists: %v", err)
+			}
+		})
+	}
+}
+
+// With --verify-credentials=Never nothing checks a joiner's credentials,
+// so nothing records them: the next fetch with them lists the remote again
+// instead of counting as checked.
+func TestFetch_VerifyNever_RecordsNoUncheckedSource(t *testing.T) {
+	res := sourcetest.NewResolver()
+	res.SetModel(modelURI, files())
+	h := newHarness(t, t.TempDir(), res, mount.NewFake())
+	h.cache.VerifyCredentials = cache.VerifyNever
+	first := h.publish(filepath.Join(h.dir, "pods", "a", "mount"))
+	if first.Hit {
+		t.Fatal("the first fetch was a hit")
+	}
+	other := map[string]string{"RCLONE_CONFIG_MYS3_TYPE": "s3", "RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": "other"}
+	r := h.remote(modelURI, other)
+	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: r})
+	if err != nil || !f.Hit {
+		t.Fatalf("second tenant's fetch = hit %v, %v", f.Hit, err)
+	}
+	if err := h.cache.Keep(f); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := h.cache.State.SourceTree(source.SourceKey(r)); ok {
+		t.Fatal("credentials nothing checked were recorded as checked")
+	}
+	if _, ok, _ := h.cache.State.SourceTree(source.SourceKey(h.remote(modelURI, secrets()))); !ok {
+		t.Fatal("the downloading tenant's credentials were not recorded")
+	}
+}
+
+// A drained node starts no download, and says so with ErrDrained; it still
+// serves what it has.
+func TestFetch_DrainedNode(t *testing.T) {
+	res := sourcetest.NewResolver()
+	res.SetModel(modelURI, files())
+	res.SetModel("mys3:models/other", map[string][]byte{"w": []byte("w")})
+	h := newHarness(t, t.TempDir(), res, mount.NewFake())
+	h.publish(filepath.Join(h.dir, "pods", "a", "mount"))
+	if err := h.cache.State.SetDrained(true); err != nil {
+		t.Fatal(err)
+	}
+	opens := res.OpenTotal()
+	_, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: "mys3:models/other", Remote: h.remote("mys3:models/other", secrets())})
+	if !errors.Is(err, cache.ErrDrained) {
+		t.Fatalf("fetch of an uncached model on a drained node: %v, want ErrDrained", err)
+	}
+	if _, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())}); err != nil {
+		t.Fatalf("fetch of a cached model on a drained node: %v", err)
+	}
+	if res.OpenTotal() != opens {
+		t.Fatal("a drained node downloaded")
+	}
+}
