@@ -28,6 +28,7 @@ var (
 	bucketDoomed  = []byte("doomed")       // tree digest → reason it goes when its last mount goes
 	keyDrained    = []byte("drained")
 	bucketMeta    = []byte("meta")
+	keySchema     = []byte("schema-version")
 	keyNodeKey    = []byte("fingerprint-key")
 )
 
@@ -82,13 +83,46 @@ func Open(path string) (*DB, error) {
 				return err
 			}
 		}
-		return nil
+		return migrate(tx)
 	})
 	if err != nil {
 		db.Close()
-		return nil, fmt.Errorf("initialising state database: %w", err)
+		return nil, fmt.Errorf("initialising state database %s: %w", path, err)
 	}
 	return &DB{db: db}, nil
+}
+
+// SchemaVersion is the layout of the buckets and records this package
+// writes. Databases written before the version key existed are version 1.
+const SchemaVersion = 2
+
+// ErrNewerSchema means the database was written by a newer modelcache.
+var ErrNewerSchema = errors.New("state database is newer than this modelcache-csi")
+
+// migrations[n] moves a database from version n to n+1, in the opening
+// transaction: a crash in the middle leaves the old version.
+var migrations = map[int]func(tx *bolt.Tx) error{
+	// 1 → 2: the version key itself; records are unchanged.
+	1: func(*bolt.Tx) error { return nil },
+}
+
+// migrate brings the database to SchemaVersion, or refuses a newer one.
+func migrate(tx *bolt.Tx) error {
+	v := 1
+	if raw := tx.Bucket(bucketMeta).Get(keySchema); raw != nil {
+		if _, err := fmt.Sscanf(string(raw), "%d", &v); err != nil {
+			return fmt.Errorf("reading schema version %q: %w", raw, err)
+		}
+	}
+	if v > SchemaVersion {
+		return fmt.Errorf("%w: it has schema version %d and this version understands up to %d; run a modelcache-csi at least as new as the one that wrote it, or move the cache directory aside to start an empty cache", ErrNewerSchema, v, SchemaVersion)
+	}
+	for ; v < SchemaVersion; v++ {
+		if err := migrations[v](tx); err != nil {
+			return fmt.Errorf("migrating state database from schema version %d to %d: %w", v, v+1, err)
+		}
+	}
+	return tx.Bucket(bucketMeta).Put(keySchema, fmt.Appendf(nil, "%d", SchemaVersion))
 }
 
 // Close closes the database.
