@@ -78,16 +78,24 @@ func (h *harness) remote(uri string, sec map[string]string) source.Remote {
 	return r
 }
 
-// publish fetches and mounts a model at target as a publish does.
+// publish fetches and mounts the test model at target as a publish does.
 func (h *harness) publish(target string) cache.Fetched {
+	h.t.Helper()
+	return h.fetchAndMount(modelURI, target)
+}
+
+func (h *harness) fetchAndMount(uri, target string) cache.Fetched {
 	h.t.Helper()
 	unlock := h.cache.LockTarget(target)
 	defer unlock()
-	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
+	if done, err := h.cache.Published(target, "vol-"+filepath.Base(filepath.Dir(target)), ""); done || err != nil {
+		h.t.Fatalf("Published = %v, %v before the first publish", done, err)
+	}
+	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: uri, Remote: h.remote(uri, secrets())})
 	if err != nil {
 		h.t.Fatalf("fetch: %v", err)
 	}
-	if err := h.cache.Acquire(f, state.Ref{VolumeID: "vol-" + filepath.Base(target), TargetPath: target, URI: modelURI, Published: time.Now()}); err != nil {
+	if err := h.cache.Acquire(f, state.Ref{VolumeID: "vol-" + filepath.Base(filepath.Dir(target)), TargetPath: target, URI: uri, Published: time.Now()}); err != nil {
 		h.t.Fatalf("acquire: %v", err)
 	}
 	return f

@@ -143,7 +143,7 @@ func (c *Cache) checkedTree(sourceKey string) (store.Tree, bool) {
 	if c.VerifyCredentials == VerifyAlways {
 		return store.Tree{}, false
 	}
-	src, ok, err := c.State.SourceTree(sourceKey)
+	src, rec, ok, err := c.State.CheckedTree(sourceKey)
 	if err != nil {
 		// A record that cannot be read counts as absent: the credentials
 		// are checked again.
@@ -154,10 +154,6 @@ func (c *Cache) checkedTree(sourceKey string) (store.Tree, bool) {
 		return store.Tree{}, false
 	}
 	if c.ReverifyAfter > 0 && time.Since(src.Checked) > c.ReverifyAfter {
-		return store.Tree{}, false
-	}
-	rec, ok, err := c.State.Tree(src.Tree)
-	if err != nil || !ok {
 		return store.Tree{}, false
 	}
 	return rec.Tree, true

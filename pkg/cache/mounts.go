@@ -68,45 +68,36 @@ func (c *Cache) Acquire(f Fetched, ref state.Ref) error {
 // as just used, and goes now if an operator or a drain doomed it. The
 // caller holds the target's lock.
 func (c *Cache) Release(target string) error {
-	ref, known, err := c.State.Ref(target)
-	if err != nil {
-		return fmt.Errorf("reading state for %s: %w", target, err)
-	}
 	if err := c.Mounter.Unpublish(target); err != nil {
 		return fmt.Errorf("unpublishing %s: %w", target, err)
 	}
-	if err := c.State.DeleteRef(target); err != nil {
+	// A tree a pod used until now is recently used, however long ago it
+	// was published, when evictions are ordered.
+	rel, err := c.State.ReleaseRef(target, time.Now())
+	if err != nil {
 		return fmt.Errorf("forgetting %s after unmount: %w", target, err)
 	}
-	if known {
-		// A tree a pod used until now is recently used, however long ago
-		// it was published, when evictions are ordered.
-		if err := c.State.Touch(ref.Tree, time.Now()); err != nil {
-			klog.ErrorS(err, "recording the last use of a tree", "tree", ref.Tree)
-		}
-		c.releaseTree(ref.Tree)
-	}
+	c.afterRelease(rel)
 	return nil
 }
 
-// releaseTree removes a tree whose last mount just went if it is doomed
-// (evict --when-unused, or a drain, even one undone since: the operator was
-// told it goes) or the node is drained now. Failing here does not fail the
-// unpublish: gc or drain find the tree again.
-func (c *Cache) releaseTree(digest string) {
-	t, ok, err := c.State.CachedTree(digest)
-	if err != nil || !ok || len(t.Refs) > 0 {
+// afterRelease removes a tree whose last reference just went if it is
+// doomed (evict --when-unused, or a drain, even one undone since: the
+// operator was told it goes) or the node is drained now. Failing here does
+// not fail the unpublish: gc or drain find the tree again.
+func (c *Cache) afterRelease(rel state.Released) {
+	if !rel.Known || !rel.Last {
 		return
 	}
-	reason := store.EvictReason(t.Doomed)
-	if drained, err := c.State.Drained(); err == nil && drained {
+	reason := store.EvictReason(rel.Doomed)
+	if rel.Drained {
 		reason = store.EvictDrain
 	}
 	if reason == "" {
 		return
 	}
-	if _, _, err := c.remove(digest, reason); err != nil {
-		klog.ErrorS(err, "removing tree after its last mount", "tree", digest, "reason", reason)
+	if _, _, err := c.remove(rel.Ref.Tree, reason); err != nil {
+		klog.ErrorS(err, "removing tree after its last mount", "tree", rel.Ref.Tree, "reason", reason)
 	}
 }
 
@@ -154,9 +145,10 @@ func (c *Cache) ReleaseStale(ctx context.Context, grace time.Duration, refs []st
 		if err == nil && ok && cur.Tree == r.Tree {
 			live, err := c.Mounter.MountedFrom(r.TargetPath, c.Store.TreePath(r.Tree))
 			if err == nil && !live {
-				if err := c.State.DeleteRef(r.TargetPath); err == nil {
+				// Not a use: nothing has used the tree since the restart.
+				if rel, err := c.State.ReleaseRef(r.TargetPath, time.Time{}); err == nil {
 					klog.InfoS("released a reference whose mount was gone", "volume", r.VolumeID, "target", r.TargetPath, "tree", r.Tree, "grace", grace)
-					c.releaseTree(r.Tree)
+					c.afterRelease(rel)
 				}
 			}
 		}

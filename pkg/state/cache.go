@@ -30,7 +30,7 @@ type CachedTree struct {
 // removal marks, least recently used first.
 func (d *DB) CachedTrees() ([]CachedTree, error) {
 	var out []CachedTree
-	err := d.db.View(func(tx *bolt.Tx) error {
+	err := d.view(func(tx *bolt.Tx) error {
 		refs := map[string][]Ref{}
 		err := tx.Bucket(bucketRefs).ForEach(func(k, v []byte) error {
 			var r Ref
@@ -62,40 +62,105 @@ func (d *DB) CachedTrees() ([]CachedTree, error) {
 	return out, err
 }
 
-// CachedTree returns one tree as CachedTrees does.
+// CachedTree returns one tree as CachedTrees does, reading only its own
+// records (its references through the tree-refs index).
 func (d *DB) CachedTree(digest string) (CachedTree, bool, error) {
-	all, err := d.CachedTrees()
-	if err != nil {
-		return CachedTree{}, false, err
-	}
-	for _, c := range all {
-		if c.Digest == digest {
-			return c, true, nil
+	var c CachedTree
+	var ok bool
+	err := d.view(func(tx *bolt.Tx) error {
+		var err error
+		if ok, err = get(tx, bucketTrees, digest, &c.TreeRecord); err != nil || !ok {
+			return err
 		}
-	}
-	return CachedTree{}, false, nil
+		for _, target := range users(tx, digest) {
+			var r Ref
+			if found, err := get(tx, bucketRefs, target, &r); err != nil {
+				return err
+			} else if found {
+				c.Refs = append(c.Refs, r)
+			}
+		}
+		if raw := tx.Bucket(bucketPins).Get([]byte(digest)); raw != nil {
+			c.Pinned = true
+			_ = c.PinnedAt.UnmarshalText(raw)
+		}
+		c.Doomed = string(tx.Bucket(bucketDoomed).Get([]byte(digest)))
+		return nil
+	})
+	return c, ok, err
 }
 
 // Referenced reports whether any recorded mount uses the tree.
 func (d *DB) Referenced(digest string) (bool, error) {
-	found := false
-	err := d.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketRefs).ForEach(func(_, v []byte) error {
-			var r Ref
-			if err := json.Unmarshal(v, &r); err != nil {
-				return err
-			}
-			found = found || r.Tree == digest
-			return nil
-		})
+	var found bool
+	err := d.view(func(tx *bolt.Tx) error {
+		found = len(users(tx, digest)) > 0
+		return nil
 	})
 	return found, err
+}
+
+// Released is what ReleaseRef found.
+type Released struct {
+	Ref   Ref
+	Known bool // a reference was recorded for the target
+	// Last: no other reference uses the tree now.
+	Last bool
+	// Doomed is why the tree goes when its last mount goes, or "".
+	Doomed  string
+	Drained bool
+}
+
+// ReleaseRef forgets a target's reference and counts it as a use of its
+// tree at the given time, in one transaction, and says whether that was the
+// tree's last reference and whether the tree is to go. Forgetting an
+// unknown target is not an error.
+func (d *DB) ReleaseRef(target string, at time.Time) (Released, error) {
+	var rel Released
+	err := d.update(func(tx *bolt.Tx) error {
+		var err error
+		if rel.Ref, rel.Known, err = deleteRef(tx, target); err != nil || !rel.Known {
+			return err
+		}
+		digest := rel.Ref.Tree
+		var rec TreeRecord
+		if ok, err := get(tx, bucketTrees, digest, &rec); err != nil {
+			return err
+		} else if ok && at.After(rec.LastUsed) {
+			rec.LastUsed = at
+			if err := put(tx, bucketTrees, digest, rec); err != nil {
+				return err
+			}
+		}
+		rel.Last = len(users(tx, digest)) == 0
+		rel.Doomed = string(tx.Bucket(bucketDoomed).Get([]byte(digest)))
+		rel.Drained = tx.Bucket(bucketMeta).Get(keyDrained) != nil
+		return nil
+	})
+	return rel, err
+}
+
+// CheckedTree returns, in one read, the source a source key last resolved
+// to and that tree's record.
+func (d *DB) CheckedTree(sourceKey string) (Source, TreeRecord, bool, error) {
+	var src Source
+	var rec TreeRecord
+	var ok bool
+	err := d.view(func(tx *bolt.Tx) error {
+		var err error
+		if ok, err = get(tx, bucketSources, sourceKey, &src); err != nil || !ok {
+			return err
+		}
+		ok, err = get(tx, bucketTrees, src.Tree, &rec)
+		return err
+	})
+	return src, rec, ok, err
 }
 
 // SetPinned pins or unpins a recorded tree; pinned trees are never evicted
 // to make room.
 func (d *DB) SetPinned(digest string, pinned bool) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketTrees).Get([]byte(digest)) == nil {
 			return fmt.Errorf("%w: tree %s", ErrUnknownTree, digest)
 		}
@@ -112,7 +177,7 @@ func (d *DB) SetPinned(digest string, pinned bool) error {
 
 // Doom marks a tree to be removed when its last mount goes; reason "" clears it.
 func (d *DB) Doom(digest, reason string) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if reason == "" {
 			return tx.Bucket(bucketDoomed).Delete([]byte(digest))
 		}
@@ -123,7 +188,7 @@ func (d *DB) Doom(digest, reason string) error {
 // Drained reports whether the node is drained: no new downloads start.
 func (d *DB) Drained() (bool, error) {
 	var on bool
-	err := d.db.View(func(tx *bolt.Tx) error {
+	err := d.view(func(tx *bolt.Tx) error {
 		on = tx.Bucket(bucketMeta).Get(keyDrained) != nil
 		return nil
 	})
@@ -132,7 +197,7 @@ func (d *DB) Drained() (bool, error) {
 
 // SetDrained drains or undrains the node.
 func (d *DB) SetDrained(on bool) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if !on {
 			return tx.Bucket(bucketMeta).Delete(keyDrained)
 		}
@@ -143,7 +208,7 @@ func (d *DB) SetDrained(on bool) error {
 // ForgetTree removes every record of a tree that is gone from the store:
 // the tree, the content keys and sources that led to it, its pin and mark.
 func (d *DB) ForgetTree(digest string) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if err := deleteWhere(tx.Bucket(bucketKeys), func(v []byte) bool {
 			var t store.Tree
 			return json.Unmarshal(v, &t) == nil && t.Digest == digest
@@ -169,7 +234,7 @@ func (d *DB) ForgetTree(digest string) error {
 // keys and sources are dropped) while keeping its record, so running pods
 // stay listed. The next publish of the model downloads and repairs it.
 func (d *DB) Invalidate(digest string) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if err := deleteWhere(tx.Bucket(bucketKeys), func(v []byte) bool {
 			var t store.Tree
 			return json.Unmarshal(v, &t) == nil && t.Digest == digest
@@ -229,7 +294,7 @@ func (d *DB) Candidates() ([]store.Candidate, store.Held, error) {
 // Protected implements store.Evictor: a tree in use or pinned stays.
 func (d *DB) Protected(digest string) (bool, error) {
 	var pinned bool
-	err := d.db.View(func(tx *bolt.Tx) error {
+	err := d.view(func(tx *bolt.Tx) error {
 		pinned = tx.Bucket(bucketPins).Get([]byte(digest)) != nil
 		return nil
 	})
@@ -245,7 +310,7 @@ func (d *DB) Forget(digest string) error { return d.ForgetTree(digest) }
 // RecordSource remembers that a source resolved to a tree without a mount
 // (a prefetch), so the next publish with the same credentials is a hit.
 func (d *DB) RecordSource(sourceKey string, src Source) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if err := put(tx, bucketSources, sourceKey, src); err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package state_test
 
 import (
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -53,7 +54,7 @@ func TestSchema_NewDatabaseIsCurrent(t *testing.T) {
 	path := dbPath(t)
 	db := openDB(t, path)
 	db.Close()
-	if got, want := schemaOf(t, path), "2"; got != want || state.SchemaVersion != 2 {
+	if got, want := schemaOf(t, path), fmt.Sprint(state.SchemaVersion); got != want {
 		t.Fatalf("schema version of a new database = %q, want %q", got, want)
 	}
 }
@@ -79,8 +80,43 @@ func TestSchema_UnversionedDatabaseMigrated(t *testing.T) {
 		t.Fatalf("after migration TreeForKey = %+v, %v, %v; want %+v", got, ok, err, tree)
 	}
 	db.Close()
-	if v := schemaOf(t, path); v != "2" {
-		t.Fatalf("schema version after migration = %q, want 2", v)
+	if v := schemaOf(t, path); v != fmt.Sprint(state.SchemaVersion) {
+		t.Fatalf("schema version after migration = %q, want %d", v, state.SchemaVersion)
+	}
+}
+
+// Version 3 indexes references by tree; a version 2 database gets the
+// index built from its references when it is opened.
+func TestSchema_Version2GetsTheTreeRefsIndex(t *testing.T) {
+	path := dbPath(t)
+	db, err := state.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.AddRef(state.Ref{VolumeID: "v", TargetPath: "/t/a", Tree: treeA, URI: "mys3:m"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	raw, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = raw.Update(func(tx *bolt.Tx) error {
+		if err := tx.DeleteBucket([]byte("tree-refs")); err != nil {
+			return err
+		}
+		return tx.Bucket([]byte("meta")).Put([]byte("schema-version"), []byte("2"))
+	})
+	raw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	db = openDB(t, path)
+	if used, err := db.Referenced(treeA); err != nil || !used {
+		t.Fatalf("Referenced after migrating a version 2 database = %v, %v; want true", used, err)
+	}
+	if c, ok, err := db.CachedTree(treeA); err != nil || !ok || len(c.Refs) != 1 {
+		t.Fatalf("CachedTree after migration = %+v, %v, %v; want its one reference", c, ok, err)
 	}
 }
 

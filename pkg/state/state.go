@@ -5,6 +5,7 @@
 package state
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/store"
@@ -23,6 +25,7 @@ var (
 	bucketSources = []byte("sources")      // source key → Source
 	bucketTrees   = []byte("trees")        // tree digest → TreeRecord
 	bucketRefs    = []byte("refs")         // target path → Ref
+	bucketUsers   = []byte("tree-refs")    // tree digest NUL target path → nothing: refs by tree
 	bucketVolumes = []byte("volumes")      // volume ID → Volume (controller)
 	bucketPins    = []byte("pins")         // tree digest → time pinned
 	bucketDoomed  = []byte("doomed")       // tree digest → reason it goes when its last mount goes
@@ -63,6 +66,23 @@ type TreeRecord struct {
 // DB is the state database.
 type DB struct {
 	db *bolt.DB
+	// reads and writes count transactions, for the per-call costs that
+	// benchmarks and tests report.
+	reads, writes atomic.Int64
+}
+
+// Transactions returns how many read and write transactions the database
+// has run since it was opened.
+func (d *DB) Transactions() (reads, writes int64) { return d.reads.Load(), d.writes.Load() }
+
+func (d *DB) view(fn func(*bolt.Tx) error) error {
+	d.reads.Add(1)
+	return d.db.View(fn)
+}
+
+func (d *DB) update(fn func(*bolt.Tx) error) error {
+	d.writes.Add(1)
+	return d.db.Update(fn)
 }
 
 // Open opens (creating if needed) the database file at path.
@@ -78,7 +98,7 @@ func Open(path string) (*DB, error) {
 		return nil, fmt.Errorf("opening state database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketVolumes, bucketPins, bucketDoomed, bucketMeta} {
+		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketUsers, bucketVolumes, bucketPins, bucketDoomed, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -94,7 +114,7 @@ func Open(path string) (*DB, error) {
 
 // SchemaVersion is the layout of the buckets and records this package
 // writes. Databases written before the version key existed are version 1.
-const SchemaVersion = 2
+const SchemaVersion = 3
 
 // ErrNewerSchema means the database was written by a newer modelcache.
 var ErrNewerSchema = errors.New("state database is newer than this modelcache-csi")
@@ -104,6 +124,60 @@ var ErrNewerSchema = errors.New("state database is newer than this modelcache-cs
 var migrations = map[int]func(tx *bolt.Tx) error{
 	// 1 → 2: the version key itself; records are unchanged.
 	1: func(*bolt.Tx) error { return nil },
+	// 2 → 3: the tree-refs index, built from the references.
+	2: func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketRefs).ForEach(func(k, v []byte) error {
+			var r Ref
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("decoding reference %q: %w", k, err)
+			}
+			return tx.Bucket(bucketUsers).Put(userKey(r.Tree, r.TargetPath), nil)
+		})
+	},
+}
+
+// userKey is a tree-refs key: the tree's references sort together.
+func userKey(tree, target string) []byte { return []byte(tree + "\x00" + target) }
+
+// users returns the target paths that reference tree, from the index.
+func users(tx *bolt.Tx, tree string) []string {
+	prefix := []byte(tree + "\x00")
+	var out []string
+	c := tx.Bucket(bucketUsers).Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		out = append(out, string(k[len(prefix):]))
+	}
+	return out
+}
+
+// putRef records a reference and its index entry, replacing what was
+// recorded for the same target.
+func putRef(tx *bolt.Tx, r Ref) error {
+	var old Ref
+	if ok, err := get(tx, bucketRefs, r.TargetPath, &old); err != nil {
+		return err
+	} else if ok {
+		if err := tx.Bucket(bucketUsers).Delete(userKey(old.Tree, old.TargetPath)); err != nil {
+			return err
+		}
+	}
+	if err := put(tx, bucketRefs, r.TargetPath, r); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketUsers).Put(userKey(r.Tree, r.TargetPath), nil)
+}
+
+// deleteRef forgets a target's reference and its index entry, returning it.
+func deleteRef(tx *bolt.Tx, target string) (Ref, bool, error) {
+	var r Ref
+	ok, err := get(tx, bucketRefs, target, &r)
+	if err != nil || !ok {
+		return r, ok, err
+	}
+	if err := tx.Bucket(bucketUsers).Delete(userKey(r.Tree, target)); err != nil {
+		return r, ok, err
+	}
+	return r, ok, tx.Bucket(bucketRefs).Delete([]byte(target))
 }
 
 // migrate brings the database to SchemaVersion, or refuses a newer one.
@@ -132,7 +206,7 @@ func (d *DB) Close() error { return d.db.Close() }
 // creating it on first use.
 func (d *DB) NodeKey() ([]byte, error) {
 	var key []byte
-	err := d.db.Update(func(tx *bolt.Tx) error {
+	err := d.update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketMeta)
 		if v := b.Get(keyNodeKey); len(v) == 32 {
 			key = append([]byte(nil), v...)
@@ -159,7 +233,7 @@ func (d *DB) TreeForKey(key string) (store.Tree, bool, error) {
 
 // RecordTree implements store.Index.
 func (d *DB) RecordTree(key string, t store.Tree) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		if err := put(tx, bucketKeys, key, t); err != nil {
 			return err
 		}
@@ -192,8 +266,8 @@ func (d *DB) Tree(digest string) (TreeRecord, bool, error) {
 // AddRef records a publish in one transaction: the reference, the tree the
 // source resolved to, and the tree's last use.
 func (d *DB) AddRef(r Ref, sourceKey string) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
-		if err := put(tx, bucketRefs, r.TargetPath, r); err != nil {
+	return d.update(func(tx *bolt.Tx) error {
+		if err := putRef(tx, r); err != nil {
 			return err
 		}
 		if sourceKey != "" {
@@ -223,14 +297,15 @@ func (d *DB) Ref(targetPath string) (Ref, bool, error) {
 
 // DeleteRef forgets a target path; forgetting an unknown one is not an error.
 func (d *DB) DeleteRef(targetPath string) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketRefs).Delete([]byte(targetPath))
+	return d.update(func(tx *bolt.Tx) error {
+		_, _, err := deleteRef(tx, targetPath)
+		return err
 	})
 }
 
 // Touch records a use of a tree at the given time, if the tree is recorded.
 func (d *DB) Touch(digest string, at time.Time) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		var rec TreeRecord
 		ok, err := get(tx, bucketTrees, digest, &rec)
 		if err != nil || !ok || !at.After(rec.LastUsed) {
@@ -244,7 +319,7 @@ func (d *DB) Touch(digest string, at time.Time) error {
 // Refs returns every reference.
 func (d *DB) Refs() ([]Ref, error) {
 	var refs []Ref
-	err := d.db.View(func(tx *bolt.Tx) error {
+	err := d.view(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketRefs).ForEach(func(k, v []byte) error {
 			var r Ref
 			if err := json.Unmarshal(v, &r); err != nil {
@@ -259,7 +334,7 @@ func (d *DB) Refs() ([]Ref, error) {
 
 func (d *DB) get(bucket []byte, key string, v any) (bool, error) {
 	var ok bool
-	err := d.db.View(func(tx *bolt.Tx) error {
+	err := d.view(func(tx *bolt.Tx) error {
 		var err error
 		ok, err = get(tx, bucket, key, v)
 		return err
@@ -307,14 +382,14 @@ func (d *DB) Volume(id string) (Volume, bool, error) {
 
 // PutVolume records a created volume.
 func (d *DB) PutVolume(v Volume) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		return put(tx, bucketVolumes, v.ID, v)
 	})
 }
 
 // DeleteVolume forgets a volume; forgetting an unknown one is not an error.
 func (d *DB) DeleteVolume(id string) error {
-	return d.db.Update(func(tx *bolt.Tx) error {
+	return d.update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketVolumes).Delete([]byte(id))
 	})
 }

@@ -272,20 +272,23 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 	defer s.gcMu.Unlock()
 	var plan Plan
 	unlinked := map[uint64]int64{} // dry run: inode → links the planned removals drop
+	// Candidates are listed only once something must go: a download into
+	// a cache with room reads no tree records.
 	var cands []Candidate
 	var held Held
-	if s.evictor != nil {
-		var err error
-		if cands, held, err = s.evictor.Candidates(); err != nil {
-			return plan, fmt.Errorf("listing eviction candidates: %w", err)
-		}
+	listed := false
+	// One walk of blobs/ per call, not per eviction: what each eviction
+	// frees is known.
+	used, _, err := s.walkBytes(BlobsDir)
+	if err != nil {
+		return plan, err
 	}
 	for {
 		want := need + s.reserved()
 		if dryRun {
 			want -= plan.Freed // nothing was removed; count what would have been
 		}
-		over, noRoom, err := s.overBudget(want)
+		over, noRoom, err := s.overBudget(used, want)
 		if err != nil {
 			return plan, err
 		}
@@ -293,6 +296,12 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 		plan.Over = max(over, 0)
 		if over <= 0 {
 			return plan, nil
+		}
+		if !listed && s.evictor != nil {
+			listed = true
+			if cands, held, err = s.evictor.Candidates(); err != nil {
+				return plan, fmt.Errorf("listing eviction candidates: %w", err)
+			}
 		}
 		if len(cands) == 0 {
 			noRoom.Held = held
@@ -316,16 +325,14 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 		if removed {
 			plan.Evicted = append(plan.Evicted, c)
 			plan.Freed += freed
+			used -= freed
 		}
 	}
 }
 
-// overBudget returns by how many bytes adding need would exceed the budget.
-func (s *Store) overBudget(need int64) (int64, *NoRoomError, error) {
-	used, _, err := s.walkBytes(BlobsDir)
-	if err != nil {
-		return 0, nil, err
-	}
+// overBudget returns by how many bytes adding need to the used bytes of
+// blobs would exceed the budget.
+func (s *Store) overBudget(used, need int64) (int64, *NoRoomError, error) {
 	size, free, err := s.statfs()
 	if err != nil {
 		return 0, nil, err
