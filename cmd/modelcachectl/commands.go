@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/modelcache/modelcache/pkg/adminapi"
+	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"net/url"
 	"strings"
@@ -55,7 +56,7 @@ func (a *app) ls(cmd *command, args []string) error {
 		if !tr.Present {
 			marks = append(marks, "MISSING")
 		}
-		fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", shortDigest(tr.Digest), humanBytes(tr.Size), tr.Files,
+		fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", shortDigest(tr.Digest), units.Bytes(tr.Size), tr.Files,
 			orDash(tr.URIs, ","), orDash(usersOf(tr.Refs), ","), relTime(tr.LastUsed, a.now()), pinned, strings.Join(marks, " "))
 	}
 	return t.Flush()
@@ -96,7 +97,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 	t := newTable(a.stdout)
 	fmt.Fprintf(t, "digest:\t%s\n", in.Digest)
 	fmt.Fprintf(t, "uris:\t%s\n", orDash(in.URIs, ", "))
-	fmt.Fprintf(t, "size:\t%s\n", humanBytes(in.Size))
+	fmt.Fprintf(t, "size:\t%s\n", units.Bytes(in.Size))
 	fmt.Fprintf(t, "files:\t%d\n", in.Files)
 	fmt.Fprintf(t, "pinned:\t%s\n", pinned)
 	fmt.Fprintf(t, "last use:\t%s\n", relTime(in.LastUsed, a.now()))
@@ -121,7 +122,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 		if sum == "" {
 			sum = "-"
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\n", f.Path, humanBytes(f.Size), sum)
+		fmt.Fprintf(t, "%s\t%s\t%s\n", f.Path, units.Bytes(f.Size), sum)
 	}
 	return t.Flush()
 }
@@ -190,7 +191,7 @@ func (a *app) prefetch(cmd *command, args []string) error {
 			return errors.New(ev.Error)
 		case "done":
 			p.clear()
-			size := humanBytes(max(ev.Total, ev.Done))
+			size := units.Bytes(max(ev.Total, ev.Done))
 			if !ev.Fetched {
 				fmt.Fprintf(a.stdout, "already cached as %s (%s, %s)\n", ev.Tree, plural(ev.Files, "file"), size)
 				return nil
@@ -236,7 +237,7 @@ func (a *app) pin(cmd *command, args []string, on bool) error {
 	if on {
 		verb = "pinned"
 	}
-	fmt.Fprintf(a.stdout, "%s %s (%s, %s)\n", verb, t.Digest, orDash(t.URIs, ", "), humanBytes(t.Size))
+	fmt.Fprintf(a.stdout, "%s %s (%s, %s)\n", verb, t.Digest, orDash(t.URIs, ", "), units.Bytes(t.Size))
 	return nil
 }
 
@@ -267,7 +268,7 @@ func (a *app) evict(cmd *command, args []string) error {
 		fmt.Fprintf(a.stdout, "%s is in use; it will be removed when its last mount goes\n", res.Tree)
 		return nil
 	}
-	fmt.Fprintf(a.stdout, "evicted %s (freed %s)\n", res.Tree, humanBytes(res.Freed))
+	fmt.Fprintf(a.stdout, "evicted %s (freed %s)\n", res.Tree, units.Bytes(res.Freed))
 	return nil
 }
 
@@ -297,17 +298,17 @@ func (a *app) gc(cmd *command, args []string) error {
 		verb, total = "would evict", "would free"
 	}
 	for _, c := range res.Evicted {
-		fmt.Fprintf(a.stdout, "%s %s (%s)\n", verb, c.Digest, humanBytes(c.Size))
+		fmt.Fprintf(a.stdout, "%s %s (%s)\n", verb, c.Digest, units.Bytes(c.Size))
 	}
 	if len(res.Evicted) == 0 {
 		fmt.Fprintln(a.stdout, "nothing to evict")
 	} else {
-		fmt.Fprintf(a.stdout, "%s %s from %s\n", total, humanBytes(res.Freed), plural(len(res.Evicted), "model"))
+		fmt.Fprintf(a.stdout, "%s %s from %s\n", total, units.Bytes(res.Freed), plural(len(res.Evicted), "model"))
 	}
 	if res.Warning != "" {
 		fmt.Fprintf(a.stderr, "warning: %s\n", res.Warning)
 	} else if res.Over > 0 {
-		fmt.Fprintf(a.stderr, "warning: the cache is still %s over its budget\n", humanBytes(res.Over))
+		fmt.Fprintf(a.stderr, "warning: the cache is still %s over its budget\n", units.Bytes(res.Over))
 	}
 	return nil
 }
@@ -340,7 +341,7 @@ func (a *app) drain(cmd *command, args []string) error {
 		fmt.Fprintf(a.stdout, "pending %s: in use; removed when its last mount goes\n", d)
 	}
 	fmt.Fprintf(a.stdout, "node drained: removed %s (freed %s), %d pending; no downloads start until 'modelcachectl undrain'\n",
-		plural(len(res.Removed), "model"), humanBytes(res.Freed), len(res.Pending))
+		plural(len(res.Removed), "model"), units.Bytes(res.Freed), len(res.Pending))
 	return nil
 }
 
@@ -390,7 +391,7 @@ func (a *app) verify(cmd *command, args []string) error {
 	if _, err := a.client().postJSON(a.ctx, "/v1/verify", nil, &rep); err != nil {
 		return err
 	}
-	fmt.Fprintf(a.stdout, "checked %s (%s) in %s\n", plural(rep.Blobs, "blob"), humanBytes(rep.Bytes), formatTook(rep.Took))
+	fmt.Fprintf(a.stdout, "checked %s (%s) in %s\n", plural(rep.Blobs, "blob"), units.Bytes(rep.Bytes), formatTook(rep.Took))
 	for i, b := range rep.Corrupt {
 		if i < len(rep.Quarantined) {
 			fmt.Fprintf(a.stdout, "corrupt blob %s: quarantined as %s\n", b, rep.Quarantined[i])
@@ -437,12 +438,12 @@ func (a *app) du(cmd *command, args []string) error {
 		return writeJSON(a.stdout, raw)
 	}
 	t := newTable(a.stdout)
-	fmt.Fprintf(t, "blobs\t%s\t(%s)\n", humanBytes(u.BlobBytes), plural(u.Blobs, "blob"))
-	fmt.Fprintf(t, "models\t%s\t(%s, as presented to pods)\n", humanBytes(u.TreeBytes), plural(u.Trees, "model"))
-	fmt.Fprintf(t, "saved by dedup\t%s\t\n", humanBytes(u.SavedBytes))
-	fmt.Fprintf(t, "downloading\t%s\t\n", humanBytes(u.IngestBytes))
+	fmt.Fprintf(t, "blobs\t%s\t(%s)\n", units.Bytes(u.BlobBytes), plural(u.Blobs, "blob"))
+	fmt.Fprintf(t, "models\t%s\t(%s, as presented to pods)\n", units.Bytes(u.TreeBytes), plural(u.Trees, "model"))
+	fmt.Fprintf(t, "saved by dedup\t%s\t\n", units.Bytes(u.SavedBytes))
+	fmt.Fprintf(t, "downloading\t%s\t\n", units.Bytes(u.IngestBytes))
 	fmt.Fprintf(t, "quarantined\t%s\t\n", plural(u.Quarantined, "blob"))
-	fmt.Fprintf(t, "filesystem\t%s\t(%s free)\n", humanBytes(u.FSSize), humanBytes(u.FSFree))
+	fmt.Fprintf(t, "filesystem\t%s\t(%s free)\n", units.Bytes(u.FSSize), units.Bytes(u.FSFree))
 	fmt.Fprintf(t, "drained\t%s\t\n", yesNo(u.Drained))
 	return t.Flush()
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"github.com/modelcache/modelcache/pkg/adminapi"
+	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"math"
 	"slices"
@@ -55,31 +56,12 @@ func writeJSON(w io.Writer, raw []byte) error {
 	return err
 }
 
-// humanBytes formats n in binary units: "512 B", "1.2 GiB".
-func humanBytes(n int64) string {
-	if n < 0 {
-		return "-" + humanBytes(-n)
-	}
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	v := float64(n) / unit
-	exp := 0
-	// Move up a unit when rounding to one decimal would print 1024.0.
-	for v >= unit-0.05 && exp < len("KMGTPE")-1 {
-		v /= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", v, "KMGTPE"[exp])
-}
-
 // humanRate formats bytes per second: "85.3 MiB/s".
 func humanRate(bps float64) string {
 	if bps <= 0 || math.IsNaN(bps) || math.IsInf(bps, 0) {
 		return "-- B/s"
 	}
-	return humanBytes(int64(bps)) + "/s"
+	return units.Bytes(int64(bps)) + "/s"
 }
 
 // formatETA formats a remaining time: "16s", "2m05s", "1h02m"; "--" when

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"github.com/modelcache/modelcache/pkg/units"
 	"strings"
 	"testing"
 	"time"
@@ -23,8 +24,8 @@ func TestHumanBytes(t *testing.T) {
 		{5 << 40, "5.0 TiB"},
 		{-2048, "-2.0 KiB"},
 	} {
-		if got := humanBytes(tc.n); got != tc.want {
-			t.Errorf("humanBytes(%d) = %q, want %q", tc.n, got, tc.want)
+		if got := units.Bytes(tc.n); got != tc.want {
+			t.Errorf("units.Bytes(%d) = %q, want %q", tc.n, got, tc.want)
 		}
 	}
 }

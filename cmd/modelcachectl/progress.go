@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"math"
 	"strings"
@@ -106,20 +107,20 @@ func percent(done, total int64) int {
 // plain is "45% (1.2 GiB of 2.6 GiB, 85.3 MiB/s, ETA 16s)".
 func (p *progress) plain(done, total int64) string {
 	if total <= 0 {
-		return fmt.Sprintf("%s so far (%s)", humanBytes(done), p.rateText())
+		return fmt.Sprintf("%s so far (%s)", units.Bytes(done), p.rateText())
 	}
 	return fmt.Sprintf("%d%% (%s of %s, %s, ETA %s)", percent(done, total),
-		humanBytes(done), humanBytes(total), p.rateText(), formatETA(p.eta(done, total)))
+		units.Bytes(done), units.Bytes(total), p.rateText(), formatETA(p.eta(done, total)))
 }
 
 // line is "[=========>        ]  45%  1.2 GiB / 2.6 GiB  85.3 MiB/s  ETA 16s",
 // fitted to width columns when width is known.
 func (p *progress) line(done, total int64, width int) string {
 	if total <= 0 {
-		return fmt.Sprintf("%s so far  %s", humanBytes(done), p.rateText())
+		return fmt.Sprintf("%s so far  %s", units.Bytes(done), p.rateText())
 	}
 	rest := fmt.Sprintf("%4s  %s / %s  %s  ETA %s", fmt.Sprintf("%d%%", percent(done, total)),
-		humanBytes(done), humanBytes(total), p.rateText(), formatETA(p.eta(done, total)))
+		units.Bytes(done), units.Bytes(total), p.rateText(), formatETA(p.eta(done, total)))
 	bw := 20
 	if width > 0 {
 		// Keep the last column free: writing into it wraps on some terminals.

@@ -3,6 +3,7 @@ package cache
 import (
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"slices"
 	"strings"
 
@@ -163,7 +164,7 @@ func (c *Cache) Drain() (Drained, error) {
 		}
 		res.Pending = append(res.Pending, t.Digest)
 	}
-	klog.InfoS("node drained", "removed", len(res.Removed), "pending", len(res.Pending), "freed", store.HumanBytes(res.Freed))
+	klog.InfoS("node drained", "removed", len(res.Removed), "pending", len(res.Pending), "freed", units.Bytes(res.Freed))
 	return res, nil
 }
 

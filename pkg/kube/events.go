@@ -3,6 +3,7 @@ package kube
 import (
 	"context"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"net/url"
 	"strings"
 	"sync"
@@ -169,7 +170,7 @@ func (e *Events) DownloadStarted(pod PodRef, uri string, total int64) {
 
 	msg := fmt.Sprintf("downloading model %s", displayURI(uri))
 	if total > 0 {
-		msg += fmt.Sprintf(" (%s)", formatBytes(total))
+		msg += fmt.Sprintf(" (%s)", units.Bytes(total))
 	}
 	e.emit(pod, corev1.EventTypeNormal, ReasonDownloading, msg+" to node "+e.hostName)
 }
@@ -191,9 +192,9 @@ func (e *Events) DownloadFinished(pod PodRef, uri string, size int64, took time.
 		return
 	}
 	e.forgetProgress(newProgressKey(pod, uri))
-	msg := fmt.Sprintf("downloaded model %s (%s) in %s", displayURI(uri), formatBytes(size), formatDuration(took))
+	msg := fmt.Sprintf("downloaded model %s (%s) in %s", displayURI(uri), units.Bytes(size), formatDuration(took))
 	if took > 0 && size > 0 {
-		msg += fmt.Sprintf(" (%s/s)", formatBytes(int64(float64(size)/took.Seconds())))
+		msg += fmt.Sprintf(" (%s/s)", units.Bytes(int64(float64(size)/took.Seconds())))
 	}
 	e.emit(pod, corev1.EventTypeNormal, ReasonDownloaded, msg)
 }
@@ -343,12 +344,12 @@ func progressText(done, total int64, rate float64) string {
 	if total > 0 {
 		pct := min(max(done*100/total, 0), 100)
 		head = fmt.Sprintf("%d%%", pct)
-		details = append(details, fmt.Sprintf("%s of %s", formatBytes(done), formatBytes(total)))
+		details = append(details, fmt.Sprintf("%s of %s", units.Bytes(done), units.Bytes(total)))
 	} else {
-		head = formatBytes(done) + " so far"
+		head = units.Bytes(done) + " so far"
 	}
 	if rate > 0 {
-		details = append(details, formatBytes(int64(rate))+"/s")
+		details = append(details, units.Bytes(int64(rate))+"/s")
 		if total > done {
 			left := time.Duration(float64(total-done) / rate * float64(time.Second))
 			details = append(details, fmt.Sprintf("about %s left", left.Round(time.Second)))
@@ -358,28 +359,6 @@ func progressText(done, total int64, rate float64) string {
 		return head
 	}
 	return head + " (" + strings.Join(details, ", ") + ")"
-}
-
-// formatBytes renders n in binary units: "512 B", "1.2 GiB", "420 MiB".
-func formatBytes(n int64) string {
-	if n < 1024 {
-		return fmt.Sprintf("%d B", n)
-	}
-	const units = "KMGTPE"
-	v := float64(n)
-	for i := 0; i < len(units); i++ {
-		v /= 1024
-		var s string
-		if v < 9.95 {
-			s = fmt.Sprintf("%.1f", v)
-		} else {
-			s = fmt.Sprintf("%.0f", v)
-		}
-		if (v < 1023.5 && s != "1024") || i == len(units)-1 {
-			return s + " " + units[i:i+1] + "iB"
-		}
-	}
-	panic("unreachable")
 }
 
 // formatDuration rounds d for people: "850ms", "4.2s", "3m10s".

@@ -140,14 +140,14 @@ func TestEventsRecorded(t *testing.T) {
 			},
 			wantType: corev1.EventTypeNormal,
 			reason:   "ModelDownloadProgress",
-			wantMsg:  []string{"mys3:bucket/m", "35% (420 MiB of 1.2 GiB, 85 MiB/s, about 9s left)"},
+			wantMsg:  []string{"mys3:bucket/m", "35% (420.0 MiB of 1.2 GiB, 85.0 MiB/s, about 9s left)"},
 		},
 		{
 			name:     "download finished",
 			record:   func(e *Events) { e.DownloadFinished(podA, "mys3:bucket/m", 1200*mib, 14*time.Second) },
 			wantType: corev1.EventTypeNormal,
 			reason:   "ModelDownloaded",
-			wantMsg:  []string{"downloaded model mys3:bucket/m (1.2 GiB) in 14s (86 MiB/s)"},
+			wantMsg:  []string{"downloaded model mys3:bucket/m (1.2 GiB) in 14s (85.7 MiB/s)"},
 		},
 		{
 			name:     "cache hit",
@@ -497,39 +497,15 @@ func TestAggregatedProgressIsPatched(t *testing.T) {
 	}
 }
 
-func TestFormatBytes(t *testing.T) {
-	tests := []struct {
-		n    int64
-		want string
-	}{
-		{0, "0 B"},
-		{1023, "1023 B"},
-		{1024, "1.0 KiB"},
-		{1536, "1.5 KiB"},
-		{10 * 1024, "10 KiB"},
-		{10198, "10 KiB"},    // 9.96 KiB rounds up past one decimal
-		{1048474, "1.0 MiB"}, // 1023.9 KiB
-		{420 * mib, "420 MiB"},
-		{1200 * mib, "1.2 GiB"},
-		{3 << 40, "3.0 TiB"},
-		{1<<63 - 1, "8.0 EiB"},
-	}
-	for _, tt := range tests {
-		if got := formatBytes(tt.n); got != tt.want {
-			t.Errorf("formatBytes(%d) = %q, want %q", tt.n, got, tt.want)
-		}
-	}
-}
-
 func TestProgressText(t *testing.T) {
 	tests := []struct {
 		done, total int64
 		rate        float64
 		want        string
 	}{
-		{420 * mib, 1200 * mib, float64(85 * mib), "35% (420 MiB of 1.2 GiB, 85 MiB/s, about 9s left)"},
-		{420 * mib, 1200 * mib, 0, "35% (420 MiB of 1.2 GiB)"},
-		{420 * mib, 0, float64(85 * mib), "420 MiB so far (85 MiB/s)"},
+		{420 * mib, 1200 * mib, float64(85 * mib), "35% (420.0 MiB of 1.2 GiB, 85.0 MiB/s, about 9s left)"},
+		{420 * mib, 1200 * mib, 0, "35% (420.0 MiB of 1.2 GiB)"},
+		{420 * mib, 0, float64(85 * mib), "420.0 MiB so far (85.0 MiB/s)"},
 		{0, 0, 0, "0 B so far"},
 		{1200 * mib, 1200 * mib, float64(mib), "100% (1.2 GiB of 1.2 GiB, 1.0 MiB/s)"},
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"sync/atomic"
 
@@ -36,7 +37,7 @@ func (e *InProgressError) Error() string {
 	if e.Total > 0 {
 		pct = 100 * float64(e.Done) / float64(e.Total)
 	}
-	return fmt.Sprintf("download still running: %s of %s (%.0f%%)", HumanBytes(e.Done), HumanBytes(e.Total), pct)
+	return fmt.Sprintf("download still running: %s of %s (%.0f%%)", units.Bytes(e.Done), units.Bytes(e.Total), pct)
 }
 
 // Ensure returns the tree for a content key, downloading the manifest's
@@ -88,7 +89,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		}()
 		// This download is registered above, so reserved() counts its bytes.
 		if _, err := s.MakeRoom(0, false); err != nil {
-			return nil, fmt.Errorf("making room for %s: %w", HumanBytes(m.Size()), err)
+			return nil, fmt.Errorf("making room for %s: %w", units.Bytes(m.Size()), err)
 		}
 		if s.onDownload != nil {
 			done := s.onDownload()
@@ -158,18 +159,4 @@ func (s *Store) Downloading(key string) (*Progress, bool) {
 func IsInProgress(err error) bool {
 	var e *InProgressError
 	return errors.As(err, &e)
-}
-
-// HumanBytes formats n in binary units for operator messages.
-func HumanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for v := n / unit; v >= unit; v /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"io/fs"
 	"path"
@@ -61,8 +62,8 @@ type NoRoomError struct {
 
 func (e *NoRoomError) Error() string {
 	return fmt.Sprintf("%s: the download needs %s; the cache holds %s of its %s budget and the filesystem has %s free (keeping %s free); %d in-use trees hold %s and %d pinned trees hold %s, and nothing else can be evicted",
-		ErrNoSpace, HumanBytes(e.Need), HumanBytes(e.Used), budgetText(e.Limit), HumanBytes(e.Free), HumanBytes(e.MinFree),
-		e.Held.InUseTrees, HumanBytes(e.Held.InUseBytes), e.Held.PinnedTrees, HumanBytes(e.Held.PinnedBytes))
+		ErrNoSpace, units.Bytes(e.Need), units.Bytes(e.Used), budgetText(e.Limit), units.Bytes(e.Free), units.Bytes(e.MinFree),
+		e.Held.InUseTrees, units.Bytes(e.Held.InUseBytes), e.Held.PinnedTrees, units.Bytes(e.Held.PinnedBytes))
 }
 
 func (e *NoRoomError) Unwrap() error { return ErrNoSpace }
@@ -71,7 +72,7 @@ func budgetText(limit int64) string {
 	if limit <= 0 {
 		return "unlimited"
 	}
-	return HumanBytes(limit)
+	return units.Bytes(limit)
 }
 
 // Usage is what the cache directory holds.
@@ -252,7 +253,7 @@ func (s *Store) Evict(digest string, reason EvictReason) (freed int64, removed b
 	if s.onEvict != nil {
 		s.onEvict(reason, freed)
 	}
-	klog.InfoS("tree evicted", "tree", digest, "reason", reason, "freed", HumanBytes(freed))
+	klog.InfoS("tree evicted", "tree", digest, "reason", reason, "freed", units.Bytes(freed))
 	return freed, true, nil
 }
 

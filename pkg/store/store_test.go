@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"os"
 	"path/filepath"
 	"strings"
@@ -215,8 +216,8 @@ func TestHumanBytes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprint(tt.n), func(t *testing.T) {
-			if got := store.HumanBytes(tt.n); got != tt.want {
-				t.Errorf("HumanBytes(%d) = %q, want %q", tt.n, got, tt.want)
+			if got := units.Bytes(tt.n); got != tt.want {
+				t.Errorf("units.Bytes(%d) = %q, want %q", tt.n, got, tt.want)
 			}
 		})
 	}

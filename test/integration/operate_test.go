@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"maps"
 	"net"
@@ -250,8 +251,8 @@ func TestBudget_InUseAndPinnedFillIt_ResourceExhaustedBeforeDownload_RealMinIO(t
 	err := e.publish(ctx, "vol-c", e.target("pod-c"), e.model("c"), e.secret())
 	wantCode(t, err, codes.ResourceExhausted)
 	msg := status.Convert(err).Message()
-	two := store.HumanBytes(2 * opMiB)
-	for _, s := range []string{"needs " + two, "1 in-use trees hold " + two, "1 pinned trees hold " + two, store.HumanBytes(5 * opMiB)} {
+	two := units.Bytes(2 * opMiB)
+	for _, s := range []string{"needs " + two, "1 in-use trees hold " + two, "1 pinned trees hold " + two, units.Bytes(5 * opMiB)} {
 		if !strings.Contains(msg, s) {
 			t.Errorf("RESOURCE_EXHAUSTED message %q does not mention %q", msg, s)
 		}
