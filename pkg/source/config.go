@@ -19,7 +19,7 @@ import (
 // behaviour is absent, so a volume attribute cannot reach the node
 // (the "tenant configuration cannot reach the node" invariant).
 var allowedOptions = map[string][]string{
-	"s3": {
+	backendS3: {
 		"provider", "access_key_id", "secret_access_key", "session_token", "region", "endpoint",
 		"location_constraint", "force_path_style", "v2_auth", "list_chunk", "list_version",
 		"list_url_encode", "no_check_bucket", "no_head", "no_head_object", "requester_pays",
@@ -28,21 +28,21 @@ var allowedOptions = map[string][]string{
 		"use_arn_region", "disable_http2", "directory_markers", "use_x_id", "sign_accept_encoding",
 		"decompress", "might_gzip", "use_accept_encoding_gzip",
 	},
-	"google cloud storage": {
+	backendGCS: {
 		"service_account_credentials", "anonymous", "project_number", "bucket_policy_only",
 		"location", "endpoint", "access_token", "directory_markers", "decompress",
 	},
-	"azureblob": {
+	backendAzure: {
 		"account", "key", "sas_url", "endpoint", "tenant", "client_id", "client_secret",
 		"list_chunk", "public_access", "directory_markers", "disable_checksum",
 	},
-	"http": {"url", "headers", "no_slash", "no_head", "no_escape"},
+	backendHTTP: {"url", "headers", "no_slash", "no_head", "no_escape"},
 }
 
 // typeAliases maps the type names users write onto rclone's registered names.
 var typeAliases = map[string]string{
-	"s3": "s3", "gcs": "google cloud storage", "google cloud storage": "google cloud storage",
-	"azureblob": "azureblob", "http": "http",
+	"s3": backendS3, "gcs": backendGCS, "google cloud storage": backendGCS,
+	"azureblob": backendAzure, "http": backendHTTP,
 }
 
 // forbiddenSecretKeys can never appear in a node-publish secret: each would
@@ -109,150 +109,203 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 	if err := checkSecretKeys(secrets); err != nil {
 		return backendConfig{}, err
 	}
-	var (
-		typ   string
-		opts  = configmap.Simple{}
-		root  = u.Path
-		keyOf = map[string]string{} // option → the secret key that set it, for messages
-		eps   []endpoint
-	)
+	var d draft
+	var err error
 	switch u.Scheme {
 	case SchemeRemote:
-		prefix := "RCLONE_CONFIG_" + strings.ToUpper(strings.ReplaceAll(u.Remote, "-", "_")) + "_"
-		for _, k := range sortedKeys(secrets) {
-			opt, ok := strings.CutPrefix(k, prefix)
-			if !ok || ofLongerRemote(k, prefix, secrets) {
-				continue
-			}
-			opt = strings.ToLower(opt)
-			if prev, dup := keyOf[opt]; dup {
-				// Map order would pick one at random.
-				return backendConfig{}, fmt.Errorf("%w: secret keys %s and %s both set option %s of remote %q: keep one", ErrInvalid, prev, k, opt, u.Remote)
-			}
-			keyOf[opt] = k
-			opts[opt] = secrets[k]
-		}
-		if len(opts) == 0 {
-			return backendConfig{}, fmt.Errorf("%w: remote %q is not defined: the node-publish secret has no %s* keys (it defines %s)",
-				ErrInvalid, u.Remote, prefix, definedRemotes(secrets))
-		}
-		t, ok := opts["type"]
-		if !ok || t == "" {
-			return backendConfig{}, fmt.Errorf("%w: remote %q has no type: add %sTYPE (s3, gcs, azureblob or http) to the node-publish secret", ErrInvalid, u.Remote, prefix)
-		}
-		delete(opts, "type")
-		typ, ok = typeAliases[strings.ToLower(t)]
-		if !ok {
-			return backendConfig{}, fmt.Errorf("%w: remote %q has type %q, which is not supported: use s3, gcs, azureblob or http", ErrInvalid, u.Remote, t)
-		}
-		for _, k := range sortedKeys(opts) {
-			v := opts[k]
-			switch {
-			case k == "env_auth":
-				// Seldon's example secrets say ENV_AUTH "false"; only true would
-				// hand the node's own credentials to the tenant.
-				if v != "" && !strings.EqualFold(v, "false") {
-					return backendConfig{}, fmt.Errorf("%w: secret key %s=%s is not accepted: it would use the node's own credentials; set ACCESS_KEY_ID and SECRET_ACCESS_KEY", ErrInvalid, keyOf[k], v)
-				}
-				delete(opts, k)
-			case globalOrOverride(k):
-				return backendConfig{}, fmt.Errorf("%w: secret key %s is not an allowed option: global and override settings reach beyond this remote", ErrInvalid, keyOf[k])
-			case !slices.Contains(allowedOptions[typ], k):
-				return backendConfig{}, fmt.Errorf("%w: secret key %s is not an allowed option for a %s remote", ErrInvalid, keyOf[k], t)
-			}
-		}
-		if typ == "google cloud storage" && opts["service_account_credentials"] == "" && opts["access_token"] == "" {
-			// Without credentials rclone falls back to the node's own Google
-			// credentials (metadata server); a remote without any is public.
-			opts["anonymous"] = "true"
-		}
+		d, err = remoteDraft(u, secrets)
 	case SchemeS3:
-		typ = "s3"
-		opts["access_key_id"] = secrets["AWS_ACCESS_KEY_ID"]
-		opts["secret_access_key"] = secrets["AWS_SECRET_ACCESS_KEY"]
-		if v := secrets["AWS_SESSION_TOKEN"]; v != "" {
-			opts["session_token"] = v
-		}
-		if (opts["access_key_id"] == "") != (opts["secret_access_key"] == "") {
-			return backendConfig{}, fmt.Errorf("%w: the node-publish secret must carry both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither for a public bucket", ErrInvalid)
-		}
-		if opts["access_key_id"] == "" {
-			delete(opts, "access_key_id")
-			delete(opts, "secret_access_key")
-		}
-		endpoint, key := s3Endpoint(secrets)
-		opts["provider"] = "AWS"
-		if endpoint != "" {
-			opts["endpoint"] = endpoint
-			opts["provider"] = "Other"
-			keyOf["endpoint"] = key
-		}
-		for _, k := range []string{"AWS_REGION", "AWS_DEFAULT_REGION"} {
-			if r := secrets[k]; r != "" {
-				opts["region"] = r
-				keyOf["region"] = k
-				break
-			}
-		}
+		d, err = s3URIDraft(secrets)
 	case SchemeGCS:
-		typ = "google cloud storage"
-		if c := secrets["GOOGLE_APPLICATION_CREDENTIALS"]; c != "" {
-			if !strings.HasPrefix(strings.TrimSpace(c), "{") {
-				return backendConfig{}, fmt.Errorf("%w: GOOGLE_APPLICATION_CREDENTIALS must hold the service-account JSON itself, not a file path", ErrInvalid)
-			}
-			opts["service_account_credentials"] = c
-			keyOf["service_account_credentials"] = "GOOGLE_APPLICATION_CREDENTIALS"
-		} else {
-			opts["anonymous"] = "true"
-		}
+		d, err = gcsURIDraft(secrets)
 	case SchemeHTTPS:
-		typ = "http"
-		opts["url"] = "https://" + u.Host + "/"
-		keyOf["url"] = "modelUri"
-	}
-
-	// Every option that names a place to connect to becomes an endpoint the
-	// resolver checks before anything is contacted.
-	addEndpoint := func(opt string, httpsOnly bool) error {
-		v := opts[opt]
-		if v == "" {
-			return nil
-		}
-		ep, err := parseEndpointURL(keyOf[opt], v, httpsOnly)
-		if err != nil {
-			return err
-		}
-		eps = append(eps, ep)
-		return nil
-	}
-	var err error
-	switch typ {
-	case "s3":
-		if r := opts["region"]; r != "" && !s3Region.MatchString(r) {
-			return backendConfig{}, fmt.Errorf("%w: region in %s is not a region name (letters, digits, '.', '-' and '_')", ErrInvalid, keyOf["region"])
-		}
-		err = addEndpoint("endpoint", false)
-	case "google cloud storage":
-		if err = addEndpoint("endpoint", false); err == nil {
-			var ep *endpoint
-			if ep, err = gcsTokenEndpoint(keyOf["service_account_credentials"], opts["service_account_credentials"]); ep != nil {
-				eps = append(eps, *ep)
-			}
-		}
-	case "azureblob":
-		if a := opts["account"]; a != "" && !azureAccount.MatchString(a) {
-			return backendConfig{}, fmt.Errorf("%w: account in %s is not a storage account name (letters and digits only)", ErrInvalid, keyOf["account"])
-		}
-		if err = addEndpoint("endpoint", false); err == nil {
-			err = addEndpoint("sas_url", false)
-		}
-	case "http":
-		err = addEndpoint("url", true)
+		d = httpsURIDraft(u)
 	}
 	if err != nil {
 		return backendConfig{}, err
 	}
-	return backendConfig{Type: typ, Options: opts, Root: root, Identity: identity(typ, opts, root), Endpoints: eps}, nil
+	// Every option that names a place to connect to becomes an endpoint the
+	// resolver checks before anything is contacted.
+	eps, err := backendChecks[d.typ](d)
+	if err != nil {
+		return backendConfig{}, err
+	}
+	return backendConfig{Type: d.typ, Options: d.opts, Root: u.Path, Identity: identity(d.typ, d.opts, u.Path), Endpoints: eps}, nil
+}
+
+// rclone backend types a tenant may use: object stores and HTTPS only.
+const (
+	backendS3    = "s3"
+	backendGCS   = "google cloud storage"
+	backendAzure = "azureblob"
+	backendHTTP  = "http"
+)
+
+// draft is a backend's options as the secret gave them, before the checks.
+type draft struct {
+	typ   string
+	opts  configmap.Simple
+	keyOf map[string]string // option → the secret key that set it, for messages
+}
+
+func newDraft(typ string) draft {
+	return draft{typ: typ, opts: configmap.Simple{}, keyOf: map[string]string{}}
+}
+
+// remoteDraft reads remote:path's RCLONE_CONFIG_<REMOTE>_* keys, as
+// Seldon's seldon-rclone-secret carries them, through the allow-list.
+func remoteDraft(u URI, secrets map[string]string) (draft, error) {
+	d := newDraft("")
+	prefix := "RCLONE_CONFIG_" + strings.ToUpper(strings.ReplaceAll(u.Remote, "-", "_")) + "_"
+	for _, k := range sortedKeys(secrets) {
+		opt, ok := strings.CutPrefix(k, prefix)
+		if !ok || ofLongerRemote(k, prefix, secrets) {
+			continue
+		}
+		opt = strings.ToLower(opt)
+		if prev, dup := d.keyOf[opt]; dup {
+			// Map order would pick one at random.
+			return d, fmt.Errorf("%w: secret keys %s and %s both set option %s of remote %q: keep one", ErrInvalid, prev, k, opt, u.Remote)
+		}
+		d.keyOf[opt] = k
+		d.opts[opt] = secrets[k]
+	}
+	if len(d.opts) == 0 {
+		return d, fmt.Errorf("%w: remote %q is not defined: the node-publish secret has no %s* keys (it defines %s)",
+			ErrInvalid, u.Remote, prefix, definedRemotes(secrets))
+	}
+	t, ok := d.opts["type"]
+	if !ok || t == "" {
+		return d, fmt.Errorf("%w: remote %q has no type: add %sTYPE (s3, gcs, azureblob or http) to the node-publish secret", ErrInvalid, u.Remote, prefix)
+	}
+	delete(d.opts, "type")
+	d.typ, ok = typeAliases[strings.ToLower(t)]
+	if !ok {
+		return d, fmt.Errorf("%w: remote %q has type %q, which is not supported: use s3, gcs, azureblob or http", ErrInvalid, u.Remote, t)
+	}
+	for _, k := range sortedKeys(d.opts) {
+		v := d.opts[k]
+		switch {
+		case k == "env_auth":
+			// Seldon's example secrets say ENV_AUTH "false"; only true would
+			// hand the node's own credentials to the tenant.
+			if v != "" && !strings.EqualFold(v, "false") {
+				return d, fmt.Errorf("%w: secret key %s=%s is not accepted: it would use the node's own credentials; set ACCESS_KEY_ID and SECRET_ACCESS_KEY", ErrInvalid, d.keyOf[k], v)
+			}
+			delete(d.opts, k)
+		case globalOrOverride(k):
+			return d, fmt.Errorf("%w: secret key %s is not an allowed option: global and override settings reach beyond this remote", ErrInvalid, d.keyOf[k])
+		case !slices.Contains(allowedOptions[d.typ], k):
+			return d, fmt.Errorf("%w: secret key %s is not an allowed option for a %s remote", ErrInvalid, d.keyOf[k], t)
+		}
+	}
+	if d.typ == backendGCS && d.opts["service_account_credentials"] == "" && d.opts["access_token"] == "" {
+		// Without credentials rclone falls back to the node's own Google
+		// credentials (metadata server); a remote without any is public.
+		d.opts["anonymous"] = "true"
+	}
+	return d, nil
+}
+
+// s3URIDraft maps the storage initializer's AWS_* keys for s3://.
+func s3URIDraft(secrets map[string]string) (draft, error) {
+	d := newDraft(backendS3)
+	d.opts["access_key_id"] = secrets["AWS_ACCESS_KEY_ID"]
+	d.opts["secret_access_key"] = secrets["AWS_SECRET_ACCESS_KEY"]
+	if v := secrets["AWS_SESSION_TOKEN"]; v != "" {
+		d.opts["session_token"] = v
+	}
+	if (d.opts["access_key_id"] == "") != (d.opts["secret_access_key"] == "") {
+		return d, fmt.Errorf("%w: the node-publish secret must carry both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither for a public bucket", ErrInvalid)
+	}
+	if d.opts["access_key_id"] == "" {
+		delete(d.opts, "access_key_id")
+		delete(d.opts, "secret_access_key")
+	}
+	endpoint, key := s3Endpoint(secrets)
+	d.opts["provider"] = "AWS"
+	if endpoint != "" {
+		d.opts["endpoint"] = endpoint
+		d.opts["provider"] = "Other"
+		d.keyOf["endpoint"] = key
+	}
+	for _, k := range []string{"AWS_REGION", "AWS_DEFAULT_REGION"} {
+		if r := secrets[k]; r != "" {
+			d.opts["region"] = r
+			d.keyOf["region"] = k
+			break
+		}
+	}
+	return d, nil
+}
+
+// gcsURIDraft maps GOOGLE_APPLICATION_CREDENTIALS (the JSON itself) for gs://.
+func gcsURIDraft(secrets map[string]string) (draft, error) {
+	d := newDraft(backendGCS)
+	if c := secrets["GOOGLE_APPLICATION_CREDENTIALS"]; c != "" {
+		if !strings.HasPrefix(strings.TrimSpace(c), "{") {
+			return d, fmt.Errorf("%w: GOOGLE_APPLICATION_CREDENTIALS must hold the service-account JSON itself, not a file path", ErrInvalid)
+		}
+		d.opts["service_account_credentials"] = c
+		d.keyOf["service_account_credentials"] = "GOOGLE_APPLICATION_CREDENTIALS"
+	} else {
+		d.opts["anonymous"] = "true"
+	}
+	return d, nil
+}
+
+// httpsURIDraft serves https://host/path with rclone's http backend.
+func httpsURIDraft(u URI) draft {
+	d := newDraft(backendHTTP)
+	d.opts["url"] = "https://" + u.Host + "/"
+	d.keyOf["url"] = "modelUri"
+	return d
+}
+
+// backendChecks validates each backend's options and returns the
+// endpoints they name, one function per backend as rclone registers them.
+var backendChecks = map[string]func(d draft) ([]endpoint, error){
+	backendS3: func(d draft) ([]endpoint, error) {
+		if r := d.opts["region"]; r != "" && !s3Region.MatchString(r) {
+			return nil, fmt.Errorf("%w: region in %s is not a region name (letters, digits, '.', '-' and '_')", ErrInvalid, d.keyOf["region"])
+		}
+		return d.endpoints(false, "endpoint")
+	},
+	backendGCS: func(d draft) ([]endpoint, error) {
+		eps, err := d.endpoints(false, "endpoint")
+		if err != nil {
+			return nil, err
+		}
+		ep, err := gcsTokenEndpoint(d.keyOf["service_account_credentials"], d.opts["service_account_credentials"])
+		if ep != nil {
+			eps = append(eps, *ep)
+		}
+		return eps, err
+	},
+	backendAzure: func(d draft) ([]endpoint, error) {
+		if a := d.opts["account"]; a != "" && !azureAccount.MatchString(a) {
+			return nil, fmt.Errorf("%w: account in %s is not a storage account name (letters and digits only)", ErrInvalid, d.keyOf["account"])
+		}
+		return d.endpoints(false, "endpoint", "sas_url")
+	},
+	backendHTTP: func(d draft) ([]endpoint, error) { return d.endpoints(true, "url") },
+}
+
+// endpoints parses the options that name places to connect to.
+func (d draft) endpoints(httpsOnly bool, opts ...string) ([]endpoint, error) {
+	var eps []endpoint
+	for _, opt := range opts {
+		v := d.opts[opt]
+		if v == "" {
+			continue
+		}
+		ep, err := parseEndpointURL(d.keyOf[opt], v, httpsOnly)
+		if err != nil {
+			return nil, err
+		}
+		eps = append(eps, ep)
+	}
+	return eps, nil
 }
 
 // gcsTokenEndpoint reads the token_uri a service-account key sends its

@@ -1,16 +1,12 @@
 package store
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"github.com/modelcache/modelcache/pkg/units"
-	"io"
 	"io/fs"
 	"path"
 	"syscall"
-	"time"
 
 	"k8s.io/klog/v2"
 )
@@ -75,86 +71,6 @@ func budgetText(limit int64) string {
 	return units.Bytes(limit)
 }
 
-// Usage is what the cache directory holds.
-type Usage struct {
-	BlobBytes   int64 `json:"blobBytes"`   // bytes on disk in blobs/
-	Blobs       int   `json:"blobs"`       //
-	TreeBytes   int64 `json:"treeBytes"`   // bytes the trees present to pods (shared blobs counted per tree)
-	Trees       int   `json:"trees"`       //
-	IngestBytes int64 `json:"ingestBytes"` // bytes of downloads in progress
-	Quarantined int   `json:"quarantined"` // blobs that failed verification
-	FSSize      int64 `json:"fsSize"`      // the cache filesystem's size
-	FSFree      int64 `json:"fsFree"`      // bytes available on it
-}
-
-// Saved is what deduplication saves: bytes the trees present minus bytes stored.
-func (u Usage) Saved() int64 { return max(u.TreeBytes-u.BlobBytes, 0) }
-
-// Usage walks the cache directory.
-func (s *Store) Usage() (Usage, error) {
-	var u Usage
-	var err error
-	if u.BlobBytes, u.Blobs, err = s.walkBytes(BlobsDir); err != nil {
-		return u, err
-	}
-	if u.IngestBytes, _, err = s.walkBytes(IngestDir); err != nil {
-		return u, err
-	}
-	trees, err := fs.ReadDir(s.root.FS(), TreesDir)
-	if err != nil {
-		return u, fmt.Errorf("reading %s: %w", TreesDir, err)
-	}
-	for _, t := range trees {
-		n, _, err := s.walkBytes(path.Join(TreesDir, t.Name()))
-		if err != nil {
-			return u, err
-		}
-		u.TreeBytes += n
-		u.Trees++
-	}
-	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
-		u.Quarantined = len(q)
-	}
-	u.FSSize, u.FSFree, err = s.statfs()
-	return u, err
-}
-
-// walkBytes sums the sizes of the regular files under name.
-func (s *Store) walkBytes(name string) (int64, int, error) {
-	var total int64
-	var files int
-	err := fs.WalkDir(s.root.FS(), name, func(_ string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil // removed while walking
-			}
-			return err
-		}
-		if !d.Type().IsRegular() {
-			return nil
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return nil
-		}
-		total += fi.Size()
-		files++
-		return nil
-	})
-	if err != nil {
-		return 0, 0, fmt.Errorf("measuring %s: %w", name, err)
-	}
-	return total, files, nil
-}
-
-func (s *Store) statfs() (size, free int64, err error) {
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(s.dir, &st); err != nil {
-		return 0, 0, fmt.Errorf("statfs %s: %w", s.dir, err)
-	}
-	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
-}
-
 // RemoveTree deletes a tree and every blob no other tree links, and
 // returns the bytes freed. The caller has checked the tree is not in use.
 func (s *Store) RemoveTree(digest string) (int64, error) {
@@ -201,21 +117,6 @@ func (s *Store) sweepBlobs() (int64, error) {
 		freed += fi.Size()
 	}
 	return freed, s.syncDir(BlobsDir)
-}
-
-// IsNotCached reports whether err says a tree or model is not in the store.
-func IsNotCached(err error) bool { return errors.Is(err, ErrNotCached) }
-
-// UseTree runs fn while no eviction can remove the tree, and fails with
-// ErrNotCached if the tree is gone. Publishing mounts a tree inside fn so
-// an eviction never removes a tree between the lookup and the mount.
-func (s *Store) UseTree(digest string, fn func() error) error {
-	s.treesMu.RLock()
-	defer s.treesMu.RUnlock()
-	if !s.HasTree(digest) {
-		return fmt.Errorf("%w: tree %s was removed", ErrNotCached, digest)
-	}
-	return fn()
 }
 
 // EvictReason says why a tree left the cache; the values are also the
@@ -361,186 +262,6 @@ func (s *Store) reserved() int64 {
 		n += max(p.Total-p.Done(), 0)
 	}
 	return n
-}
-
-// VerifyResult is what Verify found.
-type VerifyResult struct {
-	Blobs       int      `json:"blobs"`
-	Bytes       int64    `json:"bytes"`
-	Corrupt     []string `json:"corrupt"` // blob hexes moved to quarantine/
-	Damaged     []string `json:"damaged"` // trees that linked a corrupt blob
-	Took        string   `json:"took"`
-	Quarantined []string `json:"quarantined"` // quarantine file names
-}
-
-// Verify re-hashes every blob. A blob whose content no longer matches its
-// name is moved to quarantine/ and the trees linking it are reported as
-// damaged: the caller stops serving them, and the next download of the
-// model repairs them in place (ingest relinks files whose inode is not the
-// committed blob's).
-func (s *Store) Verify() (VerifyResult, error) {
-	start := time.Now()
-	var r VerifyResult
-	des, err := fs.ReadDir(s.root.FS(), BlobsDir)
-	if err != nil {
-		return r, fmt.Errorf("reading %s: %w", BlobsDir, err)
-	}
-	var bad []fs.FileInfo
-	for _, d := range des {
-		name := path.Join(BlobsDir, d.Name())
-		sum, n, err := s.hashFile(name)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return r, err
-		}
-		r.Blobs++
-		r.Bytes += n
-		if sum == d.Name() {
-			continue
-		}
-		fi, err := s.root.Lstat(name)
-		if err != nil {
-			return r, err
-		}
-		if err := s.root.MkdirAll(QuarantineDir, 0o700); err != nil {
-			return r, fmt.Errorf("creating %s: %w", QuarantineDir, err)
-		}
-		q := fmt.Sprintf("%s-%d", d.Name(), time.Now().UnixNano())
-		if err := s.root.Rename(name, path.Join(QuarantineDir, q)); err != nil {
-			return r, fmt.Errorf("quarantining blob %s: %w", d.Name(), err)
-		}
-		klog.InfoS("corrupt blob quarantined", "blob", d.Name(), "actualSha256", sum, "quarantine", q)
-		r.Corrupt = append(r.Corrupt, d.Name())
-		r.Quarantined = append(r.Quarantined, q)
-		bad = append(bad, fi)
-	}
-	if len(bad) > 0 {
-		if r.Damaged, err = s.treesLinking(bad); err != nil {
-			return r, err
-		}
-	}
-	r.Took = time.Since(start).Round(time.Millisecond).String()
-	return r, nil
-}
-
-// treesLinking returns the trees holding a link to any of files.
-func (s *Store) treesLinking(files []fs.FileInfo) ([]string, error) {
-	trees, err := fs.ReadDir(s.root.FS(), TreesDir)
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, t := range trees {
-		found := false
-		err := fs.WalkDir(s.root.FS(), path.Join(TreesDir, t.Name()), func(p string, d fs.DirEntry, err error) error {
-			if err != nil || found || !d.Type().IsRegular() {
-				return err
-			}
-			fi, err := d.Info()
-			if err != nil {
-				return err
-			}
-			for _, f := range files {
-				if sameFile(fi, f) {
-					found = true
-					return fs.SkipAll
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-		if found {
-			out = append(out, "sha256:"+t.Name())
-		}
-	}
-	return out, nil
-}
-
-// hashFile returns the sha256 hex and size of a file under the root.
-func (s *Store) hashFile(name string) (string, int64, error) {
-	f, err := s.root.Open(name)
-	if err != nil {
-		return "", 0, err
-	}
-	defer f.Close()
-	h := sha256.New()
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	n, err := io.CopyBuffer(h, f, *bp)
-	if err != nil {
-		return "", n, fmt.Errorf("reading %s: %w", name, err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), n, nil
-}
-
-func sameFile(a, b fs.FileInfo) bool {
-	sa, ok1 := a.Sys().(*syscall.Stat_t)
-	sb, ok2 := b.Sys().(*syscall.Stat_t)
-	return ok1 && ok2 && sa.Dev == sb.Dev && sa.Ino == sb.Ino
-}
-
-// TreeFile is one file of a tree.
-type TreeFile struct {
-	Path   string
-	Size   int64
-	Sha256 string // the name of the blob it links, "" if it links none
-}
-
-// TreeFiles lists a tree's files with the blob each one links, matched by
-// inode so nothing is re-hashed.
-func (s *Store) TreeFiles(digest string) ([]TreeFile, error) {
-	if !s.HasTree(digest) {
-		return nil, fmt.Errorf("%w: tree %s", ErrNotCached, digest)
-	}
-	blobs := map[uint64]string{}
-	des, err := fs.ReadDir(s.root.FS(), BlobsDir)
-	if err != nil {
-		return nil, err
-	}
-	for _, d := range des {
-		if fi, err := d.Info(); err == nil {
-			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-				blobs[st.Ino] = d.Name()
-			}
-		}
-	}
-	top := path.Join(TreesDir, digest[len("sha256:"):])
-	var out []TreeFile
-	err = fs.WalkDir(s.root.FS(), top, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		f := TreeFile{Path: p[len(top)+1:], Size: fi.Size()}
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			f.Sha256 = blobs[st.Ino]
-		}
-		out = append(out, f)
-		return nil
-	})
-	return out, err
-}
-
-// TreeDigests lists the trees on disk.
-func (s *Store) TreeDigests() ([]string, error) {
-	des, err := fs.ReadDir(s.root.FS(), TreesDir)
-	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w", TreesDir, err)
-	}
-	var out []string
-	for _, d := range des {
-		if dg := "sha256:" + d.Name(); d.IsDir() && ValidDigest(dg) {
-			out = append(out, dg)
-		}
-	}
-	return out, nil
 }
 
 // wouldFree is what removing a tree would free after the removals already

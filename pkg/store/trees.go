@@ -1,0 +1,84 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"syscall"
+)
+
+// IsNotCached reports whether err says a tree or model is not in the store.
+func IsNotCached(err error) bool { return errors.Is(err, ErrNotCached) }
+
+// UseTree runs fn while no eviction can remove the tree, and fails with
+// ErrNotCached if the tree is gone. Publishing mounts a tree inside fn so
+// an eviction never removes a tree between the lookup and the mount.
+func (s *Store) UseTree(digest string, fn func() error) error {
+	s.treesMu.RLock()
+	defer s.treesMu.RUnlock()
+	if !s.HasTree(digest) {
+		return fmt.Errorf("%w: tree %s was removed", ErrNotCached, digest)
+	}
+	return fn()
+}
+
+// TreeFile is one file of a tree.
+type TreeFile struct {
+	Path   string
+	Size   int64
+	Sha256 string // the name of the blob it links, "" if it links none
+}
+
+// TreeFiles lists a tree's files with the blob each one links, matched by
+// inode so nothing is re-hashed.
+func (s *Store) TreeFiles(digest string) ([]TreeFile, error) {
+	if !s.HasTree(digest) {
+		return nil, fmt.Errorf("%w: tree %s", ErrNotCached, digest)
+	}
+	blobs := map[uint64]string{}
+	des, err := fs.ReadDir(s.root.FS(), BlobsDir)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range des {
+		if fi, err := d.Info(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				blobs[st.Ino] = d.Name()
+			}
+		}
+	}
+	top := path.Join(TreesDir, digest[len("sha256:"):])
+	var out []TreeFile
+	err = fs.WalkDir(s.root.FS(), top, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		f := TreeFile{Path: p[len(top)+1:], Size: fi.Size()}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			f.Sha256 = blobs[st.Ino]
+		}
+		out = append(out, f)
+		return nil
+	})
+	return out, err
+}
+
+// TreeDigests lists the trees on disk.
+func (s *Store) TreeDigests() ([]string, error) {
+	des, err := fs.ReadDir(s.root.FS(), TreesDir)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", TreesDir, err)
+	}
+	var out []string
+	for _, d := range des {
+		if dg := "sha256:" + d.Name(); d.IsDir() && ValidDigest(dg) {
+			out = append(out, dg)
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,89 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"syscall"
+)
+
+// Usage is what the cache directory holds.
+type Usage struct {
+	BlobBytes   int64 `json:"blobBytes"`   // bytes on disk in blobs/
+	Blobs       int   `json:"blobs"`       //
+	TreeBytes   int64 `json:"treeBytes"`   // bytes the trees present to pods (shared blobs counted per tree)
+	Trees       int   `json:"trees"`       //
+	IngestBytes int64 `json:"ingestBytes"` // bytes of downloads in progress
+	Quarantined int   `json:"quarantined"` // blobs that failed verification
+	FSSize      int64 `json:"fsSize"`      // the cache filesystem's size
+	FSFree      int64 `json:"fsFree"`      // bytes available on it
+}
+
+// Saved is what deduplication saves: bytes the trees present minus bytes stored.
+func (u Usage) Saved() int64 { return max(u.TreeBytes-u.BlobBytes, 0) }
+
+// Usage walks the cache directory.
+func (s *Store) Usage() (Usage, error) {
+	var u Usage
+	var err error
+	if u.BlobBytes, u.Blobs, err = s.walkBytes(BlobsDir); err != nil {
+		return u, err
+	}
+	if u.IngestBytes, _, err = s.walkBytes(IngestDir); err != nil {
+		return u, err
+	}
+	trees, err := fs.ReadDir(s.root.FS(), TreesDir)
+	if err != nil {
+		return u, fmt.Errorf("reading %s: %w", TreesDir, err)
+	}
+	for _, t := range trees {
+		n, _, err := s.walkBytes(path.Join(TreesDir, t.Name()))
+		if err != nil {
+			return u, err
+		}
+		u.TreeBytes += n
+		u.Trees++
+	}
+	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
+		u.Quarantined = len(q)
+	}
+	u.FSSize, u.FSFree, err = s.statfs()
+	return u, err
+}
+
+// walkBytes sums the sizes of the regular files under name.
+func (s *Store) walkBytes(name string) (int64, int, error) {
+	var total int64
+	var files int
+	err := fs.WalkDir(s.root.FS(), name, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // removed while walking
+			}
+			return err
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return nil
+		}
+		total += fi.Size()
+		files++
+		return nil
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("measuring %s: %w", name, err)
+	}
+	return total, files, nil
+}
+
+func (s *Store) statfs() (size, free int64, err error) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(s.dir, &st); err != nil {
+		return 0, 0, fmt.Errorf("statfs %s: %w", s.dir, err)
+	}
+	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
+}
