@@ -19,6 +19,7 @@ import (
 	"regexp"
 	"sync"
 
+	"github.com/modelcache/modelcache/pkg/source"
 	"golang.org/x/sync/singleflight"
 	"k8s.io/klog/v2"
 )
@@ -206,3 +207,24 @@ func removeAll(root *os.Root, name string) error {
 	}
 	return root.RemoveAll(name)
 }
+
+// Content is the store's contract with the cache above it, small enough
+// for one conformance suite (storetest.Run) that every implementation
+// passes, as containerd's content stores pass content/testsuite.
+type Content interface {
+	// Ensure returns the committed tree for a content key, downloading the
+	// manifest's files through f once however many callers ask.
+	Ensure(ctx context.Context, key string, m source.Manifest, f Fetcher) (Tree, bool, error)
+	// Cached returns the committed tree for a content key, if any.
+	Cached(key string) (Tree, bool)
+	// HasTree reports whether a tree is committed.
+	HasTree(digest string) bool
+	// TreePath is where a committed tree is, for mounting.
+	TreePath(digest string) string
+	// TreeFiles lists a committed tree's files.
+	TreeFiles(digest string) ([]TreeFile, error)
+	// RemoveTree removes a tree and every blob no other tree links.
+	RemoveTree(digest string) (int64, error)
+}
+
+var _ Content = (*Store)(nil)
