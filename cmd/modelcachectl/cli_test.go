@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"github.com/modelcache/modelcache/pkg/adminapi"
 	"io"
 	"net"
 	"net/http"
@@ -17,6 +16,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/modelcache/modelcache/pkg/adminapi"
 )
 
 // These are unit tests: a fake admin API on a unix socket in a temporary

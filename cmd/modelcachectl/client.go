@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/adminapi"
 	"io"
 	"net"
 	"net/http"
@@ -14,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/modelcache/modelcache/pkg/adminapi"
 )
 
 // baseURL is the admin API's URL; the host is a placeholder, every

@@ -4,11 +4,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/adminapi"
-	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"net/url"
 	"strings"
+
+	"github.com/modelcache/modelcache/pkg/adminapi"
+	"github.com/modelcache/modelcache/pkg/units"
 )
 
 var cmdLs = &command{

@@ -4,14 +4,15 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/adminapi"
-	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"math"
 	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/modelcache/modelcache/pkg/adminapi"
+	"github.com/modelcache/modelcache/pkg/units"
 )
 
 // table aligns tab-separated cells into columns, and drops the trailing

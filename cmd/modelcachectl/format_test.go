@@ -2,33 +2,10 @@ package main
 
 import (
 	"bytes"
-	"github.com/modelcache/modelcache/pkg/units"
 	"strings"
 	"testing"
 	"time"
 )
-
-func TestHumanBytes(t *testing.T) {
-	for _, tc := range []struct {
-		n    int64
-		want string
-	}{
-		{0, "0 B"},
-		{1023, "1023 B"},
-		{1024, "1.0 KiB"},
-		{1536, "1.5 KiB"},
-		{1024*1024 - 1, "1.0 MiB"}, // not "1024.0 KiB"
-		{85*mib + 300*kib, "85.3 MiB"},
-		{12 * gib / 10, "1.2 GiB"},
-		{2600 * mib, "2.5 GiB"},
-		{5 << 40, "5.0 TiB"},
-		{-2048, "-2.0 KiB"},
-	} {
-		if got := units.Bytes(tc.n); got != tc.want {
-			t.Errorf("units.Bytes(%d) = %q, want %q", tc.n, got, tc.want)
-		}
-	}
-}
 
 func TestDurations(t *testing.T) {
 	for _, tc := range []struct {

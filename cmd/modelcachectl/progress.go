@@ -2,11 +2,12 @@ package main
 
 import (
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"math"
 	"strings"
 	"time"
+
+	"github.com/modelcache/modelcache/pkg/units"
 )
 
 // rateWindow is the time constant of the smoothed download rate: a change

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/klogtest"
 	"io"
 	"io/fs"
 	"net"
@@ -27,6 +26,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/admin"
 	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/cache"
+	"github.com/modelcache/modelcache/pkg/klogtest"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
@@ -46,20 +46,13 @@ const waitLimit = 60 * time.Second
 
 // Credentials of the fake remote; no response or log line may hold them.
 const (
-	secretKey = "s3cr3t-Secret-Access-Key-0123456789abcdef"
-	accessKey = "AKIAFAKEACCESSKEY9876"
+	secretKey = sourcetest.SecretKey
+	accessKey = sourcetest.AccessKey
 )
 
 var secretValues = []string{secretKey, accessKey}
 
-func testSecrets() map[string]string {
-	return map[string]string{
-		"RCLONE_CONFIG_MYS3_TYPE":              "s3",
-		"RCLONE_CONFIG_MYS3_PROVIDER":          "Minio",
-		"RCLONE_CONFIG_MYS3_ACCESS_KEY_ID":     accessKey,
-		"RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": secretKey,
-	}
-}
+func testSecrets() map[string]string { return sourcetest.Secrets() }
 
 // memFetcher serves files from memory, for building trees directly.
 type memFetcher map[string][]byte

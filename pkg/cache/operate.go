@@ -3,12 +3,12 @@ package cache
 import (
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/units"
 	"slices"
 	"strings"
 
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/units"
 	"k8s.io/klog/v2"
 )
 

@@ -9,7 +9,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"io"
 	"io/fs"
 	"os"
@@ -21,6 +20,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/mount"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
@@ -44,22 +44,13 @@ const waitLimit = 60 * time.Second
 const (
 	testURI   = "mys3:models/iris"
 	otherURI  = "mys3:models/resnet"
-	secretKey = "s3cr3t-Secret-Access-Key-0123456789abcdef"
-	accessKey = "AKIAFAKEACCESSKEY9876"
+	secretKey = sourcetest.SecretKey
+	accessKey = sourcetest.AccessKey
 	otherKey  = "an0ther-Tenants-Secret-Key-fedcba9876543210"
 )
 
-// testSecrets is a node-publish secret in rclone's environment form, as
-// Seldon's seldon-rclone-secret carries it.
-func testSecrets() map[string]string {
-	return map[string]string{
-		"RCLONE_CONFIG_MYS3_TYPE":              "s3",
-		"RCLONE_CONFIG_MYS3_PROVIDER":          "Minio",
-		"RCLONE_CONFIG_MYS3_ENDPOINT":          "http://minio.minio-system.svc.cluster.local:9000",
-		"RCLONE_CONFIG_MYS3_ACCESS_KEY_ID":     accessKey,
-		"RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": secretKey,
-	}
-}
+// testSecrets is a node-publish secret in rclone's environment form.
+func testSecrets() map[string]string { return sourcetest.Secrets() }
 
 // otherSecrets is another tenant's secret for the same remote.
 func otherSecrets() map[string]string {

@@ -2,13 +2,13 @@ package csi
 
 import (
 	"context"
-	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/cache"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )

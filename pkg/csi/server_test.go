@@ -2,8 +2,6 @@ package csi
 
 import (
 	"context"
-	"github.com/modelcache/modelcache/pkg/klogtest"
-	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"io/fs"
 	"net"
 	"os"
@@ -14,6 +12,8 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
+	"github.com/modelcache/modelcache/pkg/klogtest"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"

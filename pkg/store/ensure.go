@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"sync/atomic"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/units"
 	"k8s.io/klog/v2"
 )
 

@@ -3,11 +3,11 @@ package store
 import (
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/units"
 	"io/fs"
 	"path"
 	"syscall"
 
+	"github.com/modelcache/modelcache/pkg/units"
 	"k8s.io/klog/v2"
 )
 

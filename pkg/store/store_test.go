@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/units"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/units"
 )
 
 const validHex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"

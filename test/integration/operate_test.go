@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/modelcache/modelcache/pkg/units"
 	"io"
 	"maps"
 	"net"
@@ -30,6 +29,7 @@ import (
 
 	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/units"
 	"github.com/modelcache/modelcache/test/testenv"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"

@@ -28,6 +28,25 @@ type model struct {
 	modTime time.Time
 }
 
+// Credentials of the fake remote: no message, log line, record or reply
+// may hold them.
+const (
+	SecretKey = "s3cr3t-Secret-Access-Key-0123456789abcdef"
+	AccessKey = "AKIAFAKEACCESSKEY9876"
+)
+
+// Secrets is a node-publish secret for remote mys3 in rclone's environment
+// form, as Seldon's seldon-rclone-secret carries it.
+func Secrets() map[string]string {
+	return map[string]string{
+		"RCLONE_CONFIG_MYS3_TYPE":              "s3",
+		"RCLONE_CONFIG_MYS3_PROVIDER":          "Minio",
+		"RCLONE_CONFIG_MYS3_ENDPOINT":          "http://minio.minio-system.svc.cluster.local:9000",
+		"RCLONE_CONFIG_MYS3_ACCESS_KEY_ID":     AccessKey,
+		"RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": SecretKey,
+	}
+}
+
 // Resolver resolves every modelUri to a Remote backed by an in-memory map.
 // It counts calls and can be told to fail or to hold downloads. Change its
 // exported fields through Set.
