@@ -516,7 +516,7 @@ func TestPendingTreesAreReleasedAtLastUnmount(t *testing.T) {
 				t.Fatal("a tree in use was removed")
 			}
 			// The last unpublish: pkg/csi drops the reference, then
-			// evicts (releaseTree).
+			// evicts (cache.Release).
 			if err := h.db.DeleteRef("/t/a"); err != nil {
 				t.Fatal(err)
 			}

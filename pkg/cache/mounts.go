@@ -56,7 +56,7 @@ func (c *Cache) Acquire(f Fetched, ref state.Ref) error {
 		}
 		return nil
 	})
-	if store.IsNotCached(err) {
+	if store.IsNoTree(err) {
 		return fmt.Errorf("%w: %v", ErrEvictedMeanwhile, err)
 	}
 	return err

@@ -885,8 +885,8 @@ func TestTreeFiles(t *testing.T) {
 		"sha256:../x",
 		"",
 	} {
-		if _, err := s.TreeFiles(d); !errors.Is(err, store.ErrNotCached) {
-			t.Errorf("TreeFiles(%q) err = %v, want ErrNotCached", d, err)
+		if _, err := s.TreeFiles(d); !errors.Is(err, store.ErrNoTree) {
+			t.Errorf("TreeFiles(%q) err = %v, want ErrNoTree", d, err)
 		}
 	}
 }

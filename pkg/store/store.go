@@ -31,8 +31,8 @@ const (
 	IngestDir = "ingest"
 )
 
-// ErrNotCached means the model is not in the store.
-var ErrNotCached = errors.New("model is not cached on this node")
+// ErrNoTree means a tree is not (or no longer) in the store.
+var ErrNoTree = errors.New("tree is not in the store")
 
 var digestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
 

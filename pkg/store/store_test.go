@@ -255,7 +255,7 @@ func TestIsInProgress(t *testing.T) {
 		{"nil", nil, false},
 		{"plain error", errors.New("download still running"), false},
 		{"context deadline", context.DeadlineExceeded, false},
-		{"not cached", store.ErrNotCached, false},
+		{"not cached", store.ErrNoTree, false},
 		{"in progress", ip, true},
 		{"wrapped once", fmt.Errorf("publishing: %w", ip), true},
 		{"wrapped twice", fmt.Errorf("a: %w", fmt.Errorf("b: %w", ip)), true},

@@ -8,17 +8,17 @@ import (
 	"syscall"
 )
 
-// IsNotCached reports whether err says a tree or model is not in the store.
-func IsNotCached(err error) bool { return errors.Is(err, ErrNotCached) }
+// IsNoTree reports whether err says a tree is not in the store.
+func IsNoTree(err error) bool { return errors.Is(err, ErrNoTree) }
 
 // UseTree runs fn while no eviction can remove the tree, and fails with
-// ErrNotCached if the tree is gone. Publishing mounts a tree inside fn so
+// ErrNoTree if the tree is gone. Publishing mounts a tree inside fn so
 // an eviction never removes a tree between the lookup and the mount.
 func (s *Store) UseTree(digest string, fn func() error) error {
 	s.treesMu.RLock()
 	defer s.treesMu.RUnlock()
 	if !s.HasTree(digest) {
-		return fmt.Errorf("%w: tree %s was removed", ErrNotCached, digest)
+		return fmt.Errorf("%w: tree %s was removed", ErrNoTree, digest)
 	}
 	return fn()
 }
@@ -34,7 +34,7 @@ type TreeFile struct {
 // inode so nothing is re-hashed.
 func (s *Store) TreeFiles(digest string) ([]TreeFile, error) {
 	if !s.HasTree(digest) {
-		return nil, fmt.Errorf("%w: tree %s", ErrNotCached, digest)
+		return nil, fmt.Errorf("%w: tree %s", ErrNoTree, digest)
 	}
 	blobs := map[uint64]string{}
 	des, err := fs.ReadDir(s.root.FS(), BlobsDir)
