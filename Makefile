@@ -170,11 +170,15 @@ sanity: require-root tools
 
 # The real node's runtime comes from Debian's packages (bookworm: containerd
 # 1.6.20, runc 1.1.5, CNI plugins 1.1.1, busybox for the test pods' image).
+# A package counts as present only when dpkg says "install ok installed": a
+# removed one keeps its config files and still answers dpkg -s.
 E2E_PACKAGES := containerd runc containernetworking-plugins busybox-static
 
 .PHONY: e2e-packages
 e2e-packages: require-root
-	@missing=""; for p in $(E2E_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(E2E_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
