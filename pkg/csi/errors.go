@@ -33,6 +33,8 @@ func publishError(uri string, err error) error {
 		return status.Errorf(codes.NotFound, "model %s was not found: %v; check the modelUri's bucket and path", uri, err)
 	case errors.Is(err, source.ErrDenied):
 		return status.Errorf(codes.PermissionDenied, "the remote refused the credentials for %s: %v; check the node-publish secret grants read and list access", uri, err)
+	case errors.Is(err, source.ErrCorrupt):
+		return status.Errorf(codes.Unavailable, "model %s arrived corrupted: %v; nothing was kept, and kubelet retries the download", uri, err)
 	case errors.Is(err, source.ErrChanged):
 		return status.Errorf(codes.Unavailable, "model %s changed at the remote while downloading: %v", uri, err)
 	case errors.Is(err, source.ErrUnavailable):

@@ -31,6 +31,7 @@ func TestPublishError(t *testing.T) {
 		{"denied", source.ErrDenied, codes.PermissionDenied, []string{uri, "node-publish secret"}},
 		{"unavailable", source.ErrUnavailable, codes.Unavailable, []string{uri, "retry"}},
 		{"changed during download", source.ErrChanged, codes.Unavailable, []string{uri}},
+		{"corrupted in transfer", fmt.Errorf("%w: w.bin: the remote's MD5 is aa but the bytes that arrived hash to bb", source.ErrCorrupt), codes.Unavailable, []string{uri, "w.bin", "aa", "bb", "retries"}},
 		{"unsafe path", source.ErrUnsafePath, codes.InvalidArgument, []string{uri, "rename or remove"}},
 		{"invalid", fmt.Errorf("%w: remote \"mys3\" has no type: add RCLONE_CONFIG_MYS3_TYPE", source.ErrInvalid), codes.InvalidArgument, []string{"RCLONE_CONFIG_MYS3_TYPE"}},
 		{"no space", fmt.Errorf("%w: %w", store.ErrNoSpace, syscall.ENOSPC), codes.ResourceExhausted, []string{uri, "free space"}},

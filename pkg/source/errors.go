@@ -20,6 +20,7 @@ var (
 	ErrUnavailable = errors.New("remote unavailable")                   // network, 5xx, timeouts: retryable
 	ErrUnsafePath  = errors.New("remote object key is not a safe path") // would escape the tree
 	ErrChanged     = errors.New("remote object changed during download")
+	ErrCorrupt     = errors.New("object corrupted in transfer") // bytes differ from the remote's checksum: retryable
 )
 
 // kindError carries a message scrubbed of secrets and the kind it belongs to.

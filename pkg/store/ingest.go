@@ -2,14 +2,17 @@ package store
 
 import (
 	"context"
+	"crypto/md5"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -112,6 +115,13 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	defer w.Close()
 
 	h := sha256.New()
+	// The remote's own checksum, in the same pass: the bytes are checked
+	// against what the remote holds before their blob is committed (the
+	// "bytes checked against the remote" invariant).
+	var remoteSum hash.Hash
+	if isMD5(e.Hash) {
+		remoteSum = md5.New()
+	}
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -125,6 +135,9 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 				return "", noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
 			}
 			h.Write(buf[:k])
+			if remoteSum != nil {
+				remoteSum.Write(buf[:k])
+			}
 			n += int64(k)
 			p.done.Add(int64(k))
 		}
@@ -137,6 +150,11 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	}
 	if n != e.Size {
 		return "", fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
+	}
+	if remoteSum != nil {
+		if got := hex.EncodeToString(remoteSum.Sum(nil)); !strings.EqualFold(got, e.Hash) {
+			return "", fmt.Errorf("%w: %s: the remote's MD5 is %s but the bytes that arrived hash to %s; the download is retried", source.ErrCorrupt, e.Path, strings.ToLower(e.Hash), got)
+		}
 	}
 	if err := w.Sync(); err != nil {
 		return "", noSpace(fmt.Errorf("syncing %s: %w", e.Path, err))
@@ -151,6 +169,16 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 		return "", noSpace(fmt.Errorf("committing blob for %s: %w", e.Path, err))
 	}
 	return sum, nil
+}
+
+// isMD5 reports whether a listed checksum is an MD5 (32 hex digits): an S3
+// ETag of a single-part upload, or the MD5 rclone stores for multipart ones.
+func isMD5(s string) bool {
+	if len(s) != md5.Size*2 {
+		return false
+	}
+	_, err := hex.DecodeString(s)
+	return err == nil
 }
 
 // buildTree creates dir as a tree of hardlinks into blobs/, then drops the

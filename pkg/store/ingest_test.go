@@ -2,12 +2,15 @@ package store_test
 
 import (
 	"context"
+	"crypto/md5"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -269,6 +272,59 @@ func TestEnsureRejectsConflictingEntries(t *testing.T) {
 			}
 			checkNoTrees(t, s.Dir())
 			checkIngestEmpty(t, s.Dir())
+			if _, ok := idx.get("key"); ok {
+				t.Error("index recorded a tree")
+			}
+		})
+	}
+}
+
+// Bytes that differ from the checksum the remote listed are never
+// committed: a flipped byte (size intact), another object's bytes of the
+// same size, and a listing whose checksum is not an MD5 (nothing to check
+// against: accepted).
+func TestEnsureChecksBytesAgainstTheRemoteMD5(t *testing.T) {
+	good := bytesOf("weights", 64<<10)
+	flipped := slices.Clone(good)
+	flipped[len(flipped)/2] ^= 0x01
+	other := bytesOf("other weights", 64<<10)
+	md5Of := func(b []byte) string { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
+	tests := []struct {
+		name    string
+		served  []byte
+		listed  string // the checksum the listing gave
+		wantErr bool
+	}{
+		{"intact", good, md5Of(good), false},
+		{"intact, upper-case ETag", good, strings.ToUpper(md5Of(good)), false},
+		{"one byte flipped", flipped, md5Of(good), true},
+		{"another object's bytes", other, md5Of(good), true},
+		{"no MD5 listed", flipped, "etag-abc-3", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			idx := newIndex()
+			s := openStore(t, idx)
+			m := source.Manifest{{Path: "w.bin", Size: int64(len(good)), Hash: tt.listed}}
+			tr, _, err := s.Ensure(context.Background(), "key", m, newFetcher(map[string][]byte{"w.bin": tt.served}))
+			if !tt.wantErr {
+				if err != nil {
+					t.Fatalf("Ensure: %v", err)
+				}
+				checkTree(t, s, tr, map[string][]byte{"w.bin": tt.served})
+				return
+			}
+			if !errors.Is(err, source.ErrCorrupt) {
+				t.Fatalf("Ensure of corrupted bytes: %v (committed %+v), want ErrCorrupt", err, tr)
+			}
+			for _, want := range []string{"w.bin", strings.ToLower(tt.listed), md5Of(tt.served)} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q does not name %s", err, want)
+				}
+			}
+			checkNoTrees(t, s.Dir())
+			checkIngestEmpty(t, s.Dir())
+			checkBlobs(t, s.Dir())
 			if _, ok := idx.get("key"); ok {
 				t.Error("index recorded a tree")
 			}

@@ -586,3 +586,36 @@ func mountNamespace(t *testing.T, pid int) string {
 	}
 	return ns
 }
+
+// The "bytes checked against the remote" invariant against a remote that
+// misbehaves: a proxy flips one byte in the middle of an 8 MiB object,
+// size intact, as a broken middlebox on plain http would. The publish must
+// fail with a retryable code naming the object and both checksums, keep
+// nothing, and succeed with the right bytes once the remote behaves.
+func TestPublish_ByteFlippedInTransfer_RefusedNothingKept_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	files := randomModel(11, map[string]int{"config.json": 200, "w.bin": 8 << 20})
+	e.upload("m", files)
+	e.proxy.FlipByte("w.bin", 4<<20)
+	target := e.target("pod")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := e.publish(ctx, "vol", target, e.model("m"), e.secret())
+	wantCode(t, err, codes.Unavailable)
+	for _, want := range []string{"corrupted", "w.bin", "MD5"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	if trees, _ := os.ReadDir(filepath.Join(e.cacheDir(), "trees", "sha256")); len(trees) != 0 {
+		t.Fatalf("a tree was committed from corrupted bytes: %v", trees)
+	}
+	if opts := mountInfo(t, target); opts != "" {
+		t.Fatalf("the target was mounted (%s) although the publish failed", opts)
+	}
+
+	e.proxy.FlipByte("", 0)
+	e.mustPublish("vol", target, e.model("m"))
+	sameFiles(t, target, files)
+	e.mustUnpublish("vol", target)
+}

@@ -27,6 +27,10 @@ type Proxy struct {
 
 	mu      sync.Mutex
 	rewrite func([]byte) []byte
+	// flip: object GETs whose path ends in flipKey have the byte at
+	// flipAt of their body inverted, the size left intact.
+	flipKey string
+	flipAt  int64
 
 	srv *http.Server
 }
@@ -65,7 +69,13 @@ func StartProxy(target string) (*Proxy, error) {
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isObjectGet(r) {
 			p.objectGets.Add(1)
-			w = &countingWriter{ResponseWriter: w, p: p, start: time.Now()}
+			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1}
+			p.mu.Lock()
+			if p.flipKey != "" && strings.HasSuffix(r.URL.Path, "/"+p.flipKey) {
+				cw.flipAt = p.flipAt
+			}
+			p.mu.Unlock()
+			w = cw
 		}
 		rp.ServeHTTP(w, r)
 	})}
@@ -110,14 +120,28 @@ func isList(r *http.Request) bool {
 	return r.Method == http.MethodGet && !isObjectGet(r) && r.URL.Query().Has("list-type")
 }
 
+// FlipByte makes the proxy corrupt one byte of every response for the
+// object whose key ends in key, at offset at of its body, keeping its size
+// (a misbehaving network or middlebox on plain http); "" stops it.
+func (p *Proxy) FlipByte(key string, at int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.flipKey, p.flipAt = key, at
+}
+
 type countingWriter struct {
 	http.ResponseWriter
-	p     *Proxy
-	start time.Time
-	n     int64
+	p      *Proxy
+	start  time.Time
+	n      int64
+	flipAt int64 // -1: serve the bytes as they are
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.flipAt >= c.n && c.flipAt < c.n+int64(len(b)) {
+		b = bytes.Clone(b)
+		b[c.flipAt-c.n] ^= 0xff
+	}
 	n, err := c.ResponseWriter.Write(b)
 	c.n += int64(n)
 	c.p.objectBytes.Add(int64(n))
