@@ -49,6 +49,18 @@ func StartProxy(target string) (*Proxy, error) {
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.FlushInterval = -1
 	rp.ModifyResponse = func(resp *http.Response) error {
+		if p.RateBytesPerSec.Load() > 0 && isObjectGet(resp.Request) {
+			// Throttling plays a slow network between the driver and the
+			// remote; the remote itself answers at once. Reading its answer
+			// first keeps MinIO from cutting a connection its client drains
+			// slowly, which is not what a throttled test is about.
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			resp.Body = io.NopCloser(bytes.NewReader(body))
+		}
 		p.mu.Lock()
 		rw := p.rewrite
 		p.mu.Unlock()
