@@ -286,3 +286,55 @@ func TestFetch_DrainedNode(t *testing.T) {
 		t.Fatal("a drained node downloaded")
 	}
 }
+
+// A new version of a model links the objects this node already downloaded
+// unchanged (same object, size, checksum and upload time) from blobs/ and
+// fetches only the rest: the changed file, and a new file whose bytes equal
+// an existing one's (never reused across objects). The credentials are
+// still checked for what they did not read. An object whose blob is gone
+// (gc) is fetched again.
+func TestFetch_NewVersion_OnlyChangedObjectsFetched(t *testing.T) {
+	res := sourcetest.NewResolver()
+	v1 := files()
+	res.SetModel(modelURI, v1)
+	h := newHarness(t, t.TempDir(), res, mount.NewFake())
+	first := h.publish(filepath.Join(h.dir, "pods", "a", "mount"))
+
+	res.UpdateFile(modelURI, "config.json", []byte(`{"name":"iris","v":2}`))
+	res.UpdateFile(modelURI, "copy-of-tokenizer.json", v1["tokenizer.json"])
+	res.Set(func(r *sourcetest.Resolver) { r.Verifies = 0 })
+	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets()), Policy: cache.PullAlways})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Tree.Digest == first.Tree.Digest {
+		t.Fatal("the new version got the old tree")
+	}
+	want := map[string]int{"config.json": 2, "model.bin": 1, "tokenizer.json": 1, "copy-of-tokenizer.json": 1}
+	for p, n := range want {
+		if got := res.OpenCount(modelURI, p); got != n {
+			t.Errorf("%s opened %d times over two versions, want %d", p, got, n)
+		}
+	}
+	var verifies int
+	res.Set(func(r *sourcetest.Resolver) { verifies = r.Verifies })
+	if verifies != 1 {
+		t.Errorf("credentials verified %d times for a partly linked version, want 1", verifies)
+	}
+
+	// gc removes both trees and their blobs; the next version fetches all.
+	for _, d := range []string{first.Tree.Digest, f.Tree.Digest} {
+		h.release(filepath.Join(h.dir, "pods", "a", "mount"))
+		if _, err := h.cache.Store.RemoveTree(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res.UpdateFile(modelURI, "config.json", []byte(`{"name":"iris","v":3}`))
+	opens := res.OpenTotal()
+	if _, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets()), Policy: cache.PullAlways}); err != nil {
+		t.Fatal(err)
+	}
+	if got := res.OpenTotal() - opens; got != len(want) {
+		t.Errorf("after gc removed every blob the next version opened %d objects, want all %d", got, len(want))
+	}
+}

@@ -95,7 +95,8 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	}
 	stop := c.reportProgress(obs, key)
 	start := time.Now()
-	t, fetched, err := c.Store.EnsureGated(ctx, key, m, req.Remote, gate)
+	ens, err := c.Store.EnsureGated(ctx, key, m, req.Remote, gate)
+	t, fetched := ens.Tree, ens.Fetched
 	stop()
 	switch {
 	case store.IsInProgress(err):
@@ -112,11 +113,12 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	}
 	res := Fetched{Tree: t, Hit: !fetched, uri: req.URI}
 	switch {
-	case fetched:
+	case fetched && ens.Reused == 0:
 		res.sourceKey = sourceKey
 	case c.VerifyCredentials != VerifyNever:
 		// The tree came from the cache or from another request's
-		// download, so these credentials have read nothing yet: stat
+		// download, or some of its objects were linked from earlier
+		// downloads: these credentials have not read all of it. Stat
 		// every object with them before anything is served.
 		if err := req.Remote.Verify(ctx, m); err != nil {
 			return Fetched{}, fmt.Errorf("checking this request's credentials against the cached model: %w", err)

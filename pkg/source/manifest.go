@@ -86,3 +86,18 @@ func checkManifest(m Manifest) (Manifest, error) {
 	}
 	return m, nil
 }
+
+// ObjectKey names one listed object as this node downloaded it: the backend
+// identity (type, endpoint, region, bucket and prefix), the object's key,
+// size, checksum and modification time. Two listings give the same key only
+// for the same object unchanged, so its blob can be reused without a
+// download; never by checksum alone, nor across objects. An object listed
+// without a checksum gets "" and is always downloaded.
+func ObjectKey(identity string, e Entry) string {
+	if e.Hash == "" {
+		return ""
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "modelcache object v1\x00%s\x00%s\x00%d\x00%s\x00%d", identity, e.Path, e.Size, e.Hash, e.ModTime.UnixNano())
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}

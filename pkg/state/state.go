@@ -26,6 +26,7 @@ var (
 	bucketTrees   = []byte("trees")        // tree digest → TreeRecord
 	bucketRefs    = []byte("refs")         // target path → Ref
 	bucketUsers   = []byte("tree-refs")    // tree digest NUL target path → nothing: refs by tree
+	bucketObjects = []byte("objects")      // source.ObjectKey → blob hex: what an object's bytes became
 	bucketVolumes = []byte("volumes")      // volume ID → Volume (controller)
 	bucketPins    = []byte("pins")         // tree digest → time pinned
 	bucketDoomed  = []byte("doomed")       // tree digest → reason it goes when its last mount goes
@@ -98,7 +99,7 @@ func Open(path string) (*DB, error) {
 		return nil, fmt.Errorf("opening state database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketUsers, bucketVolumes, bucketPins, bucketDoomed, bucketMeta} {
+		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketUsers, bucketObjects, bucketVolumes, bucketPins, bucketDoomed, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -231,22 +232,62 @@ func (d *DB) TreeForKey(key string) (store.Tree, bool, error) {
 	return t, ok, err
 }
 
+// LookupObjects implements store.ObjectIndex: the tree of a content key,
+// or else the blobs recorded for the objects, in one read.
+func (d *DB) LookupObjects(key string, objects []string) (store.Tree, bool, map[string]string, error) {
+	var t store.Tree
+	var ok bool
+	blobs := map[string]string{}
+	err := d.view(func(tx *bolt.Tx) error {
+		var err error
+		if ok, err = get(tx, bucketKeys, key, &t); err != nil || ok {
+			return err
+		}
+		b := tx.Bucket(bucketObjects)
+		for _, k := range objects {
+			if k == "" {
+				continue
+			}
+			if v := b.Get([]byte(k)); v != nil {
+				blobs[k] = string(v)
+			}
+		}
+		return nil
+	})
+	return t, ok, blobs, err
+}
+
+// RecordTreeObjects implements store.ObjectIndex: RecordTree, and what
+// each object's bytes became, in one transaction.
+func (d *DB) RecordTreeObjects(key string, t store.Tree, blobs map[string]string) error {
+	return d.update(func(tx *bolt.Tx) error {
+		for k, v := range blobs {
+			if err := tx.Bucket(bucketObjects).Put([]byte(k), []byte(v)); err != nil {
+				return err
+			}
+		}
+		return recordTree(tx, key, t)
+	})
+}
+
 // RecordTree implements store.Index.
 func (d *DB) RecordTree(key string, t store.Tree) error {
-	return d.update(func(tx *bolt.Tx) error {
-		if err := put(tx, bucketKeys, key, t); err != nil {
-			return err
-		}
-		var rec TreeRecord
-		if _, err := get(tx, bucketTrees, t.Digest, &rec); err != nil {
-			return err
-		}
-		rec.Tree = t
-		if rec.LastUsed.IsZero() {
-			rec.LastUsed = time.Now()
-		}
-		return put(tx, bucketTrees, t.Digest, rec)
-	})
+	return d.update(func(tx *bolt.Tx) error { return recordTree(tx, key, t) })
+}
+
+func recordTree(tx *bolt.Tx, key string, t store.Tree) error {
+	if err := put(tx, bucketKeys, key, t); err != nil {
+		return err
+	}
+	var rec TreeRecord
+	if _, err := get(tx, bucketTrees, t.Digest, &rec); err != nil {
+		return err
+	}
+	rec.Tree = t
+	if rec.LastUsed.IsZero() {
+		rec.LastUsed = time.Now()
+	}
+	return put(tx, bucketTrees, t.Digest, rec)
 }
 
 // SourceTree returns the tree a source key last resolved to.

@@ -48,22 +48,69 @@ func (e *InProgressError) Error() string {
 // that joined another caller's download gets false, since its own
 // credentials were never used.
 func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fetcher) (t Tree, fetched bool, err error) {
-	return s.EnsureGated(ctx, key, m, f, nil)
+	e, err := s.EnsureGated(ctx, key, m, f, nil)
+	return e.Tree, e.Fetched, err
 }
+
+// Ensured is what EnsureGated did.
+type Ensured struct {
+	Tree Tree
+	// Fetched: this caller's download committed the tree (a joiner of
+	// another's download, or a caller who found it committed, did not).
+	Fetched bool
+	// Reused is how many of the objects the download did not fetch because
+	// this node already held them, unchanged, from an earlier download.
+	Reused int
+}
+
+// ObjectIndex is what an Index may also know: for every object this node
+// downloaded, the blob its bytes became (source.ObjectKey). With it a new
+// listing of a model links its unchanged objects from blobs/ instead of
+// downloading them. pkg/state implements it.
+type ObjectIndex interface {
+	// LookupObjects returns the tree committed for a content key or, when
+	// there is none, the blobs recorded for the given object keys, in one
+	// read.
+	LookupObjects(key string, objects []string) (t Tree, ok bool, blobs map[string]string, err error)
+	// RecordTreeObjects records a tree and the blob each object became.
+	RecordTreeObjects(key string, t Tree, blobs map[string]string) error
+}
+
+// identified is a Fetcher that names its backend (source.Remote does).
+type identified interface{ Identity() string }
 
 // EnsureGated is Ensure with a gate: when this call would start a new
 // download (not join one, not find the tree committed), gate runs first, in
 // the flight, and an error from it refuses the download.
-func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, f Fetcher, gate func() error) (t Tree, fetched bool, err error) {
+func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, f Fetcher, gate func() error) (Ensured, error) {
 	if t, ok := s.lookup(key); ok {
-		return t, false, nil
+		return Ensured{Tree: t}, nil
+	}
+	oi, _ := s.index.(ObjectIndex)
+	objects := make([]string, len(m))
+	if id, ok := f.(identified); ok && oi != nil {
+		for i, e := range m {
+			objects[i] = source.ObjectKey(id.Identity(), e)
+		}
+	} else {
+		oi = nil
 	}
 	// Only the closure of the caller that starts the flight runs; its token
 	// tells that caller apart from those who join.
 	caller := new(int)
 	ch := s.flights.DoChan(key, func() (_ any, err error) {
 		// A flight that finished between lookup and DoChan recorded its tree.
-		if t, ok := s.lookup(key); ok {
+		var reuse map[string]string
+		if oi != nil {
+			t, ok, blobs, err := oi.LookupObjects(key, objects)
+			if err != nil {
+				klog.ErrorS(err, "reading the object index; downloading every object", "key", key)
+			}
+			if ok && s.HasTree(t.Digest) {
+				return flight{tree: t}, nil
+			}
+			reuse = blobs
+		} else if t, ok := s.lookup(key); ok {
 			return flight{tree: t}, nil
 		}
 		if gate != nil {
@@ -95,31 +142,42 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 			done := s.onDownload()
 			defer func() { done(p.Done(), err) }()
 		}
-		t, err := s.ingest(s.ctx, m, f, p)
+		t, sums, reused, err := s.ingest(s.ctx, m, f, p, objects, reuse)
 		if err != nil {
 			return nil, err
 		}
-		if err := s.index.RecordTree(key, t); err != nil {
+		if oi != nil {
+			blobs := map[string]string{}
+			for i, k := range objects {
+				if k != "" {
+					blobs[k] = sums[i]
+				}
+			}
+			err = oi.RecordTreeObjects(key, t, blobs)
+		} else {
+			err = s.index.RecordTree(key, t)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("recording tree %s: %w", t.Digest, err)
 		}
-		return flight{tree: t, fetched: true, by: caller}, nil
+		return flight{tree: t, fetched: true, by: caller, reused: reused}, nil
 	})
 	select {
 	case r := <-ch:
 		if r.Err != nil {
-			return Tree{}, false, r.Err
+			return Ensured{}, r.Err
 		}
 		fl := r.Val.(flight)
 		// Joiners did not fetch: their credentials proved nothing.
-		return fl.tree, fl.fetched && fl.by == caller, nil
+		return Ensured{Tree: fl.tree, Fetched: fl.fetched && fl.by == caller, Reused: fl.reused}, nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		p := s.running[key]
 		s.mu.Unlock()
 		if p == nil {
-			return Tree{}, false, &InProgressError{Total: m.Size()}
+			return Ensured{}, &InProgressError{Total: m.Size()}
 		}
-		return Tree{}, false, &InProgressError{Done: p.Done(), Total: p.Total}
+		return Ensured{}, &InProgressError{Done: p.Done(), Total: p.Total}
 	}
 }
 
@@ -131,6 +189,7 @@ type flight struct {
 	tree    Tree
 	fetched bool
 	by      *int // the starting caller's token: its credentials downloaded it
+	reused  int  // objects linked from blobs/ instead of downloaded
 }
 
 // lookup finds a committed tree for key; an index error or a missing tree

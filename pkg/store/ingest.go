@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/modelcache/modelcache/pkg/source"
@@ -37,17 +38,22 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 // ingest downloads every file of m into a private ingest directory, commits
 // each blob, builds the tree beside them and renames it into trees/. The
 // rename is the only step that makes the model visible (the "no partial model" invariant).
-func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress) (Tree, error) {
+//
+// objects[i] is entry i's source.ObjectKey ("" for none); an entry whose key
+// reuse maps to a blob still in blobs/ is linked from it, not downloaded.
+// The link into the ingest directory also keeps a concurrent sweep from
+// removing that blob before the tree links it.
+func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress, objects []string, reuse map[string]string) (Tree, []string, int, error) {
 	// Joined onto the tree below, a key with ".." or empty segments would
 	// link outside the tree (the "no remote input becomes a path unchecked" invariant); check here, not only at listing.
 	for _, e := range m {
 		if err := source.ValidateKey(e.Path); err != nil {
-			return Tree{}, err
+			return Tree{}, nil, 0, err
 		}
 	}
 	dir := path.Join(IngestDir, randomName())
 	if err := s.root.Mkdir(dir, 0o700); err != nil {
-		return Tree{}, fmt.Errorf("creating ingest directory: %w", err)
+		return Tree{}, nil, 0, fmt.Errorf("creating ingest directory: %w", err)
 	}
 	defer func() {
 		if err := removeAll(s.root, dir); err != nil {
@@ -56,26 +62,37 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 	}()
 
 	sums := make([]string, len(m))
+	var reused atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(s.transfers)
 	for i, e := range m {
+		name := path.Join(dir, fmt.Sprintf("blob-%d", i))
+		if k := objects[i]; k != "" && ValidDigest("sha256:"+reuse[k]) {
+			if err := s.root.Link(path.Join(BlobsDir, reuse[k]), name); err == nil {
+				sums[i] = reuse[k]
+				p.done.Add(e.Size)
+				reused.Add(1)
+				continue
+			}
+			// Gone since (gc, verify's quarantine): download it again.
+		}
 		g.Go(func() error {
-			sum, err := s.ingestBlob(gctx, path.Join(dir, fmt.Sprintf("blob-%d", i)), e, f, p)
+			sum, err := s.ingestBlob(gctx, name, e, f, p)
 			sums[i] = sum
 			return err
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return Tree{}, err
+		return Tree{}, nil, 0, err
 	}
 	if err := s.syncDir(BlobsDir); err != nil {
-		return Tree{}, err
+		return Tree{}, nil, 0, err
 	}
 
 	t := Tree{Digest: TreeDigest(m, sums), Size: m.Size(), Files: len(m)}
 	tmp := path.Join(dir, "tree")
 	if err := s.buildTree(tmp, dir, m, sums); err != nil {
-		return Tree{}, err
+		return Tree{}, nil, 0, err
 	}
 	final := path.Join(TreesDir, t.Digest[len("sha256:"):])
 	// Under the tree lock so an eviction cannot remove the tree between the
@@ -86,17 +103,17 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 		if s.HasTree(t.Digest) {
 			// Committed before: by another content key with identical
 			// files, or it is a damaged tree this download repairs.
-			return t, s.repairTree(final, m, sums)
+			return t, sums, int(reused.Load()), s.repairTree(final, m, sums)
 		}
-		return Tree{}, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
+		return Tree{}, nil, 0, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
 	}
 	if err := s.root.Chmod(final, dirMode); err != nil {
-		return Tree{}, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
+		return Tree{}, nil, 0, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
 	}
 	if err := s.syncDir(TreesDir); err != nil {
-		return Tree{}, err
+		return Tree{}, nil, 0, err
 	}
-	return t, nil
+	return t, sums, int(reused.Load()), nil
 }
 
 // ingestBlob streams one entry into name, hashing as it writes, fsyncs it and

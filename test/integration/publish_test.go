@@ -619,3 +619,31 @@ func TestPublish_ByteFlippedInTransfer_RefusedNothingKept_RealMinIO(t *testing.T
 	sameFiles(t, target, files)
 	e.mustUnpublish("vol", target)
 }
+
+// A new version at the same URI that changes only its config fetches only
+// that file: the weights this node downloaded before, unchanged at the
+// remote (same key, size, ETag and upload time), are linked from blobs/.
+func TestPublish_NewVersionChangesConfig_OnlyConfigFetched_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	v1 := randomModel(12, map[string]int{"w.bin": 4 << 20, "tokenizer.json": 64 << 10, "config.json": 100})
+	e.upload("m", v1)
+	attrs := e.model("m")
+	attrs["pullPolicy"] = "Always"
+	e.mustPublish("vol-a", e.target("pod-a"), attrs)
+
+	config := []byte(`{"version": 2}`)
+	e.upload("m", map[string][]byte{"config.json": config})
+	e.proxy.Reset()
+	e.mustPublish("vol-b", e.target("pod-b"), attrs)
+	v2 := map[string][]byte{"w.bin": v1["w.bin"], "tokenizer.json": v1["tokenizer.json"], "config.json": config}
+	sameFiles(t, e.target("pod-a"), v1)
+	sameFiles(t, e.target("pod-b"), v2)
+	if got, want := e.proxy.ObjectBytes(), int64(len(config)); got != want {
+		t.Fatalf("the new version downloaded %d object bytes, want %d (its config only)", got, want)
+	}
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 2 {
+		t.Fatalf("store holds trees %v, want the old and the new one", trees)
+	}
+	e.mustUnpublish("vol-a", e.target("pod-a"))
+	e.mustUnpublish("vol-b", e.target("pod-b"))
+}

@@ -26,6 +26,18 @@ import (
 type model struct {
 	files   map[string][]byte
 	modTime time.Time
+	// uploaded overrides modTime for files uploaded since (UpdateFile).
+	uploaded map[string]time.Time
+}
+
+func (m *model) manifest() source.Manifest {
+	man := ManifestOf(m.files, m.modTime)
+	for i, e := range man {
+		if t, ok := m.uploaded[e.Path]; ok {
+			man[i].ModTime = t
+		}
+	}
+	return man
 }
 
 // Credentials of the fake remote: no message, log line, record or reply
@@ -96,6 +108,26 @@ func (r *Resolver) SetModel(uri string, files map[string][]byte) {
 		mt = prev.modTime.Add(time.Hour)
 	}
 	r.models[uri] = &model{files: files, modTime: mt}
+}
+
+// UpdateFile uploads one file of the model at uri anew, as a new version
+// that changes only that file would: the others keep their listing.
+func (r *Resolver) UpdateFile(uri, path string, data []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.models[uri]
+	files := make(map[string][]byte, len(m.files)+1)
+	for k, v := range m.files {
+		files[k] = v
+	}
+	files[path] = data
+	uploaded := map[string]time.Time{path: m.modTime.Add(time.Duration(len(m.uploaded)+1) * time.Hour)}
+	for k, v := range m.uploaded {
+		if k != path {
+			uploaded[k] = v
+		}
+	}
+	r.models[uri] = &model{files: files, modTime: m.modTime, uploaded: uploaded}
 }
 
 // Put puts a model at uri with the given upload time, inside a Set
@@ -233,7 +265,7 @@ func (f *Remote) List(ctx context.Context) (source.Manifest, error) {
 	m := r.models[f.uri.String()]
 	var man source.Manifest
 	if m != nil {
-		man = ManifestOf(m.files, m.modTime)
+		man = m.manifest()
 	}
 	r.mu.Unlock()
 	if Listed != nil {
@@ -344,8 +376,7 @@ func SizeOf(files map[string][]byte) int64 {
 func (r *Resolver) Manifest(uri string) source.Manifest {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	m := r.models[uri]
-	return ManifestOf(m.files, m.modTime)
+	return r.models[uri].manifest()
 }
 
 // Files returns the files of the model at uri.
