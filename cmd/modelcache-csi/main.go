@@ -188,7 +188,7 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	}
 	st, err := store.Open(o.cacheDir, db, store.Options{
 		Transfers: o.transfers, Budget: budget, Evictor: db,
-		OnEvict: m.Evicted, OnDownload: m.DownloadStarted,
+		OnEvict: m.Evicted, OnDownload: m.DownloadStarted, OnUnchecked: m.UncheckedObjects,
 	})
 	if err != nil {
 		return nil, err

@@ -21,8 +21,9 @@ type Observer interface {
 	Started(total int64)
 	// Progress of the download this fetch waits for (its own or joined).
 	Progress(done, total int64, rate float64)
-	// Finished: this fetch's download committed t.
-	Finished(t store.Tree, took time.Duration)
+	// Finished: this fetch's download committed t, its objects checked as
+	// checks says.
+	Finished(t store.Tree, took time.Duration, checks store.Checks)
 	// Failed: the download failed (not "still running").
 	Failed(err error)
 }
@@ -106,7 +107,10 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		obs.Failed(err)
 		return Fetched{}, err
 	case fetched:
-		obs.Finished(t, time.Since(start))
+		if ens.Checks.Unchecked > 0 {
+			klog.InfoS("objects the remote listed without a checksum were accepted unchecked", "model", req.URI, "objects", ens.Checks.Unchecked, "checkedMD5", ens.Checks.MD5)
+		}
+		obs.Finished(t, time.Since(start), ens.Checks)
 	}
 	if req.Digest != "" && t.Digest != req.Digest {
 		return Fetched{}, mismatch(req.Digest, t.Digest)
@@ -195,8 +199,8 @@ func (c *Cache) reportProgress(obs Observer, key string) (stop func()) {
 
 type nopObserver struct{}
 
-func (nopObserver) Hit(store.Tree)                     {}
-func (nopObserver) Started(int64)                      {}
-func (nopObserver) Progress(int64, int64, float64)     {}
-func (nopObserver) Finished(store.Tree, time.Duration) {}
-func (nopObserver) Failed(error)                       {}
+func (nopObserver) Hit(store.Tree)                                   {}
+func (nopObserver) Started(int64)                                    {}
+func (nopObserver) Progress(int64, int64, float64)                   {}
+func (nopObserver) Finished(store.Tree, time.Duration, store.Checks) {}
+func (nopObserver) Failed(error)                                     {}

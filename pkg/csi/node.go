@@ -178,8 +178,20 @@ func (p *podEvents) Started(total int64) {
 func (p *podEvents) Progress(done, total int64, rate float64) {
 	p.events.DownloadProgress(p.pod, p.uri, done, total, rate)
 }
-func (p *podEvents) Finished(t store.Tree, took time.Duration) {
-	p.events.DownloadFinished(p.pod, p.uri, t.Size, took)
+func (p *podEvents) Finished(t store.Tree, took time.Duration, checks store.Checks) {
+	p.events.DownloadFinished(p.pod, p.uri, t.Size, took, checksText(checks))
+}
+
+// checksText says, for a pod event, how a download's bytes were checked.
+func checksText(c store.Checks) string {
+	switch {
+	case c.MD5+c.Unchecked == 0:
+		return "every object linked from earlier downloads"
+	case c.Unchecked == 0:
+		return fmt.Sprintf("%d objects checked against the remote's MD5", c.MD5)
+	default:
+		return fmt.Sprintf("%d objects checked against the remote's MD5; %d had no checksum at the remote and were not checked", c.MD5, c.Unchecked)
+	}
 }
 func (p *podEvents) Failed(err error) {
 	p.events.DownloadFailed(p.pod, p.uri, status.Convert(publishError(p.uri, err)).Message())

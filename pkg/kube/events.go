@@ -187,7 +187,7 @@ func (e *Events) DownloadProgress(pod PodRef, uri string, done, total int64, rat
 }
 
 // DownloadFinished records a completed download of size bytes that took took.
-func (e *Events) DownloadFinished(pod PodRef, uri string, size int64, took time.Duration) {
+func (e *Events) DownloadFinished(pod PodRef, uri string, size int64, took time.Duration, checks string) {
 	if e == nil || !hasPod(pod) {
 		return
 	}
@@ -195,6 +195,9 @@ func (e *Events) DownloadFinished(pod PodRef, uri string, size int64, took time.
 	msg := fmt.Sprintf("downloaded model %s (%s) in %s", displayURI(uri), units.Bytes(size), formatDuration(took))
 	if took > 0 && size > 0 {
 		msg += fmt.Sprintf(" (%s/s)", units.Bytes(int64(float64(size)/took.Seconds())))
+	}
+	if checks != "" {
+		msg += "; " + checks
 	}
 	e.emit(pod, corev1.EventTypeNormal, ReasonDownloaded, msg)
 }

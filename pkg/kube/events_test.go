@@ -143,11 +143,13 @@ func TestEventsRecorded(t *testing.T) {
 			wantMsg:  []string{"mys3:bucket/m", "35% (420.0 MiB of 1.2 GiB, 85.0 MiB/s, about 9s left)"},
 		},
 		{
-			name:     "download finished",
-			record:   func(e *Events) { e.DownloadFinished(podA, "mys3:bucket/m", 1200*mib, 14*time.Second) },
+			name: "download finished",
+			record: func(e *Events) {
+				e.DownloadFinished(podA, "mys3:bucket/m", 1200*mib, 14*time.Second, "3 objects checked against the remote's MD5")
+			},
 			wantType: corev1.EventTypeNormal,
 			reason:   "ModelDownloaded",
-			wantMsg:  []string{"downloaded model mys3:bucket/m (1.2 GiB) in 14s (85.7 MiB/s)"},
+			wantMsg:  []string{"downloaded model mys3:bucket/m (1.2 GiB) in 14s (85.7 MiB/s); 3 objects checked against the remote's MD5"},
 		},
 		{
 			name:     "cache hit",
@@ -255,10 +257,10 @@ func TestProgressRateLimited(t *testing.T) {
 
 	// Finished and failed forget the state: the next download of the same
 	// model reports progress at once, and the map does not grow.
-	e.DownloadFinished(podA, uri, 100*mib, time.Second)
+	e.DownloadFinished(podA, uri, 100*mib, time.Second, "")
 	e.DownloadFailed(podA, "mys3:bucket/n", "gone")
 	e.DownloadFailed(podB, uri, "gone")
-	e.DownloadFinished(podB, "mys3:bucket/z", 100*mib, time.Second)
+	e.DownloadFinished(podB, "mys3:bucket/z", 100*mib, time.Second, "")
 	e.progressMu.Lock()
 	left := len(e.lastProgress)
 	e.progressMu.Unlock()
@@ -303,7 +305,7 @@ func TestNoPodNoEvent(t *testing.T) {
 			e := newTestEvents(t, client)
 			e.DownloadStarted(tt.pod, "u:v", 1)
 			e.DownloadProgress(tt.pod, "u:v", 1, 2, 3)
-			e.DownloadFinished(tt.pod, "u:v", 1, time.Second)
+			e.DownloadFinished(tt.pod, "u:v", 1, time.Second, "")
 			e.CacheHit(tt.pod, "u:v", "sha256:00")
 			e.DownloadFailed(tt.pod, "u:v", "r")
 			sentinel(t, e, client)
@@ -325,7 +327,7 @@ func TestNilEventsIsNoOp(t *testing.T) {
 	var e *Events
 	e.DownloadStarted(podA, "u:v", 1)
 	e.DownloadProgress(podA, "u:v", 1, 2, 3)
-	e.DownloadFinished(podA, "u:v", 1, time.Second)
+	e.DownloadFinished(podA, "u:v", 1, time.Second, "")
 	e.CacheHit(podA, "u:v", "sha256:00")
 	e.DownloadFailed(podA, "u:v", "r")
 	e.Shutdown()
@@ -372,7 +374,7 @@ func TestUnreachableAPIServerDoesNotBlock(t *testing.T) {
 		case 3:
 			e.DownloadFailed(pod, "u:v", "r")
 		case 4:
-			e.DownloadFinished(pod, "u:v", 1, time.Second)
+			e.DownloadFinished(pod, "u:v", 1, time.Second, "")
 		}
 	}
 	if took := time.Since(start); took > time.Second {
@@ -458,7 +460,7 @@ func TestConcurrentUse(t *testing.T) {
 				e.DownloadStarted(pod, "u:v", 10)
 				e.DownloadProgress(pod, "u:v", 5, 10, 1)
 				e.CacheHit(pod, "u:v", "sha256:00")
-				e.DownloadFinished(pod, "u:v", 10, time.Second)
+				e.DownloadFinished(pod, "u:v", 10, time.Second, "")
 				e.DownloadFailed(pod, "u:w", "r")
 			}
 		})

@@ -57,6 +57,7 @@ type Metrics struct {
 	downloadsInFlight prometheus.Gauge
 	downloadDuration  *prometheus.HistogramVec
 	downloadedBytes   prometheus.Counter
+	uncheckedObjects  prometheus.Counter
 	evictions         *prometheus.CounterVec
 	evictedBytes      *prometheus.CounterVec
 	cache             *cacheCollector
@@ -96,6 +97,11 @@ func New() *Metrics {
 			Name:      "downloaded_bytes_total",
 			Help:      "Bytes transferred from remotes by model downloads, including downloads that failed.",
 		}),
+		uncheckedObjects: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace,
+			Name:      "unchecked_objects_total",
+			Help:      "Downloaded objects the remote listed without any checksum, so that their bytes could not be checked against it.",
+		}),
 		evictions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace,
 			Name:      "evictions_total",
@@ -131,6 +137,7 @@ func New() *Metrics {
 		m.downloadsInFlight,
 		m.downloadDuration,
 		m.downloadedBytes,
+		m.uncheckedObjects,
 		m.evictions,
 		m.evictedBytes,
 		m.cache,
@@ -188,6 +195,15 @@ func (m *Metrics) DownloadStarted() (done func(bytes int64, err error)) {
 			}
 		})
 	}
+}
+
+// UncheckedObjects counts downloaded objects that had no checksum to be
+// checked against.
+func (m *Metrics) UncheckedObjects(n int) {
+	if m == nil {
+		return
+	}
+	m.uncheckedObjects.Add(float64(n))
 }
 
 // Evicted counts a tree removed from the cache, its size in bytes and why

@@ -61,6 +61,15 @@ type Ensured struct {
 	// Reused is how many of the objects the download did not fetch because
 	// this node already held them, unchanged, from an earlier download.
 	Reused int
+	// Checks says how the downloaded objects were checked.
+	Checks Checks
+}
+
+// Checks counts how a download's objects were checked against the remote
+// before their blobs were committed.
+type Checks struct {
+	MD5       int // against the MD5 the remote listed (ETag or stored MD5)
+	Unchecked int // listed without any checksum: accepted as they came
 }
 
 // ObjectIndex is what an Index may also know: for every object this node
@@ -146,6 +155,20 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		if err != nil {
 			return nil, err
 		}
+		var checks Checks
+		for i, e := range m {
+			switch {
+			case objects[i] != "" && reuse[objects[i]] == sums[i]:
+				// Linked, not downloaded: checked when it was.
+			case isMD5(e.Hash):
+				checks.MD5++
+			default:
+				checks.Unchecked++
+			}
+		}
+		if checks.Unchecked > 0 && s.onUnchecked != nil {
+			s.onUnchecked(checks.Unchecked)
+		}
 		if oi != nil {
 			blobs := map[string]string{}
 			for i, k := range objects {
@@ -160,7 +183,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		if err != nil {
 			return nil, fmt.Errorf("recording tree %s: %w", t.Digest, err)
 		}
-		return flight{tree: t, fetched: true, by: caller, reused: reused}, nil
+		return flight{tree: t, fetched: true, by: caller, reused: reused, checks: checks}, nil
 	})
 	select {
 	case r := <-ch:
@@ -169,7 +192,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		}
 		fl := r.Val.(flight)
 		// Joiners did not fetch: their credentials proved nothing.
-		return Ensured{Tree: fl.tree, Fetched: fl.fetched && fl.by == caller, Reused: fl.reused}, nil
+		return Ensured{Tree: fl.tree, Fetched: fl.fetched && fl.by == caller, Reused: fl.reused, Checks: fl.checks}, nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		p := s.running[key]
@@ -190,6 +213,7 @@ type flight struct {
 	fetched bool
 	by      *int // the starting caller's token: its credentials downloaded it
 	reused  int  // objects linked from blobs/ instead of downloaded
+	checks  Checks
 }
 
 // lookup finds a committed tree for key; an index error or a missing tree

@@ -331,3 +331,28 @@ func TestEnsureChecksBytesAgainstTheRemoteMD5(t *testing.T) {
 		})
 	}
 }
+
+// A download says how its objects were checked, and reports the objects
+// the remote listed without any checksum.
+func TestEnsureCountsChecks(t *testing.T) {
+	files := map[string][]byte{"a": bytesOf("a", 100), "b": bytesOf("b", 200), "c": bytesOf("c", 300)}
+	m := manifestOf(files) // "etag-<path>": not an MD5
+	for i := range m[:2] {
+		s := md5.Sum(files[m[i].Path])
+		m[i].Hash = hex.EncodeToString(s[:])
+	}
+	var reported int
+	dir := t.TempDir()
+	s, err := store.Open(dir, newIndex(), store.Options{OnUnchecked: func(n int) { reported += n }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(); makeWritable(dir) })
+	ens, err := s.EnsureGated(context.Background(), "key", m, newFetcher(files), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ens.Checks != (store.Checks{MD5: 2, Unchecked: 1}) || reported != 1 {
+		t.Fatalf("checks = %+v, reported %d unchecked; want 2 MD5, 1 unchecked, reported 1", ens.Checks, reported)
+	}
+}

@@ -62,10 +62,11 @@ type Store struct {
 	index     Index
 	transfers int
 
-	budget     Budget
-	evictor    Evictor
-	onEvict    func(reason EvictReason, freed int64)
-	onDownload func() func(int64, error)
+	budget      Budget
+	evictor     Evictor
+	onEvict     func(reason EvictReason, freed int64)
+	onUnchecked func(objects int)
+	onDownload  func() func(int64, error)
 
 	flights singleflight.Group
 	mu      sync.Mutex
@@ -92,6 +93,9 @@ type Options struct {
 	Evictor Evictor
 	// OnEvict is told of every eviction (metrics).
 	OnEvict func(reason EvictReason, freed int64)
+	// OnUnchecked is told how many objects of a download the remote listed
+	// without any checksum, so that nothing checked them (metrics).
+	OnUnchecked func(objects int)
 	// OnDownload is called as a download starts; the function it returns
 	// is called with the bytes transferred when it ends (metrics).
 	OnDownload func() (done func(bytes int64, err error))
@@ -132,7 +136,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
-		budget: opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onDownload: opt.OnDownload,
+		budget: opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
 		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
 	}, nil
 }
