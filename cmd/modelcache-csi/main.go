@@ -38,6 +38,8 @@ type options struct {
 	adminSocket, metricsAddress                  string
 	cacheSize, minFree                           string
 	transfers                                    int
+	multiThreadCutoff                            string
+	multiThreadStreams                           int
 	releaseGrace                                 time.Duration
 	kubeletDir                                   string
 	requirePodInfo                               bool
@@ -55,6 +57,8 @@ func main() {
 	flag.StringVar(&o.cacheDir, "cache-dir", "/var/lib/modelcache", "directory holding the model cache and the state database")
 	flag.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for reading PVC annotations in controller mode; empty means the pod's service account when in a cluster")
 	flag.IntVar(&o.transfers, "transfers", 4, "files of one model downloaded in parallel")
+	flag.StringVar(&o.multiThreadCutoff, "multi-thread-cutoff", "256Mi", "files this large or larger download in parallel ranged chunks, as rclone's --multi-thread-cutoff (a quantity, e.g. 256Mi; 0 turns it off)")
+	flag.IntVar(&o.multiThreadStreams, "multi-thread-streams", store.DefaultRangeStreams, "ranged streams per large file, as rclone's --multi-thread-streams")
 	flag.StringVar(&o.adminSocket, "admin-socket", "", "operator API socket for modelcachectl (default <cache-dir>/admin.sock; \"none\" disables it)")
 	flag.StringVar(&o.metricsAddress, "metrics-address", "", "host:port serving Prometheus metrics at /metrics (off when empty)")
 	flag.StringVar(&o.cacheSize, "cache-size", "", "most the cache may hold: bytes (\"200Gi\", \"500G\") or a percentage of its filesystem (\"80%\"); empty is no limit besides --min-free")
@@ -186,8 +190,16 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if err := mount.CheckSupport(o.cacheDir); err != nil {
 		return nil, fmt.Errorf("this node cannot publish read-only mounts: %w", err)
 	}
+	cutoff, err := resource.ParseQuantity(o.multiThreadCutoff)
+	if err != nil || cutoff.Value() < 0 {
+		return nil, fmt.Errorf("--multi-thread-cutoff %q is not a size such as 256Mi (or 0 to turn ranged downloads off)", o.multiThreadCutoff)
+	}
+	rangeCutoff := cutoff.Value()
+	if rangeCutoff == 0 {
+		rangeCutoff = -1 // off
+	}
 	st, err := store.Open(o.cacheDir, db, store.Options{
-		Transfers: o.transfers, Budget: budget, Evictor: db,
+		Transfers: o.transfers, RangeCutoff: rangeCutoff, RangeStreams: o.multiThreadStreams, Budget: budget, Evictor: db,
 		OnEvict: m.Evicted, OnDownload: m.DownloadStarted, OnUnchecked: m.UncheckedObjects,
 	})
 	if err != nil {

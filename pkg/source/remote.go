@@ -273,6 +273,16 @@ func (r *rcloneRemote) List(ctx context.Context) (Manifest, error) {
 }
 
 func (r *rcloneRemote) Open(ctx context.Context, e Entry) (io.ReadCloser, error) {
+	return r.open(ctx, e)
+}
+
+// OpenRange opens length bytes of an object from offset: one ranged GET of
+// a large file fetched in parallel chunks.
+func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length int64) (io.ReadCloser, error) {
+	return r.open(ctx, e, &fs.RangeOption{Start: offset, End: offset + length - 1})
+}
+
+func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (io.ReadCloser, error) {
 	ctx = requestConfig(ctx)
 	f, _, err := r.backend(ctx)
 	if err != nil {
@@ -286,7 +296,7 @@ func (r *rcloneRemote) Open(ctx context.Context, e Entry) (io.ReadCloser, error)
 			return nil, classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err, r.secrets)
 		}
 	}
-	rc, err := o.Open(ctx)
+	rc, err := o.Open(ctx, options...)
 	if err != nil {
 		return nil, classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err, r.secrets)
 	}

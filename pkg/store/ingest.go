@@ -120,6 +120,9 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 // links it into blobs/. A blob that is already committed is a normal,
 // cheap outcome: the new copy is dropped.
 func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f Fetcher, p *Progress) (string, error) {
+	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff {
+		return s.ingestRanged(ctx, name, e, rf, p)
+	}
 	rc, err := f.Open(ctx, e)
 	if err != nil {
 		return "", err
@@ -131,14 +134,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	}
 	defer w.Close()
 
-	h := sha256.New()
-	// The remote's own checksum, in the same pass: the bytes are checked
-	// against what the remote holds before their blob is committed (the
-	// "bytes checked against the remote" invariant).
-	var remoteSum hash.Hash
-	if isMD5(e.Hash) {
-		remoteSum = md5.New()
-	}
+	sums := newObjectSums(e)
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -151,10 +147,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 			if _, err := w.Write(buf[:k]); err != nil {
 				return "", noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
 			}
-			h.Write(buf[:k])
-			if remoteSum != nil {
-				remoteSum.Write(buf[:k])
-			}
+			sums.write(buf[:k])
 			n += int64(k)
 			p.done.Add(int64(k))
 		}
@@ -168,8 +161,38 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if n != e.Size {
 		return "", fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
 	}
-	if remoteSum != nil {
-		if got := hex.EncodeToString(remoteSum.Sum(nil)); !strings.EqualFold(got, e.Hash) {
+	return s.commitBlob(w, name, e, sums)
+}
+
+// objectSums are the digests computed while an object streams in: the
+// store's sha256, and the remote's own checksum when it listed one, so the
+// bytes are checked against the remote before their blob is committed (the
+// "bytes checked against the remote" invariant).
+type objectSums struct {
+	sha    hash.Hash
+	remote hash.Hash // nil: the remote listed no MD5
+}
+
+func newObjectSums(e source.Entry) *objectSums {
+	o := &objectSums{sha: sha256.New()}
+	if isMD5(e.Hash) {
+		o.remote = md5.New()
+	}
+	return o
+}
+
+func (o *objectSums) write(b []byte) {
+	o.sha.Write(b)
+	if o.remote != nil {
+		o.remote.Write(b)
+	}
+}
+
+// commitBlob checks the remote's checksum, fsyncs and seals the ingest
+// file and links it into blobs/, returning its sha256.
+func (s *Store) commitBlob(w *os.File, name string, e source.Entry, sums *objectSums) (string, error) {
+	if sums.remote != nil {
+		if got := hex.EncodeToString(sums.remote.Sum(nil)); !strings.EqualFold(got, e.Hash) {
 			return "", fmt.Errorf("%w: %s: the remote's MD5 is %s but the bytes that arrived hash to %s; the download is retried", source.ErrCorrupt, e.Path, strings.ToLower(e.Hash), got)
 		}
 	}
@@ -179,7 +202,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err := w.Chmod(blobMode); err != nil {
 		return "", fmt.Errorf("sealing %s: %w", e.Path, err)
 	}
-	sum := hex.EncodeToString(h.Sum(nil))
+	sum := hex.EncodeToString(sums.sha.Sum(nil))
 	// link, not rename: it never replaces a committed blob, so trees already
 	// linking it keep sharing one inode.
 	if err := s.root.Link(name, path.Join(BlobsDir, sum)); err != nil && !errors.Is(err, os.ErrExist) {

@@ -61,6 +61,10 @@ type Store struct {
 	root      *os.Root
 	index     Index
 	transfers int
+	// Ranged downloads: files of rangeCutoff bytes or more (0: never) in
+	// chunks of rangeChunk, rangeStreams at a time.
+	rangeCutoff, rangeChunk int64
+	rangeStreams            int
 
 	budget      Budget
 	evictor     Evictor
@@ -87,6 +91,14 @@ type Store struct {
 type Options struct {
 	// Transfers is how many files of one model download at once (default 4).
 	Transfers int
+	// RangeCutoff: files of this many bytes or more download in parallel
+	// ranged chunks (default DefaultRangeCutoff; negative: never).
+	RangeCutoff int64
+	// RangeStreams is how many chunks of one file download at once
+	// (default DefaultRangeStreams).
+	RangeStreams int
+	// RangeChunk is the size of one chunk (default DefaultRangeChunk).
+	RangeChunk int64
 	// Budget limits the cache; before each download, trees the Evictor
 	// offers are evicted to make room.
 	Budget  Budget
@@ -133,9 +145,22 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	if opt.Transfers <= 0 {
 		opt.Transfers = 4
 	}
+	switch {
+	case opt.RangeCutoff == 0:
+		opt.RangeCutoff = DefaultRangeCutoff
+	case opt.RangeCutoff < 0:
+		opt.RangeCutoff = 0
+	}
+	if opt.RangeStreams <= 0 {
+		opt.RangeStreams = DefaultRangeStreams
+	}
+	if opt.RangeChunk <= 0 {
+		opt.RangeChunk = DefaultRangeChunk
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
+		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk,
 		budget: opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
 		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
 	}, nil

@@ -68,7 +68,14 @@ type Resolver struct {
 
 	// Calls so far.
 	Resolves, Lists, Verifies int
-	opens                     map[string]int // "uri|path" → Open calls
+	// RangeOpens counts OpenRange calls; MaxReaders is the most readers
+	// open at once (Open and OpenRange).
+	RangeOpens, MaxReaders int
+	readers                int
+	// FailRanges makes the next FailRanges OpenRange calls fail with
+	// ErrUnavailable, as a dropped connection would.
+	FailRanges int
+	opens      map[string]int // "uri|path" → Open calls
 
 	// VerifyDenied holds credential IDs whose Verify is refused.
 	VerifyDenied map[string]bool
@@ -301,7 +308,40 @@ func (f *Remote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error
 	if !ok {
 		return nil, fmt.Errorf("opening %s/%s: %w", f.uri, e.Path, source.ErrNotFound)
 	}
-	return &gatedReader{ctx: ctx, data: data, path: e.Path, gate: r.gate, after: r.gateAfter, blocked: r.blocked}, nil
+	return r.reader(ctx, data, e.Path), nil
+}
+
+// OpenRange implements store.RangeFetcher: length bytes from offset.
+func (f *Remote) OpenRange(ctx context.Context, e source.Entry, offset, length int64) (io.ReadCloser, error) {
+	r := f.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.opens[f.uri.String()+"|"+e.Path]++
+	r.RangeOpens++
+	if r.FailRanges > 0 {
+		r.FailRanges--
+		return nil, fmt.Errorf("opening %s/%s: connection reset: %w", f.uri, e.Path, source.ErrUnavailable)
+	}
+	if r.OpenErr != nil {
+		return nil, r.OpenErr
+	}
+	m := r.models[f.uri.String()]
+	data, ok := []byte(nil), false
+	if m != nil {
+		data, ok = m.files[e.Path]
+	}
+	if !ok || offset < 0 || offset+length > int64(len(data)) {
+		return nil, fmt.Errorf("opening %s/%s bytes %d+%d: %w", f.uri, e.Path, offset, length, source.ErrNotFound)
+	}
+	return r.reader(ctx, data[offset:offset+length], e.Path), nil
+}
+
+// reader serves data through the gate, counting open readers. The caller
+// holds r.mu.
+func (r *Resolver) reader(ctx context.Context, data []byte, path string) io.ReadCloser {
+	r.readers++
+	r.MaxReaders = max(r.MaxReaders, r.readers)
+	return &gatedReader{ctx: ctx, data: data, path: path, gate: r.gate, after: r.gateAfter, blocked: r.blocked, r: r}
 }
 
 // gatedReader serves data, stopping once at after bytes while gate is open.
@@ -314,6 +354,8 @@ type gatedReader struct {
 	after   int
 	blocked chan string
 	passed  bool
+	r       *Resolver
+	closed  bool
 }
 
 func (g *gatedReader) Read(p []byte) (int, error) {
@@ -338,7 +380,15 @@ func (g *gatedReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (g *gatedReader) Close() error { return nil }
+func (g *gatedReader) Close() error {
+	if g.r != nil && !g.closed {
+		g.closed = true
+		g.r.mu.Lock()
+		g.r.readers--
+		g.r.mu.Unlock()
+	}
+	return nil
+}
 
 // ManifestOf Lists files the way a Remote does: sorted, with size, an
 // ETag-like checksum and the upload time.

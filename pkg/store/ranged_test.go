@@ -1,0 +1,106 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
+	"github.com/modelcache/modelcache/pkg/store"
+)
+
+const (
+	rangeCutoff  = 4096
+	rangeChunk   = 1000
+	rangeStreams = 3
+)
+
+func openRanged(t *testing.T) *store.Store {
+	t.Helper()
+	dir := t.TempDir()
+	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeStreams: rangeStreams})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(); makeWritable(dir) })
+	return s
+}
+
+func rangedEnsure(t *testing.T, s *store.Store, res *sourcetest.Resolver, uri string) (store.Tree, error) {
+	t.Helper()
+	r, err := res.Resolve(context.Background(), uri, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, _, err := s.Ensure(context.Background(), "key-"+uri, res.Manifest(uri), r)
+	return tr, err
+}
+
+// Files at and above the cutoff arrive in ranged chunks, byte for byte,
+// whatever their size against the chunk: the boundaries and odd tails.
+func TestRanged_BytesExactAroundBoundaries(t *testing.T) {
+	for _, size := range []int{0, 1, rangeCutoff - 1, rangeCutoff, 4999, 5000, 5001, 7777, 3*rangeChunk*rangeStreams + 1} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			s := openRanged(t)
+			res := sourcetest.NewResolver()
+			files := map[string][]byte{"w.bin": sourcetest.Bytes(fmt.Sprint("w", size), size), "config.json": []byte("{}")}
+			uri := fmt.Sprintf("mys3:models/ranged-%d", size)
+			res.SetModel(uri, files)
+			tr, err := rangedEnsure(t, s, res, uri)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkTree(t, s, tr, files)
+			var ranges, maxReaders int
+			res.Set(func(r *sourcetest.Resolver) { ranges, maxReaders = r.RangeOpens, r.MaxReaders })
+			wantRanges := 0
+			if size >= rangeCutoff {
+				wantRanges = (size + rangeChunk - 1) / rangeChunk
+			}
+			if ranges != wantRanges {
+				t.Errorf("%d ranged reads, want %d", ranges, wantRanges)
+			}
+			// One stream per chunk of w.bin, and config.json beside it.
+			if maxReaders > rangeStreams+1 {
+				t.Errorf("%d readers open at once, bound %d", maxReaders, rangeStreams+1)
+			}
+		})
+	}
+}
+
+// A chunk whose read fails is fetched again; one that keeps failing fails
+// the download cleanly: no blob, no tree, nothing left in ingest/.
+func TestRanged_FailedChunk(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		fails  int
+		wantOK bool
+	}{
+		{"two failures are retried", 2, true},
+		{"a chunk that keeps failing fails the download", 1000, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := openRanged(t)
+			res := sourcetest.NewResolver()
+			files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 9000)}
+			res.SetModel("mys3:models/w", files)
+			res.Set(func(r *sourcetest.Resolver) { r.FailRanges = tt.fails })
+			tr, err := rangedEnsure(t, s, res, "mys3:models/w")
+			if tt.wantOK {
+				if err != nil {
+					t.Fatal(err)
+				}
+				checkTree(t, s, tr, files)
+				return
+			}
+			if !errors.Is(err, source.ErrUnavailable) {
+				t.Fatalf("Ensure = %v, want a retryable ErrUnavailable", err)
+			}
+			checkNoTrees(t, s.Dir())
+			checkIngestEmpty(t, s.Dir())
+			checkBlobs(t, s.Dir())
+		})
+	}
+}
