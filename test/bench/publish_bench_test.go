@@ -121,3 +121,43 @@ func reportPercentiles(b *testing.B, took []time.Duration) {
 	b.ReportMetric(at(0.50), "p50-µs")
 	b.ReportMetric(at(0.99), "p99-µs")
 }
+
+// BenchmarkPublishCold_PerStreamCap downloads one 64 MiB file through a
+// proxy that caps every response stream at 16 MiB/s, as one S3 or GCS
+// stream is capped, with the file fetched in one stream and in four ranged
+// streams (rclone's default for the storage initializer).
+func BenchmarkPublishCold_PerStreamCap(b *testing.B) {
+	p, err := testenv.StartProxy(minio.Endpoint)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(p.Stop)
+	p.RateBytesPerSec.Store(16 << 20)
+	for _, streams := range []int{1, 4} {
+		b.Run(fmt.Sprintf("streams=%d", streams), func(b *testing.B) {
+			b.SetBytes(modelBytes)
+			for i := 0; b.Loop(); i++ {
+				b.StopTimer()
+				dir := b.TempDir()
+				cutoff := "16Mi"
+				if streams == 1 {
+					cutoff = "0"
+				}
+				d, err := testenv.StartDriver(driverBin, dir, filepath.Join(dir, "cache"), "-v=0", "--multi-thread-cutoff="+cutoff, fmt.Sprint("--multi-thread-streams=", streams))
+				if err != nil {
+					b.Fatal(err)
+				}
+				target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
+				req := testenv.PublishRequest("vol", target, map[string]string{"modelUri": "mys3:bench/m"}, testenv.RcloneSecret("mys3", p.URL))
+				b.StartTimer()
+				if _, err := d.Node.NodePublishVolume(context.Background(), req); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				unpublish(b, d, "vol", target)
+				d.Stop()
+				b.StartTimer()
+			}
+		})
+	}
+}
