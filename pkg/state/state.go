@@ -270,6 +270,13 @@ func (d *DB) RecordTreeObjects(key string, t store.Tree, blobs map[string]string
 	})
 }
 
+// RecordObject implements store.ObjectIndex.
+func (d *DB) RecordObject(object, blob string) error {
+	return d.update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketObjects).Put([]byte(object), []byte(blob))
+	})
+}
+
 // RecordTree implements store.Index.
 func (d *DB) RecordTree(key string, t store.Tree) error {
 	return d.update(func(tx *bolt.Tx) error { return recordTree(tx, key, t) })

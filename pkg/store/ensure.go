@@ -83,6 +83,9 @@ type ObjectIndex interface {
 	LookupObjects(key string, objects []string) (t Tree, ok bool, blobs map[string]string, err error)
 	// RecordTreeObjects records a tree and the blob each object became.
 	RecordTreeObjects(key string, t Tree, blobs map[string]string) error
+	// RecordObject records the blob one object became, before its tree
+	// exists (a large object, so that an interrupted download resumes).
+	RecordObject(object, blob string) error
 }
 
 // identified is a Fetcher that names its backend (source.Remote does).

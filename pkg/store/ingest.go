@@ -79,6 +79,16 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 		g.Go(func() error {
 			sum, err := s.ingestBlob(gctx, name, e, f, p)
 			sums[i] = sum
+			if err == nil && objects[i] != "" && e.Size >= resumeAbove {
+				// Recorded now, not with the tree: a download killed later
+				// keeps this object and the next one links it (resume).
+				// Small objects are not worth a transaction each.
+				if oi, ok := s.index.(ObjectIndex); ok {
+					if rerr := oi.RecordObject(objects[i], sum); rerr != nil {
+						klog.ErrorS(rerr, "recording a downloaded object; a retry downloads it again", "object", e.Path)
+					}
+				}
+			}
 			return err
 		})
 	}
@@ -210,6 +220,11 @@ func (s *Store) commitBlob(w *os.File, name string, e source.Entry, sums *object
 	}
 	return sum, nil
 }
+
+// resumeAbove is the size from which a downloaded object is recorded in the
+// object index as soon as its blob is committed, so that an interrupted
+// download resumes without fetching it again.
+const resumeAbove = 1 << 20
 
 // isMD5 reports whether a listed checksum is an MD5 (32 hex digits): an S3
 // ETag of a single-part upload, or the MD5 rclone stores for multipart ones.

@@ -678,3 +678,44 @@ func TestPublish_LargeFileInRangedChunks_RealMinIO(t *testing.T) {
 	}
 	e.mustUnpublish("vol", target)
 }
+
+// A download killed after its first large object was committed resumes
+// without fetching that object again: the object index records a large
+// object as soon as its blob is committed. Nothing partial is ever visible.
+func TestPublish_Kill9AfterFirstObject_ResumeFetchesOnlyTheRest_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	e.driver.Stop()
+	e.start("--transfers=1") // a.bin, then b.bin
+	files := randomModel(14, map[string]int{"a.bin": 2 << 20, "b.bin": 6 << 20})
+	e.upload("m", files)
+	e.proxy.RateBytesPerSec.Store(2 << 20)
+
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_ = e.publish(ctx, "vol", e.target("pod-a"), e.model("m"), e.secret())
+	}()
+	// Kill once a.bin's blob is committed and b.bin is under way.
+	blobs, ingest := filepath.Join(e.cacheDir(), "blobs/sha256"), filepath.Join(e.cacheDir(), "ingest")
+	deadline := time.Now().Add(time.Minute)
+	for len(entries(t, blobs)) < 1 || ingestedBytes(ingest) < (2<<20)+(1<<20) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the download did not get past a.bin within a minute; driver logs:\n%s", e.driver.Logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.driver.Kill()
+	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 0 {
+		t.Fatalf("a tree %v is visible after a crash mid-download", trees)
+	}
+
+	e.proxy.RateBytesPerSec.Store(0)
+	e.start()
+	e.proxy.Reset()
+	e.mustPublish("vol", e.target("pod-a"), e.model("m"))
+	sameFiles(t, e.target("pod-a"), files)
+	if got, want := e.proxy.ObjectBytes(), int64(len(files["b.bin"])); got != want {
+		t.Fatalf("the resumed download fetched %d bytes, want %d (b.bin only)", got, want)
+	}
+	e.mustUnpublish("vol", e.target("pod-a"))
+}
