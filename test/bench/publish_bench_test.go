@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -156,6 +157,101 @@ func BenchmarkPublishCold_PerStreamCap(b *testing.B) {
 				b.StopTimer()
 				unpublish(b, d, "vol", target)
 				d.Stop()
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// BenchmarkColdVsRcloneCopy_SlowStreams puts a cold publish side by side
+// with the storage initializer's `rclone copy` (the same rclone version,
+// its defaults) through a proxy that caps every response stream at
+// 32 MiB/s and holds each response's first byte for 20 ms, as S3 or GCS
+// do; loopback MinIO has neither. Three shapes: one large file, a few
+// shards, many small files. make bench only (skipped with -short).
+func BenchmarkColdVsRcloneCopy_SlowStreams(b *testing.B) {
+	if testing.Short() {
+		b.Skip("uploads and downloads hundreds of MiB: make bench only")
+	}
+	rclone, err := testenv.Binary("rclone")
+	if err != nil {
+		b.Fatal(err)
+	}
+	p, err := testenv.StartProxy(minio.Endpoint)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(p.Stop)
+	p.RateBytesPerSec.Store(32 << 20)
+	p.FirstByteDelay.Store(int64(20 * time.Millisecond))
+	shapes := []struct {
+		name  string
+		files map[string]int
+	}{
+		{"1x256MiB", map[string]int{"model.bin": 256 << 20, "config.json": 4 << 10}},
+		{"8x32MiB", func() map[string]int {
+			m := map[string]int{}
+			for i := range 8 {
+				m[fmt.Sprintf("shard-%d.bin", i)] = 32 << 20
+			}
+			return m
+		}()},
+		{"500x16KiB", func() map[string]int {
+			m := map[string]int{}
+			for i := range 500 {
+				m[fmt.Sprintf("f/%03d.json", i)] = 16 << 10
+			}
+			return m
+		}()},
+	}
+	conf := filepath.Join(b.TempDir(), "rclone.conf")
+	if err := os.WriteFile(conf, nil, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	for _, sh := range shapes {
+		files := map[string][]byte{}
+		var size int64
+		r := rand.NewChaCha8([32]byte{byte(len(sh.files))})
+		for name, n := range sh.files {
+			buf := make([]byte, n)
+			_, _ = r.Read(buf)
+			files[name] = buf
+			size += int64(n)
+		}
+		if err := testenv.PutModel(context.Background(), testenv.Client(minio.Endpoint), "bench", sh.name, files); err != nil {
+			b.Fatal(err)
+		}
+		secret := testenv.RcloneSecret("mys3", p.URL)
+		b.Run(sh.name+"/rclone-copy", func(b *testing.B) {
+			b.SetBytes(size)
+			for b.Loop() {
+				b.StopTimer()
+				dst := b.TempDir()
+				cmd := exec.Command(rclone, "copy", "mys3:bench/"+sh.name, dst)
+				cmd.Env = append(os.Environ(), "RCLONE_CONFIG="+conf)
+				for k, v := range secret {
+					cmd.Env = append(cmd.Env, k+"="+v)
+				}
+				b.StartTimer()
+				if out, err := cmd.CombinedOutput(); err != nil {
+					b.Fatalf("rclone copy: %v\n%s", err, out)
+				}
+			}
+		})
+		b.Run(sh.name+"/cold-publish", func(b *testing.B) {
+			b.SetBytes(size)
+			for i := 0; b.Loop(); i++ {
+				b.StopTimer()
+				dir := b.TempDir()
+				d := startDriver(b, dir)
+				target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
+				req := testenv.PublishRequest("vol", target, map[string]string{"modelUri": "mys3:bench/" + sh.name}, secret)
+				b.StartTimer()
+				if _, err := d.Node.NodePublishVolume(context.Background(), req); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				unpublish(b, d, "vol", target)
 				b.StartTimer()
 			}
 		})

@@ -22,8 +22,12 @@ type Proxy struct {
 
 	objectGets  atomic.Int64
 	objectBytes atomic.Int64
-	// RateBytesPerSec, when positive, throttles object downloads.
+	// RateBytesPerSec, when positive, throttles each object response: a
+	// per-stream cap, as one S3 or GCS stream has.
 	RateBytesPerSec atomic.Int64
+	// FirstByteDelay, in nanoseconds, delays each object response's first
+	// byte, as a real object store's time to first byte does.
+	FirstByteDelay atomic.Int64
 
 	mu      sync.Mutex
 	rewrite func([]byte) []byte
@@ -150,6 +154,12 @@ type countingWriter struct {
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.n == 0 {
+		if d := time.Duration(c.p.FirstByteDelay.Load()); d > 0 {
+			time.Sleep(d)
+			c.start = time.Now()
+		}
+	}
 	if c.flipAt >= c.n && c.flipAt < c.n+int64(len(b)) {
 		b = bytes.Clone(b)
 		b[c.flipAt-c.n] ^= 0xff
