@@ -98,19 +98,21 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 	if t, ok := s.lookup(key); ok {
 		return Ensured{Tree: t}, nil
 	}
-	oi, _ := s.index.(ObjectIndex)
-	objects := make([]string, len(m))
-	if id, ok := f.(identified); ok && oi != nil {
-		for i, e := range m {
-			objects[i] = source.ObjectKey(id.Identity(), e)
-		}
-	} else {
-		oi = nil
-	}
 	// Only the closure of the caller that starts the flight runs; its token
 	// tells that caller apart from those who join.
 	caller := new(int)
 	ch := s.flights.DoChan(key, func() (_ any, err error) {
+		// Object keys are worked out here, by the one caller that may
+		// download, not by every caller that joins.
+		oi, _ := s.index.(ObjectIndex)
+		objects := make([]string, len(m))
+		if id, ok := f.(identified); ok && oi != nil {
+			for i, e := range m {
+				objects[i] = source.ObjectKey(id.Identity(), e)
+			}
+		} else {
+			oi = nil
+		}
 		// A flight that finished between lookup and DoChan recorded its tree.
 		var reuse map[string]string
 		if oi != nil {
@@ -154,29 +156,18 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 			done := s.onDownload()
 			defer func() { done(p.Done(), err) }()
 		}
-		t, sums, reused, err := s.ingest(s.ctx, m, f, p, objects, reuse)
+		t, in, err := s.ingest(s.ctx, m, f, p, objects, reuse)
 		if err != nil {
 			return nil, err
 		}
-		var checks Checks
-		for i, e := range m {
-			switch {
-			case objects[i] != "" && reuse[objects[i]] == sums[i]:
-				// Linked, not downloaded: checked when it was.
-			case isMD5(e.Hash):
-				checks.MD5++
-			default:
-				checks.Unchecked++
-			}
-		}
-		if checks.Unchecked > 0 && s.onUnchecked != nil {
-			s.onUnchecked(checks.Unchecked)
+		if in.checks.Unchecked > 0 && s.onUnchecked != nil {
+			s.onUnchecked(in.checks.Unchecked)
 		}
 		if oi != nil {
 			blobs := map[string]string{}
 			for i, k := range objects {
 				if k != "" {
-					blobs[k] = sums[i]
+					blobs[k] = in.sums[i]
 				}
 			}
 			err = oi.RecordTreeObjects(key, t, blobs)
@@ -186,7 +177,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		if err != nil {
 			return nil, fmt.Errorf("recording tree %s: %w", t.Digest, err)
 		}
-		return flight{tree: t, fetched: true, by: caller, reused: reused, checks: checks}, nil
+		return flight{tree: t, fetched: true, by: caller, reused: in.reused, checks: in.checks}, nil
 	})
 	select {
 	case r := <-ch:

@@ -43,17 +43,17 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 // reuse maps to a blob still in blobs/ is linked from it, not downloaded.
 // The link into the ingest directory also keeps a concurrent sweep from
 // removing that blob before the tree links it.
-func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress, objects []string, reuse map[string]string) (Tree, []string, int, error) {
+func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Progress, objects []string, reuse map[string]string) (Tree, ingested, error) {
 	// Joined onto the tree below, a key with ".." or empty segments would
 	// link outside the tree (the "no remote input becomes a path unchecked" invariant); check here, not only at listing.
 	for _, e := range m {
 		if err := source.ValidateKey(e.Path); err != nil {
-			return Tree{}, nil, 0, err
+			return Tree{}, ingested{}, err
 		}
 	}
 	dir := path.Join(IngestDir, randomName())
 	if err := s.root.Mkdir(dir, 0o700); err != nil {
-		return Tree{}, nil, 0, fmt.Errorf("creating ingest directory: %w", err)
+		return Tree{}, ingested{}, fmt.Errorf("creating ingest directory: %w", err)
 	}
 	defer func() {
 		if err := removeAll(s.root, dir); err != nil {
@@ -62,7 +62,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 	}()
 
 	sums := make([]string, len(m))
-	var reused atomic.Int64
+	var reused, md5Checked, unchecked atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(s.transfers)
 	for i, e := range m {
@@ -79,7 +79,15 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 		g.Go(func() error {
 			sum, err := s.ingestBlob(gctx, name, e, f, p)
 			sums[i] = sum
-			if err == nil && objects[i] != "" && e.Size >= resumeAbove {
+			if err != nil {
+				return err
+			}
+			if isMD5(e.Hash) {
+				md5Checked.Add(1)
+			} else {
+				unchecked.Add(1)
+			}
+			if objects[i] != "" && e.Size >= resumeAbove {
 				// Recorded now, not with the tree: a download killed later
 				// keeps this object and the next one links it (resume).
 				// Small objects are not worth a transaction each.
@@ -89,20 +97,22 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 					}
 				}
 			}
-			return err
+			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return Tree{}, nil, 0, err
+		return Tree{}, ingested{}, err
 	}
 	if err := s.syncDir(BlobsDir); err != nil {
-		return Tree{}, nil, 0, err
+		return Tree{}, ingested{}, err
 	}
 
 	t := Tree{Digest: TreeDigest(m, sums), Size: m.Size(), Files: len(m)}
+	done := ingested{sums: sums, reused: int(reused.Load()),
+		checks: Checks{MD5: int(md5Checked.Load()), Unchecked: int(unchecked.Load())}}
 	tmp := path.Join(dir, "tree")
 	if err := s.buildTree(tmp, dir, m, sums); err != nil {
-		return Tree{}, nil, 0, err
+		return Tree{}, ingested{}, err
 	}
 	final := path.Join(TreesDir, t.Digest[len("sha256:"):])
 	// Under the tree lock so an eviction cannot remove the tree between the
@@ -113,17 +123,17 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 		if s.HasTree(t.Digest) {
 			// Committed before: by another content key with identical
 			// files, or it is a damaged tree this download repairs.
-			return t, sums, int(reused.Load()), s.repairTree(final, m, sums)
+			return t, done, s.repairTree(final, m, sums)
 		}
-		return Tree{}, nil, 0, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
+		return Tree{}, ingested{}, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
 	}
 	if err := s.root.Chmod(final, dirMode); err != nil {
-		return Tree{}, nil, 0, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
+		return Tree{}, ingested{}, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
 	}
 	if err := s.syncDir(TreesDir); err != nil {
-		return Tree{}, nil, 0, err
+		return Tree{}, ingested{}, err
 	}
-	return t, sums, int(reused.Load()), nil
+	return t, done, nil
 }
 
 // ingestBlob streams one entry into name, hashing as it writes, fsyncs it and
@@ -219,6 +229,13 @@ func (s *Store) commitBlob(w *os.File, name string, e source.Entry, sums *object
 		return "", noSpace(fmt.Errorf("committing blob for %s: %w", e.Path, err))
 	}
 	return sum, nil
+}
+
+// ingested is what ingest did besides committing the tree.
+type ingested struct {
+	sums   []string // sha256 hex of each entry, in manifest order
+	reused int      // entries linked from blobs/, not downloaded
+	checks Checks   // how the downloaded entries were checked
 }
 
 // resumeAbove is the size from which a downloaded object is recorded in the
