@@ -34,8 +34,8 @@ func TestMain(m *testing.M) {
 	}))
 }
 
-func startDriver(b *testing.B, dir string) *testenv.Driver {
-	d, err := testenv.StartDriver(driverBin, dir, filepath.Join(dir, "cache"), "-v=0")
+func startDriver(b *testing.B, dir string, args ...string) *testenv.Driver {
+	d, err := testenv.StartDriver(driverBin, dir, filepath.Join(dir, "cache"), append([]string{"-v=0"}, args...)...)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -44,9 +44,32 @@ func startDriver(b *testing.B, dir string) *testenv.Driver {
 }
 
 func publish(b *testing.B, d *testenv.Driver, vol, target string) {
-	req := testenv.PublishRequest(vol, target, map[string]string{"modelUri": "mys3:bench/m"}, testenv.RcloneSecret("mys3", minio.Endpoint))
+	publishFrom(b, d, vol, target, "mys3:bench/m", minio.Endpoint)
+}
+
+// publishFrom publishes uri with the remote's endpoint at endpoint (MinIO,
+// or a proxy in front of it).
+func publishFrom(b *testing.B, d *testenv.Driver, vol, target, uri, endpoint string) {
+	req := testenv.PublishRequest(vol, target, map[string]string{"modelUri": uri}, testenv.RcloneSecret("mys3", endpoint))
 	if _, err := d.Node.NodePublishVolume(context.Background(), req); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// coldPublishes times publishes of uri into an empty cache, a new driver
+// (started with args) each time.
+func coldPublishes(b *testing.B, uri, endpoint string, args ...string) {
+	for i := 0; b.Loop(); i++ {
+		b.StopTimer()
+		dir := b.TempDir()
+		d := startDriver(b, dir, args...)
+		target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
+		b.StartTimer()
+		publishFrom(b, d, "vol", target, uri, endpoint)
+		b.StopTimer()
+		unpublish(b, d, "vol", target)
+		d.Stop()
+		b.StartTimer()
 	}
 }
 
@@ -59,17 +82,7 @@ func unpublish(b *testing.B, d *testenv.Driver, vol, target string) {
 // BenchmarkPublishCold downloads the model into an empty cache each time.
 func BenchmarkPublishCold(b *testing.B) {
 	b.SetBytes(modelBytes)
-	for i := 0; b.Loop(); i++ {
-		b.StopTimer()
-		dir := b.TempDir()
-		d := startDriver(b, dir)
-		target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
-		b.StartTimer()
-		publish(b, d, "vol", target)
-		b.StopTimer()
-		unpublish(b, d, "vol", target)
-		b.StartTimer()
-	}
+	coldPublishes(b, "mys3:bench/m", minio.Endpoint)
 }
 
 // BenchmarkPublishWarm publishes a model the node already holds; it
@@ -137,28 +150,11 @@ func BenchmarkPublishCold_PerStreamCap(b *testing.B) {
 	for _, streams := range []int{1, 4} {
 		b.Run(fmt.Sprintf("streams=%d", streams), func(b *testing.B) {
 			b.SetBytes(modelBytes)
-			for i := 0; b.Loop(); i++ {
-				b.StopTimer()
-				dir := b.TempDir()
-				cutoff := "16Mi"
-				if streams == 1 {
-					cutoff = "0"
-				}
-				d, err := testenv.StartDriver(driverBin, dir, filepath.Join(dir, "cache"), "-v=0", "--multi-thread-cutoff="+cutoff, fmt.Sprint("--multi-thread-streams=", streams))
-				if err != nil {
-					b.Fatal(err)
-				}
-				target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
-				req := testenv.PublishRequest("vol", target, map[string]string{"modelUri": "mys3:bench/m"}, testenv.RcloneSecret("mys3", p.URL))
-				b.StartTimer()
-				if _, err := d.Node.NodePublishVolume(context.Background(), req); err != nil {
-					b.Fatal(err)
-				}
-				b.StopTimer()
-				unpublish(b, d, "vol", target)
-				d.Stop()
-				b.StartTimer()
+			cutoff := "16Mi"
+			if streams == 1 {
+				cutoff = "0"
 			}
+			coldPublishes(b, "mys3:bench/m", p.URL, "--multi-thread-cutoff="+cutoff, fmt.Sprint("--multi-thread-streams=", streams))
 		})
 	}
 }
@@ -240,20 +236,7 @@ func BenchmarkColdVsRcloneCopy_SlowStreams(b *testing.B) {
 		})
 		b.Run(sh.name+"/cold-publish", func(b *testing.B) {
 			b.SetBytes(size)
-			for i := 0; b.Loop(); i++ {
-				b.StopTimer()
-				dir := b.TempDir()
-				d := startDriver(b, dir)
-				target := filepath.Join(dir, "pods", fmt.Sprint(i), "mount")
-				req := testenv.PublishRequest("vol", target, map[string]string{"modelUri": "mys3:bench/" + sh.name}, secret)
-				b.StartTimer()
-				if _, err := d.Node.NodePublishVolume(context.Background(), req); err != nil {
-					b.Fatal(err)
-				}
-				b.StopTimer()
-				unpublish(b, d, "vol", target)
-				b.StartTimer()
-			}
+			coldPublishes(b, "mys3:bench/"+sh.name, p.URL)
 		})
 	}
 }

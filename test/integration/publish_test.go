@@ -106,21 +106,9 @@ func TestPublish_Kill9MidDownload_NoPartialTree_RealMinIO(t *testing.T) {
 	e.upload("m", files)
 	e.proxy.RateBytesPerSec.Store(2 << 20)
 
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		_ = e.publish(ctx, "vol", e.target("pod-a"), e.model("m"), e.secret())
-	}()
 	// Kill only once bytes are on disk in ingest/, so the crash is really mid-download.
 	ingest := filepath.Join(e.cacheDir(), "ingest")
-	deadline := time.Now().Add(time.Minute)
-	for ingestedBytes(ingest) < 1<<20 {
-		if time.Now().After(deadline) {
-			t.Fatalf("no download started within a minute; driver logs:\n%s", e.driver.Logs())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	e.driver.Kill()
+	e.killMidPublish("vol", e.target("pod-a"), e.model("m"), "1 MiB in ingest/", func() bool { return ingestedBytes(ingest) >= 1<<20 })
 	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 0 {
 		t.Fatalf("a tree %v is visible after a crash mid-download", trees)
 	}
@@ -690,21 +678,11 @@ func TestPublish_Kill9AfterFirstObject_ResumeFetchesOnlyTheRest_RealMinIO(t *tes
 	e.upload("m", files)
 	e.proxy.RateBytesPerSec.Store(2 << 20)
 
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		_ = e.publish(ctx, "vol", e.target("pod-a"), e.model("m"), e.secret())
-	}()
 	// Kill once a.bin's blob is committed and b.bin is under way.
 	blobs, ingest := filepath.Join(e.cacheDir(), "blobs/sha256"), filepath.Join(e.cacheDir(), "ingest")
-	deadline := time.Now().Add(time.Minute)
-	for len(entries(t, blobs)) < 1 || ingestedBytes(ingest) < (2<<20)+(1<<20) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the download did not get past a.bin within a minute; driver logs:\n%s", e.driver.Logs())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	e.driver.Kill()
+	e.killMidPublish("vol", e.target("pod-a"), e.model("m"), "a.bin committed and b.bin under way", func() bool {
+		return len(entries(t, blobs)) >= 1 && ingestedBytes(ingest) >= (2<<20)+(1<<20)
+	})
 	if trees := entries(t, filepath.Join(e.cacheDir(), "trees/sha256")); len(trees) != 0 {
 		t.Fatalf("a tree %v is visible after a crash mid-download", trees)
 	}
@@ -718,4 +696,23 @@ func TestPublish_Kill9AfterFirstObject_ResumeFetchesOnlyTheRest_RealMinIO(t *tes
 		t.Fatalf("the resumed download fetched %d bytes, want %d (b.bin only)", got, want)
 	}
 	e.mustUnpublish("vol", e.target("pod-a"))
+}
+
+// killMidPublish publishes in the background and kills the driver with
+// SIGKILL once reached says the download got where the test wants it.
+func (e *env) killMidPublish(volumeID, target string, attrs map[string]string, what string, reached func() bool) {
+	e.t.Helper()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_ = e.publish(ctx, volumeID, target, attrs, e.secret())
+	}()
+	deadline := time.Now().Add(time.Minute)
+	for !reached() {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("the download did not reach %s within a minute; driver logs:\n%s", what, e.driver.Logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.driver.Kill()
 }
