@@ -8,10 +8,11 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -110,7 +111,7 @@ func (im *Image) layer() ([]byte, error) {
 	}
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
-	for _, d := range sorted(dirs) {
+	for _, d := range slices.Sorted(maps.Keys(dirs)) {
 		mode := int64(0o755)
 		if d == "tmp" {
 			mode = 0o1777
@@ -119,7 +120,7 @@ func (im *Image) layer() ([]byte, error) {
 			return nil, err
 		}
 	}
-	for _, p := range sortedKeys(im.files) {
+	for _, p := range slices.Sorted(maps.Keys(im.files)) {
 		b, err := os.ReadFile(im.files[p])
 		if err != nil {
 			return nil, err
@@ -135,7 +136,7 @@ func (im *Image) layer() ([]byte, error) {
 			return nil, err
 		}
 	}
-	for _, p := range sortedKeys(im.links) {
+	for _, p := range slices.Sorted(maps.Keys(im.links)) {
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: p, Linkname: im.links[p], Mode: 0o777}); err != nil {
 			return nil, err
 		}
@@ -157,22 +158,4 @@ func (im *Image) Import(address, dir string) error {
 		return fmt.Errorf("importing image %s: %v: %s", im.Tag, err, b)
 	}
 	return nil
-}
-
-func sorted(m map[string]bool) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
-func sortedKeys(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }
