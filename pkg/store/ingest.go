@@ -147,7 +147,11 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err != nil {
 		return "", err
 	}
-	defer rc.Close()
+	defer func() {
+		if rc != nil {
+			rc.Close()
+		}
+	}()
 	w, err := s.root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return "", noSpace(fmt.Errorf("creating ingest file: %w", err))
@@ -159,6 +163,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	defer bufPool.Put(bp)
 	buf := *bp
 	var n int64
+	resumes := 0
 	// Read one byte past the listed size so a grown object is caught.
 	r := io.LimitReader(rc, e.Size+1)
 	for {
@@ -175,7 +180,20 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 			break
 		}
 		if rerr != nil {
-			return "", fmt.Errorf("downloading %s: %w", e.Path, rerr)
+			// A stream cut mid-object (a remote or a middlebox closing a
+			// connection) goes on from where it stopped with a ranged read,
+			// as rclone's low-level retries do, instead of starting over.
+			rf, ok := f.(RangeFetcher)
+			if !ok || resumes == chunkAttempts || n >= e.Size || ctx.Err() != nil || !errors.Is(rerr, source.ErrUnavailable) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
+				return "", fmt.Errorf("downloading %s: %w", e.Path, rerr)
+			}
+			resumes++
+			rc.Close()
+			if rc, err = rf.OpenRange(ctx, e, n, e.Size-n); err != nil {
+				rc = nil
+				return "", fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, err)
+			}
+			r = io.LimitReader(rc, e.Size-n)
 		}
 	}
 	if n != e.Size {

@@ -104,3 +104,24 @@ func TestRanged_FailedChunk(t *testing.T) {
 		})
 	}
 }
+
+// A single-stream download whose connection is cut mid-object goes on from
+// where it stopped with a ranged read: the bytes are right, and what
+// arrived before the cut is not fetched again.
+func TestSingleStream_CutConnectionResumes(t *testing.T) {
+	s := openRanged(t)
+	res := sourcetest.NewResolver()
+	files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 3000)} // below the cutoff: one stream
+	res.SetModel("mys3:models/w", files)
+	res.Set(func(r *sourcetest.Resolver) { r.CutOpens, r.CutAfter = 1, 1234 })
+	tr, err := rangedEnsure(t, s, res, "mys3:models/w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkTree(t, s, tr, files)
+	var ranges int
+	res.Set(func(r *sourcetest.Resolver) { ranges = r.RangeOpens })
+	if ranges != 1 || res.OpenCount("mys3:models/w", "w.bin") != 2 {
+		t.Fatalf("%d ranged reads and %d opens in all, want the one Open and one ranged read from the cut", ranges, res.OpenCount("mys3:models/w", "w.bin"))
+	}
+}

@@ -75,7 +75,10 @@ type Resolver struct {
 	// FailRanges makes the next FailRanges OpenRange calls fail with
 	// ErrUnavailable, as a dropped connection would.
 	FailRanges int
-	opens      map[string]int // "uri|path" → Open calls
+	// CutOpens makes the readers of the next CutOpens Open calls fail with
+	// io.ErrUnexpectedEOF after CutAfter bytes: a connection closed mid-object.
+	CutOpens, CutAfter int
+	opens              map[string]int // "uri|path" → Open calls
 
 	// VerifyDenied holds credential IDs whose Verify is refused.
 	VerifyDenied map[string]bool
@@ -308,7 +311,22 @@ func (f *Remote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error
 	if !ok {
 		return nil, fmt.Errorf("opening %s/%s: %w", f.uri, e.Path, source.ErrNotFound)
 	}
+	if r.CutOpens > 0 && r.CutAfter < len(data) {
+		r.CutOpens--
+		return &cutReader{ReadCloser: r.reader(ctx, data[:r.CutAfter], e.Path)}, nil
+	}
 	return r.reader(ctx, data, e.Path), nil
+}
+
+// cutReader ends with io.ErrUnexpectedEOF where the connection was cut.
+type cutReader struct{ io.ReadCloser }
+
+func (c *cutReader) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
 }
 
 // OpenRange implements store.RangeFetcher: length bytes from offset.
