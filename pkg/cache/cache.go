@@ -50,7 +50,7 @@ var (
 	// ErrAmbiguous: more than one cached tree matches an operator's reference.
 	ErrAmbiguous = errors.New("more than one cached tree matches")
 	// ErrConflict: the target has another volume, or other arguments, published.
-	ErrConflict = errors.New("target already published with other arguments")
+	ErrConflict = errors.New("published with other arguments")
 )
 
 // Cache owns the node's store, state and mounts.

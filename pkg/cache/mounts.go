@@ -32,7 +32,7 @@ func (c *Cache) Published(target, volumeID, argsHash string) (bool, error) {
 		return false, nil
 	}
 	if ref.VolumeID != volumeID || ref.ArgsHash != argsHash {
-		return false, fmt.Errorf("%w: target %s has volume %s", ErrConflict, target, ref.VolumeID)
+		return false, fmt.Errorf("target %s already has volume %s %w", target, ref.VolumeID, ErrConflict)
 	}
 	return true, nil
 }

@@ -42,7 +42,7 @@ func publishError(uri string, err error) error {
 	case errors.Is(err, store.ErrNoSpace):
 		return status.Errorf(codes.ResourceExhausted, "no room in this node's model cache for %s: %v; unpin or evict models (modelcachectl ls), free space on the disk, or raise --cache-size", uri, err)
 	case errors.Is(err, cache.ErrConflict):
-		return status.Errorf(codes.AlreadyExists, "%v, published with other arguments; unpublish it first", err)
+		return status.Errorf(codes.AlreadyExists, "%v; unpublish it first", err)
 	case errors.Is(err, cache.ErrEvictedMeanwhile):
 		return status.Errorf(codes.Unavailable, "model %s was evicted while being mounted: %v; kubelet will retry", uri, err)
 	case errors.Is(err, cache.ErrDrained):

@@ -415,6 +415,23 @@ func TestDeployKustomize(t *testing.T) {
 		deleteModelPod(t, pod, "models")
 	})
 
+	t.Run("NoSecretInPluginLogsOrEvents", func(t *testing.T) {
+		// The "secrets stay in memory" invariant where operators look: the
+		// plugin's own log (-v=2 in deploy/) and every event of the suite.
+		if log := podLog(pluginPod(t), "modelcache"); strings.Contains(log, testenv.SecretKey) {
+			t.Error("the node plugin's log holds the secret access key")
+		}
+		list, err := suite.cluster.Client.CoreV1().Events("").List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range list.Items {
+			if strings.Contains(ev.Message, testenv.SecretKey) {
+				t.Errorf("event %s on %s holds the secret access key", ev.Reason, ev.InvolvedObject.Name)
+			}
+		}
+	})
+
 	t.Run("DownloadOutlastsKubeletDeadline_OneDownload_Progress", func(t *testing.T) {
 		// One stream at 96 KiB/s: the 14 MiB file takes about 150 s, longer
 		// than the 2 minutes kubelet gives one NodePublishVolume.
