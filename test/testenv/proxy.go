@@ -56,14 +56,10 @@ func StartProxy(target string) (*Proxy, error) {
 		if p.RateBytesPerSec.Load() > 0 && isObjectGet(resp.Request) {
 			// Throttling plays a slow network between the driver and the
 			// remote; the remote itself answers at once. Reading its answer
-			// first keeps MinIO from cutting a connection its client drains
-			// slowly, which is not what a throttled test is about.
-			body, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if err != nil {
-				return err
-			}
-			resp.Body = io.NopCloser(bytes.NewReader(body))
+			// ahead keeps MinIO from cutting a connection its client drains
+			// slowly, which is not what a throttled test is about, without
+			// delaying the first byte by the time a whole body takes.
+			resp.Body = newReadAhead(resp.Body)
 		}
 		p.mu.Lock()
 		rw := p.rewrite
@@ -180,4 +176,65 @@ func (c *countingWriter) Flush() {
 	if f, ok := c.ResponseWriter.(http.Flusher); ok {
 		f.Flush()
 	}
+}
+
+// readAhead drains a response body as fast as the remote sends it into
+// memory, while its reader takes the bytes at its own pace.
+type readAhead struct {
+	src  io.ReadCloser
+	mu   sync.Mutex
+	cond *sync.Cond
+	buf  []byte
+	err  error // io.EOF once src is drained
+	done bool  // closed by the reader
+}
+
+func newReadAhead(src io.ReadCloser) *readAhead {
+	r := &readAhead{src: src}
+	r.cond = sync.NewCond(&r.mu)
+	go r.fill()
+	return r
+}
+
+func (r *readAhead) fill() {
+	chunk := make([]byte, 1<<20)
+	for {
+		n, err := r.src.Read(chunk)
+		r.mu.Lock()
+		r.buf = append(r.buf, chunk[:n]...)
+		if err != nil {
+			r.err = err
+		}
+		stop := r.done || err != nil
+		r.cond.Broadcast()
+		r.mu.Unlock()
+		if stop {
+			r.src.Close()
+			return
+		}
+	}
+}
+
+func (r *readAhead) Read(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for len(r.buf) == 0 && r.err == nil {
+		r.cond.Wait()
+	}
+	if len(r.buf) == 0 {
+		return 0, r.err
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	if len(r.buf) == 0 {
+		r.buf = nil // let a drained body's memory go
+	}
+	return n, nil
+}
+
+func (r *readAhead) Close() error {
+	r.mu.Lock()
+	r.done = true
+	r.mu.Unlock()
+	return nil
 }
