@@ -37,8 +37,8 @@ type options struct {
 	mode, endpoint, nodeID, cacheDir, kubeconfig string
 	adminSocket, metricsAddress                  string
 	cacheSize, minFree                           string
-	transfers                                    int
-	multiThreadCutoff                            string
+	transfers, maxConnections                    int
+	multiThreadCutoff, resumeEvery               string
 	multiThreadStreams                           int
 	releaseGrace                                 time.Duration
 	kubeletDir                                   string
@@ -56,9 +56,11 @@ func main() {
 	flag.StringVar(&o.nodeID, "node-id", "", "this node's name (required in node and all modes)")
 	flag.StringVar(&o.cacheDir, "cache-dir", "/var/lib/modelcache", "directory holding the model cache and the state database")
 	flag.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for reading PVC annotations in controller mode; empty means the pod's service account when in a cluster")
-	flag.IntVar(&o.transfers, "transfers", 4, "files of one model downloaded in parallel")
+	flag.IntVar(&o.transfers, "transfers", store.DefaultTransfers, "files of one model downloaded in parallel (higher than rclone's 4: many small files are bound by each request's first-byte latency)")
+	flag.IntVar(&o.maxConnections, "max-connections", store.DefaultMaxConnections, "requests to remotes open at once on this node, over all downloads and ranged streams")
 	flag.StringVar(&o.multiThreadCutoff, "multi-thread-cutoff", "256Mi", "files this large or larger download in parallel ranged chunks, as rclone's --multi-thread-cutoff (a quantity, e.g. 256Mi; 0 turns it off)")
 	flag.IntVar(&o.multiThreadStreams, "multi-thread-streams", store.DefaultRangeStreams, "ranged streams per large file, as rclone's --multi-thread-streams")
+	flag.StringVar(&o.resumeEvery, "resume-every", "32Mi", "bytes of a large file's download made durable at a time: a failure, restart or kill -9 loses at most this much of each file, and the next publish goes on from there")
 	flag.StringVar(&o.adminSocket, "admin-socket", "", "operator API socket for modelcachectl (default <cache-dir>/admin.sock; \"none\" disables it)")
 	flag.StringVar(&o.metricsAddress, "metrics-address", "", "host:port serving Prometheus metrics at /metrics (off when empty)")
 	flag.StringVar(&o.cacheSize, "cache-size", "", "most the cache may hold: bytes (\"200Gi\", \"500G\") or a percentage of its filesystem (\"80%\"); empty is no limit besides --min-free")
@@ -194,12 +196,16 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if err != nil || cutoff.Value() < 0 {
 		return nil, fmt.Errorf("--multi-thread-cutoff %q is not a size such as 256Mi (or 0 to turn ranged downloads off)", o.multiThreadCutoff)
 	}
+	resumeEvery, err := resource.ParseQuantity(o.resumeEvery)
+	if err != nil || resumeEvery.Value() <= 0 {
+		return nil, fmt.Errorf("--resume-every %q is not a size such as 64Mi", o.resumeEvery)
+	}
 	rangeCutoff := cutoff.Value()
 	if rangeCutoff == 0 {
 		rangeCutoff = -1 // off
 	}
 	st, err := store.Open(o.cacheDir, db, store.Options{
-		Transfers: o.transfers, RangeCutoff: rangeCutoff, RangeStreams: o.multiThreadStreams, Budget: budget, Evictor: db,
+		Transfers: o.transfers, MaxConnections: o.maxConnections, RangeCutoff: rangeCutoff, RangeStreams: o.multiThreadStreams, RangeCheckpoint: resumeEvery.Value(), Budget: budget, Evictor: db,
 		OnEvict: m.Evicted, OnDownload: m.DownloadStarted, OnUnchecked: m.UncheckedObjects,
 	})
 	if err != nil {

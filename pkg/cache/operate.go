@@ -164,6 +164,13 @@ func (c *Cache) Drain() (Drained, error) {
 		}
 		res.Pending = append(res.Pending, t.Digest)
 	}
+	// Interrupted downloads kept for resuming go too: a drained node holds
+	// no model bytes it is not serving.
+	freed, err := c.Store.DropPartials(0)
+	if err != nil {
+		return res, err
+	}
+	res.Freed += freed
 	klog.InfoS("node drained", "removed", len(res.Removed), "pending", len(res.Pending), "freed", units.Bytes(res.Freed))
 	return res, nil
 }

@@ -104,9 +104,10 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 	ch := s.flights.DoChan(key, func() (_ any, err error) {
 		// Object keys are worked out here, by the one caller that may
 		// download, not by every caller that joins.
+		// They name partial downloads too, so they do not need an index.
 		oi, _ := s.index.(ObjectIndex)
 		objects := make([]string, len(m))
-		if id, ok := f.(identified); ok && oi != nil {
+		if id, ok := f.(identified); ok {
 			for i, e := range m {
 				objects[i] = source.ObjectKey(id.Identity(), e)
 			}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -646,20 +647,22 @@ func TestCloseRacingEnsure(t *testing.T) {
 	wg.Wait()
 }
 
-// Transfers bounds how many files of one model stream at once.
+// Transfers bounds how many files of one model stream at once, and
+// MaxConnections how many streams the node opens, whatever Transfers says.
 func TestEnsureTransfersLimit(t *testing.T) {
 	tests := []struct {
-		transfers, files, want int
+		transfers, conns, files, want int
 	}{
-		{1, 5, 1},
-		{2, 5, 2},
-		{0, 6, 4}, // default
-		{8, 3, 3},
+		{1, 0, 5, 1},
+		{2, 0, 5, 2},
+		{0, 0, store.DefaultTransfers + 4, store.DefaultTransfers}, // default
+		{8, 0, 3, 3},
+		{8, 3, 6, 3},
 	}
 	for _, tt := range tests {
-		t.Run(fmt.Sprintf("transfers=%d files=%d", tt.transfers, tt.files), func(t *testing.T) {
+		t.Run(fmt.Sprintf("transfers=%d conns=%d files=%d", tt.transfers, tt.conns, tt.files), func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := store.Open(dir, newIndex(), store.Options{Transfers: tt.transfers})
+			s, err := store.Open(dir, newIndex(), store.Options{Transfers: tt.transfers, MaxConnections: tt.conns})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -671,6 +674,7 @@ func TestEnsureTransfersLimit(t *testing.T) {
 			f := newFetcher(files).withGate(4)
 			res := ensureAsync(context.Background(), s, "key", manifestOf(files), f)
 			f.waitBlocked(t, tt.want)
+			time.Sleep(20 * time.Millisecond) // time for an open beyond the bound to show
 			// Every allowed transfer is parked at the gate; no more may open.
 			if n := f.totalOpens(); n != int64(tt.want) {
 				t.Errorf("%d files open at once, want %d", n, tt.want)

@@ -77,7 +77,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 			// Gone since (gc, verify's quarantine): download it again.
 		}
 		g.Go(func() error {
-			sum, err := s.ingestBlob(gctx, name, e, f, p)
+			sum, err := s.ingestBlob(gctx, name, e, f, p, objects[i])
 			sums[i] = sum
 			if err != nil {
 				return err
@@ -137,12 +137,16 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 }
 
 // ingestBlob streams one entry into name, hashing as it writes, fsyncs it and
-// links it into blobs/. A blob that is already committed is a normal,
+// links it into blobs/; its one stream holds one of the node's connections. A blob that is already committed is a normal,
 // cheap outcome: the new copy is dropped.
-func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f Fetcher, p *Progress) (string, error) {
+func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f Fetcher, p *Progress, objectKey string) (string, error) {
 	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff {
-		return s.ingestRanged(ctx, name, e, rf, p)
+		return s.ingestRanged(ctx, name, e, rf, p, objectKey)
 	}
+	if err := s.acquireConn(ctx); err != nil {
+		return "", err
+	}
+	defer s.releaseConn()
 	rc, err := f.Open(ctx, e)
 	if err != nil {
 		return "", err

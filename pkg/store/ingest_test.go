@@ -241,7 +241,7 @@ func TestEnsureRejectsUnsafePaths(t *testing.T) {
 			// Nothing but the layout exists under the cache directory.
 			top := entries(t, s.Dir(), ".")
 			for _, n := range top {
-				if n != "blobs" && n != "trees" && n != "ingest" {
+				if n != "blobs" && n != "trees" && n != "ingest" && n != store.PartialDir {
 					t.Errorf("unexpected %q in the cache directory", n)
 				}
 			}

@@ -6,11 +6,12 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"sync"
 	"sync/atomic"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/units"
 	"golang.org/x/sync/errgroup"
+	"k8s.io/klog/v2"
 )
 
 // RangeFetcher is a Fetcher that can open part of an object (a ranged GET).
@@ -31,73 +32,106 @@ const (
 	DefaultRangeChunk   = 8 << 20
 )
 
+// DefaultRangeCheckpoint is how much of a ranged download is made durable
+// at a time, so that a restart loses at most that much of a large file.
+const DefaultRangeCheckpoint = 32 << 20
+
 // chunkAttempts is how often one chunk is fetched before the download fails.
 const chunkAttempts = 3
 
 // ingestRanged downloads one large object in chunks fetched by
 // rangeStreams concurrent ranged reads, each written in place into the
 // ingest file. The chunks are hashed in order as they complete, from
-// memory, so there is no second pass over the file; at most twice as many
-// chunks as streams are held, which bounds memory (64 MiB by default).
-func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress) (string, error) {
-	w, err := s.root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+// memory, so there is no second pass over the file. Chunk buffers come
+// from one node-wide pool of 2×rangeStreams, which bounds memory (64 MiB
+// by default) whatever the size and number of files.
+//
+// An object with a key (objectKey) downloads into a partial file that
+// outlives the download: every rangeCheckpoint bytes the hashed prefix is
+// fsynced and recorded (beside the download, not in its way), and a later download of the same object (after a
+// failure, a restart or kill -9) re-hashes that prefix from disk and goes
+// on from there.
+func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string) (string, error) {
+	pf, err := s.openPartial(name, e, objectKey)
 	if err != nil {
-		return "", noSpace(fmt.Errorf("creating ingest file: %w", err))
+		return "", err
 	}
-	defer w.Close()
-	if err := w.Truncate(e.Size); err != nil {
-		return "", noSpace(fmt.Errorf("sizing %s: %w", e.Path, err))
-	}
+	defer pf.close()
+	w := pf.f
+	sums := newObjectSums(e)
 	chunk := s.rangeChunk
 	chunks := int((e.Size + chunk - 1) / chunk)
-	held := make(chan struct{}, 2*s.rangeStreams) // a slot per chunk buffer held
-	done := make(chan fetchedChunk, 2*s.rangeStreams)
-	var bufs sync.Pool
+	first := int(pf.resumeAt(chunk) / chunk)
+	if first > 0 {
+		if err := rehash(w, int64(first)*chunk, sums); err != nil {
+			klog.InfoS("partial download unreadable, starting over", "object", e.Path, "err", err)
+			sums, first = newObjectSums(e), 0
+		} else {
+			klog.InfoS("resuming download", "object", e.Path, "from", units.Bytes(int64(first)*chunk), "of", units.Bytes(e.Size))
+		}
+	}
+	p.done.Add(int64(first) * chunk)
+	done := make(chan fetchedChunk, cap(s.chunkSlots))
 	var next atomic.Int64
-	sums := newObjectSums(e)
+	next.Store(int64(first))
 
 	g, gctx := errgroup.WithContext(ctx)
 	for range s.rangeStreams {
 		g.Go(func() error {
 			for {
 				// The buffer comes before the chunk number: every chunk taken
-				// holds a buffer, so the lowest one not yet hashed can always
-				// finish and the hasher never waits on a chunk that cannot.
+				// holds a buffer, so the lowest one not yet hashed of every
+				// file can always finish and no hasher waits on a chunk that
+				// cannot, even with the pool shared between files.
 				select {
-				case held <- struct{}{}:
+				case s.chunkSlots <- struct{}{}:
 				case <-gctx.Done():
 					return gctx.Err()
 				}
 				i := int(next.Add(1) - 1)
 				if i >= chunks {
-					<-held
+					<-s.chunkSlots
 					return nil
 				}
 				off := int64(i) * chunk
 				n := min(chunk, e.Size-off)
-				buf, _ := bufs.Get().([]byte)
+				buf, _ := s.chunkBufs.Get().([]byte)
 				if int64(cap(buf)) < n {
 					buf = make([]byte, chunk)
 				}
 				buf = buf[:n]
-				if err := fetchChunk(gctx, rf, e, off, buf); err != nil {
+				if err := s.fetchChunk(gctx, rf, e, off, buf); err != nil {
+					s.giveBack(buf)
 					return err
 				}
 				if _, err := w.WriteAt(buf, off); err != nil {
+					s.giveBack(buf)
 					return noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
 				}
 				p.done.Add(n)
-				select {
-				case done <- fetchedChunk{i, buf}:
-				case <-gctx.Done():
-					return gctx.Err()
-				}
+				// done holds as many chunks as there are buffers: never blocks.
+				done <- fetchedChunk{i, buf}
 			}
 		})
 	}
+	// Checkpoints run beside the hasher: an fsync takes a while, and the
+	// chunks should keep flowing meanwhile. One waits at most; a request
+	// while one waits is dropped, and a later one covers its bytes.
+	ckpt, ckptDone := make(chan int64, 1), make(chan struct{})
+	go func() {
+		defer close(ckptDone)
+		for n := range ckpt {
+			if err := pf.checkpoint(n); err != nil {
+				klog.ErrorS(err, "recording a partial download; a restart goes on from an earlier point", "object", e.Path)
+			}
+		}
+	}()
+	// The hasher's state, read after Wait to checkpoint a failed download.
+	pending := map[int][]byte{}
+	k := first
 	g.Go(func() error {
-		pending := map[int][]byte{}
-		for k := 0; k < chunks; {
+		saved := int64(first) * chunk
+		for k < chunks {
 			buf, ok := pending[k]
 			if !ok {
 				select {
@@ -110,16 +144,77 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 			}
 			sums.write(buf)
 			delete(pending, k)
-			bufs.Put(buf[:0])
-			<-held
+			s.giveBack(buf)
 			k++
+			if hashed := int64(k) * chunk; hashed-saved >= s.rangeCheckpoint && hashed < e.Size {
+				select {
+				case ckpt <- hashed:
+					saved = hashed
+				default:
+				}
+			}
 		}
 		return nil
 	})
-	if err := g.Wait(); err != nil {
+	err = g.Wait()
+	close(ckpt)
+	<-ckptDone
+	// Chunks fetched but never hashed give their buffers back; those that
+	// continue the hashed prefix are on disk, so a failed download records
+	// them for the next one.
+	for len(done) > 0 {
+		c := <-done
+		pending[c.index] = c.data
+	}
+	for _, buf := range pending {
+		s.giveBack(buf) // the keys stay: they say which chunks are on disk
+	}
+	if err != nil {
+		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) {
+			pf.drop()
+			return "", err
+		}
+		end := k
+		for ; end < chunks; end++ {
+			if _, ok := pending[end]; !ok {
+				break
+			}
+		}
+		if hashed := int64(end) * chunk; hashed > pf.durable && hashed < e.Size {
+			if cerr := pf.checkpoint(hashed); cerr != nil {
+				klog.ErrorS(cerr, "recording a partial download; the next one starts earlier", "object", e.Path)
+			}
+		}
+		return "", err
+	}
+	if err := pf.finish(); err != nil {
 		return "", err
 	}
 	return s.commitBlob(w, name, e, sums)
+}
+
+// giveBack returns a chunk buffer and its slot to the node's pool.
+func (s *Store) giveBack(buf []byte) {
+	s.chunkBufs.Put(buf[:0])
+	<-s.chunkSlots
+}
+
+// rehash feeds the first n bytes of f to sums: a resumed download's hash
+// covers what is on disk, not what was hashed before the restart.
+func rehash(f *os.File, n int64, sums *objectSums) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	r := io.NewSectionReader(f, 0, n)
+	for {
+		k, err := r.Read(*bp)
+		sums.write((*bp)[:k])
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 type fetchedChunk struct {
@@ -129,15 +224,16 @@ type fetchedChunk struct {
 
 // fetchChunk fills buf from offset with ranged reads, retrying a chunk that
 // fails or comes short, and refusing one that comes long (the object
-// changed at the remote).
-func fetchChunk(ctx context.Context, rf RangeFetcher, e source.Entry, off int64, buf []byte) error {
+// changed at the remote). Each read holds one of the node's connections.
+func (s *Store) fetchChunk(ctx context.Context, rf RangeFetcher, e source.Entry, off int64, buf []byte) error {
 	var err error
 	for range chunkAttempts {
-		if err = ctx.Err(); err != nil {
+		if err = s.acquireConn(ctx); err != nil {
 			return err
 		}
 		err = readChunk(ctx, rf, e, off, buf)
-		if err == nil || errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrDenied) || errors.Is(err, source.ErrNotFound) {
+		s.releaseConn()
+		if err == nil || ctx.Err() != nil || errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrDenied) || errors.Is(err, source.ErrNotFound) {
 			return err
 		}
 	}

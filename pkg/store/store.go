@@ -29,6 +29,7 @@ const (
 	BlobsDir  = "blobs/sha256"
 	TreesDir  = "trees/sha256"
 	IngestDir = "ingest"
+	// PartialDir is in partial.go.
 )
 
 // ErrNoTree means a tree is not (or no longer) in the store.
@@ -63,8 +64,16 @@ type Store struct {
 	transfers int
 	// Ranged downloads: files of rangeCutoff bytes or more (0: never) in
 	// chunks of rangeChunk, rangeStreams at a time.
-	rangeCutoff, rangeChunk int64
-	rangeStreams            int
+	rangeCutoff, rangeChunk, rangeCheckpoint int64
+	rangeStreams                             int
+	// chunkSlots and chunkBufs are the node's ranged-chunk buffers, shared
+	// by every download; conns bounds the node's requests to remotes.
+	chunkSlots chan struct{}
+	chunkBufs  sync.Pool
+	conns      chan struct{}
+	// partialBusy: partial files a download is writing.
+	partialMu   sync.Mutex
+	partialBusy map[string]bool
 
 	budget      Budget
 	evictor     Evictor
@@ -89,8 +98,12 @@ type Store struct {
 
 // Options tune a Store.
 type Options struct {
-	// Transfers is how many files of one model download at once (default 4).
+	// Transfers is how many files of one model download at once (default
+	// DefaultTransfers).
 	Transfers int
+	// MaxConnections bounds the requests to remotes open at once on the
+	// node, over all downloads (default DefaultMaxConnections).
+	MaxConnections int
 	// RangeCutoff: files of this many bytes or more download in parallel
 	// ranged chunks (default DefaultRangeCutoff; negative: never).
 	RangeCutoff int64
@@ -99,6 +112,9 @@ type Options struct {
 	RangeStreams int
 	// RangeChunk is the size of one chunk (default DefaultRangeChunk).
 	RangeChunk int64
+	// RangeCheckpoint is how many bytes of a ranged download are made
+	// durable at a time, for resuming (default DefaultRangeCheckpoint).
+	RangeCheckpoint int64
 	// Budget limits the cache; before each download, trees the Evictor
 	// offers are evicted to make room.
 	Budget  Budget
@@ -113,8 +129,19 @@ type Options struct {
 	OnDownload func() (done func(bytes int64, err error))
 }
 
+// Defaults of Options.
+const (
+	// DefaultTransfers is higher than rclone's --transfers 4: a model of
+	// many small files is bound by each request's time to first byte, not
+	// by bandwidth.
+	DefaultTransfers = 16
+	// DefaultMaxConnections leaves room for a few downloads at once.
+	DefaultMaxConnections = 64
+)
+
 // Open prepares the layout under dir and removes ingest left by a crash:
 // nothing in ingest/ was ever visible as a model, so it is safe to drop.
+// Partial files of large downloads are kept for resuming, for a day.
 func Open(dir string, index Index, opt Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating cache directory: %w", err)
@@ -132,7 +159,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 		root.Close()
 		return nil, fmt.Errorf("cleaning leftover ingest: %w", err)
 	}
-	for _, d := range []string{BlobsDir, TreesDir, IngestDir} {
+	for _, d := range []string{BlobsDir, TreesDir, IngestDir, PartialDir} {
 		if err := root.MkdirAll(d, 0o700); err != nil {
 			root.Close()
 			return nil, fmt.Errorf("creating %s: %w", d, err)
@@ -143,7 +170,13 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 		return nil, err
 	}
 	if opt.Transfers <= 0 {
-		opt.Transfers = 4
+		opt.Transfers = DefaultTransfers
+	}
+	if opt.MaxConnections <= 0 {
+		opt.MaxConnections = DefaultMaxConnections
+	}
+	if opt.RangeCheckpoint <= 0 {
+		opt.RangeCheckpoint = DefaultRangeCheckpoint
 	}
 	switch {
 	case opt.RangeCutoff == 0:
@@ -158,13 +191,32 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 		opt.RangeChunk = DefaultRangeChunk
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Store{
+	s := &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
-		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk,
-		budget: opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
+		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk, rangeCheckpoint: opt.RangeCheckpoint,
+		chunkSlots: make(chan struct{}, 2*opt.RangeStreams), conns: make(chan struct{}, opt.MaxConnections),
+		partialBusy: map[string]bool{},
+		budget:      opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
 		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
-	}, nil
+	}
+	if _, err := s.DropPartials(partialMaxAge); err != nil {
+		root.Close()
+		return nil, err
+	}
+	return s, nil
 }
+
+// acquireConn takes one of the node's connections to remotes.
+func (s *Store) acquireConn(ctx context.Context) error {
+	select {
+	case s.conns <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Store) releaseConn() { <-s.conns }
 
 // Close cancels running downloads and waits for them to clean up.
 func (s *Store) Close() error {

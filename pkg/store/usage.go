@@ -14,7 +14,7 @@ type Usage struct {
 	Blobs       int   `json:"blobs"`       //
 	TreeBytes   int64 `json:"treeBytes"`   // bytes the trees present to pods (shared blobs counted per tree)
 	Trees       int   `json:"trees"`       //
-	IngestBytes int64 `json:"ingestBytes"` // bytes of downloads in progress
+	IngestBytes int64 `json:"ingestBytes"` // bytes of downloads in progress, and of large ones interrupted (kept to resume)
 	Quarantined int   `json:"quarantined"` // blobs that failed verification
 	FSSize      int64 `json:"fsSize"`      // the cache filesystem's size
 	FSFree      int64 `json:"fsFree"`      // bytes available on it
@@ -30,8 +30,12 @@ func (s *Store) Usage() (Usage, error) {
 	if u.BlobBytes, u.Blobs, err = s.walkBytes(BlobsDir); err != nil {
 		return u, err
 	}
-	if u.IngestBytes, _, err = s.walkBytes(IngestDir); err != nil {
-		return u, err
+	for _, d := range []string{IngestDir, PartialDir} {
+		n, _, err := s.walkBytes(d)
+		if err != nil {
+			return u, err
+		}
+		u.IngestBytes += n
 	}
 	trees, err := fs.ReadDir(s.root.FS(), TreesDir)
 	if err != nil {

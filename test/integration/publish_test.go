@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/store"
 	"github.com/modelcache/modelcache/test/testenv"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -715,4 +717,75 @@ func (e *env) killMidPublish(volumeID, target string, attrs map[string]string, w
 		time.Sleep(20 * time.Millisecond)
 	}
 	e.driver.Kill()
+}
+
+// A large file's ranged download killed with SIGKILL at several points
+// goes on after the restart from its last checkpoint: the remote serves
+// exactly the bytes after it, the tree is right, and no tree was visible
+// in between (the "no partial model" invariant).
+func TestPublish_Kill9DuringRangedDownload_ResumesFromCheckpoint_RealMinIO(t *testing.T) {
+	const size = 48 << 20
+	const chunk = store.DefaultRangeChunk
+	flags := []string{"--multi-thread-cutoff=4Mi", "--multi-thread-streams=2", "--resume-every=8Mi"}
+	for i, at := range []float64{0.3, 0.6, 0.9} {
+		t.Run(fmt.Sprintf("killed at %d%%", int(at*100)), func(t *testing.T) {
+			e := newEnv(t)
+			e.driver.Stop()
+			e.start(flags...)
+			files := randomModel(byte(20+i), map[string]int{"w.bin": size, "config.json": 300})
+			e.upload("m", files)
+			e.proxy.RateBytesPerSec.Store(12 << 20)
+			e.proxy.Reset()
+			killedAt := int64(at * size)
+			e.killMidPublish("vol", e.target("pod"), e.model("m"), fmt.Sprintf("%d bytes served", killedAt), func() bool {
+				return e.proxy.ObjectBytes() >= killedAt
+			})
+			if trees := entries(t, filepath.Join(e.cacheDir(), store.TreesDir)); len(trees) != 0 {
+				t.Fatalf("a tree %v is visible after a kill mid-download", trees)
+			}
+			durable := checkpointOf(t, e.cacheDir())
+			// At most two chunks per stream are in flight past the checkpoint.
+			if floor := killedAt - 2*2*chunk - chunk; durable < floor {
+				t.Errorf("checkpoint at %d bytes after %d were served, want at least %d", durable, killedAt, floor)
+			}
+
+			e.proxy.RateBytesPerSec.Store(0)
+			e.start(flags...)
+			e.proxy.Reset()
+			e.mustPublish("vol", e.target("pod"), e.model("m"))
+			sameFiles(t, e.target("pod"), files)
+			// config.json may have been committed before the kill (small
+			// objects are not recorded one by one): count w.bin's bytes.
+			got := e.proxy.ObjectBytes()
+			if want := int64(size) - durable; got != want && got != want+300 {
+				t.Errorf("after the restart the remote served %d bytes, want %d (w.bin after its checkpoint at %d) or that plus config.json", got, want, durable)
+			}
+			t.Logf("killed at %d of %d bytes served; checkpoint %d; %d bytes after the restart (%.0f%% of the file)", killedAt, size, durable, got, 100*float64(got)/size)
+			if left := entries(t, filepath.Join(e.cacheDir(), store.PartialDir)); len(left) != 0 {
+				t.Errorf("partial/ holds %v after the download finished", left)
+			}
+			e.mustUnpublish("vol", e.target("pod"))
+		})
+	}
+}
+
+// checkpointOf is the durable bytes the one partial download in the cache
+// recorded (0 for none).
+func checkpointOf(t *testing.T, cacheDir string) int64 {
+	t.Helper()
+	dir := filepath.Join(cacheDir, store.PartialDir)
+	for _, n := range entries(t, dir) {
+		if strings.HasSuffix(n, ".at") {
+			b, err := os.ReadFile(filepath.Join(dir, n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			v, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+			if err != nil {
+				t.Fatalf("checkpoint %q: %v", b, err)
+			}
+			return v
+		}
+	}
+	return 0
 }

@@ -71,10 +71,15 @@ type Resolver struct {
 	// RangeOpens counts OpenRange calls; MaxReaders is the most readers
 	// open at once (Open and OpenRange).
 	RangeOpens, MaxReaders int
-	readers                int
+	// RangeBytes counts the bytes OpenRange calls that succeeded asked for.
+	RangeBytes int64
+	readers    int
 	// FailRanges makes the next FailRanges OpenRange calls fail with
 	// ErrUnavailable, as a dropped connection would.
 	FailRanges int
+	// FailRangesFrom, when positive, makes every OpenRange from that
+	// offset on fail with ErrUnavailable: a download that stops part way.
+	FailRangesFrom int64
 	// CutOpens makes the readers of the next CutOpens Open calls fail with
 	// io.ErrUnexpectedEOF after CutAfter bytes: a connection closed mid-object.
 	CutOpens, CutAfter int
@@ -336,8 +341,8 @@ func (f *Remote) OpenRange(ctx context.Context, e source.Entry, offset, length i
 	defer r.mu.Unlock()
 	r.opens[f.uri.String()+"|"+e.Path]++
 	r.RangeOpens++
-	if r.FailRanges > 0 {
-		r.FailRanges--
+	if r.FailRanges > 0 || r.FailRangesFrom > 0 && offset >= r.FailRangesFrom {
+		r.FailRanges = max(r.FailRanges-1, 0)
 		return nil, fmt.Errorf("opening %s/%s: connection reset: %w", f.uri, e.Path, source.ErrUnavailable)
 	}
 	if r.OpenErr != nil {
@@ -351,6 +356,7 @@ func (f *Remote) OpenRange(ctx context.Context, e source.Entry, offset, length i
 	if !ok || offset < 0 || offset+length > int64(len(data)) {
 		return nil, fmt.Errorf("opening %s/%s bytes %d+%d: %w", f.uri, e.Path, offset, length, source.ErrNotFound)
 	}
+	r.RangeBytes += length
 	return r.reader(ctx, data[offset:offset+length], e.Path), nil
 }
 

@@ -1,0 +1,215 @@
+package store_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
+	"github.com/modelcache/modelcache/pkg/store"
+)
+
+// One stream, so the chunks before a failure are all on disk when it
+// comes: the checkpoint a failed download leaves is exact.
+const resumeCheckpoint = 2000
+
+func openResumable(t *testing.T, dir string) *store.Store {
+	t.Helper()
+	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeStreams: 1, RangeCheckpoint: resumeCheckpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// partialRecord is what the partial directory says is durable: the
+// checkpoint of its one partial file, or -1 when there is none.
+func partialRecord(t *testing.T, dir string) int64 {
+	t.Helper()
+	names := entries(t, dir, store.PartialDir)
+	var at int64 = -1
+	for _, n := range names {
+		if strings.HasSuffix(n, ".at") {
+			b, err := os.ReadFile(filepath.Join(dir, store.PartialDir, n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if at, err = strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err != nil {
+				t.Fatalf("checkpoint %q: %v", b, err)
+			}
+		}
+	}
+	return at
+}
+
+func rangeBytes(res *sourcetest.Resolver) int64 {
+	var n int64
+	res.Set(func(r *sourcetest.Resolver) { n, r.RangeBytes = r.RangeBytes, 0 })
+	return n
+}
+
+// A ranged download that stops part way keeps the chunks it wrote; the
+// next download of the object, by the same store or after a restart,
+// fetches only the rest and commits the right bytes.
+func TestRanged_StoppedPartWay_NextDownloadResumes(t *testing.T) {
+	for _, restart := range []bool{false, true} {
+		t.Run(map[bool]string{false: "same process", true: "after a restart"}[restart], func(t *testing.T) {
+			dir := t.TempDir()
+			t.Cleanup(func() { makeWritable(dir) })
+			s := openResumable(t, dir)
+			t.Cleanup(func() { s.Close() })
+			res := sourcetest.NewResolver()
+			files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 9000), "config.json": []byte("{}")}
+			res.SetModel("mys3:models/w", files)
+			res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 6000 })
+
+			if _, err := rangedEnsure(t, s, res, "mys3:models/w"); !errors.Is(err, source.ErrUnavailable) {
+				t.Fatalf("Ensure = %v, want ErrUnavailable", err)
+			}
+			checkNoTrees(t, dir)
+			if at := partialRecord(t, dir); at != 6000 {
+				t.Fatalf("checkpoint after the failure = %d, want 6000 (every chunk before the failing one)", at)
+			}
+			if restart {
+				s.Close()
+				s = openResumable(t, dir)
+			}
+			res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 0 })
+			rangeBytes(res)
+			tr, err := rangedEnsure(t, s, res, "mys3:models/w")
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkTree(t, s, tr, files)
+			if n := rangeBytes(res); n != 3000 {
+				t.Errorf("resumed download fetched %d bytes, want the 3000 after the checkpoint", n)
+			}
+			if left := entries(t, dir, store.PartialDir); len(left) != 0 {
+				t.Errorf("partial/ holds %v after the download finished", left)
+			}
+			checkIngestEmpty(t, dir)
+		})
+	}
+}
+
+// The resumed prefix is hashed from disk, not trusted: a partial file
+// damaged between two downloads fails the remote's MD5, nothing is
+// committed, the partial file is gone, and the next download is whole.
+func TestRanged_DamagedPartialFile_RefusedThenDownloadedWhole(t *testing.T) {
+	dir := t.TempDir()
+	t.Cleanup(func() { makeWritable(dir) })
+	s := openResumable(t, dir)
+	t.Cleanup(func() { s.Close() })
+	res := sourcetest.NewResolver()
+	files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 9000)}
+	res.SetModel("mys3:models/w", files)
+	res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 6000 })
+	if _, err := rangedEnsure(t, s, res, "mys3:models/w"); err == nil {
+		t.Fatal("Ensure succeeded through failing ranges")
+	}
+	var data string
+	for _, n := range entries(t, dir, store.PartialDir) {
+		if !strings.Contains(n, ".") {
+			data = filepath.Join(dir, store.PartialDir, n)
+		}
+	}
+	b, err := os.ReadFile(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[100] ^= 0xff
+	if err := os.WriteFile(data, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 0 })
+	if _, err := rangedEnsure(t, s, res, "mys3:models/w"); !errors.Is(err, source.ErrCorrupt) {
+		t.Fatalf("Ensure over a damaged partial file = %v, want ErrCorrupt", err)
+	}
+	checkNoTrees(t, dir)
+	checkBlobs(t, dir)
+	if left := entries(t, dir, store.PartialDir); len(left) != 0 {
+		t.Errorf("partial/ holds %v after its bytes failed the check", left)
+	}
+	rangeBytes(res)
+	tr, err := rangedEnsure(t, s, res, "mys3:models/w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkTree(t, s, tr, files)
+	if n := rangeBytes(res); n != 9000 {
+		t.Errorf("download after the refusal fetched %d bytes, want all 9000", n)
+	}
+}
+
+// A partial file is the object's own: a new version of the object (another
+// size and checksum) downloads whole and never reads the old bytes.
+func TestRanged_ChangedObject_DoesNotResumeOldPartial(t *testing.T) {
+	dir := t.TempDir()
+	t.Cleanup(func() { makeWritable(dir) })
+	s := openResumable(t, dir)
+	t.Cleanup(func() { s.Close() })
+	res := sourcetest.NewResolver()
+	res.SetModel("mys3:models/w", map[string][]byte{"w.bin": sourcetest.Bytes("old", 9000)})
+	res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 6000 })
+	if _, err := rangedEnsure(t, s, res, "mys3:models/w"); err == nil {
+		t.Fatal("Ensure succeeded through failing ranges")
+	}
+	files := map[string][]byte{"w.bin": sourcetest.Bytes("new", 9000)}
+	res.SetModel("mys3:models/w", files)
+	res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 0 })
+	rangeBytes(res)
+	tr, err := rangedEnsure(t, s, res, "mys3:models/w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkTree(t, s, tr, files)
+	if n := rangeBytes(res); n != 9000 {
+		t.Errorf("new version fetched %d bytes, want all 9000", n)
+	}
+}
+
+// Partial files nobody resumes go after a day, at start-up, and all of
+// them on DropPartials(0) (a drain); a checkpoint without its file goes at once.
+func TestDropPartials(t *testing.T) {
+	dir := t.TempDir()
+	t.Cleanup(func() { makeWritable(dir) })
+	s := openResumable(t, dir)
+	pd := filepath.Join(dir, store.PartialDir)
+	write := func(name string, age time.Duration) {
+		t.Helper()
+		p := filepath.Join(pd, name)
+		if err := os.WriteFile(p, []byte("12345"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		old := time.Now().Add(-age)
+		if err := os.Chtimes(p, old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("aaaa", 25*time.Hour)
+	write("aaaa.at", 25*time.Hour)
+	write("bbbb", time.Hour)
+	write("bbbb.at", time.Hour)
+	write("cccc.at", time.Minute)    // its file is gone
+	write("bbbb.at.tmp", time.Minute) // a record a crash left half-written
+	s.Close()
+
+	s = openResumable(t, dir)
+	t.Cleanup(func() { s.Close() })
+	if got := strings.Join(entries(t, dir, store.PartialDir), " "); got != "bbbb bbbb.at" {
+		t.Errorf("after start-up partial/ holds %q, want the fresh pair only", got)
+	}
+	freed, err := s.DropPartials(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if left := entries(t, dir, store.PartialDir); len(left) != 0 || freed != 10 {
+		t.Errorf("DropPartials(0) left %v and freed %d bytes, want nothing left and 10 freed", left, freed)
+	}
+}
