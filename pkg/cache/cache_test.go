@@ -329,6 +329,17 @@ func TestFetch_NewVersion_OnlyChangedObjectsFetched(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The next start's reconcile forgets the objects whose blobs went.
+	if _, _, err := h.cache.Reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	var objects []string
+	for _, e := range res.Manifest(modelURI) {
+		objects = append(objects, source.ObjectKey(sourcetest.IdentityOf(modelURI), e))
+	}
+	if _, _, blobs, err := h.cache.State.LookupObjects("no-such-key", objects); err != nil || len(blobs) != 0 {
+		t.Errorf("object index after reconcile holds %v (%v), want nothing: every blob is gone", blobs, err)
+	}
 	res.UpdateFile(modelURI, "config.json", []byte(`{"name":"iris","v":3}`))
 	opens := res.OpenTotal()
 	if _, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets()), Policy: cache.PullAlways}); err != nil {

@@ -194,6 +194,15 @@ func (c *Cache) Reconcile() (forgotten, removed int, err error) {
 		removed++
 		klog.InfoS("repaired store: tree without a record removed", "tree", d)
 	}
+	// Objects whose blob went with an evicted tree would only cost a
+	// failed link each; forget them so the index does not grow forever.
+	pruned, err := c.State.PruneObjects(c.Store.HasBlob)
+	if err != nil {
+		return forgotten, removed, fmt.Errorf("pruning the object index: %w", err)
+	}
+	if pruned > 0 {
+		klog.InfoS("object index pruned: blobs no longer in the store", "objects", pruned)
+	}
 	return forgotten, removed, nil
 }
 

@@ -277,6 +277,28 @@ func (d *DB) RecordObject(object, blob string) error {
 	})
 }
 
+// PruneObjects forgets the objects whose blob keep says is gone (removed
+// by an eviction or quarantined), and returns how many it forgot. Such an
+// entry is never used meanwhile: the store links the blob, and a blob that
+// is not there is downloaded again.
+func (d *DB) PruneObjects(keep func(blob string) bool) (int, error) {
+	n := 0
+	err := d.update(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketObjects).Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if keep(string(v)) {
+				continue
+			}
+			if err := c.Delete(); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	return n, err
+}
+
 // RecordTree implements store.Index.
 func (d *DB) RecordTree(key string, t store.Tree) error {
 	return d.update(func(tx *bolt.Tx) error { return recordTree(tx, key, t) })

@@ -82,3 +82,12 @@ func (s *Store) TreeDigests() ([]string, error) {
 	}
 	return out, nil
 }
+
+// HasBlob reports whether a blob (its sha256 in hex) is committed.
+func (s *Store) HasBlob(sum string) bool {
+	if !ValidDigest("sha256:" + sum) {
+		return false
+	}
+	fi, err := s.root.Lstat(path.Join(BlobsDir, sum))
+	return err == nil && fi.Mode().IsRegular()
+}
