@@ -196,7 +196,7 @@ func TestDropPartials(t *testing.T) {
 	write("aaaa.at", 25*time.Hour)
 	write("bbbb", time.Hour)
 	write("bbbb.at", time.Hour)
-	write("cccc.at", time.Minute)    // its file is gone
+	write("cccc.at", time.Minute)     // its file is gone
 	write("bbbb.at.tmp", time.Minute) // a record a crash left half-written
 	s.Close()
 
