@@ -60,7 +60,7 @@ func main() {
 	flag.IntVar(&o.maxConnections, "max-connections", store.DefaultMaxConnections, "requests to remotes open at once on this node, over all downloads and ranged streams")
 	flag.StringVar(&o.multiThreadCutoff, "multi-thread-cutoff", "256Mi", "files this large or larger download in parallel ranged chunks, as rclone's --multi-thread-cutoff (a quantity, e.g. 256Mi; 0 turns it off)")
 	flag.IntVar(&o.multiThreadStreams, "multi-thread-streams", store.DefaultRangeStreams, "ranged streams per large file, as rclone's --multi-thread-streams")
-	flag.StringVar(&o.resumeEvery, "resume-every", "32Mi", "bytes of a large file's download made durable at a time: a failure, restart or kill -9 loses at most this much of each file, and the next publish goes on from there")
+	flag.StringVar(&o.resumeEvery, "resume-every", "16Mi", "bytes of a large file's download made durable at a time: a failure, restart or kill -9 loses at most this much of each file, and the next publish goes on from there")
 	flag.StringVar(&o.adminSocket, "admin-socket", "", "operator API socket for modelcachectl (default <cache-dir>/admin.sock; \"none\" disables it)")
 	flag.StringVar(&o.metricsAddress, "metrics-address", "", "host:port serving Prometheus metrics at /metrics (off when empty)")
 	flag.StringVar(&o.cacheSize, "cache-size", "", "most the cache may hold: bytes (\"200Gi\", \"500G\") or a percentage of its filesystem (\"80%\"); empty is no limit besides --min-free")

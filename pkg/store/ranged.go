@@ -34,7 +34,7 @@ const (
 
 // DefaultRangeCheckpoint is how much of a ranged download is made durable
 // at a time, so that a restart loses at most that much of a large file.
-const DefaultRangeCheckpoint = 32 << 20
+const DefaultRangeCheckpoint = 16 << 20
 
 // chunkAttempts is how often one chunk is fetched before the download fails.
 const chunkAttempts = 3

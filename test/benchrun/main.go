@@ -2,9 +2,12 @@
 // the node cache costs and saves against the storage-initializer init
 // container (`rclone copy`): cold and warm publishes, the second pod,
 // throughput against the machine's own limits, the node plugin's memory and
-// its restart time. Everything runs against one loopback MinIO holding
-// models generated at run time. It writes docs/benchmarks.md and prints the
-// same tables; `make bench` runs it as root.
+// its restart time, then the side-by-side again through a proxy that plays
+// a remote object store (a per-stream rate cap and a time to first byte),
+// with an incremental update and a resume after kill -9. Everything runs
+// against one loopback MinIO holding models generated at run time. It
+// writes docs/benchmarks.md and prints the same tables; `make bench` runs
+// it as root.
 package main
 
 import (
@@ -15,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -35,10 +39,27 @@ type options struct {
 	WriteBytes          int64 // bytes of the fsync'd sequential write test
 	RestartTrees        int
 	RestartRefs         int
+	Remote              remoteOptions // section 7
+	Only                []string      // sections to run (nil: all of them)
 	DropCaches          bool
 	Smoke               bool
 	Log                 io.Writer
 }
+
+// Section names, as --only takes them.
+const (
+	secCold       = "cold"
+	secThroughput = "throughput"
+	secWarm       = "warm"
+	secPods       = "pods"
+	secRestart    = "restart"
+	secRemote     = "remote"
+)
+
+var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote}
+
+// runs says whether the run measures section name.
+func (o options) runs(name string) bool { return o.Only == nil || slices.Contains(o.Only, name) }
 
 // defaults are the full benchmark's options.
 func defaults() options {
@@ -47,7 +68,8 @@ func defaults() options {
 		WarmPublishes: 200, ManyFiles: 10000, SmallFile: 1 << 10,
 		Pods: 10, MemPublishes: 50, WriteBytes: 1 << 30,
 		RestartTrees: 1000, RestartRefs: 200, DropCaches: true,
-		Log: os.Stderr,
+		Remote: remoteDefaults(),
+		Log:    os.Stderr,
 	}
 }
 
@@ -60,6 +82,7 @@ func smokeOptions() options {
 	o.WarmPublishes, o.ManyFiles = 20, 200
 	o.Pods, o.MemPublishes, o.WriteBytes = 3, 5, 16<<20
 	o.RestartTrees, o.RestartRefs = 20, 5
+	o.Remote = remoteSmoke()
 	// Smoke runs beside other test packages: dropping their page cache
 	// would only slow them down.
 	o.DropCaches = false
@@ -75,6 +98,13 @@ func main() {
 	with4G := flag.Bool("with-4g", false, "add a 4 GiB model (needs about 14 GiB free disk)")
 	smoke := flag.Bool("smoke", false, "one small run of every section, to check the paths work")
 	work := flag.String("work", "", "parent of the scratch directory (default the system temporary directory); the cache filesystem measured is this one")
+	only := flag.String("only", "", "comma-separated sections to run, of "+strings.Join(sectionNames, ", ")+" (default all); the report holds only those")
+	skipRemote := flag.Bool("skip-remote", false, "skip section 7, the side-by-side through a throttled proxy")
+	remoteRuns := flag.Int("remote-runs", 0, "runs per figure of section 7 (default 3; 1 with --smoke)")
+	remoteRate := flag.String("remote-stream-rate", "", "section 7's cap on each response stream, bytes per second: 64MB is 64×10⁶, 64MiB 64×2²⁰, 0 none (default 64MB; 8MB with --smoke)")
+	remoteFirstByte := flag.Duration("remote-first-byte", remoteDefaults().FirstByte, "section 7's delay before each object response's first byte (0 for none)")
+	remoteSize := flag.String("remote-size", "", "section 7's large file (default 1Gi): the shards are 8 of an eighth of it, the incremental model a quarter, the resumed file all of it")
+	remoteFiles := flag.Int("remote-files", 0, "files of section 7's small-files model, 16 KiB each (default 1000)")
 	flag.Parse()
 
 	o := defaults()
@@ -95,6 +125,14 @@ func main() {
 	}
 	if *with4G {
 		o.Sizes = append(o.Sizes, 4<<30)
+	}
+	if err := o.Remote.set(*remoteRuns, *remoteRate, *remoteFirstByte, *remoteSize, *remoteFiles); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	if err := o.selectSections(*only, *skipRemote); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "benchrun needs root: the node plugin bind-mounts models into target directories, and the page cache is dropped between runs. Run it through `make bench` as root.")
@@ -120,6 +158,31 @@ func main() {
 		}
 		fmt.Fprintln(os.Stderr, "wrote", o.Out)
 	}
+}
+
+// selectSections applies --only and --skip-remote.
+func (o *options) selectSections(only string, skipRemote bool) error {
+	picked := sectionNames
+	if only != "" {
+		picked = nil
+		for f := range strings.SplitSeq(only, ",") {
+			name := strings.TrimSpace(f)
+			if !slices.Contains(sectionNames, name) {
+				return fmt.Errorf("--only: %q is not a section; the sections are %s", name, strings.Join(sectionNames, ", "))
+			}
+			picked = append(picked, name)
+		}
+	}
+	if skipRemote {
+		picked = slices.DeleteFunc(slices.Clone(picked), func(s string) bool { return s == secRemote })
+	}
+	if len(picked) == 0 {
+		return fmt.Errorf("--only and --skip-remote leave no section to run")
+	}
+	if len(picked) < len(sectionNames) {
+		o.Only = picked
+	}
+	return nil
 }
 
 // parseSizes reads "100Mi,1Gi".

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/modelcache/modelcache/test/testenv"
 )
@@ -91,8 +92,10 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 		t.Errorf("restart section: %+v", s)
 	}
 
+	checkRemote(t, rep.Remote, o.Remote)
+
 	md := rep.Markdown()
-	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## Method"} {
+	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## 7. ", "## Method"} {
 		if !strings.Contains(md, h) {
 			t.Errorf("report lacks %q", h)
 		}
@@ -102,4 +105,36 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("report:\n%s", md)
+}
+
+// checkRemote checks that section 7 produced every figure, and the facts
+// that show its plumbing works: the proxy throttled, the second publish
+// carried pullPolicy Always (it fetched the new config.json), and the kill
+// landed half way through the download.
+func checkRemote(t *testing.T, x RemoteResult, o remoteOptions) {
+	t.Helper()
+	if len(x.Rows) != 3 {
+		t.Fatalf("section 7 has %d side-by-side rows, want the one file, the shards and the small files", len(x.Rows))
+	}
+	for _, row := range x.Rows {
+		if len(row.Rclone) != 1 || len(row.Cache) != 1 || row.Rclone[0] <= 0 || row.Cache[0] <= 0 || row.Goal <= 0 {
+			t.Errorf("section 7 row for %s lacks numbers: %+v", row.Model.Name, row)
+		}
+	}
+	// Not a timing but a floor no machine beats: the one file in at most 4
+	// capped streams (either side's default) takes at least this long, so
+	// a faster copy or publish did not go through the throttled proxy.
+	one := x.Rows[0]
+	floor := time.Duration(float64(one.Model.Size) / float64(4*o.Rate) * float64(time.Second))
+	if o.Rate > 0 && (one.Cache[0] < floor || one.Rclone[0] < floor) {
+		t.Errorf("the %s took rclone %s and the cache %s, under the %s that 4 streams of %d B/s need: a side did not go through the proxy", one.Model.Name, one.Rclone[0], one.Cache[0], floor, o.Rate)
+	}
+	in := x.Incr
+	if len(in.Bytes) != 1 || in.Bytes[0] < configBytes || in.Gets[0] < 1 || in.Again[0] <= 0 || in.Cold[0] <= 0 {
+		t.Errorf("incremental update: %+v; the publish with pullPolicy Always must fetch at least the new %d-byte config.json", in, configBytes)
+	}
+	rs := x.Resume
+	if len(rs.After) != 1 || rs.Killed[0] < 50 || rs.Killed[0] >= 100 || rs.After[0] <= 0 || rs.Took[0] <= 0 {
+		t.Errorf("resume: %+v; the kill must land from half way to before the end, and the restarted publish fetch the rest", rs)
+	}
 }
