@@ -171,7 +171,7 @@ type podEvents struct {
 	uri    string
 }
 
-func (p *podEvents) Hit(t store.Tree) { p.events.CacheHit(p.pod, p.uri, t.Digest) }
+func (p *podEvents) Hit(t store.Tree) { p.events.CacheHit(p.pod, p.uri, t.Digest, t.Size) }
 func (p *podEvents) Started(total int64) {
 	p.events.DownloadStarted(p.pod, p.uri, total)
 }
@@ -179,7 +179,7 @@ func (p *podEvents) Progress(done, total int64, rate float64) {
 	p.events.DownloadProgress(p.pod, p.uri, done, total, rate)
 }
 func (p *podEvents) Finished(t store.Tree, took time.Duration, checks store.Checks) {
-	p.events.DownloadFinished(p.pod, p.uri, t.Size, took, checksText(checks))
+	p.events.DownloadFinished(p.pod, p.uri, t.Digest, t.Size, took, checksText(checks))
 }
 
 // checksText says, for a pod event, how a download's bytes were checked.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,6 +52,14 @@ const (
 	// maxTrackedProgress bounds the progress rate-limit state; past it,
 	// entries idle for several intervals are forgotten.
 	maxTrackedProgress = 1024
+)
+
+// Annotations on ModelDownloaded and ModelCached events: the tree the pod
+// got and its size in bytes, for readers that must not parse messages
+// (the CachedModel reconciler).
+const (
+	AnnotationTree = "modelcache.csi.dev/tree"
+	AnnotationSize = "modelcache.csi.dev/size"
 )
 
 // PodRef identifies the pod a publish is for (from podInfoOnMount volume context keys).
@@ -186,8 +195,9 @@ func (e *Events) DownloadProgress(pod PodRef, uri string, done, total int64, rat
 		fmt.Sprintf("downloading model %s: %s", displayURI(uri), progressText(done, total, rate)))
 }
 
-// DownloadFinished records a completed download of size bytes that took took.
-func (e *Events) DownloadFinished(pod PodRef, uri string, size int64, took time.Duration, checks string) {
+// DownloadFinished records a completed download of the tree (digest) of
+// size bytes that took took.
+func (e *Events) DownloadFinished(pod PodRef, uri, tree string, size int64, took time.Duration, checks string) {
 	if e == nil || !hasPod(pod) {
 		return
 	}
@@ -199,12 +209,12 @@ func (e *Events) DownloadFinished(pod PodRef, uri string, size int64, took time.
 	if checks != "" {
 		msg += "; " + checks
 	}
-	e.emit(pod, corev1.EventTypeNormal, ReasonDownloaded, msg)
+	e.emitTree(pod, ReasonDownloaded, msg, tree, size)
 }
 
 // CacheHit records that the model for pod was served from the node's cache
-// without a download; tree is its tree digest ("sha256:<hex>").
-func (e *Events) CacheHit(pod PodRef, uri, tree string) {
+// without a download; tree is its tree digest ("sha256:<hex>") of size bytes.
+func (e *Events) CacheHit(pod PodRef, uri, tree string, size int64) {
 	if e == nil || !hasPod(pod) {
 		return
 	}
@@ -212,7 +222,16 @@ func (e *Events) CacheHit(pod PodRef, uri, tree string) {
 	if tree != "" {
 		msg += fmt.Sprintf(" (tree %s)", tree)
 	}
-	e.emit(pod, corev1.EventTypeNormal, ReasonCached, msg)
+	e.emitTree(pod, ReasonCached, msg, tree, size)
+}
+
+// emitTree emits a Normal event annotated with the tree the pod got.
+func (e *Events) emitTree(pod PodRef, reason, message, tree string, size int64) {
+	var annotations map[string]string
+	if tree != "" {
+		annotations = map[string]string{AnnotationTree: tree, AnnotationSize: strconv.FormatInt(size, 10)}
+	}
+	e.emitAnnotated(pod, corev1.EventTypeNormal, reason, message, annotations)
 }
 
 // DownloadFailed records a failed download as a Warning. reason is shown as
@@ -228,6 +247,10 @@ func (e *Events) DownloadFailed(pod PodRef, uri, reason string) {
 
 // emit hands one event to the broadcaster without blocking, or drops it.
 func (e *Events) emit(pod PodRef, eventType, reason, message string) {
+	e.emitAnnotated(pod, eventType, reason, message, nil)
+}
+
+func (e *Events) emitAnnotated(pod PodRef, eventType, reason, message string, annotations map[string]string) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if e.closed {
@@ -244,6 +267,10 @@ func (e *Events) emit(pod PodRef, eventType, reason, message string) {
 		Namespace:  pod.Namespace,
 		Name:       pod.Name,
 		UID:        types.UID(pod.UID),
+	}
+	if annotations != nil {
+		e.recorder.AnnotatedEventf(ref, annotations, eventType, reason, "%s", truncate(message, maxMessageBytes))
+		return
 	}
 	e.recorder.Event(ref, eventType, reason, truncate(message, maxMessageBytes))
 }
