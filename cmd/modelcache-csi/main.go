@@ -19,6 +19,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/admin"
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/csi"
+	"github.com/modelcache/modelcache/pkg/fleet"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/mount"
@@ -26,7 +27,9 @@ import (
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
 	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 )
 
@@ -46,12 +49,14 @@ type options struct {
 	verifyCredentials                            string
 	reverifyAfter                                time.Duration
 	allowEndpoints                               string
+	holderImage                                  string
+	fleetWorkers                                 int
 }
 
 func main() {
 	klog.InitFlags(nil)
 	var o options
-	flag.StringVar(&o.mode, "mode", "node", "which CSI services to serve: node, controller, or all (both on one socket)")
+	flag.StringVar(&o.mode, "mode", "node", "which CSI services to serve: node, controller, or all (both on one socket); hold idles until stopped (CachedModel holder pods)")
 	flag.StringVar(&o.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint")
 	flag.StringVar(&o.nodeID, "node-id", "", "this node's name (required in node and all modes)")
 	flag.StringVar(&o.cacheDir, "cache-dir", "/var/lib/modelcache", "directory holding the model cache and the state database")
@@ -71,6 +76,8 @@ func main() {
 	flag.DurationVar(&o.reverifyAfter, "reverify-after", 0, "re-check recorded credentials after this long (0: never expire)")
 	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs that endpoints may resolve to although loopback, link-local or the node's own (e.g. an in-node MinIO)")
 	flag.StringVar(&o.minFree, "min-free", "10%", "space the cache filesystem keeps free: bytes or a percentage of its size")
+	flag.StringVar(&o.holderImage, "holder-image", "", "image of CachedModel holder pods (default: the controller's own, read from its pod through POD_NAMESPACE and POD_NAME)")
+	flag.IntVar(&o.fleetWorkers, "cachedmodel-workers", 2, "CachedModels reconciled at once")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if *showVersion {
@@ -88,6 +95,13 @@ func main() {
 func run(o options) error {
 	var withNode, withController bool
 	switch o.mode {
+	case "hold":
+		// A CachedModel holder: its mount is the point; it only waits to
+		// be stopped, touching nothing.
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		defer stop()
+		<-ctx.Done()
+		return nil
 	case "node":
 		withNode = true
 	case "controller":
@@ -95,7 +109,7 @@ func run(o options) error {
 	case "all":
 		withNode, withController = true, true
 	default:
-		return fmt.Errorf("--mode must be node, controller or all, not %q", o.mode)
+		return fmt.Errorf("--mode must be node, controller, all or hold, not %q", o.mode)
 	}
 	if withNode && o.nodeID == "" {
 		return errors.New("--node-id is required in node and all modes (pass the node name, e.g. from spec.nodeName)")
@@ -134,12 +148,19 @@ func run(o options) error {
 	var ctrl *csi.Controller
 	if withController {
 		ctrl = &csi.Controller{Resolver: resolver, Volumes: db}
-		claims, err := claimReader(o.kubeconfig)
+		cfg, err := clusterConfig(o.kubeconfig)
 		if err != nil {
 			return err
 		}
-		if claims != nil {
-			ctrl.Claims = claims
+		if cfg != nil {
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return fmt.Errorf("creating Kubernetes client: %w", err)
+			}
+			ctrl.Claims = kube.NewClaims(client)
+			if err := startFleet(ctx, o, cfg, client); err != nil {
+				return err
+			}
 		}
 	}
 
@@ -163,19 +184,40 @@ func run(o options) error {
 	return csi.Serve(ctx, srv, l, 25*time.Second)
 }
 
-// claimReader connects to the API server for PVC annotations. Outside a
-// cluster and without --kubeconfig the controller works from StorageClass
-// parameters alone.
-func claimReader(kubeconfig string) (*kube.Claims, error) {
+// clusterConfig is the API server's client configuration, or nil outside
+// a cluster without --kubeconfig: then the controller works from
+// StorageClass parameters alone and reconciles no CachedModels.
+func clusterConfig(kubeconfig string) (*rest.Config, error) {
 	if kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
-		klog.InfoS("not in a cluster and no --kubeconfig: PVC annotations will not be read; models come from StorageClass parameters")
+		klog.InfoS("not in a cluster and no --kubeconfig: PVC annotations will not be read and CachedModels not reconciled; models come from StorageClass parameters")
 		return nil, nil
 	}
-	claims, err := kube.Connect(kubeconfig)
+	return kube.RestConfig(kubeconfig)
+}
+
+// startFleet starts the CachedModel reconciler in the background.
+func startFleet(ctx context.Context, o options, cfg *rest.Config, client kubernetes.Interface) error {
+	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
-		return nil, err
+		return fmt.Errorf("creating Kubernetes client: %w", err)
 	}
-	return claims, nil
+	image := o.holderImage
+	if image == "" {
+		ns, name := os.Getenv("POD_NAMESPACE"), os.Getenv("POD_NAME")
+		if ns == "" || name == "" {
+			return errors.New("CachedModel holders need an image: pass --holder-image, or POD_NAMESPACE and POD_NAME (downward API) so the controller uses its own")
+		}
+		if image, err = fleet.OwnImage(ctx, client, ns, name, fleet.ControllerContainer); err != nil {
+			return err
+		}
+	}
+	r := &fleet.Reconciler{Kube: client, Dynamic: dyn, Image: image}
+	go func() {
+		if err := r.Run(ctx, max(o.fleetWorkers, 1)); err != nil {
+			klog.ErrorS(err, "CachedModel reconciler stopped")
+		}
+	}()
+	return nil
 }
 
 // startNode opens the store with its budget, recovers references, and

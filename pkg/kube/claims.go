@@ -1,6 +1,7 @@
-// Package kube is modelcache's only client of the Kubernetes API (client-go):
-// it reads the annotations of the PVC a volume is being provisioned for, and
-// records events on the pods a node downloads models for.
+// Package kube is the driver's client of the Kubernetes API (client-go) for
+// volumes: it reads the annotations of the PVC a volume is being provisioned
+// for, and records events on the pods a node downloads models for.
+// CachedModels are pkg/fleet's.
 package kube
 
 import (
@@ -49,6 +50,20 @@ func Connect(kubeconfig string) (*Claims, error) {
 // NewClient builds a clientset from a kubeconfig file, or from the pod's
 // service account when kubeconfig is empty.
 func NewClient(kubeconfig string) (kubernetes.Interface, error) {
+	cfg, err := RestConfig(kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("creating Kubernetes client: %w", err)
+	}
+	return client, nil
+}
+
+// RestConfig is the client configuration from a kubeconfig file, or from
+// the pod's service account when kubeconfig is empty.
+func RestConfig(kubeconfig string) (*rest.Config, error) {
 	var cfg *rest.Config
 	var err error
 	if kubeconfig == "" {
@@ -60,11 +75,7 @@ func NewClient(kubeconfig string) (kubernetes.Interface, error) {
 		return nil, fmt.Errorf("loading Kubernetes client configuration: %w", err)
 	}
 	cfg.UserAgent = "modelcache-csi"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("creating Kubernetes client: %w", err)
-	}
-	return client, nil
+	return cfg, nil
 }
 
 // Annotations returns the modelcache annotations of a PVC; annotations of
