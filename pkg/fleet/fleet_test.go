@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -70,7 +71,7 @@ func TestHolders_PodMountsTheModelWithoutPrivileges(t *testing.T) {
 		t.Errorf("placement %v %v %q is not the CachedModel's", pod.NodeSelector, pod.Tolerations, pod.PriorityClassName)
 	}
 	c := pod.Containers[0]
-	if c.Image != image || strings.Join(c.Command, " ") != "modelcache-csi --mode=hold" {
+	if c.Image != image || strings.Join(c.Command, " ") != "/usr/local/bin/modelcache-csi --mode=hold" {
 		t.Errorf("container runs %s %v, want the driver's image idling", c.Image, c.Command)
 	}
 	if *pod.AutomountServiceAccountToken || !*pod.SecurityContext.RunAsNonRoot || *c.SecurityContext.AllowPrivilegeEscalation ||
@@ -197,6 +198,11 @@ func TestComputeStatus(t *testing.T) {
 					podEvent("c", "Warning", "FailedMount", denied, t0.Add(2*time.Second), nil),
 				}}
 		}, want{"1/3", "", "", "False", "False", "True", "PermissionDenied"}},
+		{"a warning without a reason or code still names a reason", func() Observed {
+			ds := holderDS(cm, 1, 0, 1)
+			return Observed{DaemonSet: ds, Pods: []corev1.Pod{holderPod(ds, "a", false)},
+				Events: []corev1.Event{podEvent("a", "Warning", "", "something broke", t0, nil)}}
+		}, want{"0/1", "", "", "False", "False", "True", "MountFailed"}},
 		{"a warning followed by progress is not a failure", func() Observed {
 			ds := holderDS(cm, 1, 0, 1)
 			return Observed{DaemonSet: ds, Pods: []corev1.Pod{holderPod(ds, "a", false)},
@@ -222,7 +228,7 @@ func TestComputeStatus(t *testing.T) {
 			if st.ObservedGeneration != cm.Generation {
 				t.Errorf("observedGeneration %d, want %d", st.ObservedGeneration, cm.Generation)
 			}
-			if d := cond(st, ConditionDegraded); d.Status == "True" && !strings.Contains(d.Message, "2 of 3 holders") {
+			if d := cond(st, ConditionDegraded); d.Status == "True" && !strings.Contains(d.Message, fmt.Sprintf("%d of %d holders", st.DesiredNodes-st.ReadyNodes, st.DesiredNodes)) {
 				t.Errorf("degraded message %q does not say how many holders fail", d.Message)
 			}
 		})

@@ -57,7 +57,7 @@ func shortHash(s string) string {
 }
 
 // Holders is the DaemonSet that holds cm's model on every node it admits.
-// Its pods run image's driver binary idling (--mode=hold): no privileges,
+// Its pods run image's driver binary (/usr/local/bin, as the Dockerfile puts it) idling (--mode=hold): no privileges,
 // no service account token, a few MiB of memory.
 func Holders(cm *CachedModel, image string) *appsv1.DaemonSet {
 	labels := map[string]string{LabelCachedModel: LabelValue(cm.Name)}
@@ -88,7 +88,7 @@ func Holders(cm *CachedModel, image string) *appsv1.DaemonSet {
 		Containers: []corev1.Container{{
 			Name:    "hold",
 			Image:   image,
-			Command: []string{"modelcache-csi", "--mode=hold"},
+			Command: []string{"/usr/local/bin/modelcache-csi", "--mode=hold"},
 			Resources: corev1.ResourceRequirements{
 				Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("1m"), corev1.ResourceMemory: resource.MustParse("8Mi")},
 				Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("32Mi")},

@@ -30,6 +30,9 @@ const maxConditionMessage = 512
 // ("rpc error: code = PermissionDenied desc = ...").
 var grpcCode = regexp.MustCompile(`code = ([A-Za-z]+)`)
 
+// conditionReason is what the API accepts as a condition's reason.
+var conditionReason = regexp.MustCompile(`^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$`)
+
 // ComputeStatus is cm's status from what was observed. Conditions keep
 // their lastTransitionTime while their status does not change.
 func ComputeStatus(cm *CachedModel, o Observed, now metav1.Time) Status {
@@ -128,6 +131,9 @@ func failures(o Observed) (n int, code, message string) {
 		c := ev.Reason
 		if m := grpcCode.FindStringSubmatch(ev.Message); m != nil {
 			c = m[1]
+		}
+		if !conditionReason.MatchString(c) {
+			c = "MountFailed" // a condition's reason must be a CamelCase word
 		}
 		counts[c]++
 		if l := last[c]; l == nil || eventTime(ev).After(eventTime(l).Time) {

@@ -107,6 +107,13 @@ func inlineVolume(uri, secret string, readOnly *bool) corev1.Volume {
 // modelPod creates a model-server pod with vol mounted at /mnt/models.
 func modelPod(t *testing.T, name string, vol corev1.Volume, mountReadOnly bool) *corev1.Pod {
 	t.Helper()
+	return modelPodWith(t, name, vol, func(p *corev1.Pod) { p.Spec.Containers[0].VolumeMounts[0].ReadOnly = mountReadOnly })
+}
+
+// modelPodWith creates a model-server pod with vol mounted read-only at
+// /mnt/models, changed by mutate.
+func modelPodWith(t *testing.T, name string, vol corev1.Volume, mutate func(*corev1.Pod)) *corev1.Pod {
+	t.Helper()
 	grace := int64(2)
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: modelsNS, Labels: map[string]string{"app": "model-server"}},
@@ -115,11 +122,12 @@ func modelPod(t *testing.T, name string, vol corev1.Volume, mountReadOnly bool) 
 			Containers: []corev1.Container{{
 				Name: "model-server", Image: testImage, ImagePullPolicy: corev1.PullNever,
 				Command:      []string{"/bin/sh", "-c", checkScript},
-				VolumeMounts: []corev1.VolumeMount{{Name: vol.Name, MountPath: "/mnt/models", ReadOnly: mountReadOnly}},
+				VolumeMounts: []corev1.VolumeMount{{Name: vol.Name, MountPath: "/mnt/models", ReadOnly: true}},
 			}},
 			Volumes: []corev1.Volume{vol},
 		},
 	}
+	mutate(pod)
 	created, err := suite.cluster.Client.CoreV1().Pods(modelsNS).Create(context.Background(), pod, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatalf("creating pod %s: %v", name, err)

@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -26,12 +28,14 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	mccsi "github.com/modelcache/modelcache/pkg/csi"
+	"github.com/modelcache/modelcache/pkg/fleet"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/test/testenv"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
@@ -618,121 +622,267 @@ func TestExample_InlineVolumes_PublishAsKubeletDoes_RealMinIO(t *testing.T) {
 	}
 }
 
-// The prefetch example's command, with its socket and secret file moved to
-// the test's (the env file's endpoint and keys pointed at the test MinIO),
-// warms a real driver's cache through the admin socket; modelcachectl ls
-// then lists the model, a second run finds it cached, and a pod's publish
-// of the same model fetches nothing.
+// The prefetch example as the cluster runs it: the reconciler turns the
+// example CachedModel into holder pods whose inline volume, published with
+// the example Secret as kubelet would, warms the node with the model once;
+// the example Deployment's model volume then publishes with no download.
 func TestExample_Prefetch_WarmsTheCache_RealMinIO(t *testing.T) {
-	const file = "deploy/examples/prefetch/daemonset.yaml"
-	var ds appsv1.DaemonSet
-	envFiles := map[string]map[string]string{} // secret name → key → content
-	for _, d := range yamlDocs(t, file) {
-		switch d.kind {
-		case "DaemonSet":
-			d.decode(t, &ds)
-		case "Secret":
-			var s corev1.Secret
-			d.decode(t, &s)
-			envFiles[s.Name] = s.StringData
-		}
-	}
-	var c *corev1.Container
-	for _, cc := range append(ds.Spec.Template.Spec.InitContainers, ds.Spec.Template.Spec.Containers...) {
-		if len(cc.Command) > 0 && path.Base(cc.Command[0]) == "modelcachectl" {
-			c = &cc
-		}
-	}
-	if c == nil {
-		t.Fatalf("%s runs no modelcachectl", file)
-	}
-	var secretFile, socket, uri string
-	for i, a := range c.Args {
-		name, value, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		switch {
-		case name == "secret-file":
-			secretFile = value
-		case name == "socket":
-			socket = value
-		case i > 0 && !strings.HasPrefix(a, "-"):
-			uri = a
-		}
-	}
-	if secretFile == "" || socket == "" || uri == "" {
-		t.Fatalf("prefetch args %q: want a URI, --secret-file=... and --socket=...", c.Args)
-	}
-	var content string
-	for _, v := range ds.Spec.Template.Spec.Volumes {
-		if v.Secret != nil {
-			for _, m := range c.VolumeMounts {
-				if m.Name == v.Name && m.MountPath == path.Dir(secretFile) {
-					content = envFiles[v.Secret.SecretName][path.Base(secretFile)]
-				}
+	const dir = "deploy/examples/prefetch"
+	var cm fleet.CachedModel
+	var server appsv1.Deployment
+	for _, f := range []string{"cachedmodel.yaml", "deployment.yaml"} {
+		for _, d := range yamlDocs(t, filepath.Join(dir, f)) {
+			switch d.kind {
+			case fleet.Kind:
+				d.decode(t, &cm)
+			case "Deployment":
+				d.decode(t, &server)
 			}
 		}
 	}
-	if content == "" {
-		t.Fatalf("the secret file %s is not a key of a Secret in %s", secretFile, file)
+	if cm.Spec.SecretRef == nil || len(server.Spec.Template.Spec.Volumes) == 0 {
+		t.Fatalf("%s: want a CachedModel with a secretRef and a Deployment with a model volume", dir)
 	}
-	env := map[string]string{}
-	for _, line := range strings.Split(content, "\n") {
-		if k, v, ok := strings.Cut(strings.TrimSpace(line), "="); ok && !strings.HasPrefix(k, "#") {
-			env[k] = v
-		}
-	}
+	held := fleet.Holders(&cm, "image").Spec.Template.Spec.Volumes[0].CSI
+	uri := held.VolumeAttributes[mccsi.AttrModelURI]
 	uploadExampleModel(t, uri)
 
 	// A driver with its own cache; its remote is MinIO behind a counting proxy.
 	e := newEnv(t)
-	secrets := pointAtTestMinIO(t, env, e.proxy.URL)
-	var lines []string
-	for k, v := range secrets {
-		lines = append(lines, k+"="+v)
-	}
-	dir := t.TempDir()
-	envFile := filepath.Join(dir, path.Base(secretFile))
-	if err := os.WriteFile(envFile, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ctl := filepath.Join(versionedBinaries(t), "modelcachectl")
-	adminSock := filepath.Join(e.cacheDir(), "admin.sock")
-	args := make([]string, len(c.Args))
-	for i, a := range c.Args {
-		args[i] = strings.NewReplacer(secretFile, envFile, socket, adminSock).Replace(a)
-	}
-	run := func(args ...string) string {
-		t.Helper()
-		out, err := exec.Command(ctl, args...).CombinedOutput()
-		if err != nil {
-			t.Fatalf("modelcachectl %q: %v\n%s", args, err, out)
-		}
-		return string(out)
-	}
-
-	out := run(args...)
-	if !strings.Contains(out, "cached "+uri+" as sha256:") {
-		t.Fatalf("prefetch printed %q, want it to report the cached tree", out)
-	}
-	if out := run(args...); !strings.Contains(out, "already cached as sha256:") {
-		t.Fatalf("second prefetch printed %q, want already cached", out)
-	}
-	if out := run("--socket", adminSock, "ls"); !strings.Contains(out, uri) {
-		t.Fatalf("modelcachectl ls does not list %s:\n%s", uri, out)
+	secrets := pointAtTestMinIO(t, exampleSecret(t, dir, cm.Spec.SecretRef.Name, cm.Namespace), e.proxy.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := e.publish(ctx, "holder", e.target("holder"), held.VolumeAttributes, secrets); err != nil {
+		t.Fatalf("publishing the holder's volume: %v", err)
 	}
 	if got, want := e.proxy.ObjectBytes(), total(exampleModel); got != want {
-		t.Fatalf("the prefetches fetched %d bytes, want the model once (%d)", got, want)
+		t.Fatalf("warming fetched %d bytes, want the model once (%d)", got, want)
 	}
 	e.proxy.Reset()
 
-	// A pod's publish with the same credentials now downloads nothing.
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if err := e.publish(ctx, "vol", e.target("pod-a"), map[string]string{mccsi.AttrModelURI: uri}, secrets); err != nil {
-		t.Fatalf("publish after prefetch: %v", err)
+	var vol *corev1.CSIVolumeSource
+	for _, v := range server.Spec.Template.Spec.Volumes {
+		if v.CSI != nil && v.CSI.Driver == mccsi.DriverName {
+			vol = v.CSI
+		}
+	}
+	if vol == nil || vol.NodePublishSecretRef == nil {
+		t.Fatalf("%s: the Deployment has no model volume with a secret", dir)
+	}
+	serverSecrets := pointAtTestMinIO(t, exampleSecret(t, dir, vol.NodePublishSecretRef.Name, server.Namespace), e.proxy.URL)
+	if err := e.publish(ctx, "server", e.target("server"), vol.VolumeAttributes, serverSecrets); err != nil {
+		t.Fatalf("publishing the model server's volume: %v", err)
 	}
 	if n := e.proxy.ObjectGets(); n != 0 {
-		t.Fatalf("publish after prefetch fetched %d objects, want none", n)
+		t.Fatalf("the model server's publish on a warm node fetched %d objects, want none", n)
 	}
-	sameFiles(t, e.target("pod-a"), exampleModel)
-	e.mustUnpublish("vol", e.target("pod-a"))
+	sameFiles(t, e.target("server"), exampleModel)
+	e.mustUnpublish("server", e.target("server"))
+	e.mustUnpublish("holder", e.target("holder"))
+}
+
+// cachedModelControllerRules is what the CachedModel reconciler in the
+// controller Deployment needs (deploy/kubernetes/cachedmodel-crd.yaml): read
+// CachedModels and write their status, own a holder DaemonSet per
+// CachedModel (ownerReferences with blockOwnerDeletion need update on
+// cachedmodels/finalizers), and read the holder pods and events. Resources
+// marked exact may be granted nothing more (least privilege); core events
+// are shared with the external-provisioner, which also writes them.
+var cachedModelControllerRules = []struct {
+	group, resource string
+	verbs           []string
+	exact           bool
+}{
+	{"modelcache.csi.dev", "cachedmodels", []string{"get", "list", "watch"}, true},
+	{"modelcache.csi.dev", "cachedmodels/status", []string{"update"}, true},
+	{"modelcache.csi.dev", "cachedmodels/finalizers", []string{"update"}, true},
+	{"apps", "daemonsets", []string{"get", "list", "watch", "create", "update", "delete"}, true},
+	{"", "pods", []string{"get", "list"}, true},
+	{"", "events", []string{"list"}, false},
+}
+
+// renderDeploy runs a pinned tool (bin/kustomize, bin/helm) in the
+// repository root, with Helm's state in a temporary directory.
+func renderDeploy(t *testing.T, tool string, args ...string) []byte {
+	t.Helper()
+	bin, err := testenv.Binary(tool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	home := t.TempDir()
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = testenv.RepoRoot()
+	cmd.Env = append(os.Environ(),
+		"HELM_CACHE_HOME="+filepath.Join(home, "cache"),
+		"HELM_CONFIG_HOME="+filepath.Join(home, "config"),
+		"HELM_DATA_HOME="+filepath.Join(home, "data"))
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, stderr.String())
+	}
+	return stdout.Bytes()
+}
+
+// The CachedModel CRD is one file in two places: the kustomize base and the
+// Helm chart's crds/ (which Helm installs before the templates, and renders
+// only with --include-crds). Both must be byte for byte the same, and both
+// renders must hold it and grant the controller's ServiceAccount the rules
+// of the CachedModel reconciler, through bindings of that account.
+func TestDeploy_CachedModelCRDAndRBAC_SameInKustomizeAndHelm(t *testing.T) {
+	const (
+		kustomizeCRD = "deploy/kubernetes/cachedmodel-crd.yaml"
+		helmCRD      = "deploy/helm/modelcache/crds/cachedmodel-crd.yaml"
+		crdName      = "cachedmodels.modelcache.csi.dev"
+		namespace    = "modelcache"
+		account      = "modelcache-controller"
+	)
+	k, err := os.ReadFile(filepath.Join(testenv.RepoRoot(), kustomizeCRD))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := os.ReadFile(filepath.Join(testenv.RepoRoot(), helmCRD))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(k, h) {
+		t.Errorf("%s and %s differ: copy the first over the second (cp %s %s)", kustomizeCRD, helmCRD, kustomizeCRD, helmCRD)
+	}
+	var crdFile map[string]any
+	if err := yaml.Unmarshal(k, &crdFile); err != nil {
+		t.Fatalf("%s: %v", kustomizeCRD, err)
+	}
+
+	for _, r := range []struct {
+		name     string
+		rendered []byte
+	}{
+		{"kustomize build deploy/kubernetes", renderDeploy(t, "kustomize", "build", "deploy/kubernetes")},
+		{"helm template --include-crds", renderDeploy(t, "helm", "template", "modelcache", "deploy/helm/modelcache", "--namespace", namespace, "--include-crds")},
+	} {
+		t.Run(strings.Fields(r.name)[0], func(t *testing.T) {
+			var (
+				crds         []map[string]any
+				clusterRoles = map[string][]rbacv1.PolicyRule{}
+				roles        = map[string][]rbacv1.PolicyRule{} // namespace/name
+				rules        []rbacv1.PolicyRule
+			)
+			var bound []string // kind/namespace/name of the (Cluster)Roles bound to the account
+			reader := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(r.rendered)))
+			for {
+				doc, err := reader.Read()
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					t.Fatalf("%s: %v", r.name, err)
+				}
+				var head struct {
+					Kind     string            `json:"kind"`
+					Metadata metav1.ObjectMeta `json:"metadata"`
+				}
+				if err := yaml.Unmarshal(doc, &head); err != nil {
+					t.Fatalf("%s: %v", r.name, err)
+				}
+				switch head.Kind {
+				case "CustomResourceDefinition":
+					if head.Metadata.Name == crdName {
+						var m map[string]any
+						if err := yaml.Unmarshal(doc, &m); err != nil {
+							t.Fatal(err)
+						}
+						crds = append(crds, m)
+					}
+				case "ClusterRole":
+					var cr rbacv1.ClusterRole
+					if err := yaml.Unmarshal(doc, &cr); err != nil {
+						t.Fatal(err)
+					}
+					clusterRoles[cr.Name] = cr.Rules
+				case "Role":
+					var ro rbacv1.Role
+					if err := yaml.Unmarshal(doc, &ro); err != nil {
+						t.Fatal(err)
+					}
+					roles[ro.Namespace+"/"+ro.Name] = ro.Rules
+				case "ClusterRoleBinding", "RoleBinding":
+					var b rbacv1.RoleBinding // same fields as a ClusterRoleBinding
+					if err := yaml.Unmarshal(doc, &b); err != nil {
+						t.Fatal(err)
+					}
+					for _, s := range b.Subjects {
+						ns := s.Namespace
+						if ns == "" {
+							ns = b.Namespace
+						}
+						if s.Kind == rbacv1.ServiceAccountKind && s.Name == account && ns == namespace {
+							if b.RoleRef.Kind == "ClusterRole" {
+								bound = append(bound, "ClusterRole//"+b.RoleRef.Name)
+							} else {
+								bound = append(bound, "Role/"+b.Namespace+"/"+b.RoleRef.Name)
+							}
+						}
+					}
+				}
+			}
+			if len(crds) != 1 {
+				t.Errorf("%s holds %d CustomResourceDefinitions %s, want 1", r.name, len(crds), crdName)
+			} else if got, _ := json.Marshal(crds[0]); !bytes.Equal(got, mustJSON(t, crdFile)) {
+				t.Errorf("%s renders CRD %s other than %s:\n%s", r.name, crdName, kustomizeCRD, got)
+			}
+			for _, b := range bound {
+				kind, rest, _ := strings.Cut(b, "/")
+				ns, name, _ := strings.Cut(rest, "/")
+				var rs []rbacv1.PolicyRule
+				var ok bool
+				if kind == "ClusterRole" {
+					rs, ok = clusterRoles[name]
+				} else {
+					rs, ok = roles[ns+"/"+name]
+				}
+				if !ok {
+					t.Errorf("%s binds %s/%s to %s, which it does not define", r.name, namespace, account, b)
+				}
+				rules = append(rules, rs...)
+			}
+			if len(bound) == 0 {
+				t.Fatalf("%s binds nothing to the ServiceAccount %s/%s", r.name, namespace, account)
+			}
+			for _, want := range cachedModelControllerRules {
+				granted := map[string]bool{}
+				resource, sub, _ := strings.Cut(want.resource, "/")
+				for _, rule := range rules {
+					groupOK := slices.Contains(rule.APIGroups, want.group) || slices.Contains(rule.APIGroups, "*")
+					resOK := slices.Contains(rule.Resources, want.resource) || slices.Contains(rule.Resources, "*") ||
+						(sub != "" && slices.Contains(rule.Resources, resource+"/*"))
+					if groupOK && resOK {
+						for _, v := range rule.Verbs {
+							granted[v] = true
+						}
+					}
+				}
+				for _, v := range want.verbs {
+					if !granted[v] && !granted["*"] {
+						t.Errorf("%s: %s/%s may not %s %s (group %q); the CachedModel reconciler needs %v", r.name, namespace, account, v, want.resource, want.group, want.verbs)
+					}
+				}
+				if want.exact {
+					for v := range granted {
+						if !slices.Contains(want.verbs, v) {
+							t.Errorf("%s: %s/%s may %s %s (group %q); it needs only %v", r.name, namespace, account, v, want.resource, want.group, want.verbs)
+						}
+					}
+				}
+			}
+		})
+	}
+}
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	j, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j
 }

@@ -3,7 +3,9 @@ package manifests
 import (
 	"encoding/json"
 
+	"github.com/modelcache/modelcache/pkg/fleet"
 	corev1 "k8s.io/api/core/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -31,6 +33,7 @@ type SeldonDeployment struct {
 
 type SeldonDeploymentSpec struct {
 	Name       string          `json:"name,omitempty"`
+	Protocol   string          `json:"protocol,omitempty"`
 	Predictors []PredictorSpec `json:"predictors"`
 }
 
@@ -111,7 +114,20 @@ func deepCopy[T any](in *T) *T {
 	return out
 }
 
+// CachedModel is the reconciler's own type, so the examples decode
+// against exactly the fields it reads.
+type CachedModel struct{ fleet.CachedModel }
+
+func (c *CachedModel) DeepCopyObject() runtime.Object { return deepCopy(c) }
+
 var crdSchemeBuilder = runtime.NewSchemeBuilder(
+	apiextensionsv1.AddToScheme,
+	func(s *runtime.Scheme) error {
+		gv := schema.GroupVersion{Group: fleet.Group, Version: fleet.Version}
+		s.AddKnownTypeWithName(gv.WithKind(fleet.Kind), &CachedModel{})
+		metav1.AddToGroupVersion(s, gv)
+		return nil
+	},
 	func(s *runtime.Scheme) error {
 		s.AddKnownTypes(seldonGV, &SeldonDeployment{})
 		metav1.AddToGroupVersion(s, seldonGV)
@@ -124,7 +140,7 @@ var crdSchemeBuilder = runtime.NewSchemeBuilder(
 	},
 )
 
-// manifestDecoder decodes client-go's types and the two custom resources, and
+// manifestDecoder decodes client-go's types, CRDs and the custom resources, and
 // fails on any field the type does not have and on duplicate fields.
 func manifestDecoder() runtime.Decoder {
 	sch := runtime.NewScheme()

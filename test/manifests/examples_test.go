@@ -1,23 +1,19 @@
 package manifests
 
 import (
-	"bytes"
 	"context"
-	"os"
-	"os/exec"
-	"path"
+	"maps"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"testing"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/csi"
+	"github.com/modelcache/modelcache/pkg/fleet"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/test/testenv"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
@@ -27,7 +23,7 @@ import (
 // Checks of deploy/examples: every model volume names a valid model with a
 // secret that exists and is mounted read-only; the Seldon and KServe
 // examples leave their own model download off; the StorageClass examples
-// provision; the prefetch example runs a command modelcachectl accepts.
+// provision; the prefetch example's servers follow its CachedModel.
 
 const examplesDir = "deploy/examples"
 
@@ -323,176 +319,82 @@ func TestExamples_SeldonPVC_ProvisionsTheClassModel(t *testing.T) {
 	}
 }
 
-// buildModelcachectl builds cmd/modelcachectl into a temporary directory.
-func buildModelcachectl(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "modelcachectl")
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/modelcachectl")
-	cmd.Dir = testenv.RepoRoot()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building modelcachectl: %v\n%s", err, out)
+// The prefetch example: a CachedModel whose holders the reconciler builds
+// into exactly the inline volume the example's model servers mount (same
+// modelUri and secret, so their publishes are cache hits), with a secret
+// that exists beside it, on GPU nodes; the Deployment requires affinity
+// to those holders and the SeldonDeployment prefers it, and neither
+// server matches its own affinity term.
+func TestExamples_Prefetch_ServersFollowTheCachedModel(t *testing.T) {
+	docs := docsUnder(documents(t), examplesDir+"/prefetch")
+	cms := objectsOf[*CachedModel](docs)
+	if len(cms) != 1 {
+		t.Fatalf("found %d CachedModels in %s/prefetch, want 1", len(cms), examplesDir)
 	}
-	return bin
-}
-
-// modelcachectlFlags returns the flags `modelcachectl <command> -h` lists,
-// its own and the global ones.
-func modelcachectlFlags(t *testing.T, bin, command string) []string {
-	t.Helper()
-	var out bytes.Buffer
-	cmd := exec.Command(bin, command, "-h")
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("modelcachectl %s -h: %v\n%s", command, err, out.String())
+	cm := &cms[0].CachedModel
+	if _, err := source.ParseURI(cm.Spec.ModelURI); err != nil {
+		t.Errorf("CachedModel modelUri: %v", err)
 	}
-	var flags []string
-	for _, m := range regexp.MustCompile(`(?m)^\s+--([a-z][a-z0-9-]*)`).FindAllStringSubmatch(out.String(), -1) {
-		flags = append(flags, m[1])
+	if len(cm.Spec.NodeSelector) == 0 {
+		t.Error("the CachedModel has no nodeSelector: it would warm every node")
 	}
-	slices.Sort(flags)
-	flags = slices.Compact(flags)
-	if len(flags) == 0 {
-		t.Fatalf("modelcachectl %s -h lists no flags:\n%s", command, out.String())
-	}
-	return flags
-}
-
-// The prefetch example runs `modelcachectl prefetch` with only flags that
-// command accepts, as root, against the node plugin's admin socket, on the
-// nodes a nodeSelector picks, with a secret file in a format --secret-file
-// reads that defines the remote of the URI. Run with its own arguments
-// (paths moved to a temporary directory), the real binary gets as far as
-// dialling the socket.
-func TestExamples_PrefetchRunsACommandModelcachectlAccepts(t *testing.T) {
-	all := documents(t)
-	docs := docsUnder(all, examplesDir+"/prefetch")
-	sets := objectsOf[*appsv1.DaemonSet](docs)
-	if len(sets) != 1 {
-		t.Fatalf("found %d DaemonSets in %s/prefetch, want 1", len(sets), examplesDir)
-	}
-	ds := sets[0]
-	spec := &ds.Spec.Template.Spec
-	var c *corev1.Container
-	for _, cc := range allContainers(spec) {
-		if len(cc.Command) > 0 && path.Base(cc.Command[0]) == "modelcachectl" {
-			c = cc
-		}
-	}
-	if c == nil {
-		t.Fatal("no container of the prefetch DaemonSet runs modelcachectl")
-	}
-	if len(spec.NodeSelector) == 0 {
-		t.Error("the prefetch DaemonSet has no nodeSelector: it would warm every node")
-	}
-
-	// The image the node plugin runs, where the Dockerfile puts modelcachectl.
-	plugin := nodeDaemonSet(t).plugin
-	if c.Image != plugin.Image {
-		t.Errorf("prefetch image %s, want the node plugin's %s (it ships modelcachectl)", c.Image, plugin.Image)
-	}
-	if c.Command[0] != "/usr/local/bin/modelcachectl" || len(c.Command) != 1 {
-		t.Errorf("prefetch command %q, want [/usr/local/bin/modelcachectl] where the Dockerfile installs it", c.Command)
-	}
-	var uid *int64
-	if spec.SecurityContext != nil {
-		uid = spec.SecurityContext.RunAsUser
-	}
-	if c.SecurityContext != nil && c.SecurityContext.RunAsUser != nil {
-		uid = c.SecurityContext.RunAsUser
-	}
-	if uid == nil || *uid != 0 {
-		t.Errorf("prefetch runs as user %v, want 0: only root may open the admin socket", uid)
-	}
-
-	// Flags: only those modelcachectl prefetch lists, and one positional URI.
-	bin := buildModelcachectl(t)
-	accepted := modelcachectlFlags(t, bin, "prefetch")
-	if len(c.Args) == 0 || c.Args[0] != "prefetch" {
-		t.Fatalf("prefetch args %q do not start with the prefetch command", c.Args)
-	}
-	var positional []string
-	for i := 1; i < len(c.Args); i++ {
-		a := c.Args[i]
-		if !strings.HasPrefix(a, "-") {
-			positional = append(positional, a)
-			continue
-		}
-		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if !slices.Contains(accepted, name) {
-			t.Errorf("prefetch arg %q: modelcachectl prefetch accepts only %v", a, accepted)
-		}
-		if !hasValue {
-			i++ // every prefetch flag takes a value
-		}
-	}
-	if len(positional) != 1 {
-		t.Fatalf("prefetch args %q: want exactly one model URI, got %q", c.Args, positional)
-	}
-	uri, err := source.ParseURI(positional[0])
-	if err != nil {
-		t.Fatalf("prefetch URI %q: %v", positional[0], err)
-	}
-
-	// The socket: the node plugin's <cache-dir>/admin.sock on the host.
-	socket := theArg(t, c, "--socket")
-	if hp, want := hostPathOf(t, spec, c, socket), cacheHostPath+"/admin.sock"; hp != want {
-		t.Errorf("prefetch --socket=%s is host %s, want the node plugin's %s", socket, hp, want)
-	}
-
-	// The secret file: a key of a Secret of the same namespace, mounted.
-	secretFile := theArg(t, c, "--secret-file")
-	m := mountAt(c, path.Dir(secretFile))
-	if m == nil {
-		t.Fatalf("--secret-file=%s: nothing is mounted at %s", secretFile, path.Dir(secretFile))
-	}
-	v := volumeNamed(t, spec, m.Name)
-	if v.Secret == nil {
-		t.Fatalf("--secret-file=%s is not in a Secret volume", secretFile)
-	}
-	key := path.Base(secretFile)
-	for _, it := range v.Secret.Items {
-		if it.Path == key {
-			key = it.Key
-		}
-	}
-	var content []byte
+	secrets := map[string]bool{}
 	for _, s := range objectsOf[*corev1.Secret](docs) {
-		if s.Name == v.Secret.SecretName && s.Namespace == ds.Namespace {
-			if sd, ok := s.StringData[key]; ok {
-				content = []byte(sd)
-			} else if d, ok := s.Data[key]; ok {
-				content = d
+		secrets[s.Namespace+"/"+s.Name] = true
+	}
+	if cm.Spec.SecretRef == nil || !secrets[cm.Namespace+"/"+cm.Spec.SecretRef.Name] {
+		t.Errorf("the CachedModel's secretRef %+v names no Secret of the example in namespace %s", cm.Spec.SecretRef, cm.Namespace)
+	}
+	holders := fleet.Holders(cm, "image")
+	held := holders.Spec.Template.Spec.Volumes[0].CSI
+
+	type server struct {
+		name     string
+		spec     *corev1.PodSpec
+		labels   map[string]string
+		required bool
+	}
+	var servers []server
+	for _, d := range objectsOf[*appsv1.Deployment](docs) {
+		servers = append(servers, server{"Deployment " + d.Name, &d.Spec.Template.Spec, d.Spec.Template.Labels, true})
+	}
+	for _, sd := range objectsOf[*SeldonDeployment](docs) {
+		for _, p := range sd.Spec.Predictors {
+			for _, c := range p.ComponentSpecs {
+				servers = append(servers, server{"SeldonDeployment " + sd.Name, &c.Spec, c.Metadata.Labels, false})
 			}
 		}
 	}
-	if content == nil {
-		t.Fatalf("--secret-file=%s: Secret %s/%s with key %s is not in the example", secretFile, ds.Namespace, v.Secret.SecretName, key)
+	if len(servers) != 2 {
+		t.Fatalf("found %d model servers (a Deployment and a SeldonDeployment expected)", len(servers))
 	}
-	if uri.Scheme == source.SchemeRemote {
-		typeKey := "RCLONE_CONFIG_" + strings.ToUpper(strings.ReplaceAll(uri.Remote, "-", "_")) + "_TYPE="
-		if !bytes.Contains(content, []byte("\n"+typeKey)) && !bytes.HasPrefix(content, []byte(typeKey)) {
-			t.Errorf("the secret file defines no %s line for remote %q", typeKey, uri.Remote)
+	for _, s := range servers {
+		var vol *corev1.CSIVolumeSource
+		for _, v := range s.spec.Volumes {
+			if v.CSI != nil && v.CSI.Driver == csi.DriverName {
+				vol = v.CSI
+			}
 		}
-	}
-
-	// The real binary with the example's arguments: only the two paths
-	// move. It must read the secret file and then fail to reach the
-	// (absent) socket, not refuse the arguments (exit 2) or the file.
-	dir := t.TempDir()
-	file := filepath.Join(dir, key)
-	if err := os.WriteFile(file, content, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	args := slices.Clone(c.Args)
-	for i, a := range args {
-		args[i] = strings.NewReplacer(secretFile, file, socket, filepath.Join(dir, "admin.sock")).Replace(a)
-	}
-	var out bytes.Buffer
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err = cmd.Run()
-	code := cmd.ProcessState.ExitCode()
-	if code != 1 || !strings.Contains(out.String(), "cannot reach the admin API: no socket at") {
-		t.Fatalf("modelcachectl %q exited %d (%v), want 1 for the missing socket after reading the secret file:\n%s", args, code, err, out.String())
+		if vol == nil || vol.VolumeAttributes[csi.AttrModelURI] != held.VolumeAttributes[csi.AttrModelURI] ||
+			vol.NodePublishSecretRef == nil || vol.NodePublishSecretRef.Name != held.NodePublishSecretRef.Name {
+			t.Errorf("%s mounts %+v, not the held model with the same secret", s.name, vol)
+		}
+		var terms []corev1.PodAffinityTerm
+		if a := s.spec.Affinity; a != nil && a.PodAffinity != nil {
+			if s.required {
+				terms = a.PodAffinity.RequiredDuringSchedulingIgnoredDuringExecution
+			} else {
+				for _, w := range a.PodAffinity.PreferredDuringSchedulingIgnoredDuringExecution {
+					terms = append(terms, w.PodAffinityTerm)
+				}
+			}
+		}
+		if len(terms) != 1 || terms[0].TopologyKey != "kubernetes.io/hostname" || terms[0].LabelSelector == nil ||
+			!maps.Equal(terms[0].LabelSelector.MatchLabels, holders.Spec.Template.Labels) {
+			t.Errorf("%s: pod affinity %+v does not follow the holders (%v, per node); required=%v", s.name, terms, holders.Spec.Template.Labels, s.required)
+		}
+		if _, own := s.labels[fleet.LabelCachedModel]; own {
+			t.Errorf("%s carries %s itself and would match its own affinity term", s.name, fleet.LabelCachedModel)
+		}
 	}
 }

@@ -22,8 +22,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/serializer"
-	"k8s.io/client-go/kubernetes/scheme"
 )
 
 const (
@@ -36,7 +34,8 @@ const (
 
 // helmStrictDecoder fails on unknown and duplicate fields, so a misspelt key in
 // a template is an error here rather than a field the API server drops.
-var helmStrictDecoder = serializer.NewCodecFactory(scheme.Scheme, serializer.EnableStrict).UniversalDeserializer()
+// helmStrictDecoder is the manifests' decoder: client-go's types and the CRD.
+var helmStrictDecoder = manifestDecoder()
 
 // helmTool returns the path of a pinned binary in bin/ or fails the test.
 func helmTool(t *testing.T, name string) string {
@@ -71,7 +70,8 @@ func helmRun(t *testing.T, name string, args ...string) ([]byte, error) {
 // modelcache, plus args.
 func helmTemplate(t *testing.T, args ...string) map[string]runtime.Object {
 	t.Helper()
-	out, err := helmRun(t, "helm", append([]string{"template", "modelcache", helmChartDir, "--namespace", helmReleaseNS}, args...)...)
+	// --include-crds: the chart's crds/ are part of what it installs.
+	out, err := helmRun(t, "helm", append([]string{"template", "modelcache", helmChartDir, "--namespace", helmReleaseNS, "--include-crds"}, args...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func TestHelm_DefaultValuesRenderTheKustomizeBase(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := helmDecodeAll(t, "kustomize build", out)
-	for _, k := range []string{"Namespace//modelcache", "CSIDriver//modelcache.csi.dev", helmDaemonSetKey, helmDeploymentKey} {
+	for _, k := range []string{"Namespace//modelcache", "CSIDriver//modelcache.csi.dev", "CustomResourceDefinition//cachedmodels.modelcache.csi.dev", helmDaemonSetKey, helmDeploymentKey} {
 		if want[k] == nil {
 			t.Fatalf("kustomize build %s has no %s; found %v", helmKustomizeDir, k, helmSortedKeys(want))
 		}
