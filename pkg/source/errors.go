@@ -58,6 +58,9 @@ func classify(op string, err error, secrets map[string]string) error {
 			kind = ErrDenied
 		case code == http.StatusNotFound:
 			kind = ErrNotFound
+		case code == http.StatusRequestedRangeNotSatisfiable || code == http.StatusPreconditionFailed:
+			// A range past the end: the object shrank since it was listed.
+			kind = ErrChanged
 		case code == http.StatusRequestTimeout || code == http.StatusTooManyRequests:
 			// Throttled or slow: retryable, stays ErrUnavailable.
 		case code >= 400 && code < 500:

@@ -13,6 +13,7 @@ import (
 	"path"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
@@ -142,6 +143,10 @@ type rcloneRemote struct {
 	main    lazyFs // for List and Open
 	meta    lazyFs // for Verify, when it needs other options than main
 	objects map[string]fs.Object
+	// ranged holds, per path, objects no ranged read is using: an rclone
+	// Object records each response's headers as it opens, so two reads
+	// at once must not share one.
+	ranged map[string][]fs.Object
 }
 
 // lazyFs is an rclone Fs built on first use.
@@ -278,8 +283,77 @@ func (r *rcloneRemote) Open(ctx context.Context, e Entry) (io.ReadCloser, error)
 
 // OpenRange opens length bytes of an object from offset: one ranged GET of
 // a large file fetched in parallel chunks.
+//
+// Each response is checked against the listing: the object's size, time
+// and checksum as the response's own headers give them. A GET is served
+// from one version of an object, so every range is known to be of the
+// listed version, also for an object without a checksum, whose bytes
+// nothing else could check.
 func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length int64) (io.ReadCloser, error) {
-	return r.open(ctx, e, &fs.RangeOption{Start: offset, End: offset + length - 1})
+	ctx = requestConfig(ctx)
+	op := fmt.Sprintf("opening %s/%s bytes %d-%d", r.uri, e.Path, offset, offset+length-1)
+	o, err := r.takeRanged(ctx, e)
+	if err != nil {
+		return nil, classify(op, err, r.secrets)
+	}
+	rc, err := o.Open(ctx, &fs.RangeOption{Start: offset, End: offset + length - 1})
+	if err != nil {
+		return nil, classify(op, err, r.secrets)
+	}
+	if err := r.sameAsListed(ctx, o, e); err != nil {
+		rc.Close()
+		return nil, err
+	}
+	r.mu.Lock()
+	r.ranged[e.Path] = append(r.ranged[e.Path], o)
+	r.mu.Unlock()
+	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), secrets: r.secrets}, nil
+}
+
+// takeRanged returns an object of e's path that no other read uses: a
+// free one, or a new one (a HEAD, itself checked against the listing).
+func (r *rcloneRemote) takeRanged(ctx context.Context, e Entry) (fs.Object, error) {
+	r.mu.Lock()
+	if free := r.ranged[e.Path]; len(free) > 0 {
+		o := free[len(free)-1]
+		r.ranged[e.Path] = free[:len(free)-1]
+		r.mu.Unlock()
+		return o, nil
+	}
+	if r.ranged == nil {
+		r.ranged = map[string][]fs.Object{}
+	}
+	r.mu.Unlock()
+	f, _, err := r.backend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	o, err := f.NewObject(ctx, e.Path)
+	if err != nil {
+		return nil, err
+	}
+	return o, r.sameAsListed(ctx, o, e)
+}
+
+// sameAsListed compares what o last learnt of the object (its listing, a
+// HEAD, or the headers of the response it just opened) with the listing.
+// Times are compared to the second: a HEAD or GET gives no finer.
+func (r *rcloneRemote) sameAsListed(ctx context.Context, o fs.Object, e Entry) error {
+	changed := func(what string, now, listed any) error {
+		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
+	}
+	if size := o.Size(); size >= 0 && size != e.Size {
+		return changed("size", size, e.Size)
+	}
+	if t := o.ModTime(ctx); !e.ModTime.IsZero() && !t.Truncate(time.Second).Equal(e.ModTime.Truncate(time.Second)) {
+		return changed("time", t.UTC(), e.ModTime.UTC())
+	}
+	if e.Hash != "" {
+		if h, err := o.Hash(ctx, hash.MD5); err == nil && h != "" && !strings.EqualFold(h, e.Hash) {
+			return changed("checksum", h, e.Hash)
+		}
+	}
+	return nil
 }
 
 func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (io.ReadCloser, error) {

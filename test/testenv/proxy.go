@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -35,6 +36,23 @@ type Proxy struct {
 	// flipAt of their body inverted, the size left intact.
 	flipKey string
 	flipAt  int64
+	// truncate: the next truncTimes object GETs whose path ends in
+	// truncKey (every one while truncTimes < 0) are cut after truncAt
+	// bytes of their body.
+	truncKey   string
+	truncAt    int64
+	truncTimes int
+	// swap: object GETs whose path ends in swapKey are answered with
+	// swapData (the slice their Content-Range names) instead of the
+	// remote's bytes.
+	swapKey  string
+	swapData []byte
+
+	truncations atomic.Int64
+	// inFlight counts object GETs being answered; maxInFlight is its
+	// high-water mark since the last Reset.
+	inFlight    atomic.Int64
+	maxInFlight atomic.Int64
 
 	srv *http.Server
 }
@@ -53,6 +71,7 @@ func StartProxy(target string) (*Proxy, error) {
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.FlushInterval = -1
 	rp.ModifyResponse = func(resp *http.Response) error {
+		p.swapBody(resp)
 		if p.RateBytesPerSec.Load() > 0 && isObjectGet(resp.Request) {
 			// Throttling plays a slow network between the driver and the
 			// remote; the remote itself answers at once. Reading its answer
@@ -81,12 +100,20 @@ func StartProxy(target string) (*Proxy, error) {
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isObjectGet(r) {
 			p.objectGets.Add(1)
-			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1}
+			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1}
 			p.mu.Lock()
 			if p.flipKey != "" && strings.HasSuffix(r.URL.Path, "/"+p.flipKey) {
 				cw.flipAt = p.flipAt
 			}
+			if p.truncKey != "" && p.truncTimes != 0 && strings.HasSuffix(r.URL.Path, "/"+p.truncKey) {
+				cw.truncAt = p.truncAt
+				if p.truncTimes > 0 {
+					p.truncTimes--
+				}
+			}
 			p.mu.Unlock()
+			cw.enter()
+			defer cw.leave()
 			w = cw
 		}
 		rp.ServeHTTP(w, r)
@@ -104,8 +131,78 @@ func (p *Proxy) ObjectBytes() int64 { return p.objectBytes.Load() }
 // ObjectGets is the number of object GET requests so far.
 func (p *Proxy) ObjectGets() int64 { return p.objectGets.Load() }
 
-// Reset zeroes the counters.
-func (p *Proxy) Reset() { p.objectBytes.Store(0); p.objectGets.Store(0) }
+// Reset zeroes the counters, and sets the high-water mark of MaxInFlight
+// to the number of object GETs in flight now (0 when idle).
+func (p *Proxy) Reset() {
+	p.objectBytes.Store(0)
+	p.objectGets.Store(0)
+	p.truncations.Store(0)
+	p.maxInFlight.Store(p.inFlight.Load())
+}
+
+// MaxInFlight is the most object GETs the proxy was answering at once since
+// it started or was Reset. A GET counts from its arrival until the last
+// byte of its body is handed to the connection (or it fails): not until
+// its handler returns, because throttling sleeps after the last write and
+// the client may by then have sent its next request on another stream, so
+// one client stream is never counted twice.
+func (p *Proxy) MaxInFlight() int64 { return p.maxInFlight.Load() }
+
+// Truncations is the number of responses Truncate cut since the last Reset.
+func (p *Proxy) Truncations() int64 { return p.truncations.Load() }
+
+// Truncate makes the proxy cut responses for the object whose key ends in
+// key: each of the next times object GETs of it (every one while times is
+// negative) gets at bytes of its body, counted from the start of that
+// response's body (a ranged GET's too), and then the connection is
+// aborted, its Content-Length unmet, as a remote or middlebox dropping a
+// connection would. at must be positive (a cut before the first byte is a
+// failed request, which the client's own retries hide). A GET whose body is
+// no longer than at is served whole but still uses up one of times.
+// Truncate("", 0, 0) stops it; the count restarts at every call.
+func (p *Proxy) Truncate(key string, at int64, times int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.truncKey, p.truncAt, p.truncTimes = key, at, times
+}
+
+// ServeBytesOf makes the proxy answer object GETs of the object whose key
+// ends in key with data instead of the remote's bytes, status and headers
+// (ETag, Content-Length) left as the remote sent them: a remote or cache
+// serving another object of the same size. A ranged GET gets the slice of
+// data its Content-Range names, so parallel chunks stay consistent with
+// each other. data should be as long as the object; "" stops it.
+func (p *Proxy) ServeBytesOf(key string, data []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.swapKey, p.swapData = key, data
+}
+
+// swapBody applies ServeBytesOf to a remote's response.
+func (p *Proxy) swapBody(resp *http.Response) {
+	p.mu.Lock()
+	key, data := p.swapKey, p.swapData
+	p.mu.Unlock()
+	if key == "" || !isObjectGet(resp.Request) || !strings.HasSuffix(resp.Request.URL.Path, "/"+key) ||
+		resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
+		return
+	}
+	start, end := int64(0), int64(len(data))-1
+	if cr := resp.Header.Get("Content-Range"); cr != "" {
+		// bytes first-last/complete
+		var total int64
+		if _, err := fmt.Sscanf(cr, "bytes %d-%d/%d", &start, &end, &total); err != nil {
+			return
+		}
+	}
+	start = min(max(start, 0), int64(len(data)))
+	end = min(max(end, start-1), int64(len(data))-1)
+	resp.Body.Close()
+	body := data[start : end+1]
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	resp.ContentLength = int64(len(body))
+	resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
+}
 
 // RewriteListings sets a function applied to every listing response body
 // (nil to stop rewriting).
@@ -143,10 +240,32 @@ func (p *Proxy) FlipByte(key string, at int64) {
 
 type countingWriter struct {
 	http.ResponseWriter
-	p      *Proxy
-	start  time.Time
-	n      int64
-	flipAt int64 // -1: serve the bytes as they are
+	p       *Proxy
+	start   time.Time
+	n       int64
+	flipAt  int64 // -1: serve the bytes as they are
+	truncAt int64 // -1: serve the whole body
+	length  int64 // the body's Content-Length, read at the first write; -1: not yet or unknown
+	left    bool  // no longer counted in flight
+}
+
+// enter counts the response in flight and raises the high-water mark.
+func (c *countingWriter) enter() {
+	n := c.p.inFlight.Add(1)
+	for {
+		m := c.p.maxInFlight.Load()
+		if n <= m || c.p.maxInFlight.CompareAndSwap(m, n) {
+			return
+		}
+	}
+}
+
+// leave stops counting the response in flight, once.
+func (c *countingWriter) leave() {
+	if !c.left {
+		c.left = true
+		c.p.inFlight.Add(-1)
+	}
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {
@@ -155,10 +274,20 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 			time.Sleep(d)
 			c.start = time.Now()
 		}
+		if l, err := strconv.ParseInt(c.Header().Get("Content-Length"), 10, 64); err == nil {
+			c.length = l
+		}
 	}
 	if c.flipAt >= c.n && c.flipAt < c.n+int64(len(b)) {
 		b = bytes.Clone(b)
 		b[c.flipAt-c.n] ^= 0xff
+	}
+	if c.truncAt >= 0 && c.n+int64(len(b)) > c.truncAt {
+		c.cut(b[:c.truncAt-c.n])
+	}
+	if c.length >= 0 && c.n+int64(len(b)) >= c.length {
+		// The last bytes: the client may ask again as soon as it has them.
+		c.leave()
 	}
 	n, err := c.ResponseWriter.Write(b)
 	c.n += int64(n)
@@ -170,6 +299,20 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// cut sends b, the last bytes before a Truncate point, and aborts the
+// connection.
+func (c *countingWriter) cut(b []byte) {
+	if len(b) > 0 {
+		n, _ := c.ResponseWriter.Write(b)
+		c.n += int64(n)
+		c.p.objectBytes.Add(int64(n))
+	}
+	c.Flush()
+	c.p.truncations.Add(1)
+	c.leave()
+	panic(http.ErrAbortHandler)
 }
 
 func (c *countingWriter) Flush() {
