@@ -1,8 +1,9 @@
 # modelcache — build, test and demo.
 #
 #   make demo    the main job end to end on this machine (needs root)
-#   make test    everything CI runs: lint, unit, integration (root, MinIO,
-#                real mounts) and csi-sanity
+#   make test    lint, unit, integration (root, MinIO, real mounts),
+#                csi-sanity and the CachedModel reconciler against a real
+#                kube-apiserver and etcd (built into bin/ the first time)
 #   make e2e     the DaemonSet on a real single-node Kubernetes (root; builds
 #                kube-apiserver, kubelet and etcd into bin/ the first time)
 #   make bench   benchmarks (never part of make test)
@@ -57,7 +58,7 @@ GOTEST_FLAGS ?=
 .PHONY: help
 help:
 	@echo "make demo     cold then warm publish of a generated model from a loopback MinIO (root)"
-	@echo "make test     lint, unit, integration and csi-sanity tests (root)"
+	@echo "make test     lint, unit, integration, csi-sanity and fleet (apiserver) tests (root)"
 	@echo "make e2e      the node plugin's image as a DaemonSet on a real single-node Kubernetes (root)"
 	@echo "make bench    benchmarks"
 	@echo "make build    bin/modelcache-csi and bin/modelcachectl"
@@ -131,7 +132,7 @@ tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION) $
 # --- tests -----------------------------------------------------------------
 
 .PHONY: test
-test: lint unit fuzz integration sanity
+test: lint unit fuzz integration sanity fleet
 
 # Each fuzz target runs for FUZZTIME on top of its committed seed corpus
 # (pkg/source/testdata/fuzz), which `make unit` already replays.
@@ -167,6 +168,13 @@ integration: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE
 .PHONY: sanity
 sanity: require-root tools
 	$(GO) test -count=1 -timeout 20m -v ./test/sanity/... -args -skip='$(SANITY_SKIP)' -writer-specs='$(SANITY_WRITER_SPECS)'
+
+# The CachedModel reconciler against a real etcd and kube-apiserver, as
+# envtest runs them (no kubelet, no root), with deploy/kubernetes's CRD and
+# RBAC. The Kubernetes binaries are the ones make e2e uses.
+.PHONY: fleet
+fleet: $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION)
+	$(GO) test -race -count=1 -timeout 10m $(GOTEST_FLAGS) ./test/fleet/...
 
 # The real node's runtime comes from Debian's packages (bookworm: containerd
 # 1.6.20, runc 1.1.5, CNI plugins 1.1.1, busybox for the test pods' image).

@@ -63,7 +63,7 @@ func renderHelm(t *testing.T) []byte {
 		t.Fatal(err)
 	}
 	repo := testenv.RepoRoot()
-	chart, err := exec.Command(helm, "template", "modelcache", filepath.Join(repo, "deploy/helm/modelcache"),
+	chart, err := exec.Command(helm, "template", "modelcache", filepath.Join(repo, "deploy/helm/modelcache"), "--include-crds",
 		"--namespace", "modelcache", "--set", "image.repository=modelcache-csi", "--set", "image.tag=dev").Output()
 	if err != nil {
 		t.Fatalf("helm template: %v\n%s", err, stderr(err))
@@ -123,25 +123,36 @@ func installPlugin(t *testing.T, name string, rendered []byte) *install {
 	t.Helper()
 	in := &install{name: name, objects: decode(t, rendered)}
 	var ds *appsv1.DaemonSet
+	var pods []corev1.PodSpec // of the DaemonSet and the controller Deployment
 	for _, o := range in.objects {
-		if o.GetKind() == "DaemonSet" {
+		switch o.GetKind() {
+		case "DaemonSet":
 			ds = &appsv1.DaemonSet{}
 			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, ds); err != nil {
 				t.Fatal(err)
 			}
-		}
-		if o.GetKind() == "Deployment" {
-			t.Fatalf("%s: the rendered manifests still hold Deployment %s; the e2e component removes the controller", name, o.GetName())
+			pods = append(pods, ds.Spec.Template.Spec)
+		case "Deployment":
+			var d appsv1.Deployment
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, &d); err != nil {
+				t.Fatal(err)
+			}
+			pods = append(pods, d.Spec.Template.Spec)
 		}
 	}
 	if ds == nil {
 		t.Fatalf("%s: no DaemonSet in the rendered manifests", name)
 	}
 	containers := map[string]string{}
-	for _, c := range ds.Spec.Template.Spec.Containers {
-		containers[c.Name] = c.Image
-		if c.ImagePullPolicy != corev1.PullNever {
-			t.Fatalf("%s: container %s would pull (%q); the e2e component sets Never", name, c.Name, c.ImagePullPolicy)
+	for _, spec := range pods {
+		for _, c := range spec.Containers {
+			if other, ok := containers[c.Name]; ok && other != c.Image {
+				t.Fatalf("%s: two containers %s with images %s and %s", name, c.Name, other, c.Image)
+			}
+			containers[c.Name] = c.Image
+			if c.ImagePullPolicy != corev1.PullNever {
+				t.Fatalf("%s: container %s would pull (%q); the e2e component sets Never", name, c.Name, c.ImagePullPolicy)
+			}
 		}
 	}
 	if err := pluginImages(containers); err != nil {
@@ -185,13 +196,18 @@ func (in *install) uninstall(t *testing.T) {
 			t.Errorf("%s: deleting %s %s: %v", in.name, o.GetKind(), o.GetName(), err)
 		}
 	}
-	// The namespace goes last and takes the plugin pods with it.
-	waitFor(t, "namespace modelcache deleted", 2*time.Minute, func() error {
-		_, err := suite.cluster.Client.CoreV1().Namespaces().Get(ctx, "modelcache", metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			return nil
+	// The namespace goes last and takes the plugin pods with it; a CRD
+	// takes its objects with it. The next install creates both again.
+	waitFor(t, "namespace modelcache and the CRDs deleted", 2*time.Minute, func() error {
+		for _, o := range in.objects {
+			if o.GetNamespace() != "" || (o.GetKind() != "Namespace" && o.GetKind() != "CustomResourceDefinition") {
+				continue
+			}
+			if _, err := resourceFor(t, dyn, mapper, o).Get(ctx, o.GetName(), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+				return fmt.Errorf("%s %s still there (%v)", o.GetKind(), o.GetName(), err)
+			}
 		}
-		return fmt.Errorf("still there (%v)", err)
+		return nil
 	})
 }
 
