@@ -245,7 +245,7 @@ func (r *Report) method() []string {
 		"Timings are `time.Now()` around exactly the measured operation: the child process from start to exit for rclone, the NodePublishVolume gRPC call for the cache. Driver start-up, target clean-up and checks are outside them.",
 		"Every copy and every publish is checked afterwards (untimed) to hold the model's files and bytes.",
 		"Sections 1, 2 and 5 run against MinIO directly. Section 3 puts a counting proxy (`testenv.StartProxy`) in front of MinIO for each side, which is what the byte counts come from; section 7 puts a throttling one in front of both (below).",
-		"Runs of (a) and (b) alternate which side goes first. The driver runs with the arguments `testenv.StartDriver` gives it (`--min-free=0`, loopback allowed, `-v=0`) and its defaults otherwise, among them `--transfers=16`, `--multi-thread-cutoff=256Mi` and `--multi-thread-streams=4`.",
+		"Runs of (a) and (b) alternate which side goes first. The driver runs with the arguments `testenv.StartDriver` gives it (`--min-free=0`, loopback allowed, `-v=0`) and its defaults otherwise, among them `--transfers=16`, `--multi-thread-cutoff=256Mi` and `--multi-thread-streams=8` (4 MiB chunks).",
 		drop,
 		"Peak RSS is VmHWM from /proc/<pid>/status of the driver process (found by its socket in /proc/*/cmdline), read right after the measured publishes. rclone's is its VmHWM polled every 10 ms while it runs (its rusage maxrss would include this program's own peak, which the kernel folds in at exec).",
 		"Ratios b/a in the goals are of the medians; the per-run column pairs each run's (a) and (b).",

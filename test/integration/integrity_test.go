@@ -423,9 +423,9 @@ func TestRanged_ObjectChangedMidDownload_RefusedNoMixedBlob_RealMinIO(t *testing
 			}
 			put(v1)
 			time.Sleep(1100 * time.Millisecond) // v2 in a later second than v1
-			// 8 MiB chunks at 4 MiB/s: the second round of chunks starts
-			// two seconds in, long after the new version is uploaded.
-			e.proxy.RateBytesPerSec.Store(4 << 20)
+			// Half a chunk per second and stream: the second round of chunks
+			// starts two seconds in, long after the new version is uploaded.
+			e.proxy.RateBytesPerSec.Store(rangeChunk / 2)
 			e.proxy.Reset()
 
 			target := e.target("pod")
