@@ -201,9 +201,9 @@ func startFleet(ctx context.Context, o options, cfg *rest.Config, client kuberne
 	if err != nil {
 		return fmt.Errorf("creating Kubernetes client: %w", err)
 	}
+	ns, name := os.Getenv("POD_NAMESPACE"), os.Getenv("POD_NAME")
 	image := o.holderImage
 	if image == "" {
-		ns, name := os.Getenv("POD_NAMESPACE"), os.Getenv("POD_NAME")
 		if ns == "" || name == "" {
 			return errors.New("CachedModel holders need an image: pass --holder-image, or POD_NAMESPACE and POD_NAME (downward API) so the controller uses its own")
 		}
@@ -212,8 +212,16 @@ func startFleet(ctx context.Context, o options, cfg *rest.Config, client kuberne
 		}
 	}
 	r := &fleet.Reconciler{Kube: client, Dynamic: dyn, Image: image}
+	workers := max(o.fleetWorkers, 1)
 	go func() {
-		if err := r.Run(ctx, max(o.fleetWorkers, 1)); err != nil {
+		var err error
+		if ns != "" && name != "" {
+			// In a Deployment: one replica at a time reconciles.
+			err = r.RunElected(ctx, ns, name, workers)
+		} else {
+			err = r.Run(ctx, workers)
+		}
+		if err != nil {
 			klog.ErrorS(err, "CachedModel reconciler stopped")
 		}
 	}()

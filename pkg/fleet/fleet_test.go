@@ -421,3 +421,12 @@ func TestReconcile_DeletedCachedModel_HoldersRemoved(t *testing.T) {
 		t.Errorf("%d deletes of the holders, want 1", deletes)
 	}
 }
+
+func (c *clients) createCachedModel(cm *CachedModel) error {
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(cm)
+	if err != nil {
+		return err
+	}
+	_, err = c.dyn.Resource(Resource).Namespace(cm.Namespace).Create(context.Background(), &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{})
+	return err
+}
