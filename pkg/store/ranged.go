@@ -62,19 +62,23 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	defer pf.close()
 	w := pf.f
 	sums := newObjectSums(e)
+	defer func() { sums.close() }()
 	chunk := s.rangeChunk
 	chunks := int((e.Size + chunk - 1) / chunk)
 	first := int(pf.resumeAt(chunk) / chunk)
 	if first > 0 {
 		if err := rehash(w, int64(first)*chunk, sums); err != nil {
 			klog.InfoS("partial download unreadable, starting over", "object", e.Path, "err", err)
+			sums.close()
 			sums, first = newObjectSums(e), 0
 		} else {
 			klog.InfoS("resuming download", "object", e.Path, "from", units.Bytes(int64(first)*chunk), "of", units.Bytes(e.Size))
 		}
 	}
 	p.done.Add(int64(first) * chunk)
-	done := make(chan fetchedChunk, cap(s.chunkSlots))
+	s.chunks.use()
+	defer s.chunks.unuse()
+	done := make(chan fetchedChunk, s.chunks.size())
 	var next atomic.Int64
 	next.Store(int64(first))
 
@@ -86,22 +90,17 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 				// holds a buffer, so the lowest one not yet hashed of every
 				// file can always finish and no hasher waits on a chunk that
 				// cannot, even with the pool shared between files.
-				select {
-				case s.chunkSlots <- struct{}{}:
-				case <-gctx.Done():
-					return gctx.Err()
+				buf, err := s.chunks.get(gctx, chunk, chunk)
+				if err != nil {
+					return err
 				}
 				i := int(next.Add(1) - 1)
 				if i >= chunks {
-					<-s.chunkSlots
+					s.chunks.put(buf)
 					return nil
 				}
 				off := int64(i) * chunk
 				n := min(chunk, e.Size-off)
-				buf, _ := s.chunkBufs.Get().([]byte)
-				if int64(cap(buf)) < n {
-					buf = make([]byte, chunk)
-				}
 				buf = buf[:n]
 				if err := s.fetchChunk(gctx, rf, e, off, buf); err != nil {
 					s.giveBack(buf)
@@ -196,11 +195,8 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	return s.commitBlob(w, name, e, sums)
 }
 
-// giveBack returns a chunk buffer and its slot to the node's pool.
-func (s *Store) giveBack(buf []byte) {
-	s.chunkBufs.Put(buf[:0])
-	<-s.chunkSlots
-}
+// giveBack returns a chunk buffer to the node's pool.
+func (s *Store) giveBack(buf []byte) { s.chunks.put(buf) }
 
 // rehash feeds the first n bytes of f to sums: a resumed download's hash
 // covers what is on disk, not what was hashed before the restart.

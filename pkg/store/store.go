@@ -66,11 +66,10 @@ type Store struct {
 	// chunks of rangeChunk, rangeStreams at a time.
 	rangeCutoff, rangeChunk, rangeCheckpoint int64
 	rangeStreams                             int
-	// chunkSlots and chunkBufs are the node's ranged-chunk buffers, shared
-	// by every download; conns bounds the node's requests to remotes.
-	chunkSlots chan struct{}
-	chunkBufs  sync.Pool
-	conns      chan struct{}
+	// chunks are the node's ranged-chunk buffers, shared by every
+	// download; conns bounds the node's requests to remotes.
+	chunks *chunkPool
+	conns  chan struct{}
 	// partialBusy: partial files a download is writing.
 	partialMu   sync.Mutex
 	partialBusy map[string]bool
@@ -194,7 +193,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	s := &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
 		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk, rangeCheckpoint: opt.RangeCheckpoint,
-		chunkSlots: make(chan struct{}, 2*opt.RangeStreams), conns: make(chan struct{}, opt.MaxConnections),
+		chunks: newChunkPool(2 * opt.RangeStreams), conns: make(chan struct{}, opt.MaxConnections),
 		partialBusy: map[string]bool{},
 		budget:      opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
 		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
