@@ -38,7 +38,9 @@ func (r *Reconciler) RunElected(ctx context.Context, namespace, identity string,
 					klog.ErrorS(err, "CachedModel reconciler stopped")
 				}
 			},
-			OnStoppedLeading: func() { klog.InfoS("no longer reconciling CachedModels: the lease went to another replica or the controller is stopping") },
+			OnStoppedLeading: func() {
+				klog.InfoS("no longer reconciling CachedModels: the lease went to another replica or the controller is stopping")
+			},
 			OnNewLeader: func(id string) {
 				if id != identity {
 					klog.InfoS("CachedModels are reconciled by another replica", "leader", id)

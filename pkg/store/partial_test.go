@@ -80,15 +80,7 @@ func TestRanged_StoppedPartWay_NextDownloadResumes(t *testing.T) {
 				s = openResumable(t, dir)
 			}
 			res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 0 })
-			rangeBytes(res)
-			tr, err := rangedEnsure(t, s, res, "mys3:models/w")
-			if err != nil {
-				t.Fatal(err)
-			}
-			checkTree(t, s, tr, files)
-			if n := rangeBytes(res); n != 3000 {
-				t.Errorf("resumed download fetched %d bytes, want the 3000 after the checkpoint", n)
-			}
+			ensureFetching(t, s, res, files, 3000, "resumed download fetched %d bytes, want the 3000 after the checkpoint")
 			if left := entries(t, dir, store.PartialDir); len(left) != 0 {
 				t.Errorf("partial/ holds %v after the download finished", left)
 			}
@@ -136,15 +128,7 @@ func TestRanged_DamagedPartialFile_RefusedThenDownloadedWhole(t *testing.T) {
 	if left := entries(t, dir, store.PartialDir); len(left) != 0 {
 		t.Errorf("partial/ holds %v after its bytes failed the check", left)
 	}
-	rangeBytes(res)
-	tr, err := rangedEnsure(t, s, res, "mys3:models/w")
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkTree(t, s, tr, files)
-	if n := rangeBytes(res); n != 9000 {
-		t.Errorf("download after the refusal fetched %d bytes, want all 9000", n)
-	}
+	ensureFetching(t, s, res, files, 9000, "download after the refusal fetched %d bytes, want all 9000")
 }
 
 // A partial file is the object's own: a new version of the object (another
@@ -163,15 +147,7 @@ func TestRanged_ChangedObject_DoesNotResumeOldPartial(t *testing.T) {
 	files := map[string][]byte{"w.bin": sourcetest.Bytes("new", 9000)}
 	res.SetModel("mys3:models/w", files)
 	res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = 0 })
-	rangeBytes(res)
-	tr, err := rangedEnsure(t, s, res, "mys3:models/w")
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkTree(t, s, tr, files)
-	if n := rangeBytes(res); n != 9000 {
-		t.Errorf("new version fetched %d bytes, want all 9000", n)
-	}
+	ensureFetching(t, s, res, files, 9000, "new version fetched %d bytes, want all 9000")
 }
 
 // Partial files nobody resumes go after a day, at start-up, and all of
@@ -211,5 +187,21 @@ func TestDropPartials(t *testing.T) {
 	}
 	if left := entries(t, dir, store.PartialDir); len(left) != 0 || freed != 10 {
 		t.Errorf("DropPartials(0) left %v and freed %d bytes, want nothing left and 10 freed", left, freed)
+	}
+}
+
+// ensureFetching downloads mys3:models/w, checks its tree holds files and
+// that its ranged reads fetched want bytes (msg says what went wrong, %d
+// the bytes fetched).
+func ensureFetching(t *testing.T, s *store.Store, res *sourcetest.Resolver, files map[string][]byte, want int64, msg string) {
+	t.Helper()
+	rangeBytes(res)
+	tr, err := rangedEnsure(t, s, res, "mys3:models/w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkTree(t, s, tr, files)
+	if n := rangeBytes(res); n != want {
+		t.Errorf(msg, n)
 	}
 }

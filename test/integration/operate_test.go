@@ -776,20 +776,7 @@ func TestMetrics_KnownSequence_ExactValues_RealMinIO(t *testing.T) {
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	e := newOperateEnv(t, "--metrics-address="+addr)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/metrics")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("metrics endpoint %s did not answer: %v\ndriver logs:\n%s", addr, err, e.driver.Logs())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	e.waitMetrics(addr)
 
 	files := randomModel(90, map[string]int{"weights.bin": 1 * opMiB, "config.json": 512, "tokenizer.json": 2048})
 	e.upload("m", files)
