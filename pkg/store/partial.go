@@ -8,8 +8,10 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
@@ -25,8 +27,10 @@ const PartialDir = "partial"
 // partialMaxAge is how long a partial file no download resumed is kept.
 const partialMaxAge = 24 * time.Hour
 
-// checkpointSuffix names the file that records how much of a partial file
-// is durable: "<bytes>\n", written after an fsync of those bytes.
+// checkpointSuffix names the file that records what of a partial file is
+// durable, written after an fsync of those bytes: "<bytes>\n", the hashed
+// prefix, then "<chunk size> <index> ...\n", the chunks past it that were
+// written too (they came in while an earlier chunk was still in flight).
 const checkpointSuffix = ".at"
 
 // partialFile is the file one ranged download writes into: a partial
@@ -39,14 +43,22 @@ type partialFile struct {
 	name    string // where the file is
 	ingest  string // the ingest file it becomes before its blob is committed
 	hash    string // busy-map key; "" for a plain file
-	durable int64  // bytes recorded as written by an earlier download
+	durable int64  // the prefix recorded as written by an earlier download
+	chunk   int64
+
+	// onDisk: chunks past the prefix an earlier download recorded (read
+	// only); written: chunks past the prefix this download or an earlier
+	// one wrote, recorded by the next checkpoint.
+	onDisk  map[int]bool
+	mu      sync.Mutex
+	written map[int]bool
 }
 
 // openPartial opens the file an object downloads into. Only the object's
 // own key finds a partial file: the key names the object at its remote
 // with its size and checksum, so an object that changed is a new file.
-func (s *Store) openPartial(ingest string, e source.Entry, objectKey string) (*partialFile, error) {
-	pf := &partialFile{s: s, name: ingest, ingest: ingest}
+func (s *Store) openPartial(ingest string, e source.Entry, objectKey string, chunk int64) (*partialFile, error) {
+	pf := &partialFile{s: s, name: ingest, ingest: ingest, chunk: chunk, onDisk: map[int]bool{}, written: map[int]bool{}}
 	if objectKey != "" {
 		h := sha256.Sum256([]byte(objectKey))
 		pf.hash = hex.EncodeToString(h[:16])
@@ -60,10 +72,19 @@ func (s *Store) openPartial(ingest string, e source.Entry, objectKey string) (*p
 		s.partialMu.Unlock()
 	}
 	if pf.hash != "" {
-		pf.durable = s.readCheckpoint(pf.name)
+		var recChunk int64
+		var chunks []int
+		pf.durable, recChunk, chunks = s.readCheckpoint(pf.name)
 		f, err := s.root.OpenFile(pf.name, os.O_RDWR, 0)
-		if err == nil && pf.durable > 0 {
+		if err == nil && (pf.durable > 0 || len(chunks) > 0) {
 			if fi, err := f.Stat(); err == nil && fi.Size() == e.Size && pf.durable <= e.Size {
+				if recChunk == chunk {
+					for _, i := range chunks {
+						if int64(i)*chunk >= pf.durable && int64(i)*chunk < e.Size {
+							pf.onDisk[i], pf.written[i] = true, true
+						}
+					}
+				}
 				pf.f = f
 				return pf, nil
 			}
@@ -92,17 +113,44 @@ func (s *Store) openPartial(ingest string, e source.Entry, objectKey string) (*p
 // to whole chunks.
 func (pf *partialFile) resumeAt(chunk int64) int64 { return pf.durable / chunk * chunk }
 
-// checkpoint makes the first n bytes durable and records them. The data
-// is synced before the record, so a record never claims bytes a crash lost.
+// onDiskChunk reports whether chunk i is on disk from an earlier download.
+func (pf *partialFile) onDiskChunk(i int) bool { return pf.onDisk[i] }
+
+// markWritten notes that chunk i is in the file, for the next checkpoint.
+func (pf *partialFile) markWritten(i int) {
+	pf.mu.Lock()
+	pf.written[i] = true
+	pf.mu.Unlock()
+}
+
+// checkpoint makes the first n bytes and the chunks written past them
+// durable, and records them. The data is synced before the record, and
+// the chunks are listed from before the sync, so a record never claims
+// bytes a crash lost.
 func (pf *partialFile) checkpoint(n int64) error {
 	if pf.hash == "" {
 		return nil
 	}
+	pf.mu.Lock()
+	var past []int
+	for i := range pf.written {
+		if int64(i)*pf.chunk >= n {
+			past = append(past, i)
+		}
+	}
+	pf.mu.Unlock()
+	slices.Sort(past)
 	if err := pf.f.Sync(); err != nil {
 		return noSpace(fmt.Errorf("syncing a partial download: %w", err))
 	}
+	var rec strings.Builder
+	fmt.Fprintf(&rec, "%d\n%d", n, pf.chunk)
+	for _, i := range past {
+		fmt.Fprintf(&rec, " %d", i)
+	}
+	rec.WriteString("\n")
 	tmp := pf.name + checkpointSuffix + ".tmp"
-	if err := pf.s.root.WriteFile(tmp, []byte(strconv.FormatInt(n, 10)+"\n"), 0o600); err != nil {
+	if err := pf.s.root.WriteFile(tmp, []byte(rec.String()), 0o600); err != nil {
 		return noSpace(fmt.Errorf("recording a partial download: %w", err))
 	}
 	if err := pf.s.root.Rename(tmp, pf.name+checkpointSuffix); err != nil {
@@ -152,18 +200,37 @@ func (pf *partialFile) release() {
 	pf.hash = ""
 }
 
-// readCheckpoint returns the durable bytes recorded for a partial file, 0
-// for none or a record that does not parse (a crash while writing it).
-func (s *Store) readCheckpoint(name string) int64 {
+// readCheckpoint returns what a partial file's record says is durable:
+// the prefix, and the chunk size and chunks past it. A record that does
+// not parse (a crash while writing it) says nothing is.
+func (s *Store) readCheckpoint(name string) (prefix, chunk int64, chunks []int) {
 	b, err := fs.ReadFile(s.root.FS(), name+checkpointSuffix)
 	if err != nil {
-		return 0
+		return 0, 0, nil
 	}
-	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
-	if err != nil || n < 0 {
-		return 0
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	prefix, err = strconv.ParseInt(lines[0], 10, 64)
+	if err != nil || prefix < 0 {
+		return 0, 0, nil
 	}
-	return n
+	if len(lines) < 2 {
+		return prefix, 0, nil
+	}
+	fields := strings.Fields(lines[1])
+	if len(fields) == 0 {
+		return prefix, 0, nil
+	}
+	if chunk, err = strconv.ParseInt(fields[0], 10, 64); err != nil || chunk <= 0 {
+		return prefix, 0, nil
+	}
+	for _, f := range fields[1:] {
+		i, err := strconv.Atoi(f)
+		if err != nil || i < 0 {
+			return prefix, 0, nil
+		}
+		chunks = append(chunks, i)
+	}
+	return prefix, chunk, chunks
 }
 
 // DropPartials removes every partial file no download is writing, or only

@@ -1,6 +1,8 @@
 package store_test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -39,7 +41,8 @@ func partialRecord(t *testing.T, dir string) int64 {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if at, err = strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err != nil {
+			first, _, _ := strings.Cut(string(b), "\n")
+			if at, err = strconv.ParseInt(first, 10, 64); err != nil {
 				t.Fatalf("checkpoint %q: %v", b, err)
 			}
 		}
@@ -203,5 +206,57 @@ func ensureFetching(t *testing.T, s *store.Store, res *sourcetest.Resolver, file
 	checkTree(t, s, tr, files)
 	if n := rangeBytes(res); n != want {
 		t.Errorf(msg, n)
+	}
+}
+
+// Chunks an earlier download wrote past its hashed prefix (they arrived
+// while an earlier one was in flight) are recorded and read back from
+// disk, hashed with the rest, not fetched again; a damaged one fails the
+// remote's MD5 like any other byte, and nothing is committed.
+func TestRanged_ChunksPastThePrefix_ReadBackNotFetched(t *testing.T) {
+	for _, damaged := range []bool{false, true} {
+		t.Run(map[bool]string{false: "intact", true: "damaged"}[damaged], func(t *testing.T) {
+			dir := t.TempDir()
+			t.Cleanup(func() { makeWritable(dir) })
+			res := sourcetest.NewResolver()
+			files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 9000)}
+			res.SetModel("mys3:models/w", files)
+			// What a killed download leaves: chunks 0-1 hashed, 5 and 7 written.
+			e := res.Manifest("mys3:models/w")[0]
+			h := sha256.Sum256([]byte(source.ObjectKey(sourcetest.IdentityOf("mys3:models/w"), e)))
+			name := filepath.Join(dir, store.PartialDir, hex.EncodeToString(h[:16]))
+			data := make([]byte, 9000)
+			for _, c := range [][2]int{{0, 2000}, {5000, 6000}, {7000, 8000}} {
+				copy(data[c[0]:c[1]], files["w.bin"][c[0]:c[1]])
+			}
+			if damaged {
+				data[7500] ^= 0xff
+			}
+			if err := os.MkdirAll(filepath.Dir(name), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(name, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(name+".at", []byte("2000\n1000 5 7\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeStreams: rangeStreams, RangeCheckpoint: resumeCheckpoint})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			if damaged {
+				if _, err := rangedEnsure(t, s, res, "mys3:models/w"); !errors.Is(err, source.ErrCorrupt) {
+					t.Fatalf("Ensure over a damaged chunk = %v, want ErrCorrupt", err)
+				}
+				checkNoTrees(t, dir)
+				if left := entries(t, dir, store.PartialDir); len(left) != 0 {
+					t.Errorf("partial/ holds %v after its bytes failed the check", left)
+				}
+				return
+			}
+			ensureFetching(t, s, res, files, 5000, "resumed download fetched %d bytes, want the 5000 of chunks 2-4, 6 and 8")
+		})
 	}
 }

@@ -55,7 +55,7 @@ const chunkAttempts = 3
 // failure, a restart or kill -9) re-hashes that prefix from disk and goes
 // on from there.
 func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string) (string, error) {
-	pf, err := s.openPartial(name, e, objectKey)
+	pf, err := s.openPartial(name, e, objectKey, s.rangeChunk)
 	if err != nil {
 		return "", err
 	}
@@ -102,13 +102,23 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 				off := int64(i) * chunk
 				n := min(chunk, e.Size-off)
 				buf = buf[:n]
-				if err := s.fetchChunk(gctx, rf, e, off, buf); err != nil {
-					s.giveBack(buf)
-					return err
+				// A chunk an earlier download left on disk is read back
+				// (and hashed with the rest) instead of fetched.
+				onDisk := pf.onDiskChunk(i)
+				if onDisk {
+					_, rerr := w.ReadAt(buf, off)
+					onDisk = rerr == nil
 				}
-				if _, err := w.WriteAt(buf, off); err != nil {
-					s.giveBack(buf)
-					return noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
+				if !onDisk {
+					if err := s.fetchChunk(gctx, rf, e, off, buf); err != nil {
+						s.giveBack(buf)
+						return err
+					}
+					if _, err := w.WriteAt(buf, off); err != nil {
+						s.giveBack(buf)
+						return noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
+					}
+					pf.markWritten(i)
 				}
 				p.done.Add(n)
 				// done holds as many chunks as there are buffers: never blocks.
@@ -169,23 +179,16 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 		pending[c.index] = c.data
 	}
 	for _, buf := range pending {
-		s.giveBack(buf) // the keys stay: they say which chunks are on disk
+		s.giveBack(buf)
 	}
 	if err != nil {
 		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) {
 			pf.drop()
 			return "", err
 		}
-		end := k
-		for ; end < chunks; end++ {
-			if _, ok := pending[end]; !ok {
-				break
-			}
-		}
-		if hashed := int64(end) * chunk; hashed > pf.durable && hashed < e.Size {
-			if cerr := pf.checkpoint(hashed); cerr != nil {
-				klog.ErrorS(cerr, "recording a partial download; the next one starts earlier", "object", e.Path)
-			}
+		// What was written is recorded, chunks past the prefix too.
+		if cerr := pf.checkpoint(int64(k) * chunk); cerr != nil {
+			klog.ErrorS(cerr, "recording a partial download; the next one starts earlier", "object", e.Path)
 		}
 		return "", err
 	}
