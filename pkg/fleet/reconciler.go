@@ -11,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/dynamic"
@@ -75,7 +76,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, namespace, name string) (tim
 	if notOwned {
 		setBlocked(cm, &st, HolderName(cm.Name), metav1.NewTime(r.now()))
 	}
-	if err := r.writeStatus(ctx, cm, st); err != nil {
+	if err := r.writeStatus(ctx, u, cm, st); err != nil {
 		return 0, err
 	}
 	if st.DesiredNodes > 0 && st.ReadyNodes == st.DesiredNodes {
@@ -156,8 +157,10 @@ func (r *Reconciler) observe(ctx context.Context, ds *appsv1.DaemonSet) (Observe
 	return obs, nil
 }
 
-// writeStatus updates the status subresource when it changed.
-func (r *Reconciler) writeStatus(ctx context.Context, cm *CachedModel, st Status) error {
+// writeStatus updates the status subresource of u (cm, as read) when it
+// changed. u's resourceVersion makes the API refuse the write if the
+// CachedModel changed since, and the refused key is queued again.
+func (r *Reconciler) writeStatus(ctx context.Context, u *unstructured.Unstructured, cm *CachedModel, st Status) error {
 	old := cm.Status
 	old.Conditions, st.Conditions = sortedConditions(old.Conditions), sortedConditions(st.Conditions)
 	if reflect.DeepEqual(old, st) {
@@ -166,13 +169,6 @@ func (r *Reconciler) writeStatus(ctx context.Context, cm *CachedModel, st Status
 	obj, err := statusObject(st)
 	if err != nil {
 		return err
-	}
-	u, err := r.Dynamic.Resource(Resource).Namespace(cm.Namespace).Get(ctx, cm.Name, metav1.GetOptions{})
-	if err != nil {
-		return fmt.Errorf("reading CachedModel %s/%s: %w", cm.Namespace, cm.Name, err)
-	}
-	if u.GetUID() != cm.UID {
-		return nil // deleted and created again meanwhile: the next pass sees it
 	}
 	u.Object["status"] = obj
 	if _, err := r.Dynamic.Resource(Resource).Namespace(cm.Namespace).UpdateStatus(ctx, u, metav1.UpdateOptions{}); err != nil {

@@ -282,17 +282,32 @@ func (d *DB) RecordObject(object, blob string) error {
 // entry is never used meanwhile: the store links the blob, and a blob that
 // is not there is downloaded again.
 func (d *DB) PruneObjects(keep func(blob string) bool) (int, error) {
+	// Read first: most starts have nothing to forget, and need no write
+	// (and no fsync) for it.
+	var gone [][]byte
+	err := d.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketObjects).ForEach(func(k, v []byte) error {
+			if !keep(string(v)) {
+				gone = append(gone, bytes.Clone(k))
+			}
+			return nil
+		})
+	})
+	if err != nil || len(gone) == 0 {
+		return 0, err
+	}
 	n := 0
-	err := d.update(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketObjects).Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if keep(string(v)) {
-				continue
+	err = d.update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketObjects)
+		n = 0
+		for _, k := range gone {
+			// Recorded again meanwhile by a download: keep that.
+			if v := b.Get(k); v != nil && !keep(string(v)) {
+				if err := b.Delete(k); err != nil {
+					return err
+				}
+				n++
 			}
-			if err := c.Delete(); err != nil {
-				return err
-			}
-			n++
 		}
 		return nil
 	})

@@ -702,26 +702,14 @@ var cachedModelControllerRules = []struct {
 }
 
 // renderDeploy runs a pinned tool (bin/kustomize, bin/helm) in the
-// repository root, with Helm's state in a temporary directory.
+// repository root.
 func renderDeploy(t *testing.T, tool string, args ...string) []byte {
 	t.Helper()
-	bin, err := testenv.Binary(tool)
+	out, err := testenv.RunTool(tool, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	home := t.TempDir()
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = testenv.RepoRoot()
-	cmd.Env = append(os.Environ(),
-		"HELM_CACHE_HOME="+filepath.Join(home, "cache"),
-		"HELM_CONFIG_HOME="+filepath.Join(home, "config"),
-		"HELM_DATA_HOME="+filepath.Join(home, "data"))
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, stderr.String())
-	}
-	return stdout.Bytes()
+	return out
 }
 
 // The CachedModel CRD is one file in two places: the kustomize base and the
