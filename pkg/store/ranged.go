@@ -50,10 +50,11 @@ const chunkAttempts = 3
 // by default) whatever the size and number of files.
 //
 // An object with a key (objectKey) downloads into a partial file that
-// outlives the download: every rangeCheckpoint bytes the hashed prefix is
-// fsynced and recorded (beside the download, not in its way), and a later download of the same object (after a
-// failure, a restart or kill -9) re-hashes that prefix from disk and goes
-// on from there.
+// outlives the download: every rangeCheckpoint bytes, beside the download,
+// the file is fsynced and its hashed prefix and the chunks written past it
+// are recorded. A later download of the same object (after a failure, a
+// restart or kill -9) re-hashes the prefix from disk, reads the recorded
+// chunks back, and fetches the rest.
 func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string) (string, error) {
 	pf, err := s.openPartial(name, e, objectKey, s.rangeChunk)
 	if err != nil {
@@ -138,7 +139,8 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 			}
 		}
 	}()
-	// The hasher's state, read after Wait to checkpoint a failed download.
+	// The hasher's state: k is read after Wait to checkpoint a failed
+	// download, pending to give its buffers back.
 	pending := map[int][]byte{}
 	k := first
 	g.Go(func() error {
@@ -171,9 +173,8 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	err = g.Wait()
 	close(ckpt)
 	<-ckptDone
-	// Chunks fetched but never hashed give their buffers back; those that
-	// continue the hashed prefix are on disk, so a failed download records
-	// them for the next one.
+	// Chunks fetched but never hashed give their buffers back; they are
+	// on disk, and a failed download's checkpoint records them.
 	for len(done) > 0 {
 		c := <-done
 		pending[c.index] = c.data
