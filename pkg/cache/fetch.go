@@ -108,7 +108,7 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		return Fetched{}, err
 	case fetched:
 		if ens.Checks.Unchecked > 0 {
-			klog.InfoS("objects the remote listed without a checksum were accepted unchecked", "model", req.URI, "objects", ens.Checks.Unchecked, "checkedMD5", ens.Checks.MD5)
+			klog.InfoS("objects the remote keeps no checksum for were accepted unchecked", "model", req.URI, "objects", ens.Checks.Unchecked, "checkedMD5", ens.Checks.MD5, "checkedRemote", ens.Checks.Remote)
 		}
 		obs.Finished(t, time.Since(start), ens.Checks)
 	}

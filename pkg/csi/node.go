@@ -184,14 +184,20 @@ func (p *podEvents) Finished(t store.Tree, took time.Duration, checks store.Chec
 
 // checksText says, for a pod event, how a download's bytes were checked.
 func checksText(c store.Checks) string {
-	switch {
-	case c.MD5+c.Unchecked == 0:
+	if c.MD5+c.Remote+c.Unchecked == 0 {
 		return "every object linked from earlier downloads"
-	case c.Unchecked == 0:
-		return fmt.Sprintf("%d objects checked against the remote's MD5", c.MD5)
-	default:
-		return fmt.Sprintf("%d objects checked against the remote's MD5; %d had no checksum at the remote and were not checked", c.MD5, c.Unchecked)
 	}
+	var parts []string
+	if c.MD5 > 0 {
+		parts = append(parts, fmt.Sprintf("%d objects checked against the remote's MD5", c.MD5))
+	}
+	if c.Remote > 0 {
+		parts = append(parts, fmt.Sprintf("%d objects checked against the checksum S3 keeps for uploads in parts", c.Remote))
+	}
+	if c.Unchecked > 0 {
+		parts = append(parts, fmt.Sprintf("%d had no checksum at the remote and were not checked", c.Unchecked))
+	}
+	return strings.Join(parts, "; ")
 }
 func (p *podEvents) Failed(err error) {
 	p.events.DownloadFailed(p.pod, p.uri, status.Convert(publishError(p.uri, err)).Message())

@@ -69,7 +69,8 @@ type Ensured struct {
 // before their blobs were committed.
 type Checks struct {
 	MD5       int // against the MD5 the remote listed (ETag or stored MD5)
-	Unchecked int // listed without any checksum: accepted as they came
+	Remote    int // against a checksum asked of the remote: S3's x-amz-checksum-*, a multipart ETag
+	Unchecked int // no checksum the remote keeps could be had: accepted as they came
 }
 
 // ObjectIndex is what an Index may also know: for every object this node

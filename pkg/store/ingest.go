@@ -12,7 +12,6 @@ import (
 	"os"
 	"path"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -63,7 +62,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 	}()
 
 	sums := make([]string, len(m))
-	var reused, md5Checked, unchecked atomic.Int64
+	var reused, md5Checked, remoteChecked, unchecked atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(s.transfers)
 	for i, e := range m {
@@ -78,14 +77,17 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 			// Gone since (gc, verify's quarantine): download it again.
 		}
 		g.Go(func() error {
-			sum, err := s.ingestBlob(gctx, name, e, f, p, objects[i])
+			sum, how, err := s.ingestBlob(gctx, name, e, f, p, objects[i])
 			sums[i] = sum
 			if err != nil {
 				return err
 			}
-			if isMD5(e.Hash) {
+			switch how {
+			case byListedMD5:
 				md5Checked.Add(1)
-			} else {
+			case byRemoteDigest:
+				remoteChecked.Add(1)
+			default:
 				unchecked.Add(1)
 			}
 			if objects[i] != "" && e.Size >= resumeAbove {
@@ -110,7 +112,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 
 	t := Tree{Digest: TreeDigest(m, sums), Size: m.Size(), Files: len(m)}
 	done := ingested{sums: sums, reused: int(reused.Load()),
-		checks: Checks{MD5: int(md5Checked.Load()), Unchecked: int(unchecked.Load())}}
+		checks: Checks{MD5: int(md5Checked.Load()), Remote: int(remoteChecked.Load()), Unchecked: int(unchecked.Load())}}
 	tmp := path.Join(dir, "tree")
 	if err := s.buildTree(tmp, dir, m, sums); err != nil {
 		return Tree{}, ingested{}, err
@@ -140,17 +142,26 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 // ingestBlob streams one entry into name, hashing as it writes, fsyncs it and
 // links it into blobs/; its one stream holds one of the node's connections. A blob that is already committed is a normal,
 // cheap outcome: the new copy is dropped.
-func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f Fetcher, p *Progress, objectKey string) (string, error) {
-	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff {
-		return s.ingestRanged(ctx, name, e, rf, p, objectKey)
+func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f Fetcher, p *Progress, objectKey string) (string, checkedBy, error) {
+	want, err := s.expectedChecksum(ctx, f, e)
+	if err != nil {
+		return "", notChecked, err
 	}
+	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff {
+		return s.ingestRanged(ctx, name, e, rf, p, objectKey, want)
+	}
+	sums, err := newObjectSums(want)
+	if err != nil {
+		return "", notChecked, err
+	}
+	defer sums.close()
 	if err := s.acquireConn(ctx); err != nil {
-		return "", err
+		return "", notChecked, err
 	}
 	defer s.releaseConn()
 	rc, err := f.Open(ctx, e)
 	if err != nil {
-		return "", err
+		return "", notChecked, err
 	}
 	defer func() {
 		if rc != nil {
@@ -159,12 +170,10 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	}()
 	w, err := s.root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
-		return "", noSpace(fmt.Errorf("creating ingest file: %w", err))
+		return "", notChecked, noSpace(fmt.Errorf("creating ingest file: %w", err))
 	}
 	defer w.Close()
 
-	sums := newObjectSums(e)
-	defer sums.close()
 	hp := newHashPipe(sums)
 	defer hp.stop()
 	var n, flushed int64
@@ -177,7 +186,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 		if k > 0 {
 			if _, err := w.Write(buf[:k]); err != nil {
 				hp.drop(buf)
-				return "", noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
+				return "", notChecked, noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
 			}
 			hp.hash(buf[:k])
 			n += int64(k)
@@ -198,22 +207,22 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 			// as rclone's low-level retries do, instead of starting over.
 			rf, ok := f.(RangeFetcher)
 			if !ok || resumes == chunkAttempts || n >= e.Size || ctx.Err() != nil || !errors.Is(rerr, source.ErrUnavailable) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
-				return "", fmt.Errorf("downloading %s: %w", e.Path, rerr)
+				return "", notChecked, fmt.Errorf("downloading %s: %w", e.Path, rerr)
 			}
 			resumes++
 			rc.Close()
 			if rc, err = rf.OpenRange(ctx, e, n, e.Size-n); err != nil {
 				rc = nil
-				return "", fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, err)
+				return "", notChecked, fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, err)
 			}
 			r = io.LimitReader(rc, e.Size-n)
 		}
 	}
 	if n != e.Size {
-		return "", fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
+		return "", notChecked, fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
 	}
 	hp.wait()
-	return s.commitBlob(w, name, e, sums)
+	return s.commitBlob(ctx, w, name, e, sums)
 }
 
 // writebackEvery is how much of a download is handed to the disk at a time.
@@ -282,7 +291,7 @@ func (hp *hashPipe) stop() {
 }
 
 // objectSums are the digests computed while an object streams in: the
-// store's sha256, and the remote's own checksum when it listed one, so the
+// store's sha256, and the remote's own checksum when it keeps one, so the
 // bytes are checked against the remote before their blob is committed (the
 // "bytes checked against the remote" invariant). The two run side by side
 // on two cores for large writes: MD5 is the slower (about half sha256's
@@ -290,7 +299,7 @@ func (hp *hashPipe) stop() {
 // download below either alone.
 type objectSums struct {
 	sha    hash.Hash
-	remote hash.Hash // nil: the remote listed no MD5
+	remote *remoteSum // nil: the remote keeps no checksum we can get
 
 	work chan []byte   // to the goroutine hashing remote, started on demand
 	done chan struct{} // it finished a write
@@ -300,12 +309,16 @@ type objectSums struct {
 // computed on another goroutine.
 const parallelHashMin = 16 << 10
 
-func newObjectSums(e source.Entry) *objectSums {
+func newObjectSums(want source.Checksum) (*objectSums, error) {
 	o := &objectSums{sha: sha256.New()}
-	if isMD5(e.Hash) {
-		o.remote = md5.New()
+	if !want.IsZero() {
+		r, err := newRemoteSum(want)
+		if err != nil {
+			return nil, err
+		}
+		o.remote = r
 	}
-	return o
+	return o, nil
 }
 
 // write hashes b with both digests and returns when both are done, so the
@@ -341,26 +354,29 @@ func (o *objectSums) close() {
 }
 
 // commitBlob checks the remote's checksum, fsyncs and seals the ingest
-// file and links it into blobs/, returning its sha256.
-func (s *Store) commitBlob(w *os.File, name string, e source.Entry, sums *objectSums) (string, error) {
+// file and links it into blobs/, returning its sha256 and how it was
+// checked.
+func (s *Store) commitBlob(ctx context.Context, w *os.File, name string, e source.Entry, sums *objectSums) (string, checkedBy, error) {
+	how := notChecked
 	if sums.remote != nil {
-		if got := hex.EncodeToString(sums.remote.Sum(nil)); !strings.EqualFold(got, e.Hash) {
-			return "", fmt.Errorf("%w: %s: the remote's MD5 is %s but the bytes that arrived hash to %s; the download is retried", source.ErrCorrupt, e.Path, strings.ToLower(e.Hash), got)
+		var err error
+		if how, err = sums.remote.check(ctx, e); err != nil {
+			return "", how, err
 		}
 	}
 	if err := w.Sync(); err != nil {
-		return "", noSpace(fmt.Errorf("syncing %s: %w", e.Path, err))
+		return "", how, noSpace(fmt.Errorf("syncing %s: %w", e.Path, err))
 	}
 	if err := w.Chmod(blobMode); err != nil {
-		return "", fmt.Errorf("sealing %s: %w", e.Path, err)
+		return "", how, fmt.Errorf("sealing %s: %w", e.Path, err)
 	}
 	sum := hex.EncodeToString(sums.sha.Sum(nil))
 	// link, not rename: it never replaces a committed blob, so trees already
 	// linking it keep sharing one inode.
 	if err := s.root.Link(name, path.Join(BlobsDir, sum)); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", noSpace(fmt.Errorf("committing blob for %s: %w", e.Path, err))
+		return "", how, noSpace(fmt.Errorf("committing blob for %s: %w", e.Path, err))
 	}
-	return sum, nil
+	return sum, how, nil
 }
 
 // ingested is what ingest did besides committing the tree.

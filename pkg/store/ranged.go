@@ -55,15 +55,18 @@ const chunkAttempts = 3
 // are recorded. A later download of the same object (after a failure, a
 // restart or kill -9) re-hashes the prefix from disk, reads the recorded
 // chunks back, and fetches the rest.
-func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string) (string, error) {
+func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string, want source.Checksum) (string, checkedBy, error) {
+	sums, err := newObjectSums(want)
+	if err != nil {
+		return "", notChecked, err
+	}
+	defer func() { sums.close() }()
 	pf, err := s.openPartial(name, e, objectKey, s.rangeChunk)
 	if err != nil {
-		return "", err
+		return "", notChecked, err
 	}
 	defer pf.close()
 	w := pf.f
-	sums := newObjectSums(e)
-	defer func() { sums.close() }()
 	chunk := s.rangeChunk
 	chunks := int((e.Size + chunk - 1) / chunk)
 	first := int(pf.resumeAt(chunk) / chunk)
@@ -71,7 +74,8 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 		if err := rehash(w, int64(first)*chunk, sums); err != nil {
 			klog.InfoS("partial download unreadable, starting over", "object", e.Path, "err", err)
 			sums.close()
-			sums, first = newObjectSums(e), 0
+			sums, _ = newObjectSums(want) // the algorithm was accepted above
+			first = 0
 		} else {
 			klog.InfoS("resuming download", "object", e.Path, "from", units.Bytes(int64(first)*chunk), "of", units.Bytes(e.Size))
 		}
@@ -185,18 +189,18 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	if err != nil {
 		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) {
 			pf.drop()
-			return "", err
+			return "", notChecked, err
 		}
 		// What was written is recorded, chunks past the prefix too.
 		if cerr := pf.checkpoint(int64(k) * chunk); cerr != nil {
 			klog.ErrorS(cerr, "recording a partial download; the next one starts earlier", "object", e.Path)
 		}
-		return "", err
+		return "", notChecked, err
 	}
 	if err := pf.finish(); err != nil {
-		return "", err
+		return "", notChecked, err
 	}
-	return s.commitBlob(w, name, e, sums)
+	return s.commitBlob(ctx, w, name, e, sums)
 }
 
 // giveBack returns a chunk buffer to the node's pool.

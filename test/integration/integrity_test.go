@@ -38,11 +38,21 @@ const rangeChunk = store.DefaultRangeChunk
 // uploads: S3's minimum.
 const multipartPart = 5 << 20
 
+// multipartChecksum is the additional checksum a multipart upload asks S3
+// to keep.
+type multipartChecksum int
+
+const (
+	noChecksum          multipartChecksum = iota // none: only the multipart ETag (MD5 of the parts' MD5s)
+	compositeCRC32                               // a CRC32 of each part, and of those (SDKs before 2025)
+	fullObjectCRC64NVME                          // a CRC64NVME of the whole object (AWS CLI and SDKs since 2025)
+)
+
 // uploadMultipart uploads data at key in e's bucket as a multipart upload
-// of 5 MiB parts (at least two), with user metadata meta, and checks that
-// its ETag is then not an MD5, so that only meta can give the driver a
-// checksum.
-func (e *env) uploadMultipart(key string, data []byte, meta map[string]string) {
+// of 5 MiB parts (at least two), with user metadata meta and checksum ck,
+// and checks what S3 then keeps: an ETag that is not an MD5, and the
+// additional checksum asked for, or none.
+func (e *env) uploadMultipart(key string, data []byte, meta map[string]string, ck multipartChecksum) {
 	e.t.Helper()
 	if len(data) <= multipartPart {
 		e.t.Fatalf("%s: %d bytes make a single part; a multipart object needs more than %d", key, len(data), multipartPart)
@@ -54,7 +64,20 @@ func (e *env) uploadMultipart(key string, data []byte, meta map[string]string) {
 	if err := testenv.PutModel(ctx, c, e.bucket, "", nil); err != nil {
 		e.t.Fatal(err)
 	}
-	up, err := c.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: aws.String(e.bucket), Key: aws.String(key), Metadata: meta})
+	// The SDK adds a CRC32 to every part unless told not to.
+	onlyAsked := func(o *s3.Options) { o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired }
+	create := &s3.CreateMultipartUploadInput{Bucket: aws.String(e.bucket), Key: aws.String(key), Metadata: meta}
+	var alg types.ChecksumAlgorithm
+	switch ck {
+	case compositeCRC32:
+		alg = types.ChecksumAlgorithmCrc32
+		create.ChecksumType = types.ChecksumTypeComposite
+	case fullObjectCRC64NVME:
+		alg = types.ChecksumAlgorithmCrc64nvme
+		create.ChecksumType = types.ChecksumTypeFullObject
+	}
+	create.ChecksumAlgorithm = alg
+	up, err := c.CreateMultipartUpload(ctx, create, onlyAsked)
 	if err != nil {
 		e.t.Fatalf("starting the multipart upload of %s: %v", key, err)
 	}
@@ -62,18 +85,19 @@ func (e *env) uploadMultipart(key string, data []byte, meta map[string]string) {
 	for off, n := 0, int32(1); off < len(data); off, n = off+multipartPart, n+1 {
 		part := data[off:min(off+multipartPart, len(data))]
 		out, err := c.UploadPart(ctx, &s3.UploadPartInput{Bucket: aws.String(e.bucket), Key: aws.String(key),
-			UploadId: up.UploadId, PartNumber: aws.Int32(n), Body: bytes.NewReader(part)})
+			UploadId: up.UploadId, PartNumber: aws.Int32(n), Body: bytes.NewReader(part), ChecksumAlgorithm: alg}, onlyAsked)
 		if err != nil {
 			e.t.Fatalf("uploading part %d of %s: %v", n, key, err)
 		}
-		parts = append(parts, types.CompletedPart{ETag: out.ETag, PartNumber: aws.Int32(n), ChecksumCRC32: out.ChecksumCRC32})
+		parts = append(parts, types.CompletedPart{ETag: out.ETag, PartNumber: aws.Int32(n),
+			ChecksumCRC32: out.ChecksumCRC32, ChecksumCRC64NVME: out.ChecksumCRC64NVME})
 	}
-	_, err = c.CompleteMultipartUpload(ctx, &s3.CompleteMultipartUploadInput{Bucket: aws.String(e.bucket), Key: aws.String(key),
-		UploadId: up.UploadId, MultipartUpload: &types.CompletedMultipartUpload{Parts: parts}})
-	if err != nil {
+	complete := &s3.CompleteMultipartUploadInput{Bucket: aws.String(e.bucket), Key: aws.String(key),
+		UploadId: up.UploadId, MultipartUpload: &types.CompletedMultipartUpload{Parts: parts}, ChecksumType: create.ChecksumType}
+	if _, err = c.CompleteMultipartUpload(ctx, complete, onlyAsked); err != nil {
 		e.t.Fatalf("completing the multipart upload of %s: %v", key, err)
 	}
-	head, err := c.HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(e.bucket), Key: aws.String(key)})
+	head, err := c.HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(e.bucket), Key: aws.String(key), ChecksumMode: types.ChecksumModeEnabled})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -84,6 +108,21 @@ func (e *env) uploadMultipart(key string, data []byte, meta map[string]string) {
 		if got := head.Metadata[k]; got != v {
 			e.t.Fatalf("multipart object %s has metadata %s=%q, want %q", key, k, got, v)
 		}
+	}
+	got := map[string]string{"crc32": aws.ToString(head.ChecksumCRC32), "crc32c": aws.ToString(head.ChecksumCRC32C),
+		"crc64nvme": aws.ToString(head.ChecksumCRC64NVME), "sha1": aws.ToString(head.ChecksumSHA1), "sha256": aws.ToString(head.ChecksumSHA256)}
+	want := map[multipartChecksum]string{compositeCRC32: "crc32", fullObjectCRC64NVME: "crc64nvme"}[ck]
+	for alg, v := range got {
+		switch {
+		case alg == want && v == "":
+			e.t.Fatalf("multipart object %s has no %s checksum at the remote: the test proves nothing", key, alg)
+		case alg != want && v != "":
+			e.t.Fatalf("multipart object %s has a %s checksum %q at the remote, want only %q", key, alg, v, want)
+		}
+	}
+	if suffix := fmt.Sprintf("-%d", len(parts)); ck == compositeCRC32 && !strings.HasSuffix(got["crc32"], suffix) ||
+		ck == fullObjectCRC64NVME && head.ChecksumType != types.ChecksumTypeFullObject {
+		e.t.Fatalf("multipart object %s has checksum type %q (%v), not the kind asked for", key, head.ChecksumType, got)
 	}
 }
 
@@ -144,16 +183,28 @@ type integrityObject struct {
 	name      string
 	args      []string // driver flags
 	size      int
-	multipart bool  // uploaded in 5 MiB parts with rclone's md5chksum metadata, else one PutObject (ETag = MD5)
-	ranged    bool  // fetched in ranged chunks (args lower the cutoff below size)
-	off       int64 // where faults hit: in a later part, in a middle chunk
+	multipart bool              // uploaded in 5 MiB parts, else one PutObject (ETag = MD5)
+	md5Meta   bool              // with rclone's md5chksum metadata (multipart)
+	checksum  multipartChecksum // the additional checksum S3 keeps (multipart)
+	ranged    bool              // fetched in ranged chunks (args lower the cutoff below size)
+	off       int64             // where faults hit: in a later part, in a middle chunk
+	says      string            // the checksum a refusal names
 }
 
+// rangedArgs make files of 4 MiB and more download in ranged chunks.
+var rangedArgs = []string{"--multi-thread-cutoff=4Mi", "--multi-thread-streams=3"}
+
 var integrityObjects = []integrityObject{
-	{name: "single-part ETag MD5", size: 8<<20 + 123, off: 5<<20 + 17},
-	{name: "multipart md5chksum", size: 12<<20 + 321, multipart: true, off: 7<<20 + 17},
-	{name: "ranged chunks", args: []string{"--multi-thread-cutoff=4Mi", "--multi-thread-streams=3"},
-		size: 2*rangeChunk + 4<<20 + 7, ranged: true, off: rangeChunk + 4<<20 + 17},
+	{name: "single-part ETag MD5", size: 8<<20 + 123, off: 5<<20 + 17, says: "MD5"},
+	{name: "multipart md5chksum", size: 12<<20 + 321, multipart: true, md5Meta: true, off: 7<<20 + 17, says: "MD5"},
+	{name: "multipart ETag", size: 12<<20 + 321, multipart: true, off: 7<<20 + 17, says: "multipart ETag"},
+	{name: "multipart composite CRC32", size: 12<<20 + 321, multipart: true, checksum: compositeCRC32, off: 11<<20 + 17, says: "x-amz-checksum-crc32"},
+	{name: "multipart full-object CRC64NVME", size: 12<<20 + 321, multipart: true, checksum: fullObjectCRC64NVME, off: 3<<20 + 17, says: "x-amz-checksum-crc64nvme"},
+	{name: "ranged chunks", args: rangedArgs, size: 2*rangeChunk + 4<<20 + 7, ranged: true, off: rangeChunk + 4<<20 + 17, says: "MD5"},
+	// Parts of 5 MiB hashed from chunks of 4 MiB: part boundaries fall
+	// inside chunks.
+	{name: "ranged chunks, multipart ETag", args: rangedArgs, size: 3*multipartPart + 1<<20 + 3, multipart: true, ranged: true,
+		off: 2*multipartPart + 17, says: "multipart ETag"},
 }
 
 // setUp starts e's driver for o and uploads a model of o's file (w.bin)
@@ -166,8 +217,12 @@ func (o integrityObject) setUp(e *env, seed byte) map[string][]byte {
 	}
 	files := randomModel(seed, map[string]int{"config.json": 300, "w.bin": o.size})
 	if o.multipart {
+		var meta map[string]string
+		if o.md5Meta {
+			meta = rcloneMD5Meta(files["w.bin"])
+		}
 		e.upload("m", map[string][]byte{"config.json": files["config.json"]})
-		e.uploadMultipart("m/w.bin", files["w.bin"], rcloneMD5Meta(files["w.bin"]))
+		e.uploadMultipart("m/w.bin", files["w.bin"], meta, o.checksum)
 	} else {
 		e.upload("m", files)
 		head, err := testenv.Client(minio.Endpoint).HeadObject(context.Background(), &s3.HeadObjectInput{Bucket: aws.String(e.bucket), Key: aws.String("m/w.bin")})
@@ -201,10 +256,10 @@ func TestIntegrity_CorruptOrCutInTransfer_RefusedNothingKept_RealMinIO(t *testin
 			} else {
 				p.FlipByte("w.bin", o.off)
 			}
-		}, []string{"corrupted", "MD5"}},
+		}, []string{"corrupted"}},
 		{"another object's bytes", func(p *testenv.Proxy, o integrityObject, _, other []byte) {
 			p.ServeBytesOf("w.bin", other)
-		}, []string{"corrupted", "MD5"}},
+		}, []string{"corrupted"}},
 		{"always truncated", func(p *testenv.Proxy, o integrityObject, _, _ []byte) {
 			// 1 MiB per response: one stream gets 4 MiB in its four tries,
 			// a chunk never completes.
@@ -228,7 +283,11 @@ func TestIntegrity_CorruptOrCutInTransfer_RefusedNothingKept_RealMinIO(t *testin
 				wantCode(t, err, codes.Unavailable)
 				msg := status.Convert(err).Message()
 				t.Logf("refused: %s", msg)
-				for _, want := range append([]string{"w.bin"}, f.says...) {
+				says := f.says
+				if len(says) > 0 {
+					says = append(says, o.says)
+				}
+				for _, want := range append([]string{"w.bin"}, says...) {
 					if !strings.Contains(msg, want) {
 						t.Errorf("message %q does not say %q", msg, want)
 					}
@@ -323,8 +382,9 @@ func TestIntegrity_ObjectWithoutChecksum_ServedAndCounted_RealMinIO(t *testing.T
 
 			files := randomModel(byte(140+i), map[string]int{"config.json": 300, "checked.bin": 11 << 20, "unchecked.bin": 11<<20 + 1})
 			e.upload("m", map[string][]byte{"config.json": files["config.json"]})
-			e.uploadMultipart("m/checked.bin", files["checked.bin"], rcloneMD5Meta(files["checked.bin"]))
-			e.uploadMultipart("m/unchecked.bin", files["unchecked.bin"], nil)
+			e.uploadMultipart("m/checked.bin", files["checked.bin"], rcloneMD5Meta(files["checked.bin"]), noChecksum)
+			e.uploadMultipart("m/unchecked.bin", files["unchecked.bin"], nil, noChecksum)
+			e.proxy.HideChecksums("unchecked.bin")
 
 			for _, pod := range []string{"pod-a", "pod-b"} {
 				e.mustPublish("vol-"+pod, e.target(pod), e.model("m"))
@@ -400,7 +460,7 @@ func TestRanged_ObjectChangedMidDownload_RefusedNoMixedBlob_RealMinIO(t *testing
 	for i, c := range []struct {
 		name      string
 		newSize   int
-		multipart bool // both versions uploaded in parts without md5chksum: no checksum at all
+		multipart bool // both versions uploaded in parts, their checksums hidden: none at all
 	}{
 		{"same size, other bytes", size, false},
 		{"grown", size + 5<<20, false},
@@ -419,7 +479,10 @@ func TestRanged_ObjectChangedMidDownload_RefusedNoMixedBlob_RealMinIO(t *testing
 					return
 				}
 				e.upload("m", map[string][]byte{"config.json": files["config.json"]})
-				e.uploadMultipart("m/w.bin", files["w.bin"], nil)
+				e.uploadMultipart("m/w.bin", files["w.bin"], nil, noChecksum)
+			}
+			if c.multipart {
+				e.proxy.HideChecksums("w.bin")
 			}
 			put(v1)
 			time.Sleep(1100 * time.Millisecond) // v2 in a later second than v1

@@ -23,6 +23,7 @@ type Proxy struct {
 
 	objectGets  atomic.Int64
 	objectBytes atomic.Int64
+	objectHeads atomic.Int64
 	// RateBytesPerSec, when positive, throttles each object response: a
 	// per-stream cap, as one S3 or GCS stream has.
 	RateBytesPerSec atomic.Int64
@@ -47,6 +48,9 @@ type Proxy struct {
 	// remote's bytes.
 	swapKey  string
 	swapData []byte
+	// hide: responses for objects whose path ends in hideKey carry no
+	// checksum (see HideChecksums).
+	hideKey string
 
 	truncations atomic.Int64
 	// inFlight counts object GETs being answered; maxInFlight is its
@@ -72,6 +76,7 @@ func StartProxy(target string) (*Proxy, error) {
 	rp.FlushInterval = -1
 	rp.ModifyResponse = func(resp *http.Response) error {
 		p.swapBody(resp)
+		p.hideChecksums(resp)
 		if p.RateBytesPerSec.Load() > 0 && isObjectGet(resp.Request) {
 			// Throttling plays a slow network between the driver and the
 			// remote; the remote itself answers at once. Reading its answer
@@ -98,6 +103,9 @@ func StartProxy(target string) (*Proxy, error) {
 		return nil
 	}
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodHead && strings.Contains(strings.Trim(r.URL.Path, "/"), "/") {
+			p.objectHeads.Add(1)
+		}
 		if isObjectGet(r) {
 			p.objectGets.Add(1)
 			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1}
@@ -131,11 +139,15 @@ func (p *Proxy) ObjectBytes() int64 { return p.objectBytes.Load() }
 // ObjectGets is the number of object GET requests so far.
 func (p *Proxy) ObjectGets() int64 { return p.objectGets.Load() }
 
+// ObjectHeads is the number of object HEAD requests so far.
+func (p *Proxy) ObjectHeads() int64 { return p.objectHeads.Load() }
+
 // Reset zeroes the counters, and sets the high-water mark of MaxInFlight
 // to the number of object GETs in flight now (0 when idle).
 func (p *Proxy) Reset() {
 	p.objectBytes.Store(0)
 	p.objectGets.Store(0)
+	p.objectHeads.Store(0)
 	p.truncations.Store(0)
 	p.maxInFlight.Store(p.inFlight.Load())
 }
@@ -202,6 +214,33 @@ func (p *Proxy) swapBody(resp *http.Response) {
 	resp.Body = io.NopCloser(bytes.NewReader(body))
 	resp.ContentLength = int64(len(body))
 	resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
+}
+
+// HideChecksums makes every response about the object whose key ends in
+// key (HEADs and GETs; not listings) carry no checksum: no
+// x-amz-checksum-* headers and an opaque ETag, as from a store whose ETags
+// are not MD5s. "" stops it.
+func (p *Proxy) HideChecksums(key string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.hideKey = key
+}
+
+func (p *Proxy) hideChecksums(resp *http.Response) {
+	p.mu.Lock()
+	key := p.hideKey
+	p.mu.Unlock()
+	if key == "" || !strings.HasSuffix(resp.Request.URL.Path, "/"+key) {
+		return
+	}
+	for h := range resp.Header {
+		if strings.HasPrefix(strings.ToLower(h), "x-amz-checksum-") {
+			resp.Header.Del(h)
+		}
+	}
+	if resp.Header.Get("ETag") != "" {
+		resp.Header.Set("ETag", `"opaque"`)
+	}
 }
 
 // RewriteListings sets a function applied to every listing response body

@@ -1,0 +1,258 @@
+package source
+
+import (
+	"context"
+	"fmt"
+	"path"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/rclone/rclone/fs"
+)
+
+// Checksum is a checksum the remote keeps for an object besides the MD5 a
+// listing gives: one of S3's additional checksums (x-amz-checksum-*), or
+// the ETag of a multipart upload (the MD5 of its parts' MD5s). Objects
+// uploaded in parts by the AWS CLI and SDKs, the usual way large model
+// files reach S3, have no MD5 at all, so without these nothing would check
+// their bytes.
+type Checksum struct {
+	// Algorithm is one of "crc64nvme", "crc32c", "crc32", "sha1", "sha256",
+	// or "md5" for a multipart ETag.
+	Algorithm string
+	// Value as the remote states it: base64 of the big-endian checksum for
+	// x-amz-checksum-*, hex for an ETag. A value over parts keeps its "-N".
+	Value string
+	// Parts are the sizes of the parts a composite value is computed over,
+	// in order; nil for a checksum of the whole object.
+	Parts []int64
+	// Layout, when not nil, says Parts were inferred from the first and the
+	// last part (all parts but the last of one size, as every common
+	// uploader makes them) and returns every part's real size. A mismatch
+	// against an inferred layout is only corruption if the real sizes are
+	// the inferred ones.
+	Layout func(ctx context.Context) ([]int64, error)
+	// Name says where the value came from, for logs and errors.
+	Name string
+}
+
+// IsZero reports that the remote gave no checksum.
+func (c Checksum) IsZero() bool { return c.Algorithm == "" }
+
+// Checksummer is a Remote that can fetch an object's Checksum when its
+// listing gave no MD5 (an S3 object uploaded in parts).
+type Checksummer interface {
+	// Checksum returns the zero Checksum when the remote keeps none it can
+	// give. An object that no longer matches e is ErrChanged.
+	Checksum(ctx context.Context, e Entry) (Checksum, error)
+}
+
+// Checksum asks S3 for the checksums it keeps (a HEAD with checksum mode
+// enabled) of an object listed without an MD5. Other backends, and S3
+// objects whose listing had an MD5, need nothing more.
+func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) {
+	if r.cfg.Type != backendS3 || isHexMD5(e.Hash) || r.cfg.Options["sse_customer_algorithm"] != "" {
+		// SSE-C: a HEAD needs the customer key, and neither the ETag nor
+		// the checksum of such an object says anything checkable.
+		return Checksum{}, nil
+	}
+	ctx = requestConfig(ctx)
+	f, _, err := r.backend(ctx)
+	if err != nil {
+		return Checksum{}, err
+	}
+	c := s3ClientOf(f)
+	if c == nil {
+		fs.Logf(nil, "this rclone's s3 backend hides its client: additional checksums are not checked")
+		return Checksum{}, nil
+	}
+	bucket, key, _ := strings.Cut(path.Join(f.Root(), e.Path), "/")
+	h := &s3Head{c: c, bucket: bucket, key: key, payer: r.cfg.Options["requester_pays"] == "true"}
+	op := fmt.Sprintf("reading the checksum of %s/%s", r.uri, e.Path)
+	head, err := h.head(ctx, 0)
+	if err != nil {
+		return Checksum{}, classify(op, err, r.secrets)
+	}
+	if err := r.sameHead(head, e); err != nil {
+		return Checksum{}, err
+	}
+	ck := checksumOf(head)
+	if ck.IsZero() {
+		return ck, nil
+	}
+	n, composite := partsSuffix(ck.Value)
+	if !composite {
+		return ck, nil
+	}
+	if ck.Parts, ck.Layout, err = h.layout(ctx, e.Size, n); err != nil {
+		return Checksum{}, classify(op, err, r.secrets)
+	}
+	if ck.Parts == nil {
+		// The parts do not add up to the object: an upload this check
+		// cannot follow.
+		return Checksum{}, nil
+	}
+	return ck, nil
+}
+
+// sameHead compares a HEAD with the listing, as sameAsListed does for a GET.
+func (r *rcloneRemote) sameHead(head *s3.HeadObjectOutput, e Entry) error {
+	changed := func(what string, now, listed any) error {
+		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
+	}
+	if head.ContentLength != nil && *head.ContentLength != e.Size {
+		return changed("size", *head.ContentLength, e.Size)
+	}
+	if t := head.LastModified; t != nil && !e.ModTime.IsZero() && !t.Truncate(time.Second).Equal(e.ModTime.Truncate(time.Second)) {
+		return changed("time", t.UTC(), e.ModTime.UTC())
+	}
+	return nil
+}
+
+// checksumOf picks the checksum a HEAD gave: an additional checksum first
+// (it holds whatever the encryption), then a multipart ETag, which is an
+// MD5 of MD5s only without KMS encryption.
+func checksumOf(h *s3.HeadObjectOutput) Checksum {
+	for _, c := range []struct {
+		alg string
+		v   *string
+	}{
+		{"sha256", h.ChecksumSHA256}, {"crc64nvme", h.ChecksumCRC64NVME}, {"crc32c", h.ChecksumCRC32C},
+		{"crc32", h.ChecksumCRC32}, {"sha1", h.ChecksumSHA1},
+	} {
+		if v := aws.ToString(c.v); v != "" {
+			if _, composite := partsSuffix(v); h.ChecksumType == types.ChecksumTypeComposite && !composite {
+				// A composite type without the part count: nothing to follow.
+				continue
+			}
+			return Checksum{Algorithm: c.alg, Value: v, Name: "x-amz-checksum-" + c.alg}
+		}
+	}
+	etag := strings.Trim(aws.ToString(h.ETag), `"`)
+	if _, composite := partsSuffix(etag); composite && isHexMD5(strings.Split(etag, "-")[0]) &&
+		h.ServerSideEncryption != types.ServerSideEncryptionAwsKms && h.ServerSideEncryption != types.ServerSideEncryptionAwsKmsDsse {
+		return Checksum{Algorithm: "md5", Value: strings.ToLower(etag), Name: "multipart ETag"}
+	}
+	return Checksum{}
+}
+
+// partsSuffix reads the "-N" a value computed over N parts ends with.
+func partsSuffix(v string) (int, bool) {
+	i := strings.LastIndexByte(v, '-')
+	if i < 0 {
+		return 0, false
+	}
+	n, err := strconv.Atoi(v[i+1:])
+	return n, err == nil && n > 0 && n <= maxParts
+}
+
+// maxParts is S3's limit on the parts of one upload.
+const maxParts = 10000
+
+// s3Head asks S3 about one object with the client rclone built for the
+// request, so endpoint, signing and provider quirks are rclone's.
+type s3Head struct {
+	c           *s3.Client
+	bucket, key string
+	payer       bool
+}
+
+// head is a HEAD with checksum mode, of one part when part > 0.
+func (h *s3Head) head(ctx context.Context, part int32) (*s3.HeadObjectOutput, error) {
+	in := &s3.HeadObjectInput{Bucket: &h.bucket, Key: &h.key, ChecksumMode: types.ChecksumModeEnabled}
+	if part > 0 {
+		in.PartNumber = &part
+	}
+	if h.payer {
+		in.RequestPayer = types.RequestPayerRequester
+	}
+	return h.c.HeadObject(ctx, in)
+}
+
+// partSize is the length of one part, from a HEAD of it.
+func (h *s3Head) partSize(ctx context.Context, part int) (int64, error) {
+	out, err := h.head(ctx, int32(part))
+	if err != nil {
+		return 0, fmt.Errorf("part %d: %w", part, err)
+	}
+	return aws.ToInt64(out.ContentLength), nil
+}
+
+// layout returns the sizes of an object's n parts: from the first and the
+// last part, all the others taken to be the first's size. The sizes are
+// exact for up to two parts; beyond, the returned func reads every part.
+// nil sizes: the parts cannot add up to size.
+func (h *s3Head) layout(ctx context.Context, size int64, n int) ([]int64, func(context.Context) ([]int64, error), error) {
+	if n == 1 {
+		return []int64{size}, nil, nil
+	}
+	first, err := h.partSize(ctx, 1)
+	if err != nil {
+		return nil, nil, err
+	}
+	last, err := h.partSize(ctx, n)
+	if err != nil {
+		return nil, nil, err
+	}
+	if first <= 0 || last <= 0 || last > first || int64(n-1)*first+last != size {
+		return nil, nil, nil
+	}
+	parts := make([]int64, n)
+	for i := range parts {
+		parts[i] = first
+	}
+	parts[n-1] = last
+	if n == 2 {
+		return parts, nil, nil
+	}
+	exact := func(ctx context.Context) ([]int64, error) {
+		sizes := make([]int64, n)
+		for i := range sizes {
+			s, err := h.partSize(ctx, i+1)
+			if err != nil {
+				return nil, err
+			}
+			sizes[i] = s
+		}
+		return sizes, nil
+	}
+	return parts, exact, nil
+}
+
+// s3ClientOf returns the AWS SDK client of an rclone s3 Fs. rclone neither
+// asks S3 for additional checksums nor keeps the checksum headers of a
+// response, and its client is not exported; a second client built here
+// would have to repeat rclone's endpoint, signing and provider rules and
+// could reach S3 differently from the listing. nil when f is not an s3 Fs
+// of the expected shape (a test catches a new rclone that changes it).
+func s3ClientOf(f fs.Fs) *s3.Client {
+	v := reflect.ValueOf(f)
+	if v.Kind() != reflect.Pointer || v.IsNil() || v.Elem().Kind() != reflect.Struct {
+		return nil
+	}
+	c := v.Elem().FieldByName("c")
+	if !c.IsValid() || c.Type() != reflect.TypeFor[*s3.Client]() || c.IsNil() {
+		return nil
+	}
+	return (*s3.Client)(c.UnsafePointer())
+}
+
+// isHexMD5 reports whether s is an MD5 in hex, as a listing's checksum is.
+func isHexMD5(s string) bool {
+	if len(s) != 32 {
+		return false
+	}
+	for _, r := range s {
+		if !strings.ContainsRune("0123456789abcdefABCDEF", r) {
+			return false
+		}
+	}
+	return true
+}
+
+var _ Checksummer = (*rcloneRemote)(nil)
