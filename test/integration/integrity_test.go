@@ -57,6 +57,16 @@ func (e *env) uploadMultipart(key string, data []byte, meta map[string]string, c
 	if len(data) <= multipartPart {
 		e.t.Fatalf("%s: %d bytes make a single part; a multipart object needs more than %d", key, len(data), multipartPart)
 	}
+	var sizes []int
+	for off := 0; off < len(data); off += multipartPart {
+		sizes = append(sizes, min(multipartPart, len(data)-off))
+	}
+	e.uploadParts(key, data, sizes, meta, ck)
+}
+
+// uploadParts is uploadMultipart with parts of the given sizes.
+func (e *env) uploadParts(key string, data []byte, sizes []int, meta map[string]string, ck multipartChecksum) {
+	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	c := testenv.Client(minio.Endpoint)
@@ -82,8 +92,11 @@ func (e *env) uploadMultipart(key string, data []byte, meta map[string]string, c
 		e.t.Fatalf("starting the multipart upload of %s: %v", key, err)
 	}
 	var parts []types.CompletedPart
-	for off, n := 0, int32(1); off < len(data); off, n = off+multipartPart, n+1 {
-		part := data[off:min(off+multipartPart, len(data))]
+	off := 0
+	for i, size := range sizes {
+		n := int32(i + 1)
+		part := data[off : off+size]
+		off += size
 		out, err := c.UploadPart(ctx, &s3.UploadPartInput{Bucket: aws.String(e.bucket), Key: aws.String(key),
 			UploadId: up.UploadId, PartNumber: aws.Int32(n), Body: bytes.NewReader(part), ChecksumAlgorithm: alg}, onlyAsked)
 		if err != nil {
@@ -91,6 +104,9 @@ func (e *env) uploadMultipart(key string, data []byte, meta map[string]string, c
 		}
 		parts = append(parts, types.CompletedPart{ETag: out.ETag, PartNumber: aws.Int32(n),
 			ChecksumCRC32: out.ChecksumCRC32, ChecksumCRC64NVME: out.ChecksumCRC64NVME})
+	}
+	if off != len(data) {
+		e.t.Fatalf("%s: parts of %v bytes for %d bytes of data", key, sizes, len(data))
 	}
 	complete := &s3.CompleteMultipartUploadInput{Bucket: aws.String(e.bucket), Key: aws.String(key),
 		UploadId: up.UploadId, MultipartUpload: &types.CompletedMultipartUpload{Parts: parts}, ChecksumType: create.ChecksumType}
@@ -401,6 +417,49 @@ func TestIntegrity_ObjectWithoutChecksum_ServedAndCounted_RealMinIO(t *testing.T
 			for _, pod := range []string{"pod-a", "pod-b"} {
 				e.mustUnpublish("vol-"+pod, e.target(pod))
 			}
+		})
+	}
+}
+
+// An upload whose parts are not all of one size (S3 allows it; the
+// common uploaders never do it) cannot have its multipart ETag followed
+// from the first and last part alone. Whether the sizes still add up
+// (so the inferred layout is wrong and every part is asked for) or not,
+// the object is served byte-exact and counted unchecked, never refused
+// for a checksum computed over the wrong parts. The object with equal
+// parts beside it is checked.
+func TestIntegrity_MultipartOfUnequalParts_ServedUnchecked_RealMinIO(t *testing.T) {
+	const mib = 1 << 20
+	for i, c := range []struct {
+		name  string
+		sizes []int
+	}{
+		// (4-1)×6 + 4 = 22: the sizes add up as if all but the last were 6.
+		{"sizes add up", []int{6 * mib, 5 * mib, 7 * mib, 4 * mib}},
+		{"sizes do not add up", []int{5 * mib, 6 * mib, 3 * mib}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			port, err := testenv.FreePort()
+			if err != nil {
+				t.Fatal(err)
+			}
+			addr := fmt.Sprintf("127.0.0.1:%d", port)
+			e := newEnv(t)
+			e.driver.Stop()
+			e.start("--metrics-address=" + addr)
+			e.waitMetrics(addr)
+			size := 0
+			for _, n := range c.sizes {
+				size += n
+			}
+			files := randomModel(byte(150+i), map[string]int{"unequal.bin": size, "equal.bin": 3*multipartPart + 9})
+			e.uploadParts("m/unequal.bin", files["unequal.bin"], c.sizes, nil, noChecksum)
+			e.uploadMultipart("m/equal.bin", files["equal.bin"], nil, noChecksum)
+
+			e.mustPublish("vol", e.target("pod"), e.model("m"))
+			sameFiles(t, e.target("pod"), files)
+			wantMetrics(t, scrape(t, addr), map[string]float64{"modelcache_unchecked_objects_total": 1})
+			e.mustUnpublish("vol", e.target("pod"))
 		})
 	}
 }

@@ -1,0 +1,157 @@
+package store
+
+import (
+	"context"
+	"crypto/md5"
+	"crypto/sha1"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"github.com/modelcache/modelcache/pkg/source"
+)
+
+func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
+
+func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+
+// md5Of and crc32Of are the reference computations, written out
+// independently of remoteSum.
+func md5Of(b []byte) []byte { s := md5.Sum(b); return s[:] }
+
+func crc32Of(b []byte) []byte { return be32(crc32.ChecksumIEEE(b)) }
+
+// partsOf applies sum to each part of data and then to their
+// concatenation, as S3 computes a multipart ETag or a composite checksum.
+func partsOf(data []byte, sizes []int64, sum func([]byte) []byte) []byte {
+	var of []byte
+	for _, n := range sizes {
+		of = append(of, sum(data[:n])...)
+		data = data[n:]
+	}
+	return sum(of)
+}
+
+// The check values of the CRC catalogue ("123456789") and digests of
+// known inputs, and multipart values as S3 computes them, whatever the
+// size of the writes that feed them.
+func TestRemoteSum_MatchesTheRemotesNotation(t *testing.T) {
+	check := []byte("123456789")
+	data := make([]byte, 1000)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	sha := sha256.Sum256(check)
+	sha1sum := sha1.Sum(check)
+	tests := []struct {
+		name string
+		data []byte
+		want source.Checksum
+	}{
+		{"crc64nvme check value", check, source.Checksum{Algorithm: "crc64nvme", Value: b64(binary.BigEndian.AppendUint64(nil, 0xae8b14860a799888))}},
+		{"crc32c check value", check, source.Checksum{Algorithm: "crc32c", Value: b64(be32(0xe3069283))}},
+		{"crc32 check value", check, source.Checksum{Algorithm: "crc32", Value: b64(be32(0xcbf43926))}},
+		{"sha256", check, source.Checksum{Algorithm: "sha256", Value: b64(sha[:])}},
+		{"sha1", check, source.Checksum{Algorithm: "sha1", Value: b64(sha1sum[:])}},
+		{"listed md5", data, source.Checksum{Algorithm: "md5", Value: hex.EncodeToString(md5Of(data)), Name: "MD5"}},
+		{"multipart ETag, 3 parts", data, source.Checksum{Algorithm: "md5", Parts: []int64{400, 400, 200},
+			Value: hex.EncodeToString(partsOf(data, []int64{400, 400, 200}, md5Of)) + "-3"}},
+		{"multipart ETag, 1 part", data, source.Checksum{Algorithm: "md5", Parts: []int64{1000},
+			Value: hex.EncodeToString(md5Of(md5Of(data))) + "-1"}},
+		{"composite crc32, uneven parts", data, source.Checksum{Algorithm: "crc32", Parts: []int64{1, 998, 1},
+			Value: b64(partsOf(data, []int64{1, 998, 1}, crc32Of)) + "-3"}},
+	}
+	for _, tt := range tests {
+		for _, write := range []int{1, 3, 64, 399, 400, 401, 4096} {
+			t.Run(fmt.Sprintf("%s/writes of %d", tt.name, write), func(t *testing.T) {
+				r, err := newRemoteSum(tt.want)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for b := tt.data; len(b) > 0; {
+					n := min(write, len(b))
+					r.Write(b[:n])
+					b = b[n:]
+				}
+				if got := r.sum(); got != tt.want.Value {
+					t.Fatalf("sum %s, want %s", got, tt.want.Value)
+				}
+			})
+		}
+	}
+}
+
+// A mismatch is corruption, retryable, naming both values; over an
+// inferred part layout, only when the real layout is the inferred one: an
+// upload with parts of other sizes is accepted unchecked, never refused
+// for a checksum computed over the wrong parts.
+func TestRemoteSum_Check(t *testing.T) {
+	data := make([]byte, 300)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	inferred := []int64{100, 100, 100}
+	real := []int64{100, 150, 50}
+	etag := func(sizes []int64) string { return hex.EncodeToString(partsOf(data, sizes, md5Of)) + "-3" }
+	layout := func(sizes []int64, err error) func(context.Context) ([]int64, error) {
+		return func(context.Context) ([]int64, error) { return sizes, err }
+	}
+	errLayout := errors.New("HEAD failed")
+	e := source.Entry{Path: "w.bin", Size: int64(len(data))}
+	tests := []struct {
+		name    string
+		want    source.Checksum
+		bytes   []byte
+		how     checkedBy
+		wantErr error
+	}{
+		{"listed MD5 matches", source.Checksum{Algorithm: "md5", Value: hex.EncodeToString(md5Of(data)), Name: "MD5"}, data, byListedMD5, nil},
+		{"remote checksum matches", source.Checksum{Algorithm: "md5", Value: etag(inferred), Parts: inferred, Name: "multipart ETag"}, data, byRemoteDigest, nil},
+		{"upper-case hex matches", source.Checksum{Algorithm: "md5", Value: strings.ToUpper(hex.EncodeToString(md5Of(data))), Name: "MD5"}, data, byListedMD5, nil},
+		{"flipped byte", source.Checksum{Algorithm: "md5", Value: etag(inferred), Parts: inferred, Name: "multipart ETag"}, flip(data, 150), notChecked, source.ErrCorrupt},
+		{"one byte more than the parts", source.Checksum{Algorithm: "md5", Value: etag(inferred), Parts: inferred, Name: "multipart ETag"}, append(append([]byte{}, data...), 0), notChecked, source.ErrCorrupt},
+		{"inferred layout, real one differs", source.Checksum{Algorithm: "md5", Value: etag(real), Parts: inferred, Layout: layout(real, nil), Name: "multipart ETag"}, data, notChecked, nil},
+		{"inferred layout is the real one", source.Checksum{Algorithm: "md5", Value: etag(real), Parts: real, Layout: layout(real, nil), Name: "multipart ETag"}, flip(data, 10), notChecked, source.ErrCorrupt},
+		{"inferred layout unreadable", source.Checksum{Algorithm: "md5", Value: etag(real), Parts: inferred, Layout: layout(nil, errLayout), Name: "multipart ETag"}, data, notChecked, errLayout},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := newRemoteSum(tt.want)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Write(tt.bytes)
+			how, err := r.check(context.Background(), e)
+			if how != tt.how || !errors.Is(err, tt.wantErr) || (tt.wantErr == nil) != (err == nil) {
+				t.Fatalf("check = %v, %v; want %v, %v", how, err, tt.how, tt.wantErr)
+			}
+			if errors.Is(err, source.ErrCorrupt) {
+				for _, s := range []string{"w.bin", tt.want.Name, tt.want.Value, r.sum()} {
+					if !strings.Contains(err.Error(), s) {
+						t.Errorf("error %q does not say %q", err, s)
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestRemoteSum_UnknownAlgorithmRefused(t *testing.T) {
+	if _, err := newRemoteSum(source.Checksum{Algorithm: "xxh3", Value: "x"}); err == nil {
+		t.Fatal("an algorithm remoteSum cannot compute was accepted: the object would pass unchecked as if checked")
+	}
+}
+
+func flip(b []byte, at int) []byte {
+	c := append([]byte{}, b...)
+	c[at] ^= 1
+	return c
+}
