@@ -44,19 +44,21 @@ type Checksum struct {
 // IsZero reports that the remote gave no checksum.
 func (c Checksum) IsZero() bool { return c.Algorithm == "" }
 
-// Checksummer is a Remote that can fetch an object's Checksum when its
-// listing gave no MD5 (an S3 object uploaded in parts).
+// Checksummer is a Remote that can fetch a checksum the remote keeps for
+// an object besides the listing's MD5: for an S3 object uploaded in parts,
+// which has none, or one cheaper to compute than an MD5.
 type Checksummer interface {
 	// Checksum returns the zero Checksum when the remote keeps none it can
 	// give. An object that no longer matches e is ErrChanged.
 	Checksum(ctx context.Context, e Entry) (Checksum, error)
 }
 
-// Checksum asks S3 for the checksums it keeps (a HEAD with checksum mode
-// enabled) of an object listed without an MD5. Other backends, and S3
-// objects whose listing had an MD5, need nothing more.
+// Checksum asks S3 for the checksums it keeps of an object (a HEAD with
+// checksum mode enabled): an additional checksum, else, for an object
+// listed without an MD5, its multipart ETag. Other backends keep nothing
+// more than the listing gives.
 func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) {
-	if r.cfg.Type != backendS3 || isHexMD5(e.Hash) || r.cfg.Options["sse_customer_algorithm"] != "" {
+	if r.cfg.Type != backendS3 || r.cfg.Options["sse_customer_algorithm"] != "" {
 		// SSE-C: a HEAD needs the customer key, and neither the ETag nor
 		// the checksum of such an object says anything checkable.
 		return Checksum{}, nil
@@ -82,8 +84,10 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 		return Checksum{}, err
 	}
 	ck := checksumOf(head)
-	if ck.IsZero() {
-		return ck, nil
+	if ck.IsZero() || ck.Algorithm == "md5" && isHexMD5(e.Hash) {
+		// The listing's MD5 is the object's; its multipart ETag would
+		// cost as much and a HEAD per part more.
+		return Checksum{}, nil
 	}
 	n, composite := partsSuffix(ck.Value)
 	if !composite {
@@ -111,19 +115,23 @@ func (r *rcloneRemote) sameHead(head *s3.HeadObjectOutput, e Entry) error {
 	if t := head.LastModified; t != nil && !e.ModTime.IsZero() && !t.Truncate(time.Second).Equal(e.ModTime.Truncate(time.Second)) {
 		return changed("time", t.UTC(), e.ModTime.UTC())
 	}
+	if etag := strings.Trim(aws.ToString(head.ETag), `"`); isHexMD5(e.Hash) && isHexMD5(etag) && !strings.EqualFold(etag, e.Hash) {
+		return changed("checksum", etag, e.Hash)
+	}
 	return nil
 }
 
 // checksumOf picks the checksum a HEAD gave: an additional checksum first
-// (it holds whatever the encryption), then a multipart ETag, which is an
-// MD5 of MD5s only without KMS encryption.
+// (it holds whatever the encryption; S3 keeps one at most, listed here
+// cheapest first for a store that computes sha256 anyway), then a
+// multipart ETag, which is an MD5 of MD5s only without KMS encryption.
 func checksumOf(h *s3.HeadObjectOutput) Checksum {
 	for _, c := range []struct {
 		alg string
 		v   *string
 	}{
-		{"sha256", h.ChecksumSHA256}, {"crc64nvme", h.ChecksumCRC64NVME}, {"crc32c", h.ChecksumCRC32C},
-		{"crc32", h.ChecksumCRC32}, {"sha1", h.ChecksumSHA1},
+		{"sha256", h.ChecksumSHA256}, {"crc32", h.ChecksumCRC32}, {"crc32c", h.ChecksumCRC32C},
+		{"crc64nvme", h.ChecksumCRC64NVME}, {"sha1", h.ChecksumSHA1},
 	} {
 		if v := aws.ToString(c.v); v != "" {
 			if _, composite := partsSuffix(v); h.ChecksumType == types.ChecksumTypeComposite && !composite {

@@ -27,30 +27,46 @@ const (
 	byRemoteDigest                  // a checksum asked for (S3 additional checksum, multipart ETag)
 )
 
+// AskChecksumAbove is the size from which an object listed with an MD5 is
+// still asked for another checksum: S3 keeps a CRC for most objects (it
+// adds a CRC64NVME to every new one since 2025; SDKs send a CRC32), and
+// computing one costs a half (CRC64NVME) to a fiftieth (CRC32, CRC32C)
+// of an MD5's CPU time, which on a small node bounds a download. Below it
+// the MD5 costs less than the HEAD's round trip.
+const AskChecksumAbove = 64 << 20
+
 // expectedChecksum is what a download of e is checked against: the
-// listing's MD5, else the checksum the remote gives on request, else
-// nothing. The request holds one of the node's connections.
+// checksum the remote gives on request, for an object listed without an
+// MD5 or a large one; else the listing's MD5; else nothing. The request
+// holds one of the node's connections.
 func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry) (source.Checksum, error) {
+	listed := source.Checksum{}
 	if isMD5(e.Hash) {
-		return source.Checksum{Algorithm: "md5", Value: strings.ToLower(e.Hash), Name: "MD5"}, nil
+		listed = source.Checksum{Algorithm: "md5", Value: strings.ToLower(e.Hash), Name: "MD5"}
 	}
 	cs, ok := f.(source.Checksummer)
-	if !ok {
-		return source.Checksum{}, nil
+	if !ok || !listed.IsZero() && e.Size < AskChecksumAbove {
+		return listed, nil
 	}
 	if err := s.acquireConn(ctx); err != nil {
 		return source.Checksum{}, err
 	}
 	defer s.releaseConn()
-	return cs.Checksum(ctx, e)
+	asked, err := cs.Checksum(ctx, e)
+	if err != nil || asked.IsZero() {
+		return listed, err
+	}
+	return asked, nil
 }
 
 // remoteSum computes the remote's checksum of an object as it streams in:
 // of the whole object, or of each part and then of the parts' checksums
 // (a multipart ETag, a composite S3 checksum).
 type remoteSum struct {
-	want  source.Checksum
-	whole hash.Hash // the whole object's, or the current part's
+	want   source.Checksum
+	whole  hash.Hash // the whole object's, or the current part's
+	shared bool      // whole is the store's own sha256, written by its owner
+	inline bool      // as cheap as handing it to another goroutine (CRC32, CRC32C)
 	parts []int64   // sizes of the parts still to come, the current first
 	left  int64     // bytes left in the current part
 	of    []byte    // the finished parts' checksums, concatenated
@@ -61,7 +77,7 @@ func newRemoteSum(want source.Checksum) (*remoteSum, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &remoteSum{want: want, whole: h}
+	r := &remoteSum{want: want, whole: h, inline: want.Algorithm == "crc32" || want.Algorithm == "crc32c"}
 	if want.Parts != nil {
 		r.parts = want.Parts
 		r.left = r.parts[0]

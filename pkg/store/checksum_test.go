@@ -155,3 +155,41 @@ func flip(b []byte, at int) []byte {
 	c[at] ^= 1
 	return c
 }
+
+// A remote sha256 of the whole object is checked against the store's own
+// sha256, not computed twice; a wrong one is still refused.
+func TestObjectSums_RemoteSHA256IsTheStoresOwn(t *testing.T) {
+	data := []byte("model bytes")
+	sum := sha256.Sum256(data)
+	e := source.Entry{Path: "w.bin", Size: int64(len(data))}
+	for _, tt := range []struct {
+		name  string
+		value string
+		err   error
+	}{
+		{"matches", b64(sum[:]), nil},
+		{"differs", b64(make([]byte, 32)), source.ErrCorrupt},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			o, err := newObjectSums(source.Checksum{Algorithm: "sha256", Value: tt.value, Name: "x-amz-checksum-sha256"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer o.close()
+			if !o.remote.shared {
+				t.Fatal("the remote's sha256 is computed a second time")
+			}
+			o.write(data)
+			how, err := o.remote.check(context.Background(), e)
+			if !errors.Is(err, tt.err) || (err == nil) != (tt.err == nil) {
+				t.Fatalf("check = %v, %v; want %v", how, err, tt.err)
+			}
+			if err == nil && how != byRemoteDigest {
+				t.Fatalf("checked by %v, want byRemoteDigest", how)
+			}
+			if got := hex.EncodeToString(o.sha.Sum(nil)); got != hex.EncodeToString(sum[:]) {
+				t.Fatalf("store sha256 %s, want %x", got, sum)
+			}
+		})
+	}
+}

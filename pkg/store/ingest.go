@@ -311,6 +311,11 @@ const parallelHashMin = 16 << 10
 
 func newObjectSums(want source.Checksum) (*objectSums, error) {
 	o := &objectSums{sha: sha256.New()}
+	if want.Algorithm == "sha256" && want.Parts == nil {
+		// The remote's sha256 of the whole object is the store's own.
+		o.remote = &remoteSum{want: want, whole: o.sha, shared: true}
+		return o, nil
+	}
 	if !want.IsZero() {
 		r, err := newRemoteSum(want)
 		if err != nil {
@@ -324,9 +329,9 @@ func newObjectSums(want source.Checksum) (*objectSums, error) {
 // write hashes b with both digests and returns when both are done, so the
 // caller may reuse b.
 func (o *objectSums) write(b []byte) {
-	if o.remote == nil || len(b) < parallelHashMin {
+	if o.remote == nil || o.remote.shared || o.remote.inline || len(b) < parallelHashMin {
 		o.sha.Write(b)
-		if o.remote != nil {
+		if o.remote != nil && !o.remote.shared {
 			o.remote.Write(b)
 		}
 		return

@@ -216,6 +216,9 @@ var integrityObjects = []integrityObject{
 	{name: "multipart ETag", size: 12<<20 + 321, multipart: true, off: 7<<20 + 17, says: "multipart ETag"},
 	{name: "multipart composite CRC32", size: 12<<20 + 321, multipart: true, checksum: compositeCRC32, off: 11<<20 + 17, says: "x-amz-checksum-crc32"},
 	{name: "multipart full-object CRC64NVME", size: 12<<20 + 321, multipart: true, checksum: fullObjectCRC64NVME, off: 3<<20 + 17, says: "x-amz-checksum-crc64nvme"},
+	// Large enough that the remote's CRC32 (the SDK's default on upload),
+	// cheaper than the listed MD5, is asked for and checked instead.
+	{name: "large single-part, CRC32", size: store.AskChecksumAbove + 5, off: 40<<20 + 17, says: "x-amz-checksum-crc32"},
 	{name: "ranged chunks", args: rangedArgs, size: 2*rangeChunk + 4<<20 + 7, ranged: true, off: rangeChunk + 4<<20 + 17, says: "MD5"},
 	// Parts of 5 MiB hashed from chunks of 4 MiB: part boundaries fall
 	// inside chunks.
@@ -241,12 +244,29 @@ func (o integrityObject) setUp(e *env, seed byte) map[string][]byte {
 		e.uploadMultipart("m/w.bin", files["w.bin"], meta, o.checksum)
 	} else {
 		e.upload("m", files)
+		if strings.HasPrefix(o.says, "x-amz-checksum-") {
+			// Again, asking S3 to keep a CRC32.
+			_, err := testenv.Client(minio.Endpoint).PutObject(context.Background(), &s3.PutObjectInput{Bucket: aws.String(e.bucket), Key: aws.String("m/w.bin"),
+				Body: bytes.NewReader(files["w.bin"]), ChecksumAlgorithm: types.ChecksumAlgorithmCrc32})
+			if err != nil {
+				e.t.Fatal(err)
+			}
+		}
 		head, err := testenv.Client(minio.Endpoint).HeadObject(context.Background(), &s3.HeadObjectInput{Bucket: aws.String(e.bucket), Key: aws.String("m/w.bin")})
 		if err != nil {
 			e.t.Fatal(err)
 		}
 		if etag, want := strings.Trim(aws.ToString(head.ETag), `"`), hexMD5(files["w.bin"]); etag != want {
 			e.t.Fatalf("single-part object has ETag %q, want its MD5 %s", etag, want)
+		}
+		if strings.HasPrefix(o.says, "x-amz-checksum-") {
+			head, err := testenv.Client(minio.Endpoint).HeadObject(context.Background(), &s3.HeadObjectInput{Bucket: aws.String(e.bucket), Key: aws.String("m/w.bin"), ChecksumMode: types.ChecksumModeEnabled})
+			if err != nil {
+				e.t.Fatal(err)
+			}
+			if aws.ToString(head.ChecksumCRC32) == "" {
+				e.t.Fatalf("single-part object has no CRC32 at the remote: the test proves nothing")
+			}
 		}
 	}
 	return files
