@@ -67,9 +67,9 @@ type remoteSum struct {
 	whole  hash.Hash // the whole object's, or the current part's
 	shared bool      // whole is the store's own sha256, written by its owner
 	inline bool      // as cheap as handing it to another goroutine (CRC32, CRC32C)
-	parts []int64   // sizes of the parts still to come, the current first
-	left  int64     // bytes left in the current part
-	of    []byte    // the finished parts' checksums, concatenated
+	parts  []int64   // sizes of the parts still to come, the current first
+	left   int64     // bytes left in the current part
+	of     []byte    // the finished parts' checksums, concatenated
 }
 
 func newRemoteSum(want source.Checksum) (*remoteSum, error) {

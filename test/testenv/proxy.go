@@ -28,7 +28,8 @@ type Proxy struct {
 	// per-stream cap, as one S3 or GCS stream has.
 	RateBytesPerSec atomic.Int64
 	// FirstByteDelay, in nanoseconds, delays each object response's first
-	// byte, as a real object store's time to first byte does.
+	// byte, as a real object store's time to first byte does, and each
+	// object HEAD's answer.
 	FirstByteDelay atomic.Int64
 
 	mu      sync.Mutex
@@ -105,6 +106,9 @@ func StartProxy(target string) (*Proxy, error) {
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodHead && strings.Contains(strings.Trim(r.URL.Path, "/"), "/") {
 			p.objectHeads.Add(1)
+			if d := time.Duration(p.FirstByteDelay.Load()); d > 0 {
+				time.Sleep(d)
+			}
 		}
 		if isObjectGet(r) {
 			p.objectGets.Add(1)
