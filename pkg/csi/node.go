@@ -192,7 +192,7 @@ func checksText(c store.Checks) string {
 		parts = append(parts, fmt.Sprintf("%d objects checked against the remote's MD5", c.MD5))
 	}
 	if c.Remote > 0 {
-		parts = append(parts, fmt.Sprintf("%d objects checked against the checksum S3 keeps for uploads in parts", c.Remote))
+		parts = append(parts, fmt.Sprintf("%d objects checked against a checksum asked of the remote (S3 x-amz-checksum-*, multipart ETag, GCS crc32c)", c.Remote))
 	}
 	if c.Unchecked > 0 {
 		parts = append(parts, fmt.Sprintf("%d had no checksum at the remote and were not checked", c.Unchecked))

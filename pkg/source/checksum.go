@@ -2,17 +2,23 @@ package source
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"path"
 	"reflect"
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/rclone/rclone/fs"
+	"github.com/rclone/rclone/lib/encoder"
+	"google.golang.org/api/storage/v1"
 )
 
 // Checksum is a checksum the remote keeps for an object besides the MD5 a
@@ -53,12 +59,14 @@ type Checksummer interface {
 	Checksum(ctx context.Context, e Entry) (Checksum, error)
 }
 
-// Checksum asks S3 for the checksums it keeps of an object (a HEAD with
-// checksum mode enabled): an additional checksum, else, for an object
-// listed without an MD5, its multipart ETag. Other backends keep nothing
-// more than the listing gives.
+// Checksum asks the remote for the checksums it keeps of an object: S3
+// with a HEAD in checksum mode (an additional checksum, else, for an
+// object listed without an MD5, its multipart ETag); GCS with a metadata
+// GET (its crc32c, which composite objects have instead of an MD5). Other
+// backends keep nothing more than the listing gives. An object the
+// request cannot find is left to its GET to report.
 func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) {
-	if r.cfg.Type != backendS3 || r.cfg.Options["sse_customer_algorithm"] != "" {
+	if r.cfg.Type != backendS3 && r.cfg.Type != backendGCS || r.cfg.Options["sse_customer_algorithm"] != "" {
 		// SSE-C: a HEAD needs the customer key, and neither the ETag nor
 		// the checksum of such an object says anything checkable.
 		return Checksum{}, nil
@@ -68,17 +76,48 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 	if err != nil {
 		return Checksum{}, err
 	}
-	c := s3ClientOf(f)
+	bucket, key := r.objectName(f, e)
+	op := fmt.Sprintf("reading the checksum of %s/%s", r.uri, e.Path)
+	var ck Checksum
+	if r.cfg.Type == backendGCS {
+		ck, err = r.gcsChecksum(ctx, f, bucket, key, e)
+	} else {
+		ck, err = r.s3Checksum(ctx, f, bucket, key, e)
+	}
+	switch {
+	case errors.Is(err, ErrChanged):
+		return Checksum{}, err
+	case err != nil && errors.Is(classify(op, err, r.secrets), ErrNotFound):
+		return Checksum{}, nil
+	case err != nil:
+		return Checksum{}, classify(op, err, r.secrets)
+	}
+	return ck, nil
+}
+
+// objectName is the bucket and key of e as rclone names them at the
+// remote: its encoding (the backend's default; tenants cannot set it)
+// maps a few characters of listed names back.
+func (r *rcloneRemote) objectName(f fs.Fs, e Entry) (string, string) {
+	bucket, key, _ := strings.Cut(path.Join(f.Root(), e.Path), "/")
+	if o := r.info.Options.Get("encoding"); o != nil {
+		if enc, ok := o.Default.(encoder.MultiEncoder); ok {
+			return enc.FromStandardName(bucket), enc.FromStandardPath(key)
+		}
+	}
+	return bucket, key
+}
+
+func (r *rcloneRemote) s3Checksum(ctx context.Context, f fs.Fs, bucket, key string, e Entry) (Checksum, error) {
+	c := clientOf[*s3.Client](f, "c")
 	if c == nil {
 		fs.Logf(nil, "this rclone's s3 backend hides its client: additional checksums are not checked")
 		return Checksum{}, nil
 	}
-	bucket, key, _ := strings.Cut(path.Join(f.Root(), e.Path), "/")
 	h := &s3Head{c: c, bucket: bucket, key: key, payer: r.cfg.Options["requester_pays"] == "true"}
-	op := fmt.Sprintf("reading the checksum of %s/%s", r.uri, e.Path)
 	head, err := h.head(ctx, 0)
 	if err != nil {
-		return Checksum{}, classify(op, err, r.secrets)
+		return Checksum{}, err
 	}
 	if err := r.sameHead(head, e); err != nil {
 		return Checksum{}, err
@@ -94,7 +133,7 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 		return ck, nil
 	}
 	if ck.Parts, ck.Layout, err = h.layout(ctx, e.Size, n); err != nil {
-		return Checksum{}, classify(op, err, r.secrets)
+		return Checksum{}, err
 	}
 	if ck.Parts == nil {
 		// The parts do not add up to the object: an upload this check
@@ -102,6 +141,32 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 		return Checksum{}, nil
 	}
 	return ck, nil
+}
+
+// gcsChecksum reads an object's crc32c from its metadata.
+func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key string, e Entry) (Checksum, error) {
+	svc := clientOf[*storage.Service](f, "svc")
+	if svc == nil {
+		fs.Logf(nil, "this rclone's gcs backend hides its client: crc32c is not checked")
+		return Checksum{}, nil
+	}
+	obj, err := svc.Objects.Get(bucket, key).Fields("size", "updated", "md5Hash", "crc32c").Context(ctx).Do()
+	if err != nil {
+		return Checksum{}, err
+	}
+	changed := func(what string, now, listed any) error {
+		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
+	}
+	if obj.Size != uint64(e.Size) {
+		return Checksum{}, changed("size", obj.Size, e.Size)
+	}
+	if sum, err := base64.StdEncoding.DecodeString(obj.Md5Hash); err == nil && len(sum) == 16 && isHexMD5(e.Hash) && !strings.EqualFold(hex.EncodeToString(sum), e.Hash) {
+		return Checksum{}, changed("checksum", hex.EncodeToString(sum), e.Hash)
+	}
+	if obj.Crc32c == "" {
+		return Checksum{}, nil
+	}
+	return Checksum{Algorithm: "crc32c", Value: obj.Crc32c, Name: "crc32c"}, nil
 }
 
 // sameHead compares a HEAD with the listing, as sameAsListed does for a GET.
@@ -232,22 +297,25 @@ func (h *s3Head) layout(ctx context.Context, size int64, n int) ([]int64, func(c
 	return parts, exact, nil
 }
 
-// s3ClientOf returns the AWS SDK client of an rclone s3 Fs. rclone neither
-// asks S3 for additional checksums nor keeps the checksum headers of a
-// response, and its client is not exported; a second client built here
-// would have to repeat rclone's endpoint, signing and provider rules and
-// could reach S3 differently from the listing. nil when f is not an s3 Fs
-// of the expected shape (a test catches a new rclone that changes it).
-func s3ClientOf(f fs.Fs) *s3.Client {
+// clientOf returns the API client an rclone Fs keeps in its field name:
+// the AWS SDK client of an s3 Fs ("c"), the JSON API service of a gcs Fs
+// ("svc"). rclone neither asks S3 for additional checksums nor keeps
+// GCS's crc32c or the checksum headers of a response, and does not export
+// its clients; a second client built here would have to repeat rclone's
+// credentials, endpoint, signing and provider rules and could reach the
+// remote differently from the listing. nil when f is not of the expected
+// shape (a test catches a new rclone that changes it).
+func clientOf[T any](f fs.Fs, name string) T {
+	var zero T
 	v := reflect.ValueOf(f)
 	if v.Kind() != reflect.Pointer || v.IsNil() || v.Elem().Kind() != reflect.Struct {
-		return nil
+		return zero
 	}
-	c := v.Elem().FieldByName("c")
-	if !c.IsValid() || c.Type() != reflect.TypeFor[*s3.Client]() || c.IsNil() {
-		return nil
+	c := v.Elem().FieldByName(name)
+	if !c.IsValid() || c.Type() != reflect.TypeFor[T]() || c.Kind() != reflect.Pointer || c.IsNil() {
+		return zero
 	}
-	return (*s3.Client)(c.UnsafePointer())
+	return reflect.NewAt(c.Type(), unsafe.Pointer(c.UnsafeAddr())).Elem().Interface().(T)
 }
 
 // isHexMD5 reports whether s is an MD5 in hex, as a listing's checksum is.

@@ -2,6 +2,13 @@ package source
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -9,6 +16,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
+	"google.golang.org/api/storage/v1"
 )
 
 // What a HEAD in checksum mode gives is turned into the checksum the
@@ -70,11 +78,11 @@ func TestPartsSuffix(t *testing.T) {
 	}
 }
 
-// The client the HEAD goes through is the one rclone built for the
-// request. This fails when a new rclone changes its s3 Fs so that the
-// client can no longer be found: objects uploaded in parts would then go
-// unchecked.
-func TestS3ClientOf_FindsRclonesClient(t *testing.T) {
+// The clients the checksum requests go through are the ones rclone built
+// for the request. This fails when a new rclone changes its s3 or gcs Fs
+// so that they can no longer be found: objects uploaded in parts, and GCS
+// composite objects, would then go unchecked.
+func TestClientOf_FindsRclonesClients(t *testing.T) {
 	ctx := context.Background()
 	info, err := fs.Find("s3")
 	if err != nil {
@@ -85,7 +93,7 @@ func TestS3ClientOf_FindsRclonesClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s3ClientOf(f) == nil {
+	if clientOf[*s3.Client](f, "c") == nil {
 		t.Fatal("no *s3.Client found in rclone's s3 Fs")
 	}
 	hinfo, err := fs.Find("http")
@@ -96,10 +104,105 @@ func TestS3ClientOf_FindsRclonesClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c := s3ClientOf(hf); c != nil {
+	if c := clientOf[*s3.Client](hf, "c"); c != nil {
 		t.Fatalf("found an s3 client in an http Fs: %v", c)
 	}
-	if c := s3ClientOf(nil); c != nil {
+	if c := clientOf[*s3.Client](nil, "c"); c != nil {
 		t.Fatal("found an s3 client in nil")
 	}
+	ginfo, err := fs.Find("google cloud storage")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gf, err := ginfo.NewFs(ctx, "model", "bucket", configMap(ginfo, configmap.Simple{"anonymous": "true", "endpoint": "http://127.0.0.1:9/storage/v1/"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if clientOf[*storage.Service](gf, "svc") == nil {
+		t.Fatal("no *storage.Service found in rclone's gcs Fs")
+	}
+}
+
+// fakeGCS answers the JSON API's object metadata GETs for one bucket from
+// objs (object name → resource), and 404 for anything else.
+func fakeGCS(t *testing.T, bucket string, objs map[string]map[string]any) string {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		name, ok := strings.CutPrefix(r.URL.Path, "/storage/v1/b/"+bucket+"/o/")
+		if !ok || r.Method != http.MethodGet {
+			http.NotFound(w, r)
+			return
+		}
+		obj, ok := objs[name]
+		if !ok {
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = w.Write([]byte(`{"error":{"code":404,"message":"No such object"}}`))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(obj)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL + "/storage/v1/"
+}
+
+// GCS keeps a crc32c for every object, composite ones too, which have no
+// MD5: it is read from the object's metadata, under rclone's name for the
+// object, and a size or MD5 other than the listing's is a changed object.
+func TestChecksum_GCSReadsCrc32c(t *testing.T) {
+	const md5hex = "0123456789abcdef0123456789abcdef"
+	md5b64 := base64.StdEncoding.EncodeToString(must(hex.DecodeString(md5hex)))
+	endpoint := fakeGCS(t, "bucket", map[string]map[string]any{
+		"m/composite.bin": {"name": "m/composite.bin", "size": "1048576", "crc32c": "AAAAAA=="},
+		"m/w.bin":         {"name": "m/w.bin", "size": "100", "crc32c": "4waSgw==", "md5Hash": md5b64},
+		"m/no-crc.bin":    {"name": "m/no-crc.bin", "size": "10"},
+		"m/grown.bin":     {"name": "m/grown.bin", "size": "11", "crc32c": "4waSgw=="},
+		"m/other-md5.bin": {"name": "m/other-md5.bin", "size": "100", "crc32c": "4waSgw==", "md5Hash": md5b64},
+		"m/a\u240db.bin":  {"name": "m/a\u240db.bin", "size": "5", "crc32c": "BBBBBB=="},
+	})
+	r, _ := newTestRclone(t, nil, WithAllowedEndpoints(loopback))
+	remote, err := r.Resolve(context.Background(), "mygcs:bucket/m", map[string]string{
+		"RCLONE_CONFIG_MYGCS_TYPE": "google cloud storage", "RCLONE_CONFIG_MYGCS_ENDPOINT": endpoint,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, ok := remote.(Checksummer)
+	if !ok {
+		t.Fatal("the rclone remote is no Checksummer")
+	}
+	tests := []struct {
+		name    string
+		e       Entry
+		want    Checksum
+		wantErr error
+	}{
+		{"composite object", Entry{Path: "composite.bin", Size: 1 << 20}, Checksum{Algorithm: "crc32c", Value: "AAAAAA==", Name: "crc32c"}, nil},
+		{"object with an MD5 too", Entry{Path: "w.bin", Size: 100, Hash: md5hex}, Checksum{Algorithm: "crc32c", Value: "4waSgw==", Name: "crc32c"}, nil},
+		{"no crc32c", Entry{Path: "no-crc.bin", Size: 10}, Checksum{}, nil},
+		{"gone since the listing: left to the GET", Entry{Path: "gone.bin", Size: 10}, Checksum{}, nil},
+		{"grown since the listing", Entry{Path: "grown.bin", Size: 10}, Checksum{}, ErrChanged},
+		{"another MD5 than listed", Entry{Path: "other-md5.bin", Size: 100, Hash: "ffffffffffffffffffffffffffffffff"}, Checksum{}, ErrChanged},
+		// rclone's encoding for GCS names a carriage return "␍" at the
+		// remote.
+		{"name rclone encodes", Entry{Path: "a\rb.bin", Size: 5}, Checksum{Algorithm: "crc32c", Value: "BBBBBB==", Name: "crc32c"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := cs.Checksum(context.Background(), tt.e)
+			if !errors.Is(err, tt.wantErr) || (err == nil) != (tt.wantErr == nil) {
+				t.Fatalf("Checksum = %+v, %v; want error %v", got, err, tt.wantErr)
+			}
+			if got.Algorithm != tt.want.Algorithm || got.Value != tt.want.Value || got.Name != tt.want.Name {
+				t.Fatalf("Checksum = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

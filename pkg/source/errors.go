@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/rclone/rclone/fs"
+	"google.golang.org/api/googleapi"
 )
 
 // Error kinds callers branch on with errors.Is. Every error this package
@@ -44,6 +45,10 @@ func classify(op string, err error, secrets map[string]string) error {
 	var httpErr interface{ HTTPStatusCode() int }
 	var apiErr interface{ ErrorCode() string }
 	var netErr net.Error
+	var gErr *googleapi.Error
+	if errors.As(err, &gErr) {
+		httpErr = googleStatus{gErr}
+	}
 	switch {
 	case errors.Is(err, fs.ErrorObjectNotFound), errors.Is(err, fs.ErrorDirNotFound),
 		errors.Is(err, fs.ErrorNotAFile), errors.Is(err, fs.ErrorIsDir):
@@ -52,7 +57,7 @@ func classify(op string, err error, secrets map[string]string) error {
 		kind = ErrDenied
 	case errors.As(err, &apiErr) && notFoundCode(apiErr.ErrorCode()):
 		kind = ErrNotFound
-	case errors.As(err, &httpErr):
+	case httpErr != nil || errors.As(err, &httpErr):
 		switch code := httpErr.HTTPStatusCode(); {
 		case code == http.StatusUnauthorized || code == http.StatusForbidden:
 			kind = ErrDenied
@@ -71,6 +76,12 @@ func classify(op string, err error, secrets map[string]string) error {
 	}
 	return &kindError{kind: kind, msg: op + ": " + Scrub(err.Error(), secrets)}
 }
+
+// googleStatus gives a Google API error's HTTP status as the AWS SDK's
+// errors give theirs.
+type googleStatus struct{ *googleapi.Error }
+
+func (g googleStatus) HTTPStatusCode() int { return g.Code }
 
 func deniedCode(c string) bool {
 	switch c {

@@ -193,3 +193,62 @@ func TestObjectSums_RemoteSHA256IsTheStoresOwn(t *testing.T) {
 		})
 	}
 }
+
+// askingFetcher is a remote that keeps a checksum besides the listing's.
+type askingFetcher struct {
+	Fetcher
+	keeps source.Checksum
+	err   error
+	asked int
+}
+
+func (a *askingFetcher) Checksum(context.Context, source.Entry) (source.Checksum, error) {
+	a.asked++
+	return a.keeps, a.err
+}
+
+// What a download is checked against: the remote's own checksum for
+// objects listed without an MD5 and for large ones, the listed MD5 for
+// small ones (not worth a request) and whenever the remote keeps nothing
+// more.
+func TestExpectedChecksum(t *testing.T) {
+	const listedMD5 = "0123456789abcdef0123456789abcdef"
+	crc := source.Checksum{Algorithm: "crc64nvme", Value: "Fr9MjSyV9n4=", Name: "x-amz-checksum-crc64nvme"}
+	md5 := source.Checksum{Algorithm: "md5", Value: listedMD5, Name: "MD5"}
+	errHead := errors.New("HEAD refused")
+	tests := []struct {
+		name    string
+		e       source.Entry
+		keeps   source.Checksum
+		err     error
+		want    source.Checksum
+		asked   int
+		wantErr error
+	}{
+		{"small, listed MD5", source.Entry{Size: AskChecksumAbove - 1, Hash: listedMD5}, crc, nil, md5, 0, nil},
+		{"large, listed MD5, remote CRC", source.Entry{Size: AskChecksumAbove, Hash: listedMD5}, crc, nil, crc, 1, nil},
+		{"large, listed MD5, nothing more", source.Entry{Size: AskChecksumAbove, Hash: listedMD5}, source.Checksum{}, nil, md5, 1, nil},
+		{"small, no MD5", source.Entry{Size: 10}, crc, nil, crc, 1, nil},
+		{"no MD5, nothing at all", source.Entry{Size: 10}, source.Checksum{}, nil, source.Checksum{}, 1, nil},
+		{"request failed", source.Entry{Size: 10}, source.Checksum{}, errHead, source.Checksum{}, 1, errHead},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &Store{conns: make(chan struct{}, 1)}
+			f := &askingFetcher{keeps: tt.keeps, err: tt.err}
+			got, err := s.expectedChecksum(context.Background(), f, tt.e)
+			if !errors.Is(err, tt.wantErr) || (err == nil) != (tt.wantErr == nil) {
+				t.Fatalf("err %v, want %v", err, tt.wantErr)
+			}
+			if got.Algorithm != tt.want.Algorithm || got.Value != tt.want.Value || got.Name != tt.want.Name {
+				t.Errorf("checked against %+v, want %+v", got, tt.want)
+			}
+			if f.asked != tt.asked {
+				t.Errorf("asked the remote %d times, want %d", f.asked, tt.asked)
+			}
+			if len(s.conns) != 0 {
+				t.Errorf("%d connections still held", len(s.conns))
+			}
+		})
+	}
+}

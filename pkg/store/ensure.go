@@ -69,7 +69,7 @@ type Ensured struct {
 // before their blobs were committed.
 type Checks struct {
 	MD5       int // against the MD5 the remote listed (ETag or stored MD5)
-	Remote    int // against a checksum asked of the remote: S3's x-amz-checksum-*, a multipart ETag
+	Remote    int // against a checksum asked of the remote: S3's x-amz-checksum-*, a multipart ETag, GCS's crc32c
 	Unchecked int // no checksum the remote keeps could be had: accepted as they came
 }
 
