@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/lib/encoder"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/api/storage/v1"
 )
 
@@ -285,14 +286,15 @@ func (h *s3Head) layout(ctx context.Context, size int64, n int) ([]int64, func(c
 	}
 	exact := func(ctx context.Context) ([]int64, error) {
 		sizes := make([]int64, n)
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(verifyParallelism)
 		for i := range sizes {
-			s, err := h.partSize(ctx, i+1)
-			if err != nil {
-				return nil, err
-			}
-			sizes[i] = s
+			g.Go(func() (err error) {
+				sizes[i], err = h.partSize(gctx, i+1)
+				return err
+			})
 		}
-		return sizes, nil
+		return sizes, g.Wait()
 	}
 	return parts, exact, nil
 }
