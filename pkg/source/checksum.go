@@ -155,9 +155,7 @@ func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key str
 	if err != nil {
 		return Checksum{}, err
 	}
-	changed := func(what string, now, listed any) error {
-		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
-	}
+	changed := func(what string, now, listed any) error { return r.changed(e, what, now, listed) }
 	if obj.Size != uint64(e.Size) {
 		return Checksum{}, changed("size", obj.Size, e.Size)
 	}
@@ -172,9 +170,7 @@ func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key str
 
 // sameHead compares a HEAD with the listing, as sameAsListed does for a GET.
 func (r *rcloneRemote) sameHead(head *s3.HeadObjectOutput, e Entry) error {
-	changed := func(what string, now, listed any) error {
-		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
-	}
+	changed := func(what string, now, listed any) error { return r.changed(e, what, now, listed) }
 	if head.ContentLength != nil && *head.ContentLength != e.Size {
 		return changed("size", *head.ContentLength, e.Size)
 	}

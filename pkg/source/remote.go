@@ -339,9 +339,7 @@ func (r *rcloneRemote) takeRanged(ctx context.Context, e Entry) (fs.Object, erro
 // HEAD, or the headers of the response it just opened) with the listing.
 // Times are compared to the second: a HEAD or GET gives no finer.
 func (r *rcloneRemote) sameAsListed(ctx context.Context, o fs.Object, e Entry) error {
-	changed := func(what string, now, listed any) error {
-		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
-	}
+	changed := func(what string, now, listed any) error { return r.changed(e, what, now, listed) }
 	if size := o.Size(); size >= 0 && size != e.Size {
 		return changed("size", size, e.Size)
 	}
@@ -354,6 +352,11 @@ func (r *rcloneRemote) sameAsListed(ctx context.Context, o fs.Object, e Entry) e
 		}
 	}
 	return nil
+}
+
+// changed says that e's object is no longer the listed one.
+func (r *rcloneRemote) changed(e Entry, what string, now, listed any) error {
+	return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
 }
 
 func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (io.ReadCloser, error) {

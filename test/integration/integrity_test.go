@@ -374,6 +374,21 @@ func TestIntegrity_TruncatedOnce_ResumedByteExact_RealMinIO(t *testing.T) {
 	}
 }
 
+// restartWithMetrics restarts e's driver with args and a metrics endpoint,
+// and returns the endpoint's address once it answers.
+func (e *env) restartWithMetrics(args ...string) string {
+	e.t.Helper()
+	port, err := testenv.FreePort()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	e.driver.Stop()
+	e.start(append([]string{"--metrics-address=" + addr}, args...)...)
+	e.waitMetrics(addr)
+	return addr
+}
+
 // waitMetrics waits until the driver's metrics endpoint at addr answers.
 func (e *env) waitMetrics(addr string) {
 	e.t.Helper()
@@ -406,15 +421,8 @@ func TestIntegrity_ObjectWithoutChecksum_ServedAndCounted_RealMinIO(t *testing.T
 		{"ranged chunks", []string{"--multi-thread-cutoff=4Mi"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			port, err := testenv.FreePort()
-			if err != nil {
-				t.Fatal(err)
-			}
-			addr := fmt.Sprintf("127.0.0.1:%d", port)
 			e := newEnv(t)
-			e.driver.Stop()
-			e.start(append([]string{"--metrics-address=" + addr}, c.args...)...)
-			e.waitMetrics(addr)
+			addr := e.restartWithMetrics(c.args...)
 
 			files := randomModel(byte(140+i), map[string]int{"config.json": 300, "checked.bin": 11 << 20, "unchecked.bin": 11<<20 + 1})
 			e.upload("m", map[string][]byte{"config.json": files["config.json"]})
@@ -459,15 +467,8 @@ func TestIntegrity_MultipartOfUnequalParts_ServedUnchecked_RealMinIO(t *testing.
 		{"sizes do not add up", []int{5 * mib, 6 * mib, 3 * mib}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			port, err := testenv.FreePort()
-			if err != nil {
-				t.Fatal(err)
-			}
-			addr := fmt.Sprintf("127.0.0.1:%d", port)
 			e := newEnv(t)
-			e.driver.Stop()
-			e.start("--metrics-address=" + addr)
-			e.waitMetrics(addr)
+			addr := e.restartWithMetrics()
 			size := 0
 			for _, n := range c.sizes {
 				size += n
