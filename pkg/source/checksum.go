@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/rclone/rclone/lib/encoder"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/api/storage/v1"
+	"k8s.io/klog/v2"
 )
 
 // Checksum is a checksum the remote keeps for an object besides the MD5 a
@@ -85,16 +87,21 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 	} else {
 		ck, err = r.s3Checksum(ctx, f, bucket, key, e)
 	}
-	switch {
-	case errors.Is(err, ErrChanged):
-		return Checksum{}, err
-	case err != nil && errors.Is(classify(op, err, r.secrets), ErrNotFound):
-		return Checksum{}, nil
-	case err != nil:
-		return Checksum{}, classify(op, err, r.secrets)
+	if err == nil || errors.Is(err, ErrChanged) {
+		return ck, err
 	}
-	return ck, nil
+	if err = classify(op, err, r.secrets); errors.Is(err, ErrUnavailable) || errors.Is(err, ErrChanged) {
+		return Checksum{}, err
+	}
+	// Not found (left to the GET to report), refused, or not understood
+	// (a store without checksum mode or part numbers): the object is
+	// checked as if the remote kept nothing more, never failed for it.
+	klog.InfoS("the remote did not give the object's checksum; it is checked against what the listing gave, if anything", "err", err)
+	return Checksum{}, nil
 }
+
+// hiddenClient says once that a client could not be found (see clientOf).
+var hiddenClient sync.Once
 
 // objectName is the bucket and key of e as rclone names them at the
 // remote: its encoding (the backend's default; tenants cannot set it)
@@ -112,7 +119,9 @@ func (r *rcloneRemote) objectName(f fs.Fs, e Entry) (string, string) {
 func (r *rcloneRemote) s3Checksum(ctx context.Context, f fs.Fs, bucket, key string, e Entry) (Checksum, error) {
 	c := clientOf[*s3.Client](f, "c")
 	if c == nil {
-		fs.Logf(nil, "this rclone's s3 backend hides its client: additional checksums are not checked")
+		hiddenClient.Do(func() {
+			klog.InfoS("this rclone's s3 backend hides its client: S3 additional checksums and multipart ETags are not checked")
+		})
 		return Checksum{}, nil
 	}
 	h := &s3Head{c: c, bucket: bucket, key: key, payer: r.cfg.Options["requester_pays"] == "true"}
@@ -148,7 +157,7 @@ func (r *rcloneRemote) s3Checksum(ctx context.Context, f fs.Fs, bucket, key stri
 func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key string, e Entry) (Checksum, error) {
 	svc := clientOf[*storage.Service](f, "svc")
 	if svc == nil {
-		fs.Logf(nil, "this rclone's gcs backend hides its client: crc32c is not checked")
+		hiddenClient.Do(func() { klog.InfoS("this rclone's gcs backend hides its client: GCS crc32c is not checked") })
 		return Checksum{}, nil
 	}
 	obj, err := svc.Objects.Get(bucket, key).Fields("size", "updated", "md5Hash", "crc32c").Context(ctx).Do()

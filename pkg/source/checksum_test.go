@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -134,6 +135,11 @@ func fakeGCS(t *testing.T, bucket string, objs map[string]map[string]any) string
 			return
 		}
 		obj, ok := objs[name]
+		if code, isStatus := obj["status"].(int); isStatus {
+			w.WriteHeader(code)
+			_, _ = fmt.Fprintf(w, `{"error":{"code":%d,"message":"refused"}}`, code)
+			return
+		}
 		if !ok {
 			w.WriteHeader(http.StatusNotFound)
 			_, _ = w.Write([]byte(`{"error":{"code":404,"message":"No such object"}}`))
@@ -155,6 +161,8 @@ func TestChecksum_GCSReadsCrc32c(t *testing.T) {
 	endpoint := fakeGCS(t, "bucket", map[string]map[string]any{
 		"m/composite.bin": {"name": "m/composite.bin", "size": "1048576", "crc32c": "AAAAAA=="},
 		"m/w.bin":         {"name": "m/w.bin", "size": "100", "crc32c": "4waSgw==", "md5Hash": md5b64},
+		"m/denied.bin":    {"status": http.StatusForbidden},
+		"m/broken.bin":    {"status": http.StatusServiceUnavailable},
 		"m/no-crc.bin":    {"name": "m/no-crc.bin", "size": "10"},
 		"m/grown.bin":     {"name": "m/grown.bin", "size": "11", "crc32c": "4waSgw=="},
 		"m/other-md5.bin": {"name": "m/other-md5.bin", "size": "100", "crc32c": "4waSgw==", "md5Hash": md5b64},
@@ -181,6 +189,8 @@ func TestChecksum_GCSReadsCrc32c(t *testing.T) {
 		{"object with an MD5 too", Entry{Path: "w.bin", Size: 100, Hash: md5hex}, Checksum{Algorithm: "crc32c", Value: "4waSgw==", Name: "crc32c"}, nil},
 		{"no crc32c", Entry{Path: "no-crc.bin", Size: 10}, Checksum{}, nil},
 		{"gone since the listing: left to the GET", Entry{Path: "gone.bin", Size: 10}, Checksum{}, nil},
+		{"refused: left to the GET", Entry{Path: "denied.bin", Size: 10}, Checksum{}, nil},
+		{"unavailable: retried", Entry{Path: "broken.bin", Size: 10}, Checksum{}, ErrUnavailable},
 		{"grown since the listing", Entry{Path: "grown.bin", Size: 10}, Checksum{}, ErrChanged},
 		{"another MD5 than listed", Entry{Path: "other-md5.bin", Size: 100, Hash: "ffffffffffffffffffffffffffffffff"}, Checksum{}, ErrChanged},
 		// rclone's encoding for GCS names a carriage return "␍" at the
