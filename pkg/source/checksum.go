@@ -25,17 +25,18 @@ import (
 )
 
 // Checksum is a checksum the remote keeps for an object besides the MD5 a
-// listing gives: one of S3's additional checksums (x-amz-checksum-*), or
-// the ETag of a multipart upload (the MD5 of its parts' MD5s). Objects
-// uploaded in parts by the AWS CLI and SDKs, the usual way large model
-// files reach S3, have no MD5 at all, so without these nothing would check
-// their bytes.
+// listing gives: one of S3's additional checksums (x-amz-checksum-*), the
+// ETag of a multipart upload (the MD5 of its parts' MD5s), or GCS's
+// crc32c. Objects uploaded in parts by the AWS CLI and SDKs, the usual way
+// large model files reach S3, and GCS composite objects have no MD5 at
+// all, so without these nothing would check their bytes.
 type Checksum struct {
 	// Algorithm is one of "crc64nvme", "crc32c", "crc32", "sha1", "sha256",
 	// or "md5" for a multipart ETag.
 	Algorithm string
 	// Value as the remote states it: base64 of the big-endian checksum for
-	// x-amz-checksum-*, hex for an ETag. A value over parts keeps its "-N".
+	// x-amz-checksum-* and GCS, hex for an ETag. A value over parts keeps
+	// its "-N".
 	Value string
 	// Parts are the sizes of the parts a composite value is computed over,
 	// in order; nil for a checksum of the whole object.
@@ -54,8 +55,9 @@ type Checksum struct {
 func (c Checksum) IsZero() bool { return c.Algorithm == "" }
 
 // Checksummer is a Remote that can fetch a checksum the remote keeps for
-// an object besides the listing's MD5: for an S3 object uploaded in parts,
-// which has none, or one cheaper to compute than an MD5.
+// an object besides the listing's MD5: for an object that has none (S3
+// uploads in parts, GCS composite objects), or one cheaper to compute than
+// an MD5.
 type Checksummer interface {
 	// Checksum returns the zero Checksum when the remote keeps none it can
 	// give. An object that no longer matches e is ErrChanged.
