@@ -3,9 +3,11 @@ package integration
 // The "bytes checked against the remote" invariant against a remote, or a
 // network, that misbehaves: corrupted, swapped and cut responses, for every
 // kind of checksum the driver checks against (a single-part object's ETag,
-// the md5chksum metadata rclone stores on multipart uploads) and for both
-// download paths (one stream, parallel ranged chunks); objects without a
-// checksum; and the bounds and consistency of ranged downloads.
+// the md5chksum metadata rclone stores on multipart uploads, S3's
+// additional checksums, full-object and composite, and multipart ETags)
+// and for both download paths (one stream, parallel ranged chunks);
+// objects without a checksum, and uploads whose parts cannot be followed;
+// and the bounds and consistency of ranged downloads.
 
 import (
 	"bytes"
