@@ -24,15 +24,16 @@ type checkedBy int
 const (
 	notChecked     checkedBy = iota // the remote keeps no checksum we can get
 	byListedMD5                     // the MD5 the listing gave (ETag or rclone's metadata)
-	byRemoteDigest                  // a checksum asked for (S3 additional checksum, multipart ETag)
+	byRemoteDigest                  // a checksum asked for (S3 additional checksum, multipart ETag, GCS crc32c)
 )
 
 // AskChecksumAbove is the size from which an object listed with an MD5 is
 // still asked for another checksum: S3 keeps a CRC for most objects (it
-// adds a CRC64NVME to every new one since 2025; SDKs send a CRC32), and
-// computing one costs a half (CRC64NVME) to a fiftieth (CRC32, CRC32C)
-// of an MD5's CPU time, which on a small node bounds a download. Below it
-// the MD5 costs less than the HEAD's round trip.
+// adds a CRC64NVME to every new one since 2025; SDKs send a CRC32), GCS a
+// crc32c of every object, and computing one costs a half (CRC64NVME) to a
+// fiftieth (CRC32, CRC32C) of an MD5's CPU time, which on a small node
+// bounds a download. Below it the MD5 costs less than the request's round
+// trip.
 const AskChecksumAbove = 64 << 20
 
 // expectedChecksum is what a download of e is checked against: the
