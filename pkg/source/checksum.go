@@ -135,7 +135,7 @@ func (r *rcloneRemote) s3Checksum(ctx context.Context, f fs.Fs, bucket, key stri
 		return Checksum{}, err
 	}
 	ck := checksumOf(head)
-	if ck.IsZero() || ck.Algorithm == "md5" && isHexMD5(e.Hash) {
+	if ck.IsZero() || ck.Algorithm == "md5" && IsMD5Hex(e.Hash) {
 		// The listing's MD5 is the object's; its multipart ETag would
 		// cost as much and a HEAD per part more.
 		return Checksum{}, nil
@@ -166,12 +166,12 @@ func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key str
 	if err != nil {
 		return Checksum{}, err
 	}
-	changed := func(what string, now, listed any) error { return r.changed(e, what, now, listed) }
-	if obj.Size != uint64(e.Size) {
-		return Checksum{}, changed("size", obj.Size, e.Size)
+	md5 := ""
+	if sum, err := base64.StdEncoding.DecodeString(obj.Md5Hash); err == nil && len(sum) == 16 {
+		md5 = hex.EncodeToString(sum)
 	}
-	if sum, err := base64.StdEncoding.DecodeString(obj.Md5Hash); err == nil && len(sum) == 16 && isHexMD5(e.Hash) && !strings.EqualFold(hex.EncodeToString(sum), e.Hash) {
-		return Checksum{}, changed("checksum", hex.EncodeToString(sum), e.Hash)
+	if err := r.sameAs(e, int64(obj.Size), time.Time{}, md5); err != nil {
+		return Checksum{}, err
 	}
 	if obj.Crc32c == "" {
 		return Checksum{}, nil
@@ -180,18 +180,16 @@ func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key str
 }
 
 // sameHead compares a HEAD with the listing, as sameAsListed does for a GET.
+// A multipart ETag is no MD5, and is not compared.
 func (r *rcloneRemote) sameHead(head *s3.HeadObjectOutput, e Entry) error {
-	changed := func(what string, now, listed any) error { return r.changed(e, what, now, listed) }
-	if head.ContentLength != nil && *head.ContentLength != e.Size {
-		return changed("size", *head.ContentLength, e.Size)
+	size, etag := int64(-1), strings.Trim(aws.ToString(head.ETag), `"`)
+	if head.ContentLength != nil {
+		size = *head.ContentLength
 	}
-	if t := head.LastModified; t != nil && !e.ModTime.IsZero() && !t.Truncate(time.Second).Equal(e.ModTime.Truncate(time.Second)) {
-		return changed("time", t.UTC(), e.ModTime.UTC())
+	if !IsMD5Hex(etag) {
+		etag = ""
 	}
-	if etag := strings.Trim(aws.ToString(head.ETag), `"`); isHexMD5(e.Hash) && isHexMD5(etag) && !strings.EqualFold(etag, e.Hash) {
-		return changed("checksum", etag, e.Hash)
-	}
-	return nil
+	return r.sameAs(e, size, aws.ToTime(head.LastModified), etag)
 }
 
 // checksumOf picks the checksum a HEAD gave: an additional checksum first
@@ -215,7 +213,7 @@ func checksumOf(h *s3.HeadObjectOutput) Checksum {
 		}
 	}
 	etag := strings.Trim(aws.ToString(h.ETag), `"`)
-	if _, composite := partsSuffix(etag); composite && isHexMD5(strings.Split(etag, "-")[0]) &&
+	if _, composite := partsSuffix(etag); composite && IsMD5Hex(strings.Split(etag, "-")[0]) &&
 		h.ServerSideEncryption != types.ServerSideEncryptionAwsKms && h.ServerSideEncryption != types.ServerSideEncryptionAwsKmsDsse {
 		return Checksum{Algorithm: "md5", Value: strings.ToLower(etag), Name: "multipart ETag"}
 	}
@@ -327,8 +325,10 @@ func clientOf[T any](f fs.Fs, name string) T {
 	return reflect.NewAt(c.Type(), unsafe.Pointer(c.UnsafeAddr())).Elem().Interface().(T)
 }
 
-// isHexMD5 reports whether s is an MD5 in hex, as a listing's checksum is.
-func isHexMD5(s string) bool {
+// IsMD5Hex reports whether s is an MD5 in hex, as a listing's checksum is
+// (an S3 ETag of a single-part upload, or the MD5 rclone stores on its
+// multipart uploads).
+func IsMD5Hex(s string) bool {
 	if len(s) != 32 {
 		return false
 	}

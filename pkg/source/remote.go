@@ -337,26 +337,31 @@ func (r *rcloneRemote) takeRanged(ctx context.Context, e Entry) (fs.Object, erro
 
 // sameAsListed compares what o last learnt of the object (its listing, a
 // HEAD, or the headers of the response it just opened) with the listing.
-// Times are compared to the second: a HEAD or GET gives no finer.
 func (r *rcloneRemote) sameAsListed(ctx context.Context, o fs.Object, e Entry) error {
-	changed := func(what string, now, listed any) error { return r.changed(e, what, now, listed) }
-	if size := o.Size(); size >= 0 && size != e.Size {
-		return changed("size", size, e.Size)
-	}
-	if t := o.ModTime(ctx); !e.ModTime.IsZero() && !t.Truncate(time.Second).Equal(e.ModTime.Truncate(time.Second)) {
-		return changed("time", t.UTC(), e.ModTime.UTC())
-	}
+	h := ""
 	if e.Hash != "" {
-		if h, err := o.Hash(ctx, hash.MD5); err == nil && h != "" && !strings.EqualFold(h, e.Hash) {
-			return changed("checksum", h, e.Hash)
-		}
+		h, _ = o.Hash(ctx, hash.MD5)
 	}
-	return nil
+	return r.sameAs(e, o.Size(), o.ModTime(ctx), h)
 }
 
-// changed says that e's object is no longer the listed one.
-func (r *rcloneRemote) changed(e Entry, what string, now, listed any) error {
-	return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
+// sameAs compares what the remote now says of e's object with the listing:
+// its size (negative: unknown), its time (zero: unknown; compared to the
+// second, as a HEAD or GET gives no finer) and its MD5 ("": unknown).
+func (r *rcloneRemote) sameAs(e Entry, size int64, t time.Time, md5 string) error {
+	changed := func(what string, now, listed any) error {
+		return fmt.Errorf("%w: %s/%s now has %s %v, listed %v; the next publish lists the new version", ErrChanged, r.uri, e.Path, what, now, listed)
+	}
+	if size >= 0 && size != e.Size {
+		return changed("size", size, e.Size)
+	}
+	if !t.IsZero() && !e.ModTime.IsZero() && !t.Truncate(time.Second).Equal(e.ModTime.Truncate(time.Second)) {
+		return changed("time", t.UTC(), e.ModTime.UTC())
+	}
+	if md5 != "" && e.Hash != "" && !strings.EqualFold(md5, e.Hash) {
+		return changed("checksum", md5, e.Hash)
+	}
+	return nil
 }
 
 func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (io.ReadCloser, error) {

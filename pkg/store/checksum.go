@@ -42,7 +42,7 @@ const AskChecksumAbove = 64 << 20
 // holds one of the node's connections.
 func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry) (source.Checksum, error) {
 	listed := source.Checksum{}
-	if isMD5(e.Hash) {
+	if source.IsMD5Hex(e.Hash) {
 		listed = source.Checksum{Algorithm: "md5", Value: strings.ToLower(e.Hash), Name: "MD5"}
 	}
 	cs, ok := f.(source.Checksummer)

@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"crypto/md5"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -395,16 +394,6 @@ type ingested struct {
 // object index as soon as its blob is committed, so that an interrupted
 // download resumes without fetching it again.
 const resumeAbove = 1 << 20
-
-// isMD5 reports whether a listed checksum is an MD5 (32 hex digits): an S3
-// ETag of a single-part upload, or the MD5 rclone stores for multipart ones.
-func isMD5(s string) bool {
-	if len(s) != md5.Size*2 {
-		return false
-	}
-	_, err := hex.DecodeString(s)
-	return err == nil
-}
 
 // buildTree creates dir as a tree of hardlinks into blobs/, then drops the
 // write bits of every directory below it, deepest first.

@@ -104,7 +104,7 @@ func StartProxy(target string) (*Proxy, error) {
 		return nil
 	}
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodHead && strings.Contains(strings.Trim(r.URL.Path, "/"), "/") {
+		if isObjectHead(r) {
 			p.objectHeads.Add(1)
 			if d := time.Duration(p.FirstByteDelay.Load()); d > 0 {
 				time.Sleep(d)
@@ -265,8 +265,14 @@ func RenameKey(from, to string) func([]byte) []byte {
 // isObjectGet tells object downloads from bucket-level requests in
 // path-style S3 URLs: /bucket/key versus /bucket?list-type=2.
 func isObjectGet(r *http.Request) bool {
-	return r.Method == http.MethodGet && strings.Contains(strings.Trim(r.URL.Path, "/"), "/")
+	return r.Method == http.MethodGet && isObjectPath(r)
 }
+
+func isObjectHead(r *http.Request) bool {
+	return r.Method == http.MethodHead && isObjectPath(r)
+}
+
+func isObjectPath(r *http.Request) bool { return strings.Contains(strings.Trim(r.URL.Path, "/"), "/") }
 
 func isList(r *http.Request) bool {
 	return r.Method == http.MethodGet && !isObjectGet(r) && r.URL.Query().Has("list-type")
