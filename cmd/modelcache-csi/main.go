@@ -75,7 +75,7 @@ func main() {
 	flag.StringVar(&o.verifyCredentials, "verify-credentials", cache.VerifyIfNotRecorded, "when a cache hit checks the request's credentials against the remote (metadata only): IfNotRecorded, Always or Never")
 	flag.DurationVar(&o.reverifyAfter, "reverify-after", 0, "re-check recorded credentials after this long (0: never expire)")
 	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs that endpoints may resolve to although loopback, link-local or the node's own (e.g. an in-node MinIO)")
-	flag.StringVar(&o.minFree, "min-free", "10%", "space the cache filesystem keeps free: bytes or a percentage of its size")
+	flag.StringVar(&o.minFree, "min-free", defaultMinFree, "space the cache filesystem keeps free: bytes or a percentage of its size; the default stays above kubelet's default eviction thresholds (nodefs.available<10%, imagefs.available<15%), so a full cache never puts the node into DiskPressure")
 	flag.StringVar(&o.holderImage, "holder-image", "", "image of CachedModel holder pods (default: the controller's own, read from its pod through POD_NAMESPACE and POD_NAME)")
 	flag.IntVar(&o.fleetWorkers, "cachedmodel-workers", 2, "CachedModels reconciled at once")
 	showVersion := flag.Bool("version", false, "print the version and exit")
