@@ -430,3 +430,176 @@ func (c *clients) createCachedModel(cm *CachedModel) error {
 	_, err = c.dyn.Resource(Resource).Namespace(cm.Namespace).Create(context.Background(), &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{})
 	return err
 }
+
+func TestPolicy_Violations(t *testing.T) {
+	p := Policy{PriorityClasses: []string{"model-warm"}}
+	tests := []struct {
+		name string
+		spec Spec
+		want []string // each a part of one violation, in order
+	}{
+		{name: "a GPU toleration and an allowed class", spec: Spec{
+			Tolerations:       []corev1.Toleration{{Key: "nvidia.com/gpu", Operator: corev1.TolerationOpExists}},
+			PriorityClassName: "model-warm"}},
+		{name: "nothing asked", spec: Spec{}},
+		{name: "control-plane taint", spec: Spec{Tolerations: []corev1.Toleration{
+			{Key: "node-role.kubernetes.io/control-plane", Operator: corev1.TolerationOpExists, Effect: corev1.TaintEffectNoSchedule}}},
+			want: []string{"spec.tolerations[0] tolerates the control-plane taint node-role.kubernetes.io/control-plane: remove it"}},
+		{name: "legacy master taint with Equal", spec: Spec{Tolerations: []corev1.Toleration{
+			{Key: "nvidia.com/gpu", Operator: corev1.TolerationOpExists},
+			{Key: "node-role.kubernetes.io/master", Operator: corev1.TolerationOpEqual, Value: ""}}},
+			want: []string{"spec.tolerations[1] tolerates the control-plane taint node-role.kubernetes.io/master"}},
+		{name: "Exists without a key", spec: Spec{Tolerations: []corev1.Toleration{{Operator: corev1.TolerationOpExists}}},
+			want: []string{"spec.tolerations[0] has operator Exists without a key, which tolerates every taint: name the taint's key"}},
+		{name: "Exists without a key, one effect", spec: Spec{Tolerations: []corev1.Toleration{{Operator: corev1.TolerationOpExists, Effect: corev1.TaintEffectNoSchedule}}},
+			want: []string{"spec.tolerations[0] has operator Exists without a key"}},
+		{name: "priority class not listed", spec: Spec{PriorityClassName: "system-node-critical"},
+			want: []string{"spec.priorityClassName system-node-critical is not allowed for CachedModels (allowed: model-warm): remove it or use an allowed one"}},
+		{name: "all at once", spec: Spec{PriorityClassName: "x", Tolerations: []corev1.Toleration{
+			{Operator: corev1.TolerationOpExists}, {Key: "node-role.kubernetes.io/control-plane"}}},
+			want: []string{"tolerations[0] has operator Exists", "tolerations[1] tolerates the control-plane taint", "priorityClassName x"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := p.Violations(tt.spec)
+			if len(got) != len(tt.want) {
+				t.Fatalf("violations %q, want %d", got, len(tt.want))
+			}
+			for i := range got {
+				if !strings.Contains(got[i], tt.want[i]) {
+					t.Errorf("violation %q does not say %q", got[i], tt.want[i])
+				}
+			}
+		})
+	}
+	if got := (Policy{}).Violations(Spec{PriorityClassName: "model-warm"}); len(got) != 1 || !strings.Contains(got[0], "none is allowed") {
+		t.Errorf("with no classes allowed: %q, want the class refused saying none is allowed", got)
+	}
+}
+
+// namespace is the CachedModels' namespace, labelled trusted or not.
+func namespace(trusted bool) *corev1.Namespace {
+	n := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: map[string]string{"team": "a"}}}
+	if trusted {
+		n.Labels[LabelTrusted] = "true"
+	}
+	return n
+}
+
+// events are the events recorded on the CachedModel name.
+func (c *clients) events(t *testing.T, name string) []corev1.Event {
+	t.Helper()
+	evs, err := c.kube.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []corev1.Event
+	for _, ev := range evs.Items {
+		if ev.InvolvedObject.Kind == Kind && ev.InvolvedObject.Name == name {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+func TestReconcile_PolicyRefusesHoldersOutsideTrustedNamespaces(t *testing.T) {
+	ctx := context.Background()
+	controlPlane := func(cm *CachedModel) {
+		cm.Spec.Tolerations = append(cm.Spec.Tolerations, corev1.Toleration{Key: "node-role.kubernetes.io/control-plane", Operator: corev1.TolerationOpExists})
+	}
+	everything := func(cm *CachedModel) { cm.Spec.Tolerations = []corev1.Toleration{{Operator: corev1.TolerationOpExists}} }
+	critical := func(cm *CachedModel) { cm.Spec.PriorityClassName = "system-node-critical" }
+	allowedClass := func(cm *CachedModel) { cm.Spec.PriorityClassName = "model-warm" }
+	tests := []struct {
+		name    string
+		mutate  func(*CachedModel)
+		trusted bool
+		refused string // a part of the message; "" when the holders are created
+	}{
+		{name: "GPU toleration", mutate: func(*CachedModel) {}},
+		{name: "allowed priority class", mutate: allowedClass},
+		{name: "control-plane toleration", mutate: controlPlane, refused: "tolerates the control-plane taint node-role.kubernetes.io/control-plane"},
+		{name: "Exists without a key", mutate: everything, refused: "operator Exists without a key"},
+		{name: "priority class not allowed", mutate: critical, refused: "spec.priorityClassName system-node-critical is not allowed"},
+		{name: "control-plane toleration, trusted namespace", mutate: controlPlane, trusted: true},
+		{name: "Exists without a key, trusted namespace", mutate: everything, trusted: true},
+		{name: "priority class not allowed, trusted namespace", mutate: critical, trusted: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cm := cachedModel("llama", tt.mutate)
+			c := newClients(t, []*CachedModel{cm}, namespace(tt.trusted))
+			c.r.Policy = Policy{PriorityClasses: []string{"model-warm"}}
+			after, err := c.r.Reconcile(ctx, ns, "llama")
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, dsErr := c.kube.AppsV1().DaemonSets(ns).Get(ctx, HolderName("llama"), metav1.GetOptions{})
+			st := c.cachedModel(t, "llama").Status
+			if tt.refused == "" {
+				if dsErr != nil {
+					t.Fatalf("holders not created: %v", dsErr)
+				}
+				if d := cond(st, ConditionDegraded); d.Reason == ReasonNotAllowed {
+					t.Errorf("Degraded %+v for an allowed CachedModel", d)
+				}
+				return
+			}
+			if dsErr == nil {
+				t.Fatal("holders created for a CachedModel the policy refuses")
+			}
+			if after != requeueRefused {
+				t.Errorf("requeue after %v, want %v (the namespace may become trusted)", after, requeueRefused)
+			}
+			for _, typ := range []string{ConditionReady, ConditionProgressing, ConditionDegraded} {
+				c := cond(st, typ)
+				wantStatus := metav1.ConditionFalse
+				if typ == ConditionDegraded {
+					wantStatus = metav1.ConditionTrue
+				}
+				if c.Status != wantStatus || c.Reason != ReasonNotAllowed || !strings.Contains(c.Message, tt.refused) || !strings.Contains(c.Message, LabelTrusted+"=true") {
+					t.Errorf("%s %+v, want %s %s saying %q and naming the trusted label", typ, c, wantStatus, ReasonNotAllowed, tt.refused)
+				}
+			}
+			// Looked at again: no second event for the same refusal.
+			if _, err := c.r.Reconcile(ctx, ns, "llama"); err != nil {
+				t.Fatal(err)
+			}
+			evs := c.events(t, "llama")
+			if len(evs) != 1 || evs[0].Type != corev1.EventTypeWarning || evs[0].Reason != ReasonNotAllowed || !strings.Contains(evs[0].Message, tt.refused) {
+				t.Errorf("events %+v, want one Warning %s saying %q", evs, ReasonNotAllowed, tt.refused)
+			}
+		})
+	}
+}
+
+func TestReconcile_PolicyRemovesHoldersOfANamespaceNoLongerTrusted(t *testing.T) {
+	ctx := context.Background()
+	cm := cachedModel("llama", func(cm *CachedModel) { cm.Spec.Tolerations = []corev1.Toleration{{Operator: corev1.TolerationOpExists}} })
+	held := Holders(cm, image)
+	foreign := Holders(cachedModel("other"), image)
+	foreign.Name = HolderName("llama2")
+	c := newClients(t, []*CachedModel{cm}, namespace(false), held, foreign)
+	if _, err := c.r.Reconcile(ctx, ns, "llama"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.kube.AppsV1().DaemonSets(ns).Get(ctx, held.Name, metav1.GetOptions{}); err == nil {
+		t.Error("the holders placed while the namespace was trusted are still there")
+	}
+	c.daemonSet(t, foreign.Name)
+	if d := cond(c.cachedModel(t, "llama").Status, ConditionDegraded); d.Reason != ReasonNotAllowed {
+		t.Errorf("Degraded %+v, want %s", d, ReasonNotAllowed)
+	}
+}
+
+func TestReconcile_PolicyReadsNoNamespaceForAnAllowedCachedModel(t *testing.T) {
+	c := newClients(t, []*CachedModel{cachedModel("llama")}) // no namespace object at all
+	if _, err := c.r.Reconcile(context.Background(), ns, "llama"); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range c.kube.Actions() {
+		if a.GetResource().Resource == "namespaces" {
+			t.Errorf("%s namespaces for a CachedModel the policy allows", a.GetVerb())
+		}
+	}
+}

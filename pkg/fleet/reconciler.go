@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -26,6 +28,9 @@ type Reconciler struct {
 	Dynamic dynamic.Interface
 	// Image is the holder pods' image: the driver's own.
 	Image string
+	// Policy limits the holders of CachedModels in namespaces not labelled
+	// LabelTrusted=true.
+	Policy Policy
 	// Now is the clock for condition times (time.Now when nil).
 	Now func() time.Time
 }
@@ -35,7 +40,14 @@ type Reconciler struct {
 const (
 	requeueNotReady = 15 * time.Second
 	requeueReady    = 5 * time.Minute
+	// A refused CachedModel is looked at again for its namespace's label,
+	// whose change wakes no watch of the reconciler.
+	requeueRefused = time.Minute
 )
+
+// ReasonNotAllowed is the conditions' and the event's reason for a
+// CachedModel the Policy refuses.
+const ReasonNotAllowed = "NotAllowed"
 
 // ErrNotOwned means a DaemonSet of the holders' name exists and belongs to
 // something else; the reconciler leaves it alone.
@@ -60,6 +72,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, namespace, name string) (tim
 	}
 	if cm.DeletionTimestamp != nil {
 		return 0, nil
+	}
+	refusal, err := r.refusal(ctx, cm)
+	if err != nil {
+		return 0, err
+	}
+	if refusal != "" {
+		return requeueRefused, r.refuse(ctx, u, cm, refusal)
 	}
 	ds, err := r.ensureHolders(ctx, cm)
 	notOwned := errors.Is(err, ErrNotOwned)
@@ -90,6 +109,76 @@ func (r *Reconciler) now() time.Time {
 		return r.Now()
 	}
 	return time.Now()
+}
+
+// refusal is why the Policy refuses cm's holders, or "" when it does not
+// (nothing to refuse, or a namespace labelled LabelTrusted=true). The
+// namespace is read only for a CachedModel that breaks the policy.
+func (r *Reconciler) refusal(ctx context.Context, cm *CachedModel) (string, error) {
+	v := r.Policy.Violations(cm.Spec)
+	if len(v) == 0 {
+		return "", nil
+	}
+	ns, err := r.Kube.CoreV1().Namespaces().Get(ctx, cm.Namespace, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("reading namespace %s for its %s label: %w", cm.Namespace, LabelTrusted, err)
+	}
+	if ns.Labels[LabelTrusted] == "true" {
+		return "", nil
+	}
+	return "not allowed in a namespace not labelled " + LabelTrusted + "=true: " + strings.Join(v, "; "), nil
+}
+
+// refuse removes cm's holders if it has any (a namespace that lost its
+// trust loses what it placed), says why in the status, and records a
+// Warning event on the CachedModel when the refusal is new.
+func (r *Reconciler) refuse(ctx context.Context, u *unstructured.Unstructured, cm *CachedModel, why string) error {
+	dss := r.Kube.AppsV1().DaemonSets(cm.Namespace)
+	name := HolderName(cm.Name)
+	ds, err := dss.Get(ctx, name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return fmt.Errorf("reading holder DaemonSet %s/%s: %w", cm.Namespace, name, err)
+	case metav1.IsControlledBy(ds, cm):
+		policy := metav1.DeletePropagationBackground
+		err = dss.Delete(ctx, name, metav1.DeleteOptions{PropagationPolicy: &policy, Preconditions: &metav1.Preconditions{UID: &ds.UID}})
+		if err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("deleting holder DaemonSet %s/%s of a refused CachedModel: %w", cm.Namespace, name, err)
+		}
+		klog.InfoS("holder DaemonSet of a refused CachedModel removed", "cachedModel", klog.KObj(cm), "daemonSet", name)
+	}
+	now := metav1.NewTime(r.now())
+	st := Status{ObservedGeneration: cm.Generation, Ready: "0/0", Conditions: append([]metav1.Condition(nil), cm.Status.Conditions...)}
+	msg := truncate(why)
+	was := meta.FindStatusCondition(cm.Status.Conditions, ConditionDegraded)
+	for _, c := range []metav1.Condition{
+		{Type: ConditionReady, Status: metav1.ConditionFalse},
+		{Type: ConditionProgressing, Status: metav1.ConditionFalse},
+		{Type: ConditionDegraded, Status: metav1.ConditionTrue},
+	} {
+		c.Reason, c.Message, c.ObservedGeneration, c.LastTransitionTime = ReasonNotAllowed, msg, cm.Generation, now
+		meta.SetStatusCondition(&st.Conditions, c)
+	}
+	if err := r.writeStatus(ctx, u, cm, st); err != nil {
+		return err
+	}
+	if was != nil && was.Reason == ReasonNotAllowed && was.Message == msg {
+		return nil
+	}
+	klog.InfoS("CachedModel refused", "cachedModel", klog.KObj(cm), "reason", why)
+	ev := &corev1.Event{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: cm.Name + ".", Namespace: cm.Namespace},
+		InvolvedObject: corev1.ObjectReference{APIVersion: Group + "/" + Version, Kind: Kind, Namespace: cm.Namespace,
+			Name: cm.Name, UID: cm.UID, ResourceVersion: cm.ResourceVersion},
+		Type: corev1.EventTypeWarning, Reason: ReasonNotAllowed, Message: msg, Count: 1,
+		FirstTimestamp: now, LastTimestamp: now, Source: corev1.EventSource{Component: "modelcache-controller"},
+	}
+	// Best effort, as every event: the status already says it.
+	if _, err := r.Kube.CoreV1().Events(cm.Namespace).Create(ctx, ev, metav1.CreateOptions{}); err != nil {
+		klog.ErrorS(err, "recording the refusal of a CachedModel", "cachedModel", klog.KObj(cm))
+	}
+	return nil
 }
 
 // ensureHolders creates or rewrites the holder DaemonSet.
