@@ -507,7 +507,9 @@ func TestReconcile_PolicyRefusesHoldersOutsideTrustedNamespaces(t *testing.T) {
 	controlPlane := func(cm *CachedModel) {
 		cm.Spec.Tolerations = append(cm.Spec.Tolerations, corev1.Toleration{Key: "node-role.kubernetes.io/control-plane", Operator: corev1.TolerationOpExists})
 	}
-	everything := func(cm *CachedModel) { cm.Spec.Tolerations = []corev1.Toleration{{Operator: corev1.TolerationOpExists}} }
+	everything := func(cm *CachedModel) {
+		cm.Spec.Tolerations = []corev1.Toleration{{Operator: corev1.TolerationOpExists}}
+	}
 	critical := func(cm *CachedModel) { cm.Spec.PriorityClassName = "system-node-critical" }
 	allowedClass := func(cm *CachedModel) { cm.Spec.PriorityClassName = "model-warm" }
 	tests := []struct {
@@ -575,7 +577,9 @@ func TestReconcile_PolicyRefusesHoldersOutsideTrustedNamespaces(t *testing.T) {
 
 func TestReconcile_PolicyRemovesHoldersOfANamespaceNoLongerTrusted(t *testing.T) {
 	ctx := context.Background()
-	cm := cachedModel("llama", func(cm *CachedModel) { cm.Spec.Tolerations = []corev1.Toleration{{Operator: corev1.TolerationOpExists}} })
+	cm := cachedModel("llama", func(cm *CachedModel) {
+		cm.Spec.Tolerations = []corev1.Toleration{{Operator: corev1.TolerationOpExists}}
+	})
 	held := Holders(cm, image)
 	foreign := Holders(cachedModel("other"), image)
 	foreign.Name = HolderName("llama2")
