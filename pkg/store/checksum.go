@@ -52,7 +52,7 @@ func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry)
 	if err := s.acquireConn(ctx); err != nil {
 		return source.Checksum{}, err
 	}
-	defer s.releaseConn()
+	defer s.releaseConn(ctx)
 	asked, err := cs.Checksum(ctx, e)
 	if err != nil || asked.IsZero() {
 		return listed, err

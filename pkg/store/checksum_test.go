@@ -234,7 +234,7 @@ func TestExpectedChecksum(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := &Store{conns: make(chan struct{}, 1)}
+			s := &Store{conns: newFairSlots(1)}
 			f := &askingFetcher{keeps: tt.keeps, err: tt.err}
 			got, err := s.expectedChecksum(context.Background(), f, tt.e)
 			if !errors.Is(err, tt.wantErr) || (err == nil) != (tt.wantErr == nil) {
@@ -246,8 +246,8 @@ func TestExpectedChecksum(t *testing.T) {
 			if f.asked != tt.asked {
 				t.Errorf("asked the remote %d times, want %d", f.asked, tt.asked)
 			}
-			if len(s.conns) != 0 {
-				t.Errorf("%d connections still held", len(s.conns))
+			if s.conns.inUse() != 0 {
+				t.Errorf("%d connections still held", s.conns.inUse())
 			}
 		})
 	}

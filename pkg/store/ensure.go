@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync/atomic"
+	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/units"
@@ -102,6 +103,9 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 	// Only the closure of the caller that starts the flight runs; its token
 	// tells that caller apart from those who join.
 	caller := new(int)
+	// Every caller, the one that starts the download too, keeps it wanted
+	// while it waits (the watchdog's grace).
+	defer s.want(key)()
 	ch := s.flights.DoChan(key, func() (_ any, err error) {
 		// Object keys are worked out here, by the one caller that may
 		// download, not by every caller that joins.
@@ -142,11 +146,18 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 			return nil, fmt.Errorf("the model store is shutting down: %w", err)
 		}
 		s.running[key] = p
+		if s.wants[key] == nil {
+			// Its caller stopped waiting already.
+			s.wants[key] = &wanted{since: time.Now()}
+		}
 		s.wg.Add(1)
 		s.mu.Unlock()
 		defer func() {
 			s.mu.Lock()
 			delete(s.running, key)
+			if w := s.wants[key]; w != nil && w.n == 0 {
+				delete(s.wants, key)
+			}
 			s.mu.Unlock()
 			s.wg.Done()
 		}()
@@ -158,8 +169,20 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 			done := s.onDownload()
 			defer func() { done(p.Done(), err) }()
 		}
-		t, in, err := s.ingest(s.ctx, m, f, p, objects, reuse)
+		// The download's own context: the node's bounds share their slots
+		// out by it, and the watchdog ends it.
+		d := &download{key: key, p: p}
+		dctx, cancel := context.WithCancelCause(withDownload(s.ctx, d))
+		defer cancel(nil)
+		s.conns.join(d)
+		defer s.conns.leave(d)
+		defer s.watch(d, cancel)()
+		t, in, err := s.ingest(dctx, m, f, p, objects, reuse)
 		if err != nil {
+			if cause := context.Cause(dctx); cause != nil && s.ctx.Err() == nil {
+				// Cut by the watchdog: say why, not "context canceled".
+				return nil, fmt.Errorf("downloading %s: %w", units.Bytes(m.Size()), cause)
+			}
 			return nil, err
 		}
 		if in.checks.Unchecked > 0 && s.onUnchecked != nil {

@@ -157,15 +157,25 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err := s.acquireConn(ctx); err != nil {
 		return "", notChecked, err
 	}
-	defer s.releaseConn()
-	rc, err := f.Open(ctx, e)
+	conn := true
+	defer func() {
+		if conn {
+			s.releaseConn(ctx)
+		}
+	}()
+	// Each request (the first and every resume) runs under its own guard
+	// of the minimum rate.
+	sctx, guard := s.guardStream(ctx)
+	rc, err := f.Open(sctx, e)
 	if err != nil {
-		return "", notChecked, err
+		guard.stop()
+		return "", notChecked, guard.err(e.Path, err)
 	}
 	defer func() {
 		if rc != nil {
 			rc.Close()
 		}
+		guard.stop()
 	}()
 	w, err := s.root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -178,7 +188,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	var n, flushed int64
 	resumes := 0
 	// Read one byte past the listed size so a grown object is caught.
-	r := io.LimitReader(rc, e.Size+1)
+	var r io.Reader = guardedReader{io.LimitReader(rc, e.Size+1), guard}
 	for {
 		buf := hp.next()
 		k, rerr := r.Read(buf)
@@ -202,19 +212,30 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 		}
 		if rerr != nil {
 			// A stream cut mid-object (a remote or a middlebox closing a
-			// connection) goes on from where it stopped with a ranged read,
-			// as rclone's low-level retries do, instead of starting over.
+			// connection, or the guard a trickling one) goes on from where
+			// it stopped with a ranged read, as rclone's low-level retries
+			// do, instead of starting over.
+			rerr = guard.err(e.Path, rerr)
 			rf, ok := f.(RangeFetcher)
 			if !ok || resumes == chunkAttempts || n >= e.Size || ctx.Err() != nil || !errors.Is(rerr, source.ErrUnavailable) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
 				return "", notChecked, fmt.Errorf("downloading %s: %w", e.Path, rerr)
 			}
 			resumes++
 			rc.Close()
-			if rc, err = rf.OpenRange(ctx, e, n, e.Size-n); err != nil {
+			guard.stop()
+			// The resume queues for a connection again: a stream cut for
+			// being slow must not keep its slot from other downloads.
+			s.releaseConn(ctx)
+			if conn = s.acquireConn(ctx) == nil; !conn {
 				rc = nil
-				return "", notChecked, fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, err)
+				return "", notChecked, fmt.Errorf("resuming %s: %w", e.Path, ctx.Err())
 			}
-			r = io.LimitReader(rc, e.Size-n)
+			sctx, guard = s.guardStream(ctx)
+			if rc, err = rf.OpenRange(sctx, e, n, e.Size-n); err != nil {
+				rc = nil
+				return "", notChecked, fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(e.Path, err))
+			}
+			r = guardedReader{io.LimitReader(rc, e.Size-n), guard}
 		}
 	}
 	if n != e.Size {

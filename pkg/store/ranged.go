@@ -81,8 +81,9 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 		}
 	}
 	p.done.Add(int64(first) * chunk)
-	s.chunks.use()
-	defer s.chunks.unuse()
+	d := downloadOf(ctx)
+	s.chunks.use(d)
+	defer s.chunks.unuse(d)
 	done := make(chan fetchedChunk, s.chunks.size())
 	var next atomic.Int64
 	next.Store(int64(first))
@@ -95,13 +96,13 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 				// holds a buffer, so the lowest one not yet hashed of every
 				// file can always finish and no hasher waits on a chunk that
 				// cannot, even with the pool shared between files.
-				buf, err := s.chunks.get(gctx, chunk, chunk)
+				buf, err := s.chunks.get(gctx, d, chunk, chunk)
 				if err != nil {
 					return err
 				}
 				i := int(next.Add(1) - 1)
 				if i >= chunks {
-					s.chunks.put(buf)
+					s.chunks.put(d, buf)
 					return nil
 				}
 				off := int64(i) * chunk
@@ -116,11 +117,11 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 				}
 				if !onDisk {
 					if err := s.fetchChunk(gctx, rf, e, off, buf); err != nil {
-						s.giveBack(buf)
+						s.chunks.put(d, buf)
 						return err
 					}
 					if _, err := w.WriteAt(buf, off); err != nil {
-						s.giveBack(buf)
+						s.chunks.put(d, buf)
 						return noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
 					}
 					pf.markWritten(i)
@@ -149,20 +150,48 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	k := first
 	g.Go(func() error {
 		saved := int64(first) * chunk
+		// Chunks written but given back before their turn, to be hashed
+		// from the file.
+		spilled := map[int]bool{}
 		for k < chunks {
 			buf, ok := pending[k]
-			if !ok {
+			switch {
+			case ok:
+				sums.write(buf)
+				delete(pending, k)
+				s.chunks.put(d, buf)
+			case spilled[k]:
+				off := int64(k) * chunk
+				if err := hashAt(w, off, min(chunk, e.Size-off), sums); err != nil {
+					return fmt.Errorf("reading back bytes %d+ of %s: %w", off, e.Path, err)
+				}
+				delete(spilled, k)
+			default:
+				// A finished chunk waiting for an earlier, slower one would
+				// pin its buffer for as long as that one takes: when another
+				// download (or a stream of this one) waits for a buffer, the
+				// finished chunks give theirs back; they are in the file.
+				changed := s.chunks.slots.changes()
+				if len(pending) > 0 && s.chunks.slots.pressed(d) {
+					for i, b := range pending {
+						spilled[i] = true
+						delete(pending, i)
+						s.chunks.put(d, b)
+					}
+					continue
+				}
+				if len(pending) == 0 {
+					changed = nil
+				}
 				select {
 				case c := <-done:
 					pending[c.index] = c.data
+				case <-changed:
 				case <-gctx.Done():
 					return gctx.Err()
 				}
 				continue
 			}
-			sums.write(buf)
-			delete(pending, k)
-			s.giveBack(buf)
 			k++
 			if hashed := int64(k) * chunk; hashed-saved >= s.rangeCheckpoint && hashed < e.Size {
 				select {
@@ -184,7 +213,7 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 		pending[c.index] = c.data
 	}
 	for _, buf := range pending {
-		s.giveBack(buf)
+		s.chunks.put(d, buf)
 	}
 	if err != nil {
 		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) {
@@ -203,15 +232,15 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	return s.commitBlob(ctx, w, name, e, sums)
 }
 
-// giveBack returns a chunk buffer to the node's pool.
-func (s *Store) giveBack(buf []byte) { s.chunks.put(buf) }
-
 // rehash feeds the first n bytes of f to sums: a resumed download's hash
 // covers what is on disk, not what was hashed before the restart.
-func rehash(f *os.File, n int64, sums *objectSums) error {
+func rehash(f *os.File, n int64, sums *objectSums) error { return hashAt(f, 0, n, sums) }
+
+// hashAt feeds n bytes of f from off to sums.
+func hashAt(f *os.File, off, n int64, sums *objectSums) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
-	r := io.NewSectionReader(f, 0, n)
+	r := io.NewSectionReader(f, off, n)
 	for {
 		k, err := r.Read(*bp)
 		sums.write((*bp)[:k])
@@ -238,8 +267,10 @@ func (s *Store) fetchChunk(ctx context.Context, rf RangeFetcher, e source.Entry,
 		if err = s.acquireConn(ctx); err != nil {
 			return err
 		}
-		err = readChunk(ctx, rf, e, off, buf)
-		s.releaseConn()
+		sctx, guard := s.guardStream(ctx)
+		err = guard.err(fmt.Sprintf("bytes %d-%d of %s", off, off+int64(len(buf))-1, e.Path), readChunk(sctx, rf, e, off, buf, guard))
+		guard.stop()
+		s.releaseConn(ctx)
 		if err == nil || ctx.Err() != nil || errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrDenied) || errors.Is(err, source.ErrNotFound) {
 			return err
 		}
@@ -247,13 +278,13 @@ func (s *Store) fetchChunk(ctx context.Context, rf RangeFetcher, e source.Entry,
 	return fmt.Errorf("downloading bytes %d-%d of %s, %d attempts: %w", off, off+int64(len(buf))-1, e.Path, chunkAttempts, err)
 }
 
-func readChunk(ctx context.Context, rf RangeFetcher, e source.Entry, off int64, buf []byte) error {
+func readChunk(ctx context.Context, rf RangeFetcher, e source.Entry, off int64, buf []byte, guard *streamGuard) error {
 	rc, err := rf.OpenRange(ctx, e, off, int64(len(buf)))
 	if err != nil {
 		return err
 	}
 	defer rc.Close()
-	if _, err := io.ReadFull(rc, buf); err != nil {
+	if _, err := io.ReadFull(guardedReader{rc, guard}, buf); err != nil {
 		return err
 	}
 	// One byte more than asked means the remote ignored the range or the

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sync"
+	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"golang.org/x/sync/singleflight"
@@ -66,10 +67,15 @@ type Store struct {
 	// chunks of rangeChunk, rangeStreams at a time.
 	rangeCutoff, rangeChunk, rangeCheckpoint int64
 	rangeStreams                             int
-	// chunks are the node's ranged-chunk buffers, shared by every
-	// download; conns bounds the node's requests to remotes.
+	// chunks are the node's ranged-chunk buffers, conns bounds the node's
+	// requests to remotes; both are shared fairly by running downloads.
 	chunks *chunkPool
-	conns  chan struct{}
+	conns  *fairSlots
+	// A stream below minStreamRate bytes/s over stallWindow is cut and
+	// retried; a download without progress for stallTimeout fails, one no
+	// caller waited for within grace is cancelled (0: never).
+	minStreamRate                    int64
+	stallWindow, stallTimeout, grace time.Duration
 	// partialBusy: partial files a download is writing.
 	partialMu   sync.Mutex
 	partialBusy map[string]bool
@@ -83,6 +89,7 @@ type Store struct {
 	flights singleflight.Group
 	mu      sync.Mutex
 	running map[string]*Progress
+	wants   map[string]*wanted
 
 	// treesMu orders evictions (writers) against publishes mounting a tree
 	// (readers, UseTree); gcMu serialises budget enforcement.
@@ -114,6 +121,17 @@ type Options struct {
 	// RangeCheckpoint is how many bytes of a ranged download are made
 	// durable at a time, for resuming (default DefaultRangeCheckpoint).
 	RangeCheckpoint int64
+	// MinStreamRate in bytes/s over StallWindow: a stream slower than that
+	// is cut and retried (defaults DefaultMinStreamRate and
+	// DefaultStallWindow; negative: never cut).
+	MinStreamRate int64
+	StallWindow   time.Duration
+	// StallTimeout fails a download that makes no progress for that long
+	// (default DefaultStallTimeout; negative: never).
+	StallTimeout time.Duration
+	// DownloadGrace cancels a download no caller waited for within it
+	// (default DefaultDownloadGrace; negative: never).
+	DownloadGrace time.Duration
 	// Budget limits the cache; before each download, trees the Evictor
 	// offers are evicted to make room.
 	Budget  Budget
@@ -189,14 +207,19 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	if opt.RangeChunk <= 0 {
 		opt.RangeChunk = DefaultRangeChunk
 	}
+	opt.MinStreamRate = orDefault(opt.MinStreamRate, DefaultMinStreamRate)
+	opt.StallWindow = orDefault(opt.StallWindow, DefaultStallWindow)
+	opt.StallTimeout = orDefault(opt.StallTimeout, DefaultStallTimeout)
+	opt.DownloadGrace = orDefault(opt.DownloadGrace, DefaultDownloadGrace)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
 		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk, rangeCheckpoint: opt.RangeCheckpoint,
-		chunks: newChunkPool(2 * opt.RangeStreams), conns: make(chan struct{}, opt.MaxConnections),
+		chunks: newChunkPool(2 * opt.RangeStreams), conns: newFairSlots(opt.MaxConnections),
+		minStreamRate: opt.MinStreamRate, stallWindow: opt.StallWindow, stallTimeout: opt.StallTimeout, grace: opt.DownloadGrace,
 		partialBusy: map[string]bool{},
 		budget:      opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
-		running: map[string]*Progress{}, ctx: ctx, cancel: cancel,
+		running: map[string]*Progress{}, wants: map[string]*wanted{}, ctx: ctx, cancel: cancel,
 	}
 	if _, err := s.DropPartials(partialMaxAge); err != nil {
 		root.Close()
@@ -205,17 +228,24 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	return s, nil
 }
 
-// acquireConn takes one of the node's connections to remotes.
-func (s *Store) acquireConn(ctx context.Context) error {
-	select {
-	case s.conns <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+// orDefault is v, or def for zero, or zero (off) for a negative v.
+func orDefault[T int64 | time.Duration](v, def T) T {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
 	}
+	return v
 }
 
-func (s *Store) releaseConn() { <-s.conns }
+// acquireConn takes one of the node's connections to remotes for the
+// download ctx belongs to, within its share.
+func (s *Store) acquireConn(ctx context.Context) error {
+	return s.conns.acquire(ctx, downloadOf(ctx))
+}
+
+func (s *Store) releaseConn(ctx context.Context) { s.conns.release(downloadOf(ctx)) }
 
 // Close cancels running downloads and waits for them to clean up.
 func (s *Store) Close() error {
