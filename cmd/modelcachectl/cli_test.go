@@ -307,6 +307,43 @@ func TestListAndInspect(t *testing.T) {
 		code:      1,
 		stderrHas: []string{`modelcachectl inspect: no cached tree matches "nope" (see modelcachectl ls)`},
 	}, {
+		// Names a hostile remote chose (older caches may hold them: the
+		// node refuses such keys now) print quoted, escapes visible.
+		name: "inspect quotes names that could deceive",
+		routes: map[string]http.HandlerFunc{"GET /v1/tree": reply(adminapi.Inspection{
+			Tree: adminapi.Tree{Digest: dOld, Size: 3, Files: 3, URIs: []string{"mys3:m/\u202eevil", "mys3:m/ok"}, LastUsed: testNow, Present: true},
+			Contents: []adminapi.File{
+				{Path: "model\u202enib.exe", Size: 1, Sha256: strings.Repeat("a", 64)},
+				{Path: "a\u009b2J\x1b[31m", Size: 1, Sha256: strings.Repeat("b", 64)},
+				{Path: "fine/name.json", Size: 1, Sha256: strings.Repeat("c", 64)},
+			},
+		})},
+		args: []string{"inspect", "0123456789ab"},
+		stdout: []string{
+			"digest:     " + dOld,
+			`uris:       "mys3:m/\u202eevil", mys3:m/ok`,
+			"size:       3 B",
+			"files:      3",
+			"pinned:     no",
+			"last use:   just now",
+			"used by:    -",
+			"",
+			"PATH                   SIZE   SHA256",
+			`"model\u202enib.exe"   1 B    ` + strings.Repeat("a", 64),
+			`"a\u009b2J\x1b[31m"    1 B    ` + strings.Repeat("b", 64),
+			"fine/name.json         1 B    " + strings.Repeat("c", 64),
+		},
+		stderrNone: true,
+	}, {
+		name:   "ls quotes URIs that could deceive",
+		routes: map[string]http.HandlerFunc{"GET /v1/trees": reply([]adminapi.Tree{cached(dOld, 1536, 1, []string{"mys3:m/a\u0085b"}, time.Hour)})},
+		args:   []string{"ls"},
+		stdout: []string{
+			"DIGEST         SIZE      FILES   URIS                USED BY   LAST USE   PINNED",
+			`0123456789ab   1.5 KiB   1       "mys3:m/a\u0085b"   -         1h ago              MISSING`,
+		},
+		stderrNone: true,
+	}, {
 		name:      "inspect without argument",
 		routes:    map[string]http.HandlerFunc{},
 		args:      []string{"inspect"},

@@ -58,7 +58,7 @@ func (a *app) ls(cmd *command, args []string) error {
 			marks = append(marks, "MISSING")
 		}
 		fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", shortDigest(tr.Digest), units.Bytes(tr.Size), tr.Files,
-			orDash(tr.URIs, ","), orDash(usersOf(tr.Refs), ","), relTime(tr.LastUsed, a.now()), pinned, strings.Join(marks, " "))
+			orDash(quoteNames(tr.URIs), ","), orDash(usersOf(tr.Refs), ","), relTime(tr.LastUsed, a.now()), pinned, strings.Join(marks, " "))
 	}
 	return t.Flush()
 }
@@ -97,7 +97,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 	}
 	t := newTable(a.stdout)
 	fmt.Fprintf(t, "digest:\t%s\n", in.Digest)
-	fmt.Fprintf(t, "uris:\t%s\n", orDash(in.URIs, ", "))
+	fmt.Fprintf(t, "uris:\t%s\n", orDash(quoteNames(in.URIs), ", "))
 	fmt.Fprintf(t, "size:\t%s\n", units.Bytes(in.Size))
 	fmt.Fprintf(t, "files:\t%d\n", in.Files)
 	fmt.Fprintf(t, "pinned:\t%s\n", pinned)
@@ -123,7 +123,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 		if sum == "" {
 			sum = "-"
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\n", f.Path, units.Bytes(f.Size), sum)
+		fmt.Fprintf(t, "%s\t%s\t%s\n", quoteName(f.Path), units.Bytes(f.Size), sum)
 	}
 	return t.Flush()
 }
@@ -238,7 +238,7 @@ func (a *app) pin(cmd *command, args []string, on bool) error {
 	if on {
 		verb = "pinned"
 	}
-	fmt.Fprintf(a.stdout, "%s %s (%s, %s)\n", verb, t.Digest, orDash(t.URIs, ", "), units.Bytes(t.Size))
+	fmt.Fprintf(a.stdout, "%s %s (%s, %s)\n", verb, t.Digest, orDash(quoteNames(t.URIs), ", "), units.Bytes(t.Size))
 	return nil
 }
 

@@ -7,9 +7,11 @@ import (
 	"io"
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/units"
@@ -141,6 +143,31 @@ func usersOf(refs []adminapi.Ref) []string {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// quoteName shows a name that came from a remote (a file path, a model URI)
+// so that it cannot pass for another or act on the terminal: as it is when
+// every character is printable and none is a space, quote or backslash,
+// else Go-quoted, with control, bidirectional and other invisible
+// characters escaped ("model\u202enib.exe"). Ordinary names stay unquoted,
+// so tables read as before.
+func quoteName(s string) string {
+	plain := s != "" && !strings.ContainsFunc(s, func(r rune) bool {
+		return r == utf8.RuneError || r == ' ' || r == '"' || r == '\\' || !strconv.IsPrint(r)
+	})
+	if plain {
+		return s
+	}
+	return strconv.Quote(s)
+}
+
+// quoteNames applies quoteName to each name.
+func quoteNames(names []string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = quoteName(n)
+	}
+	return out
 }
 
 // orDash joins items with sep, or is "-" when there are none.

@@ -105,3 +105,36 @@ func TestProgressRateSmoothing(t *testing.T) {
 		t.Errorf("after a restart: lastDone %d, rate %v", p.lastDone, p.rate)
 	}
 }
+
+// TestQuoteName: names from a remote cannot hide characters, reorder the
+// text around them or act on the terminal; ordinary names print as they are.
+func TestQuoteName(t *testing.T) {
+	for _, tc := range []struct {
+		name, in, want string
+	}{
+		{"plain", "tokenizer/tokenizer.json", "tokenizer/tokenizer.json"},
+		{"URI", "mys3:models/llama", "mys3:models/llama"},
+		{"non-ASCII letters", "modèle/权重/🤗.bin", "modèle/权重/🤗.bin"},
+		{"right-to-left script", "نموذج.bin", "نموذج.bin"},
+		{"empty", "", `""`},
+		{"space", "my model.bin", `"my model.bin"`},
+		{"quote", `a"b`, `"a\"b"`},
+		{"backslash", `a\b`, `"a\\b"`},
+		{"newline", "a\nINFO forged", `"a\nINFO forged"`},
+		{"escape sequence", "\x1b[2Jx", `"\x1b[2Jx"`},
+		{"C1 control sequence introducer", "\u009b2Jx", `"\u009b2Jx"`},
+		{"C1 next line", "a\u0085b", `"a\u0085b"`},
+		{"right-to-left override", "model\u202enib.exe", `"model\u202enib.exe"`},
+		{"isolate", "a\u2066b\u2069", `"a\u2066b\u2069"`},
+		{"arabic letter mark", "a\u061cb", `"a\u061cb"`},
+		{"zero-width space", "a\u200bb", `"a\u200bb"`},
+		{"no-break space", "a\u00a0b", `"a\u00a0b"`},
+		{"invalid UTF-8", "a\xffb", `"a\xffb"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := quoteName(tc.in); got != tc.want {
+				t.Errorf("quoteName(%q) = %s, want %s", tc.in, got, tc.want)
+			}
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -20,7 +21,7 @@ func checkSafeRelative(t *testing.T, what, p string) {
 	switch {
 	case p == "" || path.IsAbs(p) || path.Clean(p) != p:
 		t.Fatalf("%s %q is not a clean relative path", what, p)
-	case strings.ContainsAny(p, "\x00\\") || strings.ContainsFunc(p, isControl):
+	case strings.ContainsAny(p, "\x00\\") || strings.ContainsFunc(p, unicode.IsControl) || strings.ContainsFunc(p, isBidiControl):
 		t.Fatalf("%s %q holds NUL, a backslash or a control character", what, p)
 	case !utf8.ValidString(p):
 		t.Fatalf("%s %q is not valid UTF-8", what, p)
@@ -170,7 +171,7 @@ func FuzzBuildConfig(f *testing.F) {
 func FuzzValidateKey(f *testing.F) {
 	for _, s := range []string{
 		"a/b/c.bin", ".gitattributes", "../x", "a//b", "/abs", "a\x00b", `a\b`, "\uff0e\uff0e/x", "a/./b",
-		"a/\u212a", "a\nb", "\xff", "a/..", "...",
+		"a/\u212a", "a\nb", "\xff", "a/..", "...", "a\u0085b", "model\u202enib.exe", "a/\u2066b",
 	} {
 		f.Add(s)
 	}

@@ -21,10 +21,11 @@ const encodedDot = "\uff0e"
 // ValidateKey checks that a remote object key, relative to the model root, is
 // a clean relative path that stays inside the tree once created. The "no remote input becomes a path unchecked" invariant:
 // no remote input becomes a path unchecked. The rules: not empty, valid
-// UTF-8, relative, no NUL, backslash or other control character, no empty,
-// "." or ".." segment (nor rclone's encoded forms of them), segments of at
-// most 255 bytes and at most 4096 bytes in all. Errors wrap ErrUnsafePath
-// and quote the key with %q, so non-printable bytes are escaped.
+// UTF-8, relative, no NUL, backslash or other control character (C0, DEL,
+// C1), no bidirectional control character, no empty, "." or ".." segment
+// (nor rclone's encoded forms of them), segments of at most 255 bytes and
+// at most 4096 bytes in all. Errors wrap ErrUnsafePath and quote the key
+// with %q, so non-printable bytes are escaped.
 func ValidateKey(key string) error {
 	bad := func(why string) error {
 		return fmt.Errorf("%w: %q %s", ErrUnsafePath, key, why)
@@ -44,6 +45,11 @@ func ValidateKey(key string) error {
 		// A newline or escape sequence in a file name corrupts logs and
 		// listings; no model needs one.
 		return bad("contains a control character")
+	case strings.ContainsFunc(key, isBidiControl):
+		// A right-to-left override shows "model\u202Enib.exe" as
+		// "modelexe.bin" in a terminal or a review: a name that reads as
+		// another. No model needs one.
+		return bad("contains a bidirectional control character")
 	}
 	for _, seg := range strings.Split(key, "/") {
 		switch {
@@ -63,8 +69,15 @@ func ValidateKey(key string) error {
 	return nil
 }
 
-// isControl reports C0 control characters and DEL.
-func isControl(r rune) bool { return r < 0x20 || r == 0x7f }
+// isControl reports C0 control characters, DEL and C1 control characters
+// (U+0080-U+009F): terminals act on C1 too, U+009B starts an escape
+// sequence as ESC [ does.
+func isControl(r rune) bool { return unicode.IsControl(r) }
+
+// isBidiControl reports the characters that reorder text around them
+// (Unicode's Bidi_Control property): the Arabic letter mark, the
+// left-to-right and right-to-left marks, embeddings, overrides and isolates.
+func isBidiControl(r rune) bool { return unicode.Is(unicode.Bidi_Control, r) }
 
 // foldPath maps a path to one representative of its case-folding class:
 // foldPath(a) == foldPath(b) exactly when strings.EqualFold(a, b).

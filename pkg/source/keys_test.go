@@ -34,7 +34,8 @@ func TestValidateKey(t *testing.T) {
 		{"unicode", "modèle/权重/🤗.safetensors"},
 		{"spaces and colons", "my model/v1:final.bin"},
 		{"segment of 255 bytes", strings.Repeat("s", maxSegment)},
-		{"C1 and format characters are printable enough", "a\u0085b/\u200bz"},
+		{"format characters other than bidirectional controls", "a\u00adb/\u200bz\u200d"},
+		{"right-to-left script", "نموذج/מודל.bin"},
 		{"fullwidth dots with a name", "\uff0e\uff0ex/\uff0ea"},
 		{"path of 4096 bytes", keyOfLen(maxPath)},
 	}
@@ -78,6 +79,17 @@ func TestValidateKey(t *testing.T) {
 		{"escape sequence", "\x1b[31mred", "control character"},
 		{"SOH", "\x01", "control character"},
 		{"DEL", "a/\x7f", "control character"},
+		{"C1 next line", "a\u0085b", "control character"},
+		{"C1 control sequence introducer", "\u009b31mred", "control character"},
+		{"C1 first", "a/\u0080", "control character"},
+		{"C1 last", "a/\u009f", "control character"},
+		{"arabic letter mark", "a\u061cb", "bidirectional control character"},
+		{"left-to-right mark", "a/\u200e", "bidirectional control character"},
+		{"right-to-left mark", "\u200fa", "bidirectional control character"},
+		{"left-to-right embedding", "a\u202ab", "bidirectional control character"},
+		{"right-to-left override", "model\u202enib.exe", "bidirectional control character"},
+		{"left-to-right isolate", "a\u2066b", "bidirectional control character"},
+		{"pop directional isolate", "a/b\u2069", "bidirectional control character"},
 		{"segment of 256 multi-byte bytes", strings.Repeat("é", 128), "segment longer than 255"},
 		{"truncated UTF-8", "a/\xe6\x9d", "UTF-8"},
 	}
@@ -97,12 +109,12 @@ func TestValidateKey(t *testing.T) {
 // Errors quote the key with %q: a hostile key cannot inject lines or
 // terminal escapes into logs and events.
 func TestValidateKeyQuotesTheKey(t *testing.T) {
-	for _, key := range []string{"a\nINFO fake log line", "\x1b]0;title\x07", "../\x00"} {
+	for _, key := range []string{"a\nINFO fake log line", "\x1b]0;title\x07", "../\x00", "\u009b2J", "model\u202enib.exe"} {
 		err := ValidateKey(key)
 		if err == nil {
 			t.Fatalf("ValidateKey(%q) = nil", key)
 		}
-		if !strings.Contains(err.Error(), fmt.Sprintf("%q", key)) || strings.ContainsAny(err.Error(), "\n\x1b\x00\x07") {
+		if !strings.Contains(err.Error(), fmt.Sprintf("%q", key)) || strings.ContainsAny(err.Error(), "\n\x1b\x00\x07\u009b\u202e") {
 			t.Errorf("ValidateKey(%q) error %q does not quote the key", key, err)
 		}
 	}

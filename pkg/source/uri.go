@@ -61,8 +61,8 @@ func ParseURI(s string) (URI, error) {
 	if len(s) > 2048 {
 		return URI{}, fmt.Errorf("%w: modelUri is %d bytes long, the limit is 2048; %s", ErrInvalid, len(s), formsHelp)
 	}
-	if strings.ContainsAny(s, "\x00\\") || strings.ContainsFunc(s, isControl) {
-		return URI{}, fmt.Errorf("%w: modelUri contains a control character or backslash; %s", ErrInvalid, formsHelp)
+	if strings.ContainsAny(s, "\x00\\") || strings.ContainsFunc(s, isControl) || strings.ContainsFunc(s, isBidiControl) {
+		return URI{}, fmt.Errorf("%w: modelUri contains a control character (bidirectional ones included) or backslash; %s", ErrInvalid, formsHelp)
 	}
 	if !utf8.ValidString(s) {
 		return URI{}, fmt.Errorf("%w: modelUri is not valid UTF-8; %s", ErrInvalid, formsHelp)

@@ -105,6 +105,8 @@ func TestParseURIRejects(t *testing.T) {
 		{"tab", "s3://bucket\tx", "control character"},
 		{"DEL", "mys3:bucket/\x7f", "control character"},
 		{"escape", "https://host/\x1b[31m", "control character"},
+		{"C1 control", "mys3:bucket/a\u0085b", "control character"},
+		{"right-to-left override", "mys3:bucket/model\u202enib.exe", "control character"},
 		{"too long", "mys3:" + strings.Repeat("a", 2044), "the limit is 2048"},
 		{"invalid UTF-8", "mys3:bucket/\xff", "UTF-8"},
 		{"rclone-encoded parent", "mys3:bucket/\uff0e\uff0e/x", `".." segment`},
