@@ -51,6 +51,7 @@ type options struct {
 	allowEndpoints                               string
 	holderImage                                  string
 	fleetWorkers                                 int
+	fleetPriorityClasses                         string
 }
 
 func main() {
@@ -78,6 +79,7 @@ func main() {
 	flag.StringVar(&o.minFree, "min-free", defaultMinFree, "space the cache filesystem keeps free: bytes or a percentage of its size; the default stays above kubelet's default eviction thresholds (nodefs.available<10%, imagefs.available<15%), so a full cache never puts the node into DiskPressure")
 	flag.StringVar(&o.holderImage, "holder-image", "", "image of CachedModel holder pods (default: the controller's own, read from its pod through POD_NAMESPACE and POD_NAME)")
 	flag.IntVar(&o.fleetWorkers, "cachedmodel-workers", 2, "CachedModels reconciled at once")
+	flag.StringVar(&o.fleetPriorityClasses, "cachedmodel-priority-classes", "", "comma-separated priority classes a CachedModel's holders may run at, outside namespaces labelled modelcache.csi.dev/trusted=true (empty: none)")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if *showVersion {
@@ -211,7 +213,13 @@ func startFleet(ctx context.Context, o options, cfg *rest.Config, client kuberne
 			return err
 		}
 	}
-	r := &fleet.Reconciler{Kube: client, Dynamic: dyn, Image: image}
+	var classes []string
+	for _, c := range strings.Split(o.fleetPriorityClasses, ",") {
+		if c = strings.TrimSpace(c); c != "" {
+			classes = append(classes, c)
+		}
+	}
+	r := &fleet.Reconciler{Kube: client, Dynamic: dyn, Image: image, Policy: fleet.Policy{PriorityClasses: classes}}
 	workers := max(o.fleetWorkers, 1)
 	go func() {
 		var err error
