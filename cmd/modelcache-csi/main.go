@@ -43,6 +43,8 @@ type options struct {
 	transfers, maxConnections                    int
 	multiThreadCutoff, resumeEvery               string
 	multiThreadStreams                           int
+	minStreamRate                                string
+	stallWindow, stallTimeout, downloadGrace     time.Duration
 	releaseGrace                                 time.Duration
 	kubeletDir                                   string
 	requirePodInfo                               bool
@@ -66,6 +68,10 @@ func main() {
 	flag.IntVar(&o.maxConnections, "max-connections", store.DefaultMaxConnections, "requests to remotes open at once on this node, over all downloads and ranged streams")
 	flag.StringVar(&o.multiThreadCutoff, "multi-thread-cutoff", "256Mi", "files this large or larger download in parallel ranged chunks, as rclone's --multi-thread-cutoff (a quantity, e.g. 256Mi; 0 turns it off)")
 	flag.IntVar(&o.multiThreadStreams, "multi-thread-streams", store.DefaultRangeStreams, "ranged streams per large file, as rclone's --multi-thread-streams")
+	flag.StringVar(&o.minStreamRate, "min-stream-rate", "64Ki", "a stream from a remote that delivers less than this many bytes a second over --stall-window is cut and retried (0 turns it off): a remote that trickles cannot hold the node's connections and chunk buffers")
+	flag.DurationVar(&o.stallWindow, "stall-window", store.DefaultStallWindow, "the window --min-stream-rate is measured over, the first byte included")
+	flag.DurationVar(&o.stallTimeout, "download-stall-timeout", store.DefaultStallTimeout, "a download that makes no progress for this long fails with UNAVAILABLE, and kubelet's retry starts it again (0: never)")
+	flag.DurationVar(&o.downloadGrace, "download-grace", store.DefaultDownloadGrace, "a download that no publish has waited for within this long is cancelled; kubelet's retries keep a wanted one alive (0: never)")
 	flag.StringVar(&o.resumeEvery, "resume-every", "16Mi", "bytes of a large file's download made durable at a time: a failure, restart or kill -9 loses at most this much of each file, and the next publish goes on from there")
 	flag.StringVar(&o.adminSocket, "admin-socket", "", "operator API socket for modelcachectl (default <cache-dir>/admin.sock; \"none\" disables it)")
 	flag.StringVar(&o.metricsAddress, "metrics-address", "", "host:port serving Prometheus metrics at /metrics (off when empty)")
@@ -262,8 +268,13 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if rangeCutoff == 0 {
 		rangeCutoff = -1 // off
 	}
+	minRate, err := resource.ParseQuantity(o.minStreamRate)
+	if err != nil || minRate.Value() < 0 {
+		return nil, fmt.Errorf("--min-stream-rate %q is not a rate in bytes a second such as 64Ki (or 0 to turn it off)", o.minStreamRate)
+	}
 	st, err := store.Open(o.cacheDir, db, store.Options{
 		Transfers: o.transfers, MaxConnections: o.maxConnections, RangeCutoff: rangeCutoff, RangeStreams: o.multiThreadStreams, RangeCheckpoint: resumeEvery.Value(), Budget: budget, Evictor: db,
+		MinStreamRate: offIfZero(minRate.Value()), StallWindow: offIfZero(o.stallWindow), StallTimeout: offIfZero(o.stallTimeout), DownloadGrace: offIfZero(o.downloadGrace),
 		OnEvict: m.Evicted, OnDownload: m.DownloadStarted, OnUnchecked: m.UncheckedObjects,
 	})
 	if err != nil {
@@ -311,6 +322,14 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 		}()
 	}
 	return node, nil
+}
+
+// offIfZero maps a flag's 0 ("off") to the store's negative off.
+func offIfZero[T int64 | time.Duration](v T) T {
+	if v == 0 {
+		return -1
+	}
+	return v
 }
 
 func adminSocket(o options) string {

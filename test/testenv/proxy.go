@@ -52,10 +52,15 @@ type Proxy struct {
 	// hide: responses for objects whose path ends in hideKey carry no
 	// checksum (see HideChecksums).
 	hideKey string
+	// trickle: object GETs from byte 0 of the object whose path ends in
+	// trickleKey are served at trickleRate bytes a second (see Trickle).
+	trickleKey  string
+	trickleRate int64
 
 	truncations atomic.Int64
-	// inFlight counts object GETs being answered; maxInFlight is its
-	// high-water mark since the last Reset.
+	trickles    atomic.Int64
+	// inFlight counts object GETs and HEADs being answered; maxInFlight
+	// is its high-water mark since the last Reset.
 	inFlight    atomic.Int64
 	maxInFlight atomic.Int64
 
@@ -78,7 +83,7 @@ func StartProxy(target string) (*Proxy, error) {
 	rp.ModifyResponse = func(resp *http.Response) error {
 		p.swapBody(resp)
 		p.hideChecksums(resp)
-		if p.RateBytesPerSec.Load() > 0 && isObjectGet(resp.Request) {
+		if (p.RateBytesPerSec.Load() > 0 || p.trickleRateOf(resp.Request) > 0) && isObjectGet(resp.Request) {
 			// Throttling plays a slow network between the driver and the
 			// remote; the remote itself answers at once. Reading its answer
 			// ahead keeps MinIO from cutting a connection its client drains
@@ -106,13 +111,20 @@ func StartProxy(target string) (*Proxy, error) {
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isObjectHead(r) {
 			p.objectHeads.Add(1)
+			// Counted in flight as GETs are: a HEAD holds a connection too.
+			hw := &countingWriter{ResponseWriter: w, p: p, head: true}
+			hw.enter()
+			defer hw.leave()
 			if d := time.Duration(p.FirstByteDelay.Load()); d > 0 {
 				time.Sleep(d)
 			}
 		}
 		if isObjectGet(r) {
 			p.objectGets.Add(1)
-			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1}
+			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1, trickle: p.trickleRateOf(r)}
+			if cw.trickle > 0 {
+				p.trickles.Add(1)
+			}
 			p.mu.Lock()
 			if p.flipKey != "" && strings.HasSuffix(r.URL.Path, "/"+p.flipKey) {
 				cw.flipAt = p.flipAt
@@ -153,11 +165,13 @@ func (p *Proxy) Reset() {
 	p.objectGets.Store(0)
 	p.objectHeads.Store(0)
 	p.truncations.Store(0)
+	p.trickles.Store(0)
 	p.maxInFlight.Store(p.inFlight.Load())
 }
 
-// MaxInFlight is the most object GETs the proxy was answering at once since
-// it started or was Reset. A GET counts from its arrival until the last
+// MaxInFlight is the most object GETs and HEADs the proxy was answering at
+// once since it started or was Reset. A HEAD counts until its handler
+// returns; a GET counts from its arrival until the last
 // byte of its body is handed to the connection (or it fails): not until
 // its handler returns, because throttling sleeps after the last write and
 // the client may by then have sent its next request on another stream, so
@@ -166,6 +180,34 @@ func (p *Proxy) MaxInFlight() int64 { return p.maxInFlight.Load() }
 
 // Truncations is the number of responses Truncate cut since the last Reset.
 func (p *Proxy) Truncations() int64 { return p.truncations.Load() }
+
+// Trickle makes the proxy serve object GETs of the object whose key ends in
+// key that start at its first byte (a whole GET, or the first range of a
+// ranged download) at bytesPerSec, in small writes, as a remote would that
+// holds a client's connection open by sending a byte now and then; every
+// other range of it comes at once. Trickle("", 0) stops it.
+func (p *Proxy) Trickle(key string, bytesPerSec int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.trickleKey, p.trickleRate = key, bytesPerSec
+}
+
+// Trickles is the number of GETs Trickle slowed since the last Reset.
+func (p *Proxy) Trickles() int64 { return p.trickles.Load() }
+
+// trickleRateOf is the rate Trickle sets for r, 0 for none.
+func (p *Proxy) trickleRateOf(r *http.Request) int64 {
+	p.mu.Lock()
+	key, rate := p.trickleKey, p.trickleRate
+	p.mu.Unlock()
+	if key == "" || !isObjectGet(r) || !strings.HasSuffix(r.URL.Path, "/"+key) {
+		return 0
+	}
+	if rg := r.Header.Get("Range"); rg != "" && !strings.HasPrefix(rg, "bytes=0-") {
+		return 0
+	}
+	return rate
+}
 
 // Truncate makes the proxy cut responses for the object whose key ends in
 // key: each of the next times object GETs of it (every one while times is
@@ -295,6 +337,8 @@ type countingWriter struct {
 	flipAt  int64 // -1: serve the bytes as they are
 	truncAt int64 // -1: serve the whole body
 	length  int64 // the body's Content-Length, read at the first write; -1: not yet or unknown
+	trickle int64 // bytes a second; 0: as fast as the remote
+	head    bool  // a HEAD, counted in flight only
 	left    bool  // no longer counted in flight
 }
 
@@ -338,6 +382,9 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 		// The last bytes: the client may ask again as soon as it has them.
 		c.leave()
 	}
+	if c.trickle > 0 {
+		return c.trickleWrite(b)
+	}
 	n, err := c.ResponseWriter.Write(b)
 	c.n += int64(n)
 	c.p.objectBytes.Add(int64(n))
@@ -348,6 +395,26 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// trickleWrite sends b a tenth of the trickle rate every 100 ms, until
+// the client goes away.
+func (c *countingWriter) trickleWrite(b []byte) (int, error) {
+	step := max(c.trickle/10, 1)
+	sent := 0
+	for sent < len(b) {
+		k := min(int64(len(b)-sent), step)
+		n, err := c.ResponseWriter.Write(b[sent : sent+int(k)])
+		sent += n
+		c.n += int64(n)
+		c.p.objectBytes.Add(int64(n))
+		c.Flush()
+		if err != nil {
+			return sent, err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return sent, nil
 }
 
 // cut sends b, the last bytes before a Truncate point, and aborts the
