@@ -19,6 +19,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/admin"
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/csi"
+	"github.com/modelcache/modelcache/pkg/egress"
 	"github.com/modelcache/modelcache/pkg/fleet"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
@@ -51,6 +52,8 @@ type options struct {
 	verifyCredentials                            string
 	reverifyAfter                                time.Duration
 	allowEndpoints                               string
+	denyEndpoints                                string
+	hostIPs                                      string
 	holderImage                                  string
 	fleetWorkers                                 int
 	fleetPriorityClasses                         string
@@ -81,7 +84,9 @@ func main() {
 	flag.BoolVar(&o.requirePodInfo, "require-pod-info", true, "refuse publishes without kubelet's pod information (the CSIDriver's podInfoOnMount)")
 	flag.StringVar(&o.verifyCredentials, "verify-credentials", cache.VerifyIfNotRecorded, "when a cache hit checks the request's credentials against the remote (metadata only): IfNotRecorded, Always or Never")
 	flag.DurationVar(&o.reverifyAfter, "reverify-after", 0, "re-check recorded credentials after this long (0: never expire)")
-	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs that endpoints may resolve to although loopback, link-local or the node's own (e.g. an in-node MinIO)")
+	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs the node may connect to for tenants although another rule refuses them (loopback, link-local, cloud metadata, the node's own, --deny-endpoint), e.g. an in-node MinIO")
+	flag.StringVar(&o.denyEndpoints, "deny-endpoint", "", "comma-separated CIDRs or IPs the node never connects to for tenants, besides loopback, link-local, cloud metadata and its own addresses: e.g. the cluster's pod and service ranges")
+	flag.StringVar(&o.hostIPs, "host-ip", os.Getenv("HOST_IP"), "comma-separated addresses of this node (status.hostIP through the downward API, the default reads $HOST_IP) that tenants may not reach")
 	flag.StringVar(&o.minFree, "min-free", defaultMinFree, "space the cache filesystem keeps free: bytes or a percentage of its size; the default stays above kubelet's default eviction thresholds (nodefs.available<10%, imagefs.available<15%), so a full cache never puts the node into DiskPressure")
 	flag.StringVar(&o.holderImage, "holder-image", "", "image of CachedModel holder pods (default: the controller's own, read from its pod through POD_NAMESPACE and POD_NAME)")
 	flag.IntVar(&o.fleetWorkers, "cachedmodel-workers", 2, "CachedModels reconciled at once")
@@ -134,16 +139,20 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
-	allowed, err := source.ParseAllowedEndpoints(strings.Split(o.allowEndpoints, ","))
+	guard, err := egressGuard(o)
 	if err != nil {
-		return fmt.Errorf("--allow-endpoint: %w", err)
+		return err
 	}
+	// Everything this process dials through the default transport, it
+	// dials for a tenant.
+	egress.GuardDefaultTransport(guard)
+	defer guard.Close()
 	switch o.verifyCredentials {
 	case cache.VerifyAlways, cache.VerifyIfNotRecorded, cache.VerifyNever:
 	default:
 		return fmt.Errorf("--verify-credentials must be IfNotRecorded, Always or Never, not %q", o.verifyCredentials)
 	}
-	resolver := source.NewRclone(key, source.WithAllowedEndpoints(allowed))
+	resolver := source.NewRclone(key, source.WithEgress(guard))
 
 	var node *csi.Node
 	if withNode {
@@ -190,6 +199,24 @@ func run(o options) error {
 	// Mounts are left in place on exit: they are kernel bind mounts that
 	// pods keep using, and the next start finds them again (the "mounts survive restarts" invariant).
 	return csi.Serve(ctx, srv, l, 25*time.Second)
+}
+
+// egressGuard builds the rules every connection made for a tenant meets.
+func egressGuard(o options) (*egress.Guard, error) {
+	allow, err := egress.ParsePrefixes("--allow-endpoint", strings.Split(o.allowEndpoints, ","))
+	if err != nil {
+		return nil, err
+	}
+	deny, err := egress.ParsePrefixes("--deny-endpoint", strings.Split(o.denyEndpoints, ","))
+	if err != nil {
+		return nil, err
+	}
+	hosts, err := egress.ParseAddrs("--host-ip", strings.Split(o.hostIPs, ","))
+	if err != nil {
+		return nil, err
+	}
+	klog.InfoS("egress rules", "allow", allow, "deny", deny, "hostIPs", hosts)
+	return egress.New(egress.Policy{Allow: allow, Deny: deny, HostIPs: hosts}), nil
 }
 
 // clusterConfig is the API server's client configuration, or nil outside

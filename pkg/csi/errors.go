@@ -31,6 +31,8 @@ func publishError(uri string, err error) error {
 		return status.Errorf(codes.InvalidArgument, "%v", err)
 	case errors.Is(err, source.ErrNotFound):
 		return status.Errorf(codes.NotFound, "model %s was not found: %v; check the modelUri's bucket and path", uri, err)
+	case errors.Is(err, source.ErrRefused):
+		return status.Errorf(codes.PermissionDenied, "model %s: %v; nothing was kept. The node never connects for a tenant to itself, its cloud metadata service or ranges the operator denied, wherever a redirect or DNS answer leads", uri, err)
 	case errors.Is(err, source.ErrDenied):
 		return status.Errorf(codes.PermissionDenied, "the remote refused the credentials for %s: %v; check the node-publish secret grants read and list access", uri, err)
 	case errors.Is(err, source.ErrCorrupt):
@@ -67,6 +69,8 @@ func provisionError(uri string, err error) error {
 		return status.Errorf(codes.InvalidArgument, "model %s: %v", uri, err)
 	case errors.Is(err, source.ErrNotFound):
 		return status.Errorf(codes.NotFound, "model %s was not found with the provisioner secret: %v; check the StorageClass modelUri or the claim's %s annotation", uri, err, kube.AnnotationModelURI)
+	case errors.Is(err, source.ErrRefused):
+		return status.Errorf(codes.PermissionDenied, "model %s: %v", uri, err)
 	case errors.Is(err, source.ErrDenied):
 		return status.Errorf(codes.PermissionDenied, "the remote refused the provisioner secret for %s: %v; check the secret named by csi.storage.k8s.io/provisioner-secret-name grants list access, or remove it to skip the check", uri, err)
 	case errors.Is(err, source.ErrUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):

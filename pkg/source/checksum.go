@@ -76,7 +76,7 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 		// the checksum of such an object says anything checkable.
 		return Checksum{}, nil
 	}
-	ctx = requestConfig(ctx)
+	ctx = r.requestConfig(ctx)
 	f, _, err := r.backend(ctx)
 	if err != nil {
 		return Checksum{}, err
@@ -92,7 +92,7 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 	if err == nil || errors.Is(err, ErrChanged) {
 		return ck, err
 	}
-	if err = classify(op, err, r.secrets); errors.Is(err, ErrUnavailable) || errors.Is(err, ErrChanged) {
+	if err = r.classify(op, err); errors.Is(err, ErrUnavailable) || errors.Is(err, ErrChanged) || errors.Is(err, ErrRefused) {
 		return Checksum{}, err
 	}
 	// Not found (left to the GET to report), refused, or not understood

@@ -4,25 +4,25 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/modelcache/modelcache/pkg/egress"
 )
 
-// The endpoint guard keeps a tenant's endpoint from reaching the node
-// itself (the "tenant configuration cannot reach the node" invariant): an endpoint whose host is, or resolves to, a
-// loopback, link-local (cloud metadata), unspecified, multicast or node
-// address is refused unless an operator allowed that address.
-//
-// The check runs at Resolve time, before anything is contacted. rclone
-// resolves the host again when it connects, and follows redirects, so a
-// name whose DNS answer changes between the two lookups (DNS rebinding) or
-// a remote that redirects to a node address is not stopped here; that
-// residual risk needs a network policy on the node plugin's egress.
+// The endpoint check refuses, when a model is resolved, an endpoint whose
+// host is, or resolves to, an address the egress rules refuse (loopback,
+// link-local and cloud metadata, the node's own addresses, the operator's
+// --deny-endpoint ranges), unless an operator allowed it: bad input is
+// refused before anything connects. It is the early half of the "tenant
+// configuration cannot reach the node" invariant. The other half is
+// pkg/egress: every connection made for the model, to this endpoint or
+// wherever a redirect or a later DNS answer leads, is checked again when it
+// is made.
 
 // endpointLookupTimeout bounds the DNS lookups of one Resolve.
 const endpointLookupTimeout = 10 * time.Second
@@ -40,18 +40,20 @@ func (e endpoint) display() string {
 	return (&url.URL{Scheme: e.URL.Scheme, Host: e.URL.Host}).String()
 }
 
-// hostResolver is the part of net.Resolver the guard uses; tests inject a
-// fake so that no test touches the network.
-type hostResolver interface {
-	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
-}
-
 // Option configures an Rclone resolver.
 type Option func(*Rclone)
 
-// WithAllowedEndpoints lets endpoints through the endpoint guard when every
+// WithEgress makes every connection of the resolver's remotes go through g
+// (the node plugin passes its one Guard). Without it a resolver builds its
+// own from WithAllowedEndpoints.
+func WithEgress(g *egress.Guard) Option {
+	return func(r *Rclone) { r.guard = g }
+}
+
+// WithAllowedEndpoints lets endpoints through the egress rules when every
 // address they resolve to that would otherwise be refused lies in one of
-// prefixes (an in-cluster MinIO on the node's own address, say).
+// prefixes (an in-cluster MinIO on the node's own address, say). It is
+// ignored when WithEgress gives a Guard.
 func WithAllowedEndpoints(prefixes []netip.Prefix) Option {
 	return func(r *Rclone) {
 		r.allowed = append([]netip.Prefix(nil), prefixes...)
@@ -62,68 +64,11 @@ func WithAllowedEndpoints(prefixes []netip.Prefix) Option {
 // ("127.0.0.1/32", "fd00::/8") or single addresses ("10.0.0.5", "::1").
 // Empty entries are skipped.
 func ParseAllowedEndpoints(list []string) ([]netip.Prefix, error) {
-	var out []netip.Prefix
-	for _, s := range list {
-		s = strings.TrimSpace(s)
-		if s == "" {
-			continue
-		}
-		if strings.Contains(s, "/") {
-			p, err := netip.ParsePrefix(s)
-			if err != nil || p.Addr().Zone() != "" {
-				return nil, fmt.Errorf("%w: allowed endpoint %q is not an IP address or CIDR prefix (for example 10.0.0.5 or 127.0.0.1/32)", ErrInvalid, s)
-			}
-			if p.Addr().Is4In6() && p.Bits() >= 96 {
-				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-			}
-			out = append(out, p.Masked())
-			continue
-		}
-		a, err := netip.ParseAddr(s)
-		if err != nil || a.Zone() != "" {
-			return nil, fmt.Errorf("%w: allowed endpoint %q is not an IP address or CIDR prefix (for example 10.0.0.5 or 127.0.0.1/32)", ErrInvalid, s)
-		}
-		a = a.Unmap()
-		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	p, err := egress.ParsePrefixes("allowed endpoint", list)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	return out, nil
-}
-
-// metadataAddrs are cloud metadata services outside the link-local ranges.
-var metadataAddrs = []netip.Addr{
-	netip.MustParseAddr("fd00:ec2::254"),   // AWS instance metadata over IPv6
-	netip.MustParseAddr("100.100.100.200"), // Alibaba Cloud metadata
-}
-
-var (
-	thisNetwork = netip.MustParsePrefix("0.0.0.0/8") // "this host on this network": Linux connects it locally
-	broadcast   = netip.MustParseAddr("255.255.255.255")
-)
-
-// forbiddenReason says why a resolved address may not be an endpoint, or ""
-// when it may. The address is unmapped and without zone.
-func forbiddenReason(a netip.Addr, node []netip.Addr) string {
-	switch {
-	case a.IsUnspecified() || thisNetwork.Contains(a):
-		return "an unspecified address (%s), which reaches the node itself"
-	case a.IsLoopback():
-		return "a loopback address (%s), which reaches the node itself"
-	case a.IsLinkLocalUnicast():
-		return "a link-local address (%s), which could reach the node's metadata service"
-	case a.IsMulticast() || a == broadcast:
-		return "a multicast or broadcast address (%s)"
-	}
-	for _, m := range metadataAddrs {
-		if a == m {
-			return "a cloud metadata service address (%s), which could hand out the node's credentials"
-		}
-	}
-	for _, n := range node {
-		if a == n {
-			return "one of the node's own addresses (%s), which reaches services on the node"
-		}
-	}
-	return ""
+	return p, nil
 }
 
 var (
@@ -195,95 +140,36 @@ func (r *Rclone) checkEndpoints(ctx context.Context, eps []endpoint) error {
 	if len(eps) == 0 {
 		return nil
 	}
-	ifaces := r.interfaceAddrs
-	if ifaces == nil {
-		ifaces = net.InterfaceAddrs
-	}
-	addrs, err := ifaces()
-	if err != nil {
+	g := r.egress()
+	if err := g.NodeAddrsReadable(); err != nil {
 		return fmt.Errorf("%w: cannot read the node's own addresses to check the endpoint: %v", ErrUnavailable, err)
-	}
-	var node []netip.Addr
-	for _, a := range addrs {
-		var ip net.IP
-		switch v := a.(type) {
-		case *net.IPNet:
-			ip = v.IP
-		case *net.IPAddr:
-			ip = v.IP
-		}
-		if na, ok := netip.AddrFromSlice(ip); ok {
-			node = append(node, na.Unmap())
-		}
-	}
-	res := r.resolver
-	if res == nil {
-		res = net.DefaultResolver
 	}
 	ctx, cancel := context.WithTimeout(ctx, endpointLookupTimeout)
 	defer cancel()
 	for _, ep := range eps {
-		if err := r.checkEndpoint(ctx, res, ep, node); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (r *Rclone) checkEndpoint(ctx context.Context, res hostResolver, ep endpoint, node []netip.Addr) error {
-	host := ep.URL.Hostname()
-	verb := "resolves to"
-	var addrs []netip.Addr
-	name := strings.ToLower(strings.TrimSuffix(host, "."))
-	switch a, err := netip.ParseAddr(host); {
-	case err == nil:
-		verb = "is"
-		addrs = []netip.Addr{a}
-	case name == "localhost" || strings.HasSuffix(name, ".localhost"):
-		// RFC 6761: always the loopback interface, whatever DNS says.
-		addrs = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()}
-	default:
-		addrs, err = res.LookupNetIP(ctx, "ip", host)
-		if err == nil && len(addrs) == 0 {
-			err = errors.New("no addresses")
-		}
-		if err != nil {
+		_, err := g.Resolve(ctx, ep.URL.Hostname())
+		var refused *egress.RefusedError
+		var lookup *egress.LookupError
+		switch {
+		case errors.As(err, &refused):
+			verb := "resolves to"
+			if refused.Host == refused.Addr.String() {
+				verb = "is"
+			}
+			return fmt.Errorf("%w: endpoint %s (%s) %s %s, which the rule %s refuses: %s; an operator can allow it with --allow-endpoint",
+				ErrInvalid, ep.display(), ep.Key, verb, refused.Addr, refused.Rule, refused.Why)
+		case errors.As(err, &lookup):
 			// Retryable: a Service created a moment later resolves.
-			return fmt.Errorf("%w: cannot resolve endpoint %s (%s): %v", ErrUnavailable, ep.display(), ep.Key, lookupErrorText(err))
-		}
-	}
-	for _, a := range addrs {
-		a = a.WithZone("").Unmap()
-		if r.endpointAllowed(a) {
-			continue
-		}
-		if why := forbiddenReason(a, node); why != "" {
-			return fmt.Errorf("%w: endpoint %s (%s) %s %s; an operator can allow it with --allow-endpoint",
-				ErrInvalid, ep.display(), ep.Key, verb, fmt.Sprintf(why, a))
+			return fmt.Errorf("%w: cannot resolve endpoint %s (%s): %s", ErrUnavailable, ep.display(), ep.Key, lookupText(lookup))
+		case err != nil:
+			return fmt.Errorf("%w: checking endpoint %s (%s): %v", ErrUnavailable, ep.display(), ep.Key, err)
 		}
 	}
 	return nil
 }
 
-func (r *Rclone) endpointAllowed(a netip.Addr) bool {
-	for _, p := range r.allowed {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
-}
-
-// lookupErrorText keeps a DNS error short and free of resolver internals.
-func lookupErrorText(err error) string {
-	var dnsErr *net.DNSError
-	switch {
-	case errors.As(err, &dnsErr) && dnsErr.IsNotFound:
-		return "no such host"
-	case errors.As(err, &dnsErr) && dnsErr.IsTimeout:
-		return "DNS lookup timed out"
-	case errors.As(err, &dnsErr):
-		return "DNS lookup failed"
-	}
-	return err.Error()
+// lookupText is a lookup error without the host, which the caller names
+// with its secret key.
+func lookupText(e *egress.LookupError) string {
+	return strings.TrimPrefix(e.Error(), "cannot resolve "+e.Host+": ")
 }

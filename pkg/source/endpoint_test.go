@@ -139,26 +139,26 @@ func TestResolveEndpointGuard(t *testing.T) {
 		allow string // the allow-list entry that lets it through
 		why   string
 	}{
-		{"loopback", s3Remote, "http://127.0.0.1:9000", "127.0.0.1", "loopback address (127.0.0.1)"},
-		{"loopback elsewhere in 127/8", awsForm, "http://127.3.4.5", "127.0.0.0/8", "loopback address (127.3.4.5)"},
-		{"localhost", s3Remote, "http://localhost:9000", "127.0.0.1,::1", "loopback address"},
-		{"localhost subdomain", awsForm, "http://minio.localhost.:9000", "127.0.0.1,::1", "loopback address"},
-		{"IPv6 loopback", s3Remote, "http://[::1]:9000", "::1", "loopback address (::1)"},
-		{"metadata IP", s3Remote, "http://169.254.169.254", "169.254.169.254", "link-local address (169.254.169.254), which could reach the node's metadata service"},
-		{"metadata name", awsForm, "http://metadata.google.internal", "169.254.0.0/16", "resolves to a link-local address (169.254.169.254)"},
-		{"IPv6 link-local", s3Remote, "http://[fe80::a9fe:a9fe]", "fe80::/10", "link-local address (fe80::a9fe:a9fe)"},
-		{"IPv6 link-local with zone", s3Remote, "http://[fe80::1%25eth0]:80", "fe80::1", "link-local address (fe80::1)"},
-		{"AWS IPv6 metadata", awsForm, "http://imds6.example", "fd00:ec2::254", "metadata service address (fd00:ec2::254)"},
-		{"unspecified", s3Remote, "http://0.0.0.0:9000", "0.0.0.0", "unspecified address (0.0.0.0)"},
-		{"this network", awsForm, "http://zero.example", "0.0.0.0/8", "unspecified address (0.1.2.3)"},
-		{"IPv6 unspecified", s3Remote, "http://[::]:9000", "::", "unspecified address (::)"},
-		{"IPv4-mapped loopback", s3Remote, "http://[::ffff:127.0.0.1]", "127.0.0.1", "loopback address (127.0.0.1)"},
-		{"name resolving to mapped loopback", awsForm, "http://mapped.example", "127.0.0.1", "loopback address (127.0.0.1)"},
-		{"public and loopback", s3Remote, "http://mixed.example:9000", "127.0.0.1", "resolves to a loopback address (127.0.0.1)"},
-		{"node address", s3Remote, "http://" + nodeAddr + ":10250", nodeAddr, "node's own addresses (" + nodeAddr + ")"},
-		{"name of the node", awsForm, "http://node.example", nodeAddr + "/32", "node's own addresses"},
-		{"broadcast", awsForm, "http://255.255.255.255", "255.255.255.255", "multicast or broadcast"},
-		{"multicast", awsForm, "http://224.0.0.1", "224.0.0.0/4", "multicast or broadcast"},
+		{"loopback", s3Remote, "http://127.0.0.1:9000", "127.0.0.1", "127.0.0.1, which the rule loopback refuses"},
+		{"loopback elsewhere in 127/8", awsForm, "http://127.3.4.5", "127.0.0.0/8", "127.3.4.5, which the rule loopback refuses"},
+		{"localhost", s3Remote, "http://localhost:9000", "127.0.0.1,::1", "rule loopback"},
+		{"localhost subdomain", awsForm, "http://minio.localhost.:9000", "127.0.0.1,::1", "rule loopback"},
+		{"IPv6 loopback", s3Remote, "http://[::1]:9000", "::1", "is ::1, which the rule loopback refuses"},
+		{"metadata IP", s3Remote, "http://169.254.169.254", "169.254.169.254", "is 169.254.169.254, which the rule link-local refuses: it reaches the node's cloud metadata service"},
+		{"metadata name", awsForm, "http://metadata.google.internal", "169.254.0.0/16", "resolves to 169.254.169.254, which the rule link-local refuses"},
+		{"IPv6 link-local", s3Remote, "http://[fe80::a9fe:a9fe]", "fe80::/10", "fe80::a9fe:a9fe, which the rule link-local refuses"},
+		{"IPv6 link-local with zone", s3Remote, "http://[fe80::1%25eth0]:80", "fe80::1", "fe80::1, which the rule link-local refuses"},
+		{"AWS IPv6 metadata", awsForm, "http://imds6.example", "fd00:ec2::254", "fd00:ec2::254, which the rule cloud-metadata refuses"},
+		{"unspecified", s3Remote, "http://0.0.0.0:9000", "0.0.0.0", "0.0.0.0, which the rule unspecified refuses"},
+		{"this network", awsForm, "http://zero.example", "0.0.0.0/8", "0.1.2.3, which the rule unspecified refuses"},
+		{"IPv6 unspecified", s3Remote, "http://[::]:9000", "::", "::, which the rule unspecified refuses"},
+		{"IPv4-mapped loopback", s3Remote, "http://[::ffff:127.0.0.1]", "127.0.0.1", "127.0.0.1, which the rule loopback refuses"},
+		{"name resolving to mapped loopback", awsForm, "http://mapped.example", "127.0.0.1", "127.0.0.1, which the rule loopback refuses"},
+		{"public and loopback", s3Remote, "http://mixed.example:9000", "127.0.0.1", "resolves to 127.0.0.1, which the rule loopback refuses"},
+		{"node address", s3Remote, "http://" + nodeAddr + ":10250", nodeAddr, nodeAddr + ", which the rule node-address refuses"},
+		{"name of the node", awsForm, "http://node.example", nodeAddr + "/32", "rule node-address"},
+		{"broadcast", awsForm, "http://255.255.255.255", "255.255.255.255", "rule multicast"},
+		{"multicast", awsForm, "http://224.0.0.1", "224.0.0.0/4", "rule multicast"},
 		{"S3_ENDPOINT host", kserveForm, "169.254.169.254", "169.254.169.254", "link-local"},
 		{"https modelUri", httpsForm, "169.254.169.254", "169.254.169.254", "link-local"},
 		{"https modelUri name", httpsForm, "metadata.google.internal", "169.254.169.254", "link-local"},
@@ -331,7 +331,7 @@ func TestResolveRefusesRealInterfaceAddress(t *testing.T) {
 	ep := "http://" + netip.AddrPortFrom(own, 9000).String()
 	r := NewRclone([]byte("node key"))
 	_, err = r.Resolve(context.Background(), "mys3:bucket/m", minioSecret(ep, secretKeyID, secretAccessKey))
-	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "node's own addresses ("+own.String()+")") {
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), own.String()+", which the rule node-address refuses") {
 		t.Errorf("Resolve with endpoint %s (this machine) = %v, want ErrInvalid naming the node's address", ep, err)
 	}
 	r = NewRclone([]byte("node key"), WithAllowedEndpoints([]netip.Prefix{netip.PrefixFrom(own, own.BitLen())}))

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/modelcache/modelcache/pkg/egress"
 	"github.com/rclone/rclone/fs"
 	"google.golang.org/api/googleapi"
 )
@@ -21,7 +22,9 @@ var (
 	ErrUnavailable = errors.New("remote unavailable")                   // network, 5xx, timeouts: retryable
 	ErrUnsafePath  = errors.New("remote object key is not a safe path") // would escape the tree
 	ErrChanged     = errors.New("remote object changed during download")
-	ErrCorrupt     = errors.New("object corrupted in transfer") // bytes differ from the remote's checksum: retryable
+	ErrCorrupt     = errors.New("object corrupted in transfer")                  // bytes differ from the remote's checksum: retryable
+	ErrRefused     = errors.New("connection refused by the node's egress rules") // a redirect or DNS answer led to an address tenants may not reach
+	ErrTooLarge    = errors.New("model exceeds the node's limits")               // more files than --max-files
 )
 
 // kindError carries a message scrubbed of secrets and the kind it belongs to.
@@ -50,6 +53,10 @@ func classify(op string, err error, secrets map[string]string) error {
 		httpErr = googleStatus{gErr}
 	}
 	switch {
+	case errors.Is(err, egress.ErrRefused):
+		// A client dialling through the Guard itself (Go's default
+		// transport, which some of rclone's auth paths use).
+		kind = ErrRefused
 	case errors.Is(err, fs.ErrorObjectNotFound), errors.Is(err, fs.ErrorDirNotFound),
 		errors.Is(err, fs.ErrorNotAFile), errors.Is(err, fs.ErrorIsDir):
 		kind = ErrNotFound

@@ -2,6 +2,7 @@ package source
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -15,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/modelcache/modelcache/pkg/egress"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
 	"github.com/rclone/rclone/fs/hash"
@@ -57,11 +59,35 @@ type Resolver interface {
 // Rclone resolves models through rclone backends configured in memory.
 type Rclone struct {
 	fingerprintKey []byte
-	allowed        []netip.Prefix // addresses the endpoint guard lets through
+	maxFiles       int // files a model may have (WithMaxFiles)
 
-	// Injected by tests; nil means net.DefaultResolver and net.InterfaceAddrs.
-	resolver       hostResolver
+	guardOnce sync.Once
+	guard     *egress.Guard
+	// For the Guard built when WithEgress gives none. resolver and
+	// interfaceAddrs are injected by tests; nil means net.DefaultResolver
+	// and net.InterfaceAddrs.
+	allowed        []netip.Prefix
+	resolver       egress.Resolver
 	interfaceAddrs func() ([]net.Addr, error)
+}
+
+// egress is the Guard every connection of this resolver's remotes goes
+// through.
+func (r *Rclone) egress() *egress.Guard {
+	r.guardOnce.Do(func() {
+		if r.guard != nil {
+			return
+		}
+		var opts []egress.Option
+		if r.resolver != nil {
+			opts = append(opts, egress.WithResolver(r.resolver))
+		}
+		if r.interfaceAddrs != nil {
+			opts = append(opts, egress.WithInterfaceAddrs(r.interfaceAddrs))
+		}
+		r.guard = egress.New(egress.Policy{Allow: r.allowed}, opts...)
+	})
+	return r.guard
 }
 
 // NewRclone returns a Resolver. fingerprintKey is a node-local secret used to
@@ -96,8 +122,9 @@ func (r *Rclone) Resolve(ctx context.Context, uri string, secrets map[string]str
 		return nil, fmt.Errorf("%w: backend %q is not built in", ErrInvalid, cfg.Type)
 	}
 	remote := &rcloneRemote{
-		uri: u, cfg: cfg, info: info, secrets: secrets,
+		uri: u, cfg: cfg, info: info, secrets: secrets, maxFiles: r.maxFiles,
 		credID: credentialID(r.fingerprintKey, cfg),
+		guard:  r.egress(), egressID: newEgressID(),
 	}
 	if err := r.checkEndpoints(ctx, cfg.Endpoints); err != nil {
 		if !errors.Is(err, ErrUnavailable) {
@@ -120,14 +147,45 @@ func SourceKey(r Remote) string {
 }
 
 // requestConfig gives each request its own rclone settings instead of the
-// process-wide ones.
-func requestConfig(ctx context.Context) context.Context {
+// process-wide ones. Every connection the backend opens goes through the
+// egress proxy (see pkg/egress): rclone's HTTP transports take a proxy
+// from this configuration but no dialer.
+func (r *rcloneRemote) requestConfig(ctx context.Context) context.Context {
 	ctx, ci := fs.AddConfig(ctx)
 	// The listing time is enough for the content key; reading per-object
 	// metadata would cost one HEAD per file.
 	ci.UseServerModTime = true
 	ci.LowLevelRetries = 3
+	ci.HTTPProxy = r.proxyURL
 	return ctx
+}
+
+// newEgressID names one remote's connections at the egress proxy, so that
+// a refusal is reported to the request that caused it.
+func newEgressID() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (r *rcloneRemote) refused() *egress.RefusedError {
+	if r.guard == nil {
+		return nil
+	}
+	return r.guard.Refused(r.egressID)
+}
+
+// classify is the package's classify, except that an error after a
+// connection of this remote was refused is that refusal: the client's own
+// error (a SOCKS reply code) names neither the host nor the rule.
+func (r *rcloneRemote) classify(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if refused := r.refused(); refused != nil && !errors.Is(err, ErrRefused) {
+		return &kindError{kind: ErrRefused, msg: op + ": " + Scrub(refused.Error(), r.secrets)}
+	}
+	return classify(op, err, r.secrets)
 }
 
 type rcloneRemote struct {
@@ -136,6 +194,13 @@ type rcloneRemote struct {
 	info    *fs.RegInfo
 	secrets map[string]string
 	credID  string
+	// maxFiles bounds the listing (WithMaxFiles).
+	maxFiles int
+	// guard checks every connection; egressID names this remote's
+	// connections at its proxy, reached at proxyURL.
+	guard    *egress.Guard
+	egressID string
+	proxyURL string
 	// deferredCheck is the endpoint check Resolve could not finish.
 	deferredCheck func(ctx context.Context) error
 
@@ -193,7 +258,7 @@ func (r *rcloneRemote) build(ctx context.Context, l *lazyFs, opts configmap.Simp
 		file, err = path.Base(r.cfg.Root), nil
 	}
 	if err != nil {
-		return nil, "", classify(fmt.Sprintf("connecting to %s", r.uri), err, r.secrets)
+		return nil, "", r.classify(fmt.Sprintf("connecting to %s", r.uri), err)
 	}
 	l.f, l.file = f, file
 	return f, file, nil
@@ -229,7 +294,7 @@ func (r *rcloneRemote) Identity() string     { return r.cfg.Identity }
 func (r *rcloneRemote) CredentialID() string { return r.credID }
 
 func (r *rcloneRemote) List(ctx context.Context) (Manifest, error) {
-	ctx = requestConfig(ctx)
+	ctx = r.requestConfig(ctx)
 	f, file, err := r.backend(ctx)
 	if err != nil {
 		return nil, err
@@ -248,20 +313,30 @@ func (r *rcloneRemote) List(ctx context.Context) (Manifest, error) {
 	if file != "" {
 		o, err := f.NewObject(ctx, file)
 		if err != nil {
-			return nil, classify(fmt.Sprintf("reading %s", r.uri), err, r.secrets)
+			return nil, r.classify(fmt.Sprintf("reading %s", r.uri), err)
 		}
 		add(o)
 	} else {
+		// The walk stops past the limit: what a listing holds in memory
+		// (the manifest and rclone's objects) is bounded by --max-files,
+		// not by what the remote holds.
+		limit, n := maxFilesOr(r.maxFiles), 0
 		err := walk.ListR(ctx, f, "", true, -1, walk.ListObjects, func(entries fs.DirEntries) error {
 			for _, de := range entries {
 				if o, ok := de.(fs.Object); ok {
+					if n++; n > limit {
+						return errWalkStop
+					}
 					add(o)
 				}
 			}
 			return nil
 		})
+		if errors.Is(err, errWalkStop) {
+			return nil, tooManyFiles(r.uri, limit)
+		}
 		if err != nil {
-			return nil, classify(fmt.Sprintf("listing %s", r.uri), err, r.secrets)
+			return nil, r.classify(fmt.Sprintf("listing %s", r.uri), err)
 		}
 	}
 	if len(m) == 0 {
@@ -290,15 +365,15 @@ func (r *rcloneRemote) Open(ctx context.Context, e Entry) (io.ReadCloser, error)
 // listed version, also for an object without a checksum, whose bytes
 // nothing else could check.
 func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length int64) (io.ReadCloser, error) {
-	ctx = requestConfig(ctx)
+	ctx = r.requestConfig(ctx)
 	op := fmt.Sprintf("opening %s/%s bytes %d-%d", r.uri, e.Path, offset, offset+length-1)
 	o, err := r.takeRanged(ctx, e)
 	if err != nil {
-		return nil, classify(op, err, r.secrets)
+		return nil, r.classify(op, err)
 	}
 	rc, err := o.Open(ctx, &fs.RangeOption{Start: offset, End: offset + length - 1})
 	if err != nil {
-		return nil, classify(op, err, r.secrets)
+		return nil, r.classify(op, err)
 	}
 	if err := r.sameAsListed(ctx, o, e); err != nil {
 		rc.Close()
@@ -307,7 +382,7 @@ func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length in
 	r.mu.Lock()
 	r.ranged[e.Path] = append(r.ranged[e.Path], o)
 	r.mu.Unlock()
-	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), secrets: r.secrets}, nil
+	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r}, nil
 }
 
 // takeRanged returns an object of e's path that no other read uses: a
@@ -365,7 +440,7 @@ func (r *rcloneRemote) sameAs(e Entry, size int64, t time.Time, md5 string) erro
 }
 
 func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (io.ReadCloser, error) {
-	ctx = requestConfig(ctx)
+	ctx = r.requestConfig(ctx)
 	f, _, err := r.backend(ctx)
 	if err != nil {
 		return nil, err
@@ -375,14 +450,14 @@ func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOpti
 	r.mu.Unlock()
 	if o == nil {
 		if o, err = f.NewObject(ctx, e.Path); err != nil {
-			return nil, classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err, r.secrets)
+			return nil, r.classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err)
 		}
 	}
 	rc, err := o.Open(ctx, options...)
 	if err != nil {
-		return nil, classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err, r.secrets)
+		return nil, r.classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err)
 	}
-	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), secrets: r.secrets}, nil
+	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r}, nil
 }
 
 // verifyParallelism bounds the metadata requests one Verify has in flight.
@@ -398,7 +473,7 @@ func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
 			return err
 		}
 	}
-	ctx = requestConfig(ctx)
+	ctx = r.requestConfig(ctx)
 	f, file, err := r.metadataBackend(ctx)
 	if err != nil {
 		return err
@@ -407,7 +482,7 @@ func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
 		// rclone also takes the root for an object when it may neither
 		// stat nor list it: ask for the object to tell the two apart.
 		if _, err := f.NewObject(ctx, file); err != nil {
-			return classify(fmt.Sprintf("checking %s", r.uri), err, r.secrets)
+			return r.classify(fmt.Sprintf("checking %s", r.uri), err)
 		}
 		return fmt.Errorf("%w: %s now names a single object, not the %d cached entries", ErrChanged, r.uri, len(m))
 	}
@@ -424,7 +499,7 @@ func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
 	}
 	if err := ctx.Err(); err != nil {
 		// Cancelled before every entry was checked.
-		return classify(fmt.Sprintf("checking %s", r.uri), err, r.secrets)
+		return r.classify(fmt.Sprintf("checking %s", r.uri), err)
 	}
 	return nil
 }
@@ -434,11 +509,11 @@ func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
 func (r *rcloneRemote) verifyEntry(ctx context.Context, f fs.Fs, e Entry) error {
 	op := fmt.Sprintf("checking %s/%s", r.uri, e.Path)
 	if err := ctx.Err(); err != nil {
-		return classify(op, err, r.secrets)
+		return r.classify(op, err)
 	}
 	o, err := f.NewObject(ctx, e.Path)
 	if err != nil {
-		return classify(op, err, r.secrets)
+		return r.classify(op, err)
 	}
 	if size := o.Size(); size != e.Size {
 		return fmt.Errorf("%w: %s/%s is %d bytes at the remote, the cached copy %d", ErrChanged, r.uri, e.Path, size, e.Size)
@@ -446,7 +521,7 @@ func (r *rcloneRemote) verifyEntry(ctx context.Context, f fs.Fs, e Entry) error 
 	if e.Hash != "" && f.Hashes().Contains(hash.MD5) {
 		h, err := o.Hash(ctx, hash.MD5)
 		if err != nil {
-			return classify(op, err, r.secrets)
+			return r.classify(op, err)
 		}
 		if h != "" && !strings.EqualFold(h, e.Hash) {
 			return fmt.Errorf("%w: %s/%s has checksum %s at the remote, the cached copy %s", ErrChanged, r.uri, e.Path, h, e.Hash)
@@ -457,15 +532,15 @@ func (r *rcloneRemote) verifyEntry(ctx context.Context, f fs.Fs, e Entry) error 
 
 // classifyingReader keeps mid-stream errors (a reset connection) classified and scrubbed.
 type classifyingReader struct {
-	rc      io.ReadCloser
-	op      string
-	secrets map[string]string
+	rc     io.ReadCloser
+	op     string
+	remote *rcloneRemote
 }
 
 func (c *classifyingReader) Read(p []byte) (int, error) {
 	n, err := c.rc.Read(p)
 	if err != nil && err != io.EOF {
-		err = classify(c.op, err, c.secrets)
+		err = c.remote.classify(c.op, err)
 	}
 	return n, err
 }
