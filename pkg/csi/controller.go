@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -22,6 +25,14 @@ const (
 	pvcNameKey      = "csi.storage.k8s.io/pvc/name"
 	pvcNamespaceKey = "csi.storage.k8s.io/pvc/namespace"
 )
+
+// ParamAllowedModelURIPrefixes is the StorageClass parameter that lets
+// claims name their own model: comma-separated modelUris under which a
+// claim's model-uri annotation must fall, on whole path segments. Without
+// it a claim cannot change the class's model: the class's node-publish
+// secret may be shared platform credentials, and a claim choosing the
+// model would read anything they reach.
+const ParamAllowedModelURIPrefixes = "allowedModelUriPrefixes"
 
 // ClaimReader reads the modelcache annotations of a PVC (pkg/kube).
 type ClaimReader interface {
@@ -145,12 +156,17 @@ func createResponse(v state.Volume) *csi.CreateVolumeResponse {
 
 // modelRef works out the model a claim names: the StorageClass parameters,
 // overridden by the claim's annotations when the provisioner passes the
-// claim's name and namespace.
+// claim's name and namespace, as far as the class allows.
 func (c *Controller) modelRef(ctx context.Context, params map[string]string) (modelRef, error) {
 	class := make(map[string]string, len(params))
 	for k, v := range params {
 		class[k] = v
 	}
+	allowed, err := allowedPrefixes(class)
+	if err != nil {
+		return modelRef{}, status.Errorf(codes.InvalidArgument, "%v", err)
+	}
+	delete(class, ParamAllowedModelURIPrefixes)
 	pvcName, pvcNS := params[pvcNameKey], params[pvcNamespaceKey]
 	if pvcName != "" && pvcNS != "" && c.Claims != nil {
 		ann, err := c.Claims.Annotations(ctx, pvcNS, pvcName)
@@ -163,10 +179,13 @@ func (c *Controller) modelRef(ctx context.Context, params map[string]string) (mo
 		if err := checkClaimAnnotations(ann); err != nil {
 			return modelRef{}, status.Errorf(codes.InvalidArgument, "claim %s/%s: %v", pvcNS, pvcName, err)
 		}
+		if err := checkOverride(class, ann, allowed); err != nil {
+			return modelRef{}, status.Errorf(codes.InvalidArgument, "claim %s/%s: %v", pvcNS, pvcName, err)
+		}
 		overrideFromClaim(class, ann)
 	}
 	if class[AttrModelURI] == "" {
-		return modelRef{}, status.Errorf(codes.InvalidArgument, "no model named: set the StorageClass parameter %s, or annotate the claim with %s and run the external-provisioner with --extra-create-metadata", AttrModelURI, kube.AnnotationModelURI)
+		return modelRef{}, status.Errorf(codes.InvalidArgument, "no model named: set the StorageClass parameter %s, or annotate the claim with %s, list the prefixes claims may choose from in the StorageClass parameter %s and run the external-provisioner with --extra-create-metadata", AttrModelURI, kube.AnnotationModelURI, ParamAllowedModelURIPrefixes)
 	}
 	ref, err := parseModelRef(class, "StorageClass parameter")
 	if err != nil {
@@ -184,14 +203,74 @@ func checkClaimAnnotations(ann map[string]string) error {
 	})
 }
 
-// overrideFromClaim applies a claim's annotations over the class parameters.
-// A class digest pins the class's model; a claim naming another model drops
-// it unless the claim pins its own.
+// allowedPrefixes parses the class's ParamAllowedModelURIPrefixes: nil
+// when the class does not set it, so no claim may choose the model.
+func allowedPrefixes(class map[string]string) ([]source.URI, error) {
+	v, ok := class[ParamAllowedModelURIPrefixes]
+	if !ok {
+		return nil, nil
+	}
+	var out []source.URI
+	for _, s := range strings.Split(v, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		u, err := source.ParseURI(s)
+		if err != nil {
+			return nil, fmt.Errorf("StorageClass parameter %s: %w", ParamAllowedModelURIPrefixes, err)
+		}
+		out = append(out, u)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("StorageClass parameter %s is empty: list the modelUri prefixes claims may choose models under, comma-separated (e.g. \"mys3:models/team-a,s3://public-models\"), or remove it so claims cannot choose", ParamAllowedModelURIPrefixes)
+	}
+	return out, nil
+}
+
+// checkOverride refuses a claim's annotations that would take the volume
+// beyond what its class allows: a model outside the class's allowed
+// prefixes, or any model or digest that drops the class's digest pin. A
+// pin names the class model's content; a claim may name another URI only
+// for that same content, by pinning the same digest.
+func checkOverride(class, ann map[string]string, allowed []source.URI) error {
+	classPin := class[AttrDigest]
+	if d := ann[kube.AnnotationDigest]; d != "" && classPin != "" && d != classPin {
+		return fmt.Errorf("annotation %s is %s, but the StorageClass pins %s: remove the annotation, or use a StorageClass without a digest pin", kube.AnnotationDigest, d, classPin)
+	}
+	uri := ann[kube.AnnotationModelURI]
+	if uri == "" {
+		return nil
+	}
+	// Checked by checkClaimAnnotations before.
+	want, err := source.ParseURI(uri)
+	if err != nil {
+		return fmt.Errorf("annotation %s: %w", kube.AnnotationModelURI, err)
+	}
+	if cu, err := source.ParseURI(class[AttrModelURI]); err == nil && cu.String() == want.String() {
+		return nil // the class's own model: nothing is overridden
+	}
+	if allowed == nil {
+		return fmt.Errorf("annotation %s names model %s, but its StorageClass does not let claims choose the model: remove the annotation, or ask the cluster administrator to list allowed modelUri prefixes in the StorageClass parameter %s", kube.AnnotationModelURI, want, ParamAllowedModelURIPrefixes)
+	}
+	if !slices.ContainsFunc(allowed, want.Within) {
+		names := make([]string, len(allowed))
+		for i, a := range allowed {
+			names[i] = a.String()
+		}
+		return fmt.Errorf("annotation %s names model %s, which is not under the prefixes its StorageClass allows (%s): name a model under one of them", kube.AnnotationModelURI, want, strings.Join(names, ", "))
+	}
+	if classPin != "" && ann[kube.AnnotationDigest] != classPin {
+		return fmt.Errorf("annotation %s names model %s, but the StorageClass pins digest %s: another model would never match it; annotate %s with that digest if %s holds the same content, or use a StorageClass without a digest pin", kube.AnnotationModelURI, want, classPin, kube.AnnotationDigest, want)
+	}
+	return nil
+}
+
+// overrideFromClaim applies a claim's annotations, checked by
+// checkOverride, over the class parameters. The class's digest pin stays:
+// checkOverride let through only annotations that keep it.
 func overrideFromClaim(params, ann map[string]string) {
 	if uri := ann[kube.AnnotationModelURI]; uri != "" {
-		if uri != params[AttrModelURI] {
-			delete(params, AttrDigest)
-		}
 		params[AttrModelURI] = uri
 	}
 	if p := ann[kube.AnnotationPullPolicy]; p != "" {
@@ -259,7 +338,12 @@ func (c *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.Vali
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
-	if err := checkModelAttrs(req.GetParameters(), "StorageClass parameter"); err != nil {
+	params := maps.Clone(req.GetParameters())
+	if _, err := allowedPrefixes(params); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
+	delete(params, ParamAllowedModelURIPrefixes)
+	if err := checkModelAttrs(params, "StorageClass parameter"); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
 	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{

@@ -227,22 +227,22 @@ func TestCreateVolumeModelFromClassAndClaim(t *testing.T) {
 			want:  map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullAlways, AttrDigest: pinA},
 		},
 		{
-			name:  "annotation overrides the class model",
-			class: map[string]string{AttrModelURI: testURI},
+			name:  "annotation overrides the class model under an allowed prefix",
+			class: map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "mys3:models"},
 			ann:   map[string]string{kube.AnnotationModelURI: otherURI},
 			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullIfNotPresent},
 		},
 		{
-			name:  "annotation naming another model drops the class digest",
-			class: map[string]string{AttrModelURI: testURI, AttrDigest: pinA},
+			name:  "annotation names a model equal to an allowed prefix, among several",
+			class: map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "s3://public, mys3:models/resnet ,gs://x"},
 			ann:   map[string]string{kube.AnnotationModelURI: otherURI},
 			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullIfNotPresent},
 		},
 		{
-			name:  "annotation naming another model keeps its own pin",
-			class: map[string]string{AttrModelURI: testURI, AttrDigest: pinA},
-			ann:   map[string]string{kube.AnnotationModelURI: otherURI, kube.AnnotationDigest: pinB},
-			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullIfNotPresent, AttrDigest: pinB},
+			name:  "annotation naming another model with the class's pin keeps it",
+			class: map[string]string{AttrModelURI: testURI, AttrDigest: pinA, ParamAllowedModelURIPrefixes: "mys3:models"},
+			ann:   map[string]string{kube.AnnotationModelURI: otherURI, kube.AnnotationDigest: pinA},
+			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullIfNotPresent, AttrDigest: pinA},
 		},
 		{
 			name:  "annotation naming the class model keeps the class digest",
@@ -251,16 +251,22 @@ func TestCreateVolumeModelFromClassAndClaim(t *testing.T) {
 			want:  map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullIfNotPresent, AttrDigest: pinA},
 		},
 		{
+			name:  "annotation naming the class model in another spelling needs no prefix",
+			class: map[string]string{AttrModelURI: testURI},
+			ann:   map[string]string{kube.AnnotationModelURI: "mys3:/" + strings.TrimPrefix(testURI, "mys3:") + "/"},
+			want:  map[string]string{AttrModelURI: "mys3:/" + strings.TrimPrefix(testURI, "mys3:") + "/", AttrPullPolicy: PullIfNotPresent},
+		},
+		{
 			name:  "annotation digest alone pins the class model",
 			class: map[string]string{AttrModelURI: testURI},
 			ann:   map[string]string{kube.AnnotationDigest: pinB},
 			want:  map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullIfNotPresent, AttrDigest: pinB},
 		},
 		{
-			name:  "annotation digest replaces the class digest",
+			name:  "annotation digest equal to the class digest",
 			class: map[string]string{AttrModelURI: testURI, AttrDigest: pinA},
-			ann:   map[string]string{kube.AnnotationDigest: pinB},
-			want:  map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullIfNotPresent, AttrDigest: pinB},
+			ann:   map[string]string{kube.AnnotationDigest: pinA},
+			want:  map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullIfNotPresent, AttrDigest: pinA},
 		},
 		{
 			name:  "pull-policy annotation overrides the class",
@@ -270,21 +276,15 @@ func TestCreateVolumeModelFromClassAndClaim(t *testing.T) {
 		},
 		{
 			name:  "class pull policy kept without the annotation",
-			class: map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullNever},
+			class: map[string]string{AttrModelURI: testURI, AttrPullPolicy: PullNever, ParamAllowedModelURIPrefixes: "mys3:models"},
 			ann:   map[string]string{kube.AnnotationModelURI: otherURI},
 			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullNever},
 		},
 		{
-			name:  "no class model, annotation names it",
-			class: map[string]string{},
+			name:  "no class model, annotation names it under an allowed prefix",
+			class: map[string]string{ParamAllowedModelURIPrefixes: "mys3:models"},
 			ann:   map[string]string{kube.AnnotationModelURI: otherURI, kube.AnnotationPullPolicy: PullAlways, kube.AnnotationDigest: pinB},
 			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullAlways, AttrDigest: pinB},
-		},
-		{
-			name:  "nil class parameters, annotation names the model",
-			class: nil,
-			ann:   map[string]string{kube.AnnotationModelURI: otherURI},
-			want:  map[string]string{AttrModelURI: otherURI, AttrPullPolicy: PullIfNotPresent},
 		},
 		{
 			name:  "empty annotations are ignored",
@@ -339,6 +339,83 @@ func TestCreateVolumeModelFromClassAndClaim(t *testing.T) {
 			if !maps.Equal(rec.Context, tc.want) || rec.Name != "pvc-precedence" {
 				t.Errorf("record = %+v, want context %v", rec, tc.want)
 			}
+		})
+	}
+}
+
+// A claim chooses its model only under the prefixes its StorageClass lists,
+// and never drops the class's digest pin; everything else is
+// INVALID_ARGUMENT before the remote is contacted, saying what to change.
+func TestCreateVolumeClaimOverrideRefused(t *testing.T) {
+	tests := []struct {
+		name  string
+		class map[string]string
+		ann   map[string]string
+		hints []string
+	}{
+		{"class without allowed prefixes",
+			map[string]string{AttrModelURI: testURI},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{claimNS + "/" + claimName, kube.AnnotationModelURI, otherURI, "does not let claims choose", ParamAllowedModelURIPrefixes}},
+		{"class without model or allowed prefixes",
+			map[string]string{},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{"does not let claims choose", ParamAllowedModelURIPrefixes}},
+		{"class with a pull policy only",
+			map[string]string{AttrPullPolicy: PullAlways},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{"does not let claims choose", ParamAllowedModelURIPrefixes}},
+		{"model beside the prefix, not under it",
+			map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "mys3:models/res"},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{otherURI, "not under the prefixes", "mys3:models/res"}},
+		{"model above the prefix",
+			map[string]string{AttrModelURI: otherURI, ParamAllowedModelURIPrefixes: "mys3:models/iris/v1"},
+			map[string]string{kube.AnnotationModelURI: testURI},
+			[]string{"not under the prefixes"}},
+		{"model on another remote",
+			map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "mys3:models"},
+			map[string]string{kube.AnnotationModelURI: "platform:models/resnet"},
+			[]string{"not under the prefixes"}},
+		{"model on another scheme",
+			map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "mys3:models"},
+			map[string]string{kube.AnnotationModelURI: "s3://models/resnet"},
+			[]string{"not under the prefixes"}},
+		{"model of another bucket sharing the name's start",
+			map[string]string{AttrModelURI: "s3://models/iris", ParamAllowedModelURIPrefixes: "s3://models"},
+			map[string]string{kube.AnnotationModelURI: "s3://models-private/keys"},
+			[]string{"not under the prefixes"}},
+		{"another model of a pinned class",
+			map[string]string{AttrModelURI: testURI, AttrDigest: pinA, ParamAllowedModelURIPrefixes: "mys3:models"},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{"pins digest " + pinA, kube.AnnotationDigest}},
+		{"another model and another pin of a pinned class",
+			map[string]string{AttrModelURI: testURI, AttrDigest: pinA, ParamAllowedModelURIPrefixes: "mys3:models"},
+			map[string]string{kube.AnnotationModelURI: otherURI, kube.AnnotationDigest: pinB},
+			[]string{kube.AnnotationDigest, pinB, "pins " + pinA}},
+		{"another pin of a pinned class",
+			map[string]string{AttrModelURI: testURI, AttrDigest: pinA},
+			map[string]string{kube.AnnotationDigest: pinB},
+			[]string{kube.AnnotationDigest, pinB, "pins " + pinA}},
+		{"allowed prefix that is not a modelUri",
+			map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "mys3:models/../secrets"},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{"StorageClass parameter " + ParamAllowedModelURIPrefixes, ".."}},
+		{"allowed prefixes empty",
+			map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: " , "},
+			map[string]string{kube.AnnotationModelURI: otherURI},
+			[]string{ParamAllowedModelURIPrefixes, "is empty"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			claims, _ := claimsFor(newPVC(claimNS, claimName, tc.ann))
+			h := newCtrlHarness(t, claims)
+			req := createReq("pvc-override", withClaim(tc.class, claimNS, claimName))
+			req.Secrets = provisionerSecrets()
+			_, err := h.ctrl.CreateVolume(ctrlCtx(t), req)
+			wantCtrlCode(t, err, codes.InvalidArgument, tc.hints...)
+			h.wantNoVolume(t, "pvc-override")
+			h.wantRemoteUnused(t)
 		})
 	}
 }
@@ -784,7 +861,7 @@ func TestCreateVolumeRemoteErrors(t *testing.T) {
 
 func TestCreateVolumeIdempotent(t *testing.T) {
 	size := sourcetest.SizeOf(irisFiles())
-	claims, _ := claimsFor(newPVC(claimNS, claimName, map[string]string{kube.AnnotationModelURI: otherURI}))
+	claims, _ := claimsFor(newPVC(claimNS, claimName, map[string]string{kube.AnnotationModelURI: otherURI, kube.AnnotationDigest: pinA}))
 	h := newCtrlHarness(t, claims)
 
 	first := createReq("pvc-idem", map[string]string{AttrModelURI: testURI, AttrDigest: pinA})
@@ -835,6 +912,7 @@ func TestCreateVolumeIdempotent(t *testing.T) {
 		{"pin removed", func(r *csi.CreateVolumeRequest) { delete(r.Parameters, AttrDigest) }},
 		{"claim annotation names another model", func(r *csi.CreateVolumeRequest) {
 			r.Parameters = withClaim(r.Parameters, claimNS, claimName)
+			r.Parameters[ParamAllowedModelURIPrefixes] = "mys3:models"
 		}},
 		{"recorded capacity above the new limit", func(r *csi.CreateVolumeRequest) {
 			r.CapacityRange = &csi.CapacityRange{LimitBytes: size - 1}
@@ -1163,6 +1241,8 @@ func TestValidateVolumeCapabilitiesUnknownParameterWithoutModel(t *testing.T) {
 		{"modelURI": testURI},
 		{AttrPullPolicy: "Sometimes"},
 		{AttrDigest: "sha256:abc"},
+		{ParamAllowedModelURIPrefixes: "mys3:models/../x"},
+		{ParamAllowedModelURIPrefixes: ""},
 	} {
 		resp, err := h.ctrl.ValidateVolumeCapabilities(ctrlCtx(t), &csi.ValidateVolumeCapabilitiesRequest{
 			VolumeId:           v.GetVolumeId(),
@@ -1175,6 +1255,15 @@ func TestValidateVolumeCapabilitiesUnknownParameterWithoutModel(t *testing.T) {
 		if resp.GetConfirmed() != nil {
 			t.Errorf("parameters %v confirmed; CreateVolume refuses them", params)
 		}
+	}
+	params := map[string]string{ParamAllowedModelURIPrefixes: "mys3:models,s3://public"}
+	resp, err := h.ctrl.ValidateVolumeCapabilities(ctrlCtx(t), &csi.ValidateVolumeCapabilitiesRequest{
+		VolumeId:           v.GetVolumeId(),
+		VolumeCapabilities: []*csi.VolumeCapability{mountCapability(csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)},
+		Parameters:         params,
+	})
+	if err != nil || resp.GetConfirmed() == nil {
+		t.Errorf("parameters %v not confirmed: %v, %v; CreateVolume accepts them", params, resp.GetMessage(), err)
 	}
 }
 
@@ -1203,7 +1292,7 @@ func TestControllerSecretsStayInMemory(t *testing.T) {
 
 	requests := []*csi.CreateVolumeRequest{
 		createReq("pvc-ok", map[string]string{AttrModelURI: testURI}),
-		createReq("pvc-claim", withClaim(map[string]string{AttrModelURI: testURI}, claimNS, claimName)),
+		createReq("pvc-claim", withClaim(map[string]string{AttrModelURI: testURI, ParamAllowedModelURIPrefixes: "mys3:models"}, claimNS, claimName)),
 		createReq("pvc-missing-model", map[string]string{AttrModelURI: "mys3:models/missing"}),
 		createReq("pvc-bad-param", map[string]string{AttrModelURI: testURI, "secretKey": ctrlSecretValue}),
 		createReq("pvc-ok", map[string]string{AttrModelURI: otherURI}), // ALREADY_EXISTS

@@ -17,7 +17,9 @@ import (
 )
 
 // PVC annotations that name the model for one claim, overriding the
-// StorageClass parameters of the same meaning.
+// StorageClass parameters of the same meaning as far as the StorageClass
+// allows: a model only under its allowedModelUriPrefixes, a digest only
+// where it pins none (pkg/csi decides).
 const (
 	AnnotationModelURI   = "modelcache.csi.dev/model-uri"
 	AnnotationPullPolicy = "modelcache.csi.dev/pull-policy"

@@ -47,6 +47,30 @@ func (u URI) String() string {
 	}
 }
 
+// Within reports whether u names prefix or something under it, on whole
+// path segments ("mys3:models/a" holds "mys3:models/a/b", not
+// "mys3:models/ab"), compared as the node would reach them: remote names as
+// the secret keys they read ("my-s3" and "MY_S3" are one remote), hosts
+// without case or the default port. Both come from ParseURI, so neither
+// holds "..", empty segments or another spelling of the scheme.
+func (u URI) Within(prefix URI) bool {
+	if u.Scheme != prefix.Scheme || u.reachKey() != prefix.reachKey() {
+		return false
+	}
+	return u.Path == prefix.Path || strings.HasPrefix(u.Path, prefix.Path+"/")
+}
+
+// reachKey is the part of a URI before its path, as the node resolves it.
+func (u URI) reachKey() string {
+	switch u.Scheme {
+	case SchemeRemote:
+		return strings.ToUpper(strings.ReplaceAll(u.Remote, "-", "_"))
+	case SchemeHTTPS:
+		return strings.TrimSuffix(strings.ToLower(u.Host), ":443")
+	}
+	return ""
+}
+
 var (
 	remoteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
 	hostPort   = regexp.MustCompile(`^[A-Za-z0-9.-]+(:[0-9]{1,5})?$`)

@@ -185,3 +185,49 @@ func TestURIStringPerScheme(t *testing.T) {
 		}
 	}
 }
+
+// TestURIWithin: a prefix holds only what is under it on whole segments,
+// compared as the node reaches it.
+func TestURIWithin(t *testing.T) {
+	tests := []struct {
+		uri, prefix string
+		want        bool
+	}{
+		{"mys3:models/a", "mys3:models/a", true},
+		{"mys3:models/a/b", "mys3:models/a", true},
+		{"mys3:models/a/b/c.bin", "mys3:models", true},
+		{"mys3:/models/a/", "mys3:models/a", true},
+		{"MYS3:models/a/b", "mys3:models/a", true},
+		{"my_s3:models/a/b", "my-s3:models/a", true},
+		{"mys3:models/ab", "mys3:models/a", false},
+		{"mys3:models/a.bak", "mys3:models/a", false},
+		{"mys3:models", "mys3:models/a", false},
+		{"mys3:Models/a", "mys3:models/a", false},
+		{"mys3eu:models/a", "mys3:models/a", false},
+		{"other:models/a", "mys3:models/a", false},
+		{"s3://models/a", "mys3:models/a", false},
+		{"s3://models/a/x", "s3://models/a", true},
+		{"gs://models/a/x", "s3://models/a", false},
+		{"s3://models-private/x", "s3://models", false},
+		{"https://Models.Example.com/m/x", "https://models.example.com/m", true},
+		{"https://models.example.com:443/m/x", "https://models.example.com/m", true},
+		{"https://models.example.com:8443/m/x", "https://models.example.com/m", false},
+		{"https://models.example.com.evil.io/m/x", "https://models.example.com/m", false},
+		{"https://models.example.com/mx", "https://models.example.com/m", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.uri+" in "+tc.prefix, func(t *testing.T) {
+			u, err := ParseURI(tc.uri)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := ParseURI(tc.prefix)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := u.Within(p); got != tc.want {
+				t.Errorf("%q.Within(%q) = %v, want %v", tc.uri, tc.prefix, got, tc.want)
+			}
+		})
+	}
+}

@@ -2,7 +2,11 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,6 +15,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 const gib = int64(1) << 30
@@ -242,4 +248,97 @@ func TestStaticPV_HandWrittenHandle_SharesInlineTree_RealMinIO(t *testing.T) {
 	}
 	e.mustUnpublish("llama-3-8b-static", e.target("pod-static"))
 	e.mustUnpublish("inline-vol", e.target("pod-inline"))
+}
+
+// claimServer stands in for the API server's one answer the controller
+// needs: GET of the claim "serving/models" the provisioner names, with the
+// given annotations. Everything else is 404, as for objects that do not
+// exist. It returns a kubeconfig file for --kubeconfig.
+func claimServer(t *testing.T, dir string, annotations map[string]string) string {
+	t.Helper()
+	pvc := corev1.PersistentVolumeClaim{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "PersistentVolumeClaim"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "serving", Name: "models", Annotations: annotations},
+	}
+	body, err := json.Marshal(pvc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.Method == http.MethodGet && r.URL.Path == "/api/v1/namespaces/serving/persistentvolumeclaims/models" {
+			_, _ = w.Write(body)
+			return
+		}
+		w.WriteHeader(http.StatusNotFound)
+		_ = json.NewEncoder(w).Encode(metav1.Status{
+			TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Status"},
+			Status:   metav1.StatusFailure, Reason: metav1.StatusReasonNotFound, Code: http.StatusNotFound,
+		})
+	}))
+	t.Cleanup(srv.Close)
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	cfg := fmt.Sprintf("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: %q}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\nusers:\n- name: u\n  user: {}\ncurrent-context: c\n", srv.URL)
+	if err := os.WriteFile(kubeconfig, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return kubeconfig
+}
+
+// A claim annotated with another model than its StorageClass's: refused
+// while the class lists no allowed prefixes (the class's provisioner and
+// node-publish secrets are the platform's), refused outside the prefixes
+// and under a digest pin, and provisioned and published when the class
+// allows it. The controller reads the annotation through client-go, as in
+// a cluster; the remote is the real MinIO.
+func TestPVC_ClaimOverride_OnlyWhereTheStorageClassAllows_RealMinIO(t *testing.T) {
+	e := newEnv(t)
+	classFiles := randomModel(24, map[string]int{"w.bin": 1 << 20})
+	claimFiles := randomModel(25, map[string]int{"private.bin": 2 << 20, "config.json": 300})
+	e.upload("shared/m", classFiles)
+	e.upload("team-a/m", claimFiles)
+	classURI := "mys3:" + e.bucket + "/shared/m"
+	claimURI := "mys3:" + e.bucket + "/team-a/m"
+	e.driver.Stop()
+	e.start("--mode=all", "--kubeconfig="+claimServer(t, e.dir, map[string]string{"modelcache.csi.dev/model-uri": claimURI}),
+		"--holder-image=example.invalid/holder:test")
+
+	refused := []struct {
+		name   string
+		params map[string]string
+		msg    string
+	}{
+		{"class without allowed prefixes", map[string]string{"modelUri": classURI}, "allowedModelUriPrefixes"},
+		{"class allowing a sibling prefix", map[string]string{"modelUri": classURI, "allowedModelUriPrefixes": "mys3:" + e.bucket + "/team"}, "not under the prefixes"},
+		{"class allowing another bucket", map[string]string{"modelUri": classURI, "allowedModelUriPrefixes": "mys3:" + e.bucket + "-x"}, "not under the prefixes"},
+		{"class pinning its model's digest", map[string]string{"modelUri": classURI, "allowedModelUriPrefixes": "mys3:" + e.bucket + "/team-a", "digest": "sha256:" + strings.Repeat("0", 64)}, "pins digest"},
+	}
+	for i, c := range refused {
+		t.Run("refused: "+c.name, func(t *testing.T) {
+			_, err := e.createVolume(fmt.Sprintf("pvc-override-refused-%d", i), c.params, e.secret())
+			wantCode(t, err, codes.InvalidArgument)
+			if msg := status.Convert(err).Message(); !strings.Contains(msg, c.msg) || !strings.Contains(msg, "serving/models") {
+				t.Fatalf("message %q: want it to name the claim and say %q", msg, c.msg)
+			}
+		})
+	}
+	if n := e.proxy.ObjectBytes(); n != 0 {
+		t.Fatalf("refused claims read %d object bytes", n)
+	}
+
+	vol, err := e.createVolume("pvc-override-allowed", map[string]string{"modelUri": classURI, "allowedModelUriPrefixes": "mys3:" + e.bucket + "/team-a"}, e.secret())
+	if err != nil {
+		t.Fatalf("a claim under the class's allowed prefix: %v", err)
+	}
+	if got := vol.GetVolumeContext()["modelUri"]; got != claimURI {
+		t.Fatalf("volume_context modelUri = %q, want the claim's %q", got, claimURI)
+	}
+	if _, ok := vol.GetVolumeContext()["allowedModelUriPrefixes"]; ok {
+		t.Fatalf("volume_context %v carries the class's allowed prefixes to the node", vol.GetVolumeContext())
+	}
+	if err := e.publishPV(vol.GetVolumeId(), e.target("pod-a"), vol.GetVolumeContext()); err != nil {
+		t.Fatalf("publishing the claim's model: %v", err)
+	}
+	sameFiles(t, e.target("pod-a"), claimFiles)
+	e.mustUnpublish(vol.GetVolumeId(), e.target("pod-a"))
 }
