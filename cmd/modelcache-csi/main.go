@@ -45,6 +45,8 @@ type options struct {
 	multiThreadCutoff, resumeEvery               string
 	multiThreadStreams                           int
 	minStreamRate                                string
+	maxFiles                                     int
+	minFreeInodes                                string
 	stallWindow, stallTimeout, downloadGrace     time.Duration
 	releaseGrace                                 time.Duration
 	kubeletDir                                   string
@@ -72,6 +74,8 @@ func main() {
 	flag.StringVar(&o.multiThreadCutoff, "multi-thread-cutoff", "256Mi", "files this large or larger download in parallel ranged chunks, as rclone's --multi-thread-cutoff (a quantity, e.g. 256Mi; 0 turns it off)")
 	flag.IntVar(&o.multiThreadStreams, "multi-thread-streams", store.DefaultRangeStreams, "ranged streams per large file, as rclone's --multi-thread-streams")
 	flag.StringVar(&o.minStreamRate, "min-stream-rate", "64Ki", "a stream from a remote that delivers less than this many bytes a second over --stall-window is cut and retried (0 turns it off): a remote that trickles cannot hold the node's connections and chunk buffers")
+	flag.IntVar(&o.maxFiles, "max-files", source.DefaultMaxFiles, "most files a model may have: a listing that finds more stops there and the publish (or provisioning) fails with RESOURCE_EXHAUSTED before anything is downloaded")
+	flag.StringVar(&o.minFreeInodes, "min-free-inodes", "10%", "inodes the cache filesystem keeps free, a percentage of its inodes: a model whose files and directories would take more is RESOURCE_EXHAUSTED, after evicting what can be (above kubelet's nodefs.inodesFree<5% eviction threshold)")
 	flag.DurationVar(&o.stallWindow, "stall-window", store.DefaultStallWindow, "the window --min-stream-rate is measured over, the first byte included")
 	flag.DurationVar(&o.stallTimeout, "download-stall-timeout", store.DefaultStallTimeout, "a download that makes no progress for this long fails with UNAVAILABLE, and kubelet's retry starts it again (0: never)")
 	flag.DurationVar(&o.downloadGrace, "download-grace", store.DefaultDownloadGrace, "a download that no publish has waited for within this long is cancelled; kubelet's retries keep a wanted one alive (0: never)")
@@ -152,7 +156,7 @@ func run(o options) error {
 	default:
 		return fmt.Errorf("--verify-credentials must be IfNotRecorded, Always or Never, not %q", o.verifyCredentials)
 	}
-	resolver := source.NewRclone(key, source.WithEgress(guard))
+	resolver := source.NewRclone(key, source.WithEgress(guard), source.WithMaxFiles(o.maxFiles))
 
 	var node *csi.Node
 	if withNode {
@@ -276,6 +280,9 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if err != nil {
 		return nil, err
 	}
+	if budget.MinFreeInodes, err = parsePercent("--min-free-inodes", o.minFreeInodes); err != nil {
+		return nil, err
+	}
 	var m *metrics.Metrics
 	if o.metricsAddress != "" {
 		m = metrics.New()
@@ -390,6 +397,15 @@ func parseBudget(cacheSize, minFree string) (store.Budget, error) {
 		return b, err
 	}
 	return b, nil
+}
+
+// parsePercent reads a percentage flag ("10%") as a fraction; "" is 0.
+func parsePercent(flagName, v string) (float64, error) {
+	n, f, err := parseSize(flagName, v)
+	if err != nil || n != 0 {
+		return 0, fmt.Errorf("%s %q: use a percentage such as 10%%", flagName, v)
+	}
+	return f, nil
 }
 
 func parseSize(flagName, v string) (int64, float64, error) {

@@ -41,6 +41,8 @@ func publishError(uri string, err error) error {
 		return status.Errorf(codes.Unavailable, "model %s changed at the remote while downloading: %v", uri, err)
 	case errors.Is(err, source.ErrUnavailable):
 		return status.Errorf(codes.Unavailable, "the remote for %s could not be reached: %v; kubelet will retry", uri, err)
+	case errors.Is(err, source.ErrTooLarge):
+		return status.Errorf(codes.ResourceExhausted, "model %s cannot be cached on this node: %v", uri, err)
 	case errors.Is(err, store.ErrNoSpace):
 		return status.Errorf(codes.ResourceExhausted, "no room in this node's model cache for %s: %v; unpin or evict models (modelcachectl ls), free space on the disk, or raise --cache-size", uri, err)
 	case errors.Is(err, cache.ErrConflict):
@@ -73,6 +75,8 @@ func provisionError(uri string, err error) error {
 		return status.Errorf(codes.PermissionDenied, "model %s: %v", uri, err)
 	case errors.Is(err, source.ErrDenied):
 		return status.Errorf(codes.PermissionDenied, "the remote refused the provisioner secret for %s: %v; check the secret named by csi.storage.k8s.io/provisioner-secret-name grants list access, or remove it to skip the check", uri, err)
+	case errors.Is(err, source.ErrTooLarge):
+		return status.Errorf(codes.ResourceExhausted, "model %s cannot be provisioned: %v", uri, err)
 	case errors.Is(err, source.ErrUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		return status.Errorf(codes.Unavailable, "the remote for %s could not be listed: %v; the provisioner will retry", uri, err)
 	default:

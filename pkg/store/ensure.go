@@ -20,8 +20,10 @@ type Fetcher interface {
 
 // Progress counts the bytes of one running download.
 type Progress struct {
-	Total int64
-	done  atomic.Int64
+	Total  int64
+	done   atomic.Int64
+	inodes int64        // the download takes at most, for the budget
+	files  atomic.Int64 // files it has committed so far
 }
 
 // Done is the number of bytes ingested so far.
@@ -138,7 +140,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 				return nil, err
 			}
 		}
-		p := &Progress{Total: m.Size()}
+		p := &Progress{Total: m.Size(), inodes: inodesOf(m)}
 		s.mu.Lock()
 		if err := s.ctx.Err(); err != nil {
 			// Close has begun: a WaitGroup must not grow while Close waits on it.

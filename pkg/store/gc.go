@@ -21,6 +21,9 @@ type Budget struct {
 	MaxFraction     float64 // of the cache filesystem's size
 	MinFreeBytes    int64   // bytes the filesystem keeps free
 	MinFreeFraction float64 // of the filesystem's size kept free
+	// MinFreeInodes is the fraction of the filesystem's inodes kept free:
+	// a model of many small files can run out of inodes long before bytes.
+	MinFreeInodes float64
 }
 
 // Candidate is a tree that may be evicted.
@@ -54,9 +57,16 @@ type NoRoomError struct {
 	Need, Limit, Used int64
 	Free, MinFree     int64
 	Held              Held
+	// Inodes: set when inodes, not bytes, are short.
+	NeedInodes, FreeInodes, MinFreeInodes int64
 }
 
 func (e *NoRoomError) Error() string {
+	if e.NeedInodes > 0 {
+		return fmt.Sprintf("%s: the download needs %d inodes (a file or directory each); the filesystem has %d free and keeps %d free (--min-free-inodes); %d in-use trees hold %s and %d pinned trees hold %s, and nothing else can be evicted",
+			ErrNoSpace, e.NeedInodes, e.FreeInodes, e.MinFreeInodes,
+			e.Held.InUseTrees, units.Bytes(e.Held.InUseBytes), e.Held.PinnedTrees, units.Bytes(e.Held.PinnedBytes))
+	}
 	return fmt.Sprintf("%s: the download needs %s; the cache holds %s of its %s budget and the filesystem has %s free (keeping %s free); %d in-use trees hold %s and %d pinned trees hold %s, and nothing else can be evicted",
 		ErrNoSpace, units.Bytes(e.Need), units.Bytes(e.Used), budgetText(e.Limit), units.Bytes(e.Free), units.Bytes(e.MinFree),
 		e.Held.InUseTrees, units.Bytes(e.Held.InUseBytes), e.Held.PinnedTrees, units.Bytes(e.Held.PinnedBytes))
@@ -163,6 +173,8 @@ type Plan struct {
 	Evicted []Candidate `json:"evicted"`
 	Freed   int64       `json:"freed"`
 	Over    int64       `json:"over"` // bytes still over budget afterwards
+	// OverInodes: inodes still short of the free inodes kept afterwards.
+	OverInodes int64 `json:"overInodes,omitempty"`
 }
 
 // MakeRoom evicts least recently used, unprotected trees until need more
@@ -196,7 +208,11 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 		}
 		noRoom.Need = need + s.reserved() // what was asked for, not the dry run's arithmetic
 		plan.Over = max(over, 0)
-		if over <= 0 {
+		// Inodes, unlike bytes, are read from the filesystem as it is
+		// now, so a dry run, which removes nothing, plans for bytes only.
+		overInodes := s.overInodes(noRoom)
+		plan.OverInodes = max(overInodes, 0)
+		if over <= 0 && (overInodes <= 0 || dryRun) {
 			return plan, nil
 		}
 		if !listed && s.evictor != nil {
@@ -251,6 +267,37 @@ func (s *Store) overBudget(used, need int64) (int64, *NoRoomError, error) {
 	}
 	over = max(over, minFree-(free-need))
 	return over, &NoRoomError{Need: need, Limit: limit, Used: used, Free: free, MinFree: minFree}, nil
+}
+
+// overInodes returns by how many inodes the running downloads would take
+// the filesystem below the free inodes the budget keeps, and records the
+// numbers in noRoom when it is positive.
+func (s *Store) overInodes(noRoom *NoRoomError) int64 {
+	if s.budget.MinFreeInodes <= 0 {
+		return 0
+	}
+	st, err := s.fsStat()
+	if err != nil || st.files <= 0 {
+		return 0 // no fixed number of inodes: nothing to keep free
+	}
+	need := s.reservedInodes()
+	minFree := int64(s.budget.MinFreeInodes * float64(st.files))
+	over := minFree - (st.freeFiles - need)
+	if over > 0 {
+		noRoom.NeedInodes, noRoom.FreeInodes, noRoom.MinFreeInodes = need, st.freeFiles, minFree
+	}
+	return over
+}
+
+// reservedInodes is what running downloads take in inodes.
+func (s *Store) reservedInodes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var n int64
+	for _, p := range s.running {
+		n += max(p.inodes-p.files.Load(), 0)
+	}
+	return n
 }
 
 // reserved is what running downloads will still write.

@@ -70,6 +70,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 			if err := s.root.Link(path.Join(BlobsDir, reuse[k]), name); err == nil {
 				sums[i] = reuse[k]
 				p.done.Add(e.Size)
+				p.files.Add(1)
 				reused.Add(1)
 				continue
 			}
@@ -81,6 +82,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 			if err != nil {
 				return err
 			}
+			p.files.Add(1)
 			switch how {
 			case byListedMD5:
 				md5Checked.Add(1)

@@ -81,6 +81,7 @@ type Store struct {
 	partialBusy map[string]bool
 
 	budget      Budget
+	statHook    func() (fsStat, error) // tests: a filesystem of chosen numbers
 	evictor     Evictor
 	onEvict     func(reason EvictReason, freed int64)
 	onUnchecked func(objects int)

@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"path"
 	"syscall"
+
+	"github.com/modelcache/modelcache/pkg/source"
 )
 
 // Usage is what the cache directory holds.
@@ -85,9 +87,36 @@ func (s *Store) walkBytes(name string) (int64, int, error) {
 }
 
 func (s *Store) statfs() (size, free int64, err error) {
+	st, err := s.fsStat()
+	return st.size, st.free, err
+}
+
+// fsStat is what the cache filesystem has: bytes, and inodes (files 0
+// where the filesystem has no fixed number, as btrfs).
+type fsStat struct {
+	size, free, files, freeFiles int64
+}
+
+func (s *Store) fsStat() (fsStat, error) {
+	if s.statHook != nil {
+		return s.statHook()
+	}
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(s.dir, &st); err != nil {
-		return 0, 0, fmt.Errorf("statfs %s: %w", s.dir, err)
+		return fsStat{}, fmt.Errorf("statfs %s: %w", s.dir, err)
 	}
-	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
+	return fsStat{int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, int64(st.Files), int64(st.Ffree)}, nil
+}
+
+// inodesOf is how many inodes a model's download takes at most: one per
+// file (its blob; the tree's links take none), one per directory of the
+// tree, and the tree's and the ingest directory's own.
+func inodesOf(m source.Manifest) int64 {
+	dirs := map[string]bool{}
+	for _, e := range m {
+		for d := path.Dir(e.Path); d != "." && !dirs[d]; d = path.Dir(d) {
+			dirs[d] = true
+		}
+	}
+	return int64(len(m) + len(dirs) + 2)
 }

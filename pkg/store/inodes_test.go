@@ -1,0 +1,80 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/modelcache/modelcache/pkg/source"
+)
+
+// countingFetcher serves one byte per object and counts the opens.
+type countingFetcher struct{ opens atomic.Int64 }
+
+func (f *countingFetcher) Open(context.Context, source.Entry) (io.ReadCloser, error) {
+	f.opens.Add(1)
+	return io.NopCloser(strings.NewReader("x")), nil
+}
+
+type mapIndex map[string]Tree
+
+func (x mapIndex) TreeForKey(key string) (Tree, bool, error) { t, ok := x[key]; return t, ok, nil }
+func (x mapIndex) RecordTree(key string, t Tree) error       { x[key] = t; return nil }
+
+// Free inodes count like free bytes: a model of 20,000 one-byte files
+// that would take the filesystem below the inodes the budget keeps free is
+// refused, ErrNoSpace naming inodes and --min-free-inodes, before any
+// object is opened; a model that fits, or any model on a filesystem without
+// a fixed number of inodes, downloads.
+func TestBudget_FreeInodes_ManySmallFilesRefused(t *testing.T) {
+	for _, tt := range []struct {
+		name              string
+		files, free, have int64 // model files; free and total inodes
+		refused           bool
+	}{
+		// 25,000 free, 10,000 kept: 15,000 to spend.
+		{"20,000 files", 20_000, 25_000, 100_000, true},
+		// 10,200 free, 10,000 kept: 200 to spend.
+		{"100 files", 100, 10_200, 100_000, false},
+		{"no fixed inodes", 100, 0, 0, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := Open(dir, mapIndex{}, Options{Budget: Budget{MinFreeInodes: 0.10}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			s.statHook = func() (fsStat, error) {
+				return fsStat{size: 1 << 40, free: 1 << 39, files: tt.have, freeFiles: tt.free}, nil
+			}
+			var m source.Manifest
+			for i := range tt.files {
+				m = append(m, source.Entry{Path: fmt.Sprintf("d%d/f%05d", i%2, i), Size: 1})
+			}
+			f := &countingFetcher{}
+			_, _, err = s.Ensure(context.Background(), "key", m, f)
+			if !tt.refused {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			var noRoom *NoRoomError
+			if !errors.Is(err, ErrNoSpace) || !errors.As(err, &noRoom) || !strings.Contains(err.Error(), "inodes") || !strings.Contains(err.Error(), "--min-free-inodes") {
+				t.Fatalf("err %v, want ErrNoSpace naming inodes and --min-free-inodes", err)
+			}
+			// The files, their 2 directories, the tree and the ingest directory.
+			if want := tt.files + 4; noRoom.NeedInodes != want {
+				t.Errorf("needs %d inodes, want %d", noRoom.NeedInodes, want)
+			}
+			if n := f.opens.Load(); n != 0 {
+				t.Errorf("%d objects opened before the refusal", n)
+			}
+		})
+	}
+}
