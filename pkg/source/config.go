@@ -1,15 +1,20 @@
 package source
 
 import (
+	"cmp"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
 	"regexp"
 	"slices"
 	"strings"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
 	"github.com/rclone/rclone/fs/config/configmap"
 )
 
@@ -360,12 +365,121 @@ func sortedKeys[V any](m map[string]V) []string {
 	return keys
 }
 
-// identity names the bytes a config reaches: backend type, endpoint, region
-// and path. It leaves out the alias and the credentials so that two remotes
-// pointing at the same place share a content key.
+// identityVersion starts every identity. Identities enter content, object
+// and source keys; a change to what they name changes the version, so a key
+// of one version never equals a key of another. Identities before it
+// ("type|endpoint|region|root") had no version.
+const identityVersion = "v2"
+
+// identity names the bytes a config reaches: the backend type, the
+// endpoint rclone really contacts for it (contactedEndpoint) and the root.
+// It leaves out the alias and the credentials so that two remotes pointing
+// at the same place share a content key, and never names a place from an
+// option the backend then ignores.
 func identity(typ string, opts configmap.Simple, root string) string {
-	endpoint := strings.ToLower(strings.TrimRight(firstNonEmpty(opts["endpoint"], opts["url"], opts["account"]), "/"))
-	return strings.Join([]string{typ, endpoint, opts["region"], root}, "|")
+	return strings.Join([]string{identityVersion, typ, contactedEndpoint(typ, opts), root}, "|")
+}
+
+// Where rclone v1.76's backends connect when no endpoint option is set.
+const (
+	gcsDefaultEndpoint   = "https://storage.googleapis.com"
+	azureBlobDomain      = "blob.core.windows.net"
+	s3DefaultRegion      = "us-east-1"
+	s3AWSEndpointPattern = "https://s3.%s.amazonaws.com"
+)
+
+// contactedEndpoint is the canonical URL of the service a backend's
+// requests go to, worked out with rclone's own precedence (backend/s3,
+// backend/googlecloudstorage, backend/azureblob/auth, backend/http):
+//   - s3: endpoint, with "https://" put before it unless it starts with
+//     "http" as rclone does; without one the SDK's AWS endpoint of region
+//     (us-east-1 when unset). Region and provider otherwise only sign and
+//     shape requests to that endpoint.
+//   - gcs: endpoint, else storage.googleapis.com.
+//   - azureblob: with account and key, endpoint or else
+//     https://<account>.blob.core.windows.net; else, with sas_url, the SAS
+//     URL's service (its account, without the container or the token),
+//     whatever account or endpoint say; else endpoint or the account's URL
+//     again. sas_url wins over account as rclone's auth.NewClient decides.
+//   - http: url.
+//
+// The result is "" when the options name nowhere rclone could connect; such
+// a config fails when rclone builds it.
+func contactedEndpoint(typ string, opts configmap.Simple) string {
+	switch typ {
+	case backendS3:
+		if ep := opts["endpoint"]; ep != "" {
+			if !strings.HasPrefix(ep, "http") {
+				ep = "https://" + ep
+			}
+			return canonicalURL(ep)
+		}
+		region := cmp.Or(opts["region"], s3DefaultRegion)
+		return canonicalURL(fmt.Sprintf(s3AWSEndpointPattern, region))
+	case backendGCS:
+		return canonicalURL(cmp.Or(opts["endpoint"], gcsDefaultEndpoint))
+	case backendAzure:
+		account, key, sasURL := opts["account"], opts["key"], opts["sas_url"]
+		if sasURL != "" && (account == "" || key == "") {
+			return azureSASService(sasURL)
+		}
+		if ep := opts["endpoint"]; ep != "" {
+			return canonicalURL(ep)
+		}
+		if account != "" {
+			return canonicalURL("https://" + account + "." + azureBlobDomain)
+		}
+		return ""
+	case backendHTTP:
+		return canonicalURL(opts["url"])
+	}
+	return ""
+}
+
+// azureSASService is the service URL rclone's Azure client is built on
+// from a SAS URL: the URL without its container (and blob), canonical, so
+// without the token either.
+func azureSASService(sasURL string) string {
+	parts, err := sas.ParseURL(sasURL)
+	if err != nil {
+		return ""
+	}
+	if parts.ContainerName == "" {
+		return canonicalURL(sasURL)
+	}
+	parts.ContainerName, parts.BlobName = "", ""
+	return canonicalURL(parts.String())
+}
+
+// canonicalURL spells a URL one way for identities: scheme and host in
+// lower case, the host without a trailing dot, an IP address in its
+// canonical form, the scheme's default port dropped, the path without
+// trailing slashes (its case kept: paths are case-sensitive), and no user
+// information, query or fragment, which may hold credentials and do not
+// choose the service. It is "" for what does not parse as a URL with a
+// host.
+func canonicalURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return ""
+	}
+	scheme := strings.ToLower(u.Scheme)
+	host := strings.TrimSuffix(strings.ToLower(u.Hostname()), ".")
+	if a, err := netip.ParseAddr(host); err == nil {
+		host = a.Unmap().String()
+	}
+	port := u.Port()
+	if (scheme == "https" && port == "443") || (scheme == "http" && port == "80") {
+		port = ""
+	}
+	hostPort := host
+	switch {
+	case port != "":
+		hostPort = net.JoinHostPort(host, port)
+	case strings.Contains(host, ":"):
+		hostPort = "[" + host + "]"
+	}
+	return scheme + "://" + hostPort + strings.TrimRight(u.EscapedPath(), "/")
 }
 
 // credentialID fingerprints the whole effective config with a node-local key:
@@ -412,13 +526,4 @@ func definedRemotes(secrets map[string]string) string {
 	}
 	slices.Sort(names)
 	return "remotes " + strings.Join(names, ", ")
-}
-
-func firstNonEmpty(vs ...string) string {
-	for _, v := range vs {
-		if v != "" {
-			return v
-		}
-	}
-	return ""
 }

@@ -514,7 +514,7 @@ func TestIdentity(t *testing.T) {
 		return []string{prefix + "TYPE", "s3", prefix + "ACCESS_KEY_ID", id, prefix + "SECRET_ACCESS_KEY", key}
 	}
 	tenantA := with(nil, append(creds("RCLONE_CONFIG_MINIO_A_", "AKIAAAAAAA", "SUPERSECRETA1"), "RCLONE_CONFIG_MINIO_A_ENDPOINT", "http://minio:9000", "RCLONE_CONFIG_MINIO_A_PROVIDER", "Minio")...)
-	tenantB := with(nil, append(creds("RCLONE_CONFIG_MINIO_B_", "AKIABBBBBB", "SUPERSECRETB2"), "RCLONE_CONFIG_MINIO_B_ENDPOINT", "HTTP://MINIO:9000/")...)
+	tenantB := with(nil, append(creds("RCLONE_CONFIG_MINIO_B_", "AKIABBBBBB", "SUPERSECRETB2"), "RCLONE_CONFIG_MINIO_B_ENDPOINT", "http://MINIO:9000/")...)
 	awsForm := map[string]string{"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "AKIACCCCCC", "AWS_SECRET_ACCESS_KEY": "SUPERSECRETC3"}
 
 	same := []struct {
@@ -571,6 +571,112 @@ func TestIdentity(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestIdentityNamesTheEndpointContacted: an identity names the service
+// rclone really connects to, with rclone's precedence between options, so a
+// tenant cannot take another's identity with an option the backend then
+// ignores; spellings of one endpoint give one identity.
+func TestIdentityNamesTheEndpointContacted(t *testing.T) {
+	const sig = "sv=2024-05-04&ss=b&srt=co&sp=rl&se=2030-01-01T00:00:00Z&sig=c2VjcmV0LXNhcy1zaWduYXR1cmU%3D"
+	az := func(kv ...string) map[string]string {
+		m := map[string]string{"RCLONE_CONFIG_AZ_TYPE": "azureblob"}
+		for i := 0; i < len(kv); i += 2 {
+			m["RCLONE_CONFIG_AZ_"+kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	s3 := func(kv ...string) map[string]string {
+		m := map[string]string{"RCLONE_CONFIG_S_TYPE": "s3", "RCLONE_CONFIG_S_PROVIDER": "Other"}
+		for i := 0; i < len(kv); i += 2 {
+			m["RCLONE_CONFIG_S_"+kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	gcs := func(kv ...string) map[string]string {
+		m := map[string]string{"RCLONE_CONFIG_G_TYPE": "gcs"}
+		for i := 0; i < len(kv); i += 2 {
+			m["RCLONE_CONFIG_G_"+kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	web := func(u string) map[string]string {
+		return map[string]string{"RCLONE_CONFIG_W_TYPE": "http", "RCLONE_CONFIG_W_URL": u}
+	}
+	victim := mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "KEY", "dmljdGltLWtleQ=="))
+	attackerSAS := "https://attacker.blob.core.windows.net/models?" + sig
+
+	tests := []struct {
+		name     string
+		a, b     backendConfig
+		same     bool
+		endpoint string // the endpoint a names, when checked
+	}{
+		// Attacks: an option the backend ignores does not choose the identity.
+		{name: "azure: victim's account beside the tenant's own sas_url is the SAS URL's account",
+			a: mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "SAS_URL", attackerSAS)), b: victim, endpoint: "https://attacker.blob.core.windows.net"},
+		{name: "azure: victim's account and endpoint beside a sas_url are ignored as rclone ignores them",
+			a: mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "ENDPOINT", "https://victim.blob.core.windows.net", "SAS_URL", attackerSAS)), b: victim},
+		{name: "azure: a sas_url is the tenant's own account's identity",
+			a: mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "SAS_URL", attackerSAS)), b: mustBuild(t, "az:models/m", az("ACCOUNT", "attacker", "KEY", "YXR0YWNrZXIta2V5")), same: true},
+		{name: "azure: account and key win over a sas_url, as in rclone",
+			a: mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "KEY", "b3RoZXIta2V5", "SAS_URL", attackerSAS)), b: victim, same: true, endpoint: "https://victim.blob.core.windows.net"},
+		{name: "azure: endpoint overrides the account's host",
+			a: mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "KEY", "dmljdGltLWtleQ==", "ENDPOINT", "https://attacker.example.com")), b: victim, endpoint: "https://attacker.example.com"},
+		{name: "azure: emulator accounts on one address differ",
+			a: mustBuild(t, "az:models/m", az("SAS_URL", "http://127.0.0.1:10000/acct1/models?"+sig)), b: mustBuild(t, "az:models/m", az("SAS_URL", "http://127.0.0.1:10000/acct2/models?"+sig))},
+		{name: "s3: an endpoint rclone does not see as http is not the http endpoint",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "HTTP://minio:9000")), b: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://minio:9000"))},
+		{name: "s3: an endpoint is not AWS whatever the region says",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "https://attacker.example.com", "REGION", "us-east-1")), b: mustBuild(t, "s3://bucket/m", nil)},
+		{name: "http: the url's path keeps its case",
+			a: mustBuild(t, "w:m", web("https://files.example.com/Private/")), b: mustBuild(t, "w:m", web("https://files.example.com/private/"))},
+		{name: "gcs: an endpoint is not Google's",
+			a: mustBuild(t, "g:bucket/m", gcs("ENDPOINT", "https://gcs.example.com")), b: mustBuild(t, "gs://bucket/m", nil)},
+
+		// Spellings of one endpoint.
+		{name: "azure: the account's default URL and the same URL as endpoint",
+			a: mustBuild(t, "az:models/m", az("ACCOUNT", "victim", "KEY", "dmljdGltLWtleQ==", "ENDPOINT", "https://VICTIM.blob.core.windows.net.:443/")), b: victim, same: true},
+		{name: "azure: two SAS tokens of one account",
+			a: mustBuild(t, "az:models/m", az("SAS_URL", attackerSAS)), b: mustBuild(t, "az:models/m", az("SAS_URL", "https://attacker.blob.core.windows.net/models?sv=2024&sig=b3RoZXI%3D")), same: true},
+		{name: "azure: container-level and account-level SAS URLs of one account",
+			a: mustBuild(t, "az:models/m", az("SAS_URL", attackerSAS)), b: mustBuild(t, "az:models/m", az("SAS_URL", "https://attacker.blob.core.windows.net/?"+sig)), same: true},
+		{name: "s3: host case, trailing dot and trailing slash",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://MinIO.Example.com.:9000/")), b: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://minio.example.com:9000")), same: true, endpoint: "http://minio.example.com:9000"},
+		{name: "s3: default https port",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "https://s3.example.com:443")), b: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "https://s3.example.com")), same: true},
+		{name: "s3: default http port",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://s3.example.com:80/")), b: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://s3.example.com")), same: true},
+		{name: "s3: a region beside an endpoint only signs",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://minio:9000", "REGION", "eu-west-1")), b: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://minio:9000")), same: true},
+		{name: "s3: AWS without a region is us-east-1",
+			a: mustBuild(t, "s3://bucket/m", nil), b: mustBuild(t, "s3://bucket/m", map[string]string{"AWS_REGION": "US-East-1"}), same: true, endpoint: "https://s3.us-east-1.amazonaws.com"},
+		{name: "s3: an IPv6 address in two forms",
+			a: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://[2001:DB8:0::1]:9000")), b: mustBuild(t, "s:bucket/m", s3("ENDPOINT", "http://[2001:db8::1]:9000/")), same: true, endpoint: "http://[2001:db8::1]:9000"},
+		{name: "gcs: Google's endpoint written out",
+			a: mustBuild(t, "g:bucket/m", gcs("ENDPOINT", "https://Storage.GoogleAPIs.com/")), b: mustBuild(t, "gs://bucket/m", nil), same: true},
+		{name: "https: host case and default port",
+			a: mustBuild(t, "https://Files.Example.com:443/m", nil), b: mustBuild(t, "w:m", web("https://files.example.com")), same: true},
+		{name: "http: user information is not the service",
+			a: mustBuild(t, "w:m", web("https://reader:cGFzc3dvcmQ@files.example.com/")), b: mustBuild(t, "w:m", web("https://files.example.com")), same: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.a.Identity == tc.b.Identity; got != tc.same {
+				t.Errorf("identities equal = %v, want %v:\n%q\n%q", got, tc.same, tc.a.Identity, tc.b.Identity)
+			}
+			if tc.endpoint != "" {
+				if want := strings.Join([]string{identityVersion, tc.a.Type, tc.endpoint, tc.a.Root}, "|"); tc.a.Identity != want {
+					t.Errorf("identity %q, want %q", tc.a.Identity, want)
+				}
+			}
+			for _, secret := range []string{"sig=", "c2VjcmV0", "cGFzc3dvcmQ", "reader", "dmljdGltLWtleQ", "YXR0YWNrZXIta2V5", "b3RoZXIta2V5"} {
+				if strings.Contains(tc.a.Identity+tc.b.Identity, secret) {
+					t.Errorf("identities %q, %q hold credential %q", tc.a.Identity, tc.b.Identity, secret)
+				}
+			}
+		})
+	}
 }
 
 var hexSHA256 = regexp.MustCompile(`^[0-9a-f]{64}$`)

@@ -96,7 +96,7 @@ func TestResolve(t *testing.T) {
 	if got, want := remote.URI(), (URI{Scheme: SchemeRemote, Remote: "mys3", Path: "models/iris"}); got != want {
 		t.Errorf("URI() = %+v, want %+v", got, want)
 	}
-	if got, want := remote.Identity(), "s3|"+strings.ToLower(endpoint)+"||models/iris"; got != want {
+	if got, want := remote.Identity(), identityVersion+"|s3|"+strings.ToLower(endpoint)+"|models/iris"; got != want {
 		t.Errorf("Identity() = %q, want %q", got, want)
 	}
 	id := remote.CredentialID()
