@@ -162,6 +162,9 @@ func (c *Controller) modelRef(ctx context.Context, params map[string]string) (mo
 	for k, v := range params {
 		class[k] = v
 	}
+	if err := checkClassKeys(class); err != nil {
+		return modelRef{}, status.Errorf(codes.InvalidArgument, "%v", err)
+	}
 	allowed, err := allowedPrefixes(class)
 	if err != nil {
 		return modelRef{}, status.Errorf(codes.InvalidArgument, "%v", err)
@@ -201,6 +204,21 @@ func checkClaimAnnotations(ann map[string]string) error {
 	return checkModelValues(ann[kube.AnnotationModelURI], ann[kube.AnnotationPullPolicy], ann[kube.AnnotationDigest], func(attr string) string {
 		return "annotation " + names[attr]
 	})
+}
+
+// checkClassKeys refuses a StorageClass parameter that is neither a model
+// attribute nor ParamAllowedModelURIPrefixes, naming every one there is,
+// as checkModelAttrs does for the model attributes alone. Namespaced keys
+// ("csi.storage.k8s.io/...") are Kubernetes' own.
+func checkClassKeys(class map[string]string) error {
+	for _, k := range slices.Sorted(maps.Keys(class)) {
+		switch {
+		case strings.Contains(k, "/"), k == AttrModelURI, k == AttrPullPolicy, k == AttrDigest, k == ParamAllowedModelURIPrefixes:
+		default:
+			return fmt.Errorf("unknown StorageClass parameter %q: the StorageClass parameters are %s, %s, %s and %s", k, AttrModelURI, AttrPullPolicy, AttrDigest, ParamAllowedModelURIPrefixes)
+		}
+	}
+	return nil
 }
 
 // allowedPrefixes parses the class's ParamAllowedModelURIPrefixes: nil
@@ -339,6 +357,9 @@ func (c *Controller) ValidateVolumeCapabilities(_ context.Context, req *csi.Vali
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
 	params := maps.Clone(req.GetParameters())
+	if err := checkClassKeys(params); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
 	if _, err := allowedPrefixes(params); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}

@@ -598,6 +598,7 @@ func TestCreateVolumeValidation(t *testing.T) {
 		{"no model", func(r *csi.CreateVolumeRequest) { r.Parameters = nil }, []string{AttrModelURI, kube.AnnotationModelURI}},
 		{"empty model", func(r *csi.CreateVolumeRequest) { r.Parameters[AttrModelURI] = "" }, []string{AttrModelURI, kube.AnnotationModelURI}},
 		{"unknown parameter", func(r *csi.CreateVolumeRequest) { r.Parameters["modelURI"] = testURI }, []string{"unknown StorageClass parameter", `"modelURI"`}},
+		{"misspelt allowed prefixes", func(r *csi.CreateVolumeRequest) { r.Parameters["allowedModelURIPrefixes"] = "mys3:models" }, []string{`"allowedModelURIPrefixes"`, ParamAllowedModelURIPrefixes}},
 		{"unknown parameter holding a secret", func(r *csi.CreateVolumeRequest) { r.Parameters["accessKey"] = ctrlSecretValue }, []string{`"accessKey"`}},
 		{"bad class model", func(r *csi.CreateVolumeRequest) { r.Parameters[AttrModelURI] = "ftp://models.example/iris" }, []string{"StorageClass parameter", AttrModelURI, "ftp"}},
 		{"bad class pull policy", func(r *csi.CreateVolumeRequest) { r.Parameters[AttrPullPolicy] = "Sometimes" }, []string{"StorageClass parameter", AttrPullPolicy, "Sometimes"}},
