@@ -344,6 +344,19 @@ func TestListAndInspect(t *testing.T) {
 		},
 		stderrNone: true,
 	}, {
+		// A remote's error body can reach the message; it cannot reach
+		// the terminal.
+		name:      "errors print escaped",
+		routes:    map[string]http.HandlerFunc{"GET /v1/tree": fail(502, "listing mys3:m: AccessDenied: \x1b]0;owned\x07\u202eevil")},
+		args:      []string{"inspect", "mys3:m"},
+		code:      1,
+		stderrHas: []string{`modelcachectl inspect: listing mys3:m: AccessDenied: \x1b]0;owned\a\u202eevil`},
+		check: func(t *testing.T, _ *fakeAPI, r result) {
+			if strings.ContainsAny(r.stderr, "\x1b\x07\u202e") {
+				t.Errorf("stderr holds raw control characters: %q", r.stderr)
+			}
+		},
+	}, {
 		name:      "inspect without argument",
 		routes:    map[string]http.HandlerFunc{},
 		args:      []string{"inspect"},

@@ -307,7 +307,7 @@ func (a *app) gc(cmd *command, args []string) error {
 		fmt.Fprintf(a.stdout, "%s %s from %s\n", total, units.Bytes(res.Freed), plural(len(res.Evicted), "model"))
 	}
 	if res.Warning != "" {
-		fmt.Fprintf(a.stderr, "warning: %s\n", res.Warning)
+		fmt.Fprintf(a.stderr, "warning: %s\n", escapeInvisible(res.Warning))
 	} else if res.Over > 0 {
 		fmt.Fprintf(a.stderr, "warning: the cache is still %s over its budget\n", units.Bytes(res.Over))
 	}

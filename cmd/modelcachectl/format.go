@@ -161,6 +161,27 @@ func quoteName(s string) string {
 	return strconv.Quote(s)
 }
 
+// escapeInvisible shows a message with every character that is not
+// printable (controls, bidirectional and other format characters, invalid
+// UTF-8) escaped as Go would quote it, and the rest as it is: a message
+// stays readable, and a remote's words in it cannot act on the terminal or
+// reorder the line.
+func escapeInvisible(s string) string {
+	var b strings.Builder
+	for i, r := range s {
+		switch {
+		case r == utf8.RuneError && !strings.HasPrefix(s[i:], "\uFFFD"):
+			fmt.Fprintf(&b, "\\x%02x", s[i])
+		case strconv.IsPrint(r):
+			b.WriteRune(r)
+		default:
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		}
+	}
+	return b.String()
+}
+
 // quoteNames applies quoteName to each name.
 func quoteNames(names []string) []string {
 	out := make([]string, len(names))

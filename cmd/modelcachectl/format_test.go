@@ -138,3 +138,21 @@ func TestQuoteName(t *testing.T) {
 		})
 	}
 }
+
+// TestEscapeInvisible: messages keep their words and lose their power over
+// the terminal.
+func TestEscapeInvisible(t *testing.T) {
+	for in, want := range map[string]string{
+		`model "a b" not found: 404`:       `model "a b" not found: 404`,
+		"modèle 权重 نموذج":                  "modèle 权重 نموذج",
+		"S3: \x1b]0;owned\x07AccessDenied": `S3: \x1b]0;owned\aAccessDenied`,
+		"line\nforged":                     `line\nforged`,
+		"a\u009b2Jb":                       `a\u009b2Jb`,
+		"evil\u202etxt.exe":                `evil\u202etxt.exe`,
+		"bad \xff byte, real \ufffd":       `bad \xff byte, real ` + "\ufffd",
+	} {
+		if got := escapeInvisible(in); got != want {
+			t.Errorf("escapeInvisible(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

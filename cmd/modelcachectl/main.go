@@ -164,7 +164,9 @@ func (a *app) run(args []string) int {
 	case errors.Is(err, errUsage):
 		return exitUsage
 	default:
-		fmt.Fprintf(a.stderr, "modelcachectl %s: %v\n", cmd.name, err)
+		// Messages can carry a remote's own words (an S3 error body);
+		// they reach the terminal with nothing left to act on it.
+		fmt.Fprintf(a.stderr, "modelcachectl %s: %s\n", cmd.name, escapeInvisible(err.Error()))
 		return exitFailed
 	}
 }
