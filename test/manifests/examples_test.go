@@ -76,7 +76,18 @@ func TestExamples_ModelVolumesNameAModelAndAreReadOnly(t *testing.T) {
 	for _, sc := range objectsOf[*storagev1.StorageClass](all) {
 		if sc.Provisioner == csi.DriverName {
 			classes[sc.Name] = true
-			checkModelAttrs(t, "StorageClass "+sc.Name, withoutPrefixed(sc.Parameters))
+			params := withoutPrefixed(sc.Parameters)
+			// A class's own parameter, never a volume attribute: the
+			// modelUri prefixes claims may choose their model under.
+			if prefixes, ok := params[csi.ParamAllowedModelURIPrefixes]; ok {
+				for _, p := range strings.Split(prefixes, ",") {
+					if _, err := source.ParseURI(strings.TrimSpace(p)); err != nil {
+						t.Errorf("StorageClass %s: %s %q: %v", sc.Name, csi.ParamAllowedModelURIPrefixes, p, err)
+					}
+				}
+				delete(params, csi.ParamAllowedModelURIPrefixes)
+			}
+			checkModelAttrs(t, "StorageClass "+sc.Name, params)
 			if sc.Parameters["csi.storage.k8s.io/node-publish-secret-name"] == "" {
 				t.Errorf("StorageClass %s names no node-publish secret: nodes could not read the model", sc.Name)
 			}
