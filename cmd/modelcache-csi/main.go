@@ -276,6 +276,11 @@ func startFleet(ctx context.Context, o options, cfg *rest.Config, client kuberne
 // startNode opens the store with its budget, recovers references, and
 // starts the operator API and metrics endpoint that belong to the node.
 func startNode(ctx context.Context, o options, db *state.DB, resolver source.Resolver) (*csi.Node, error) {
+	// Remote checksums depend on finding rclone's API clients: a build
+	// whose rclone moved them must not start and check nothing silently.
+	if err := source.CheckClients(); err != nil {
+		return nil, err
+	}
 	budget, err := parseBudget(o.cacheSize, o.minFree)
 	if err != nil {
 		return nil, err

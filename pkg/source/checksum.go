@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/rclone/rclone/fs"
+	"github.com/rclone/rclone/fs/config/configmap"
 	"github.com/rclone/rclone/lib/encoder"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/api/storage/v1"
@@ -105,6 +106,76 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 // hiddenClient says once that a client could not be found (see clientOf).
 var hiddenClient sync.Once
 
+// CheckClients builds an s3 and a gcs Fs in memory, contacting nothing,
+// and fails when clientOf does not find the API client rclone keeps in
+// either: a new rclone moved it, and the checksums S3 and GCS keep (the
+// only check of objects uploaded in parts, of GCS composite objects) would
+// silently go unchecked. The node plugin calls it at start.
+func CheckClients() error {
+	return checkClients([]clientProbe{
+		{backendS3, configmap.Simple{"provider": "Other", "endpoint": "http://127.0.0.1:9", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example", "region": "us-east-1"},
+			func(f fs.Fs) bool { return clientOf[*s3.Client](f, "c") != nil }},
+		{backendGCS, configmap.Simple{"anonymous": "true", "endpoint": "http://127.0.0.1:9/storage/v1/"},
+			func(f fs.Fs) bool { return clientOf[*storage.Service](f, "svc") != nil }},
+	})
+}
+
+// clientProbe builds one backend's Fs and looks for its client.
+type clientProbe struct {
+	backend string
+	opts    configmap.Simple
+	found   func(fs.Fs) bool
+}
+
+func checkClients(probes []clientProbe) error {
+	for _, p := range probes {
+		info, err := fs.Find(p.backend)
+		if err != nil {
+			return fmt.Errorf("rclone's %s backend is not built in: %w", p.backend, err)
+		}
+		// A bucket without a key: rclone asks the remote nothing.
+		f, err := info.NewFs(context.Background(), "check", "bucket", configMap(info, p.opts))
+		if err != nil {
+			return fmt.Errorf("building an rclone %s backend to find its API client: %w", p.backend, err)
+		}
+		if !p.found(f) {
+			return fmt.Errorf("this build's rclone keeps its %s API client where modelcache does not look (clientOf, pkg/source/checksum.go): the remote checksums of %s objects would go unchecked; update clientOf for this rclone", p.backend, p.backend)
+		}
+	}
+	return nil
+}
+
+// Slots bounds the requests a caller has open at the remotes: the store's
+// connection bound, handed down in the context (WithSlots) so that the
+// requests made here with rclone's API clients (checksum HEADs, part
+// HEADs, GCS metadata GETs), which rclone's own accounting never sees, take
+// a connection each as GETs do.
+type Slots interface {
+	Acquire(ctx context.Context) error
+	Release(ctx context.Context)
+}
+
+type slotsKey struct{}
+
+// WithSlots returns ctx whose checksum requests each take one of s.
+func WithSlots(ctx context.Context, s Slots) context.Context {
+	return context.WithValue(ctx, slotsKey{}, s)
+}
+
+// withSlot runs one request holding one of ctx's slots, if it has any.
+func withSlot[T any](ctx context.Context, req func() (T, error)) (T, error) {
+	s, ok := ctx.Value(slotsKey{}).(Slots)
+	if !ok {
+		return req()
+	}
+	if err := s.Acquire(ctx); err != nil {
+		var zero T
+		return zero, err
+	}
+	defer s.Release(ctx)
+	return req()
+}
+
 // objectName is the bucket and key of e as rclone names them at the
 // remote: its encoding (the backend's default; tenants cannot set it)
 // maps a few characters of listed names back.
@@ -162,7 +233,8 @@ func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key str
 		hiddenClient.Do(func() { klog.InfoS("this rclone's gcs backend hides its client: GCS crc32c is not checked") })
 		return Checksum{}, nil
 	}
-	obj, err := svc.Objects.Get(bucket, key).Fields("size", "updated", "md5Hash", "crc32c").Context(ctx).Do()
+	call := svc.Objects.Get(bucket, key).Fields("size", "updated", "md5Hash", "crc32c").Context(ctx)
+	obj, err := withSlot(ctx, func() (*storage.Object, error) { return call.Do() })
 	if err != nil {
 		return Checksum{}, err
 	}
@@ -250,7 +322,7 @@ func (h *s3Head) head(ctx context.Context, part int32) (*s3.HeadObjectOutput, er
 	if h.payer {
 		in.RequestPayer = types.RequestPayerRequester
 	}
-	return h.c.HeadObject(ctx, in)
+	return withSlot(ctx, func() (*s3.HeadObjectOutput, error) { return h.c.HeadObject(ctx, in) })
 }
 
 // partSize is the length of one part, from a HEAD of it.

@@ -216,3 +216,47 @@ func must[T any](v T, err error) T {
 	}
 	return v
 }
+
+// CheckClients finds the API clients of this build's rclone, contacting
+// nothing; a backend whose client is not where clientOf looks fails the
+// check, naming the backend and what would go unchecked.
+func TestCheckClients(t *testing.T) {
+	if err := CheckClients(); err != nil {
+		t.Fatalf("CheckClients: %v", err)
+	}
+	err := checkClients([]clientProbe{{backendS3, configmap.Simple{"provider": "Other", "endpoint": "http://127.0.0.1:9", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example"},
+		func(f fs.Fs) bool { return clientOf[*s3.Client](f, "client") != nil }}})
+	if err == nil || !strings.Contains(err.Error(), "s3") || !strings.Contains(err.Error(), "unchecked") {
+		t.Fatalf("a client moved elsewhere: err %v, want one naming s3 and what goes unchecked", err)
+	}
+}
+
+// Every request made with rclone's client takes one of the caller's slots
+// for as long as it runs, and none is left taken, also when it fails.
+func TestWithSlot_HoldsOneSlotPerRequest(t *testing.T) {
+	s := &countingSlots{}
+	ctx := WithSlots(context.Background(), s)
+	for _, fail := range []bool{false, true} {
+		_, err := withSlot(ctx, func() (int, error) {
+			if s.held != 1 {
+				t.Errorf("%d slots held during the request, want 1", s.held)
+			}
+			if fail {
+				return 0, errors.New("boom")
+			}
+			return 1, nil
+		})
+		if (err != nil) != fail || s.held != 0 || s.max != 1 {
+			t.Errorf("err %v; %d slots held after, at most %d during; want none and 1", err, s.held, s.max)
+		}
+	}
+}
+
+type countingSlots struct{ held, max int }
+
+func (c *countingSlots) Acquire(context.Context) error {
+	c.held++
+	c.max = max(c.max, c.held)
+	return nil
+}
+func (c *countingSlots) Release(context.Context) { c.held-- }

@@ -38,8 +38,8 @@ const AskChecksumAbove = 64 << 20
 
 // expectedChecksum is what a download of e is checked against: the
 // checksum the remote gives on request, for an object listed without an
-// MD5 or a large one; else the listing's MD5; else nothing. The request
-// holds one of the node's connections.
+// MD5 or a large one; else the listing's MD5; else nothing. Each request
+// holds one of the node's connections (source.WithSlots).
 func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry) (source.Checksum, error) {
 	listed := source.Checksum{}
 	if source.IsMD5Hex(e.Hash) {
@@ -49,11 +49,7 @@ func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry)
 	if !ok || !listed.IsZero() && e.Size < AskChecksumAbove {
 		return listed, nil
 	}
-	if err := s.acquireConn(ctx); err != nil {
-		return source.Checksum{}, err
-	}
-	defer s.releaseConn(ctx)
-	asked, err := cs.Checksum(ctx, e)
+	asked, err := cs.Checksum(s.withConns(ctx), e)
 	if err != nil || asked.IsZero() {
 		return listed, err
 	}

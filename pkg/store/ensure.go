@@ -174,7 +174,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		// The download's own context: the node's bounds share their slots
 		// out by it, and the watchdog ends it.
 		d := &download{key: key, p: p}
-		dctx, cancel := context.WithCancelCause(withDownload(s.ctx, d))
+		dctx, cancel := context.WithCancelCause(s.withConns(withDownload(s.ctx, d)))
 		defer cancel(nil)
 		s.conns.join(d)
 		defer s.conns.leave(d)

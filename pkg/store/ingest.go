@@ -243,6 +243,10 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if n != e.Size {
 		return "", notChecked, fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
 	}
+	// The stream is done: its connection goes back before the commit,
+	// whose checksum check may need connections of its own (part HEADs).
+	s.releaseConn(ctx)
+	conn = false
 	hp.wait()
 	return s.commitBlob(ctx, w, name, e, sums)
 }

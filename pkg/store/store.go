@@ -248,6 +248,18 @@ func (s *Store) acquireConn(ctx context.Context) error {
 
 func (s *Store) releaseConn(ctx context.Context) { s.conns.release(downloadOf(ctx)) }
 
+// connSlots are the node's connections as source.Slots.
+type connSlots struct{ s *Store }
+
+func (c connSlots) Acquire(ctx context.Context) error { return c.s.acquireConn(ctx) }
+func (c connSlots) Release(ctx context.Context)       { c.s.releaseConn(ctx) }
+
+// withConns makes the requests source makes with rclone's API clients
+// under ctx (checksum HEADs, GCS metadata) take the node's connections.
+func (s *Store) withConns(ctx context.Context) context.Context {
+	return source.WithSlots(ctx, connSlots{s})
+}
+
 // Close cancels running downloads and waits for them to clean up.
 func (s *Store) Close() error {
 	// Under mu, so no download registers itself after the cancel.

@@ -104,3 +104,33 @@ func TestFair_TricklingRemote_OtherTenantsColdPublishFinishes_RealMinIO(t *testi
 	t.Logf("the trickling publish failed after %v: %v", r.took, r.err)
 	e.proxy.Trickle("", 0)
 }
+
+// The requests made with rclone's own API client beside its GETs (the
+// checksum HEAD, and a HEAD of every part when a multipart ETag has to be
+// checked against the parts' real sizes) take the node's connections as
+// GETs do: with --max-connections=1 the remote never answers more than one
+// object request at a time. The object's parts are unequal although their
+// sizes add up as if equal, so every part is asked for (four HEADs, which
+// ran at once beside the bound before).
+func TestFair_ChecksumHEADsTakeConnections_RealMinIO(t *testing.T) {
+	const mib = 1 << 20
+	e := newEnv(t)
+	e.driver.Stop()
+	e.start("--max-connections=1")
+	sizes := []int{6 * mib, 5 * mib, 7 * mib, 4 * mib}
+	files := randomModel(202, map[string]int{"unequal.bin": 22 * mib})
+	e.uploadParts("m/unequal.bin", files["unequal.bin"], sizes, nil, noChecksum)
+	// Every HEAD takes a while, so that HEADs not bounded would overlap.
+	e.proxy.FirstByteDelay.Store(int64(200 * time.Millisecond))
+	e.proxy.Reset()
+
+	e.mustPublish("vol", e.target("pod"), e.model("m"))
+	sameFiles(t, e.target("pod"), files)
+	if heads := e.proxy.ObjectHeads(); heads < int64(1+len(sizes)) {
+		t.Fatalf("the remote answered %d object HEADs, want the checksum's and one per part (%d)", heads, 1+len(sizes))
+	}
+	if got := e.proxy.MaxInFlight(); got != 1 {
+		t.Errorf("%d object requests (GETs and HEADs) were in flight at once, want 1 (--max-connections=1)", got)
+	}
+	e.mustUnpublish("vol", e.target("pod"))
+}
