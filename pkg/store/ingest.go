@@ -171,7 +171,10 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	rc, err := f.Open(sctx, e)
 	if err != nil {
 		guard.stop()
-		return "", notChecked, guard.err(e.Path, err)
+		if cut := guard.err(err); cut != err {
+			return "", notChecked, fmt.Errorf("opening %s: %w", e.Path, cut)
+		}
+		return "", notChecked, err
 	}
 	defer func() {
 		if rc != nil {
@@ -217,7 +220,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 			// connection, or the guard a trickling one) goes on from where
 			// it stopped with a ranged read, as rclone's low-level retries
 			// do, instead of starting over.
-			rerr = guard.err(e.Path, rerr)
+			rerr = guard.err(rerr)
 			rf, ok := f.(RangeFetcher)
 			if !ok || resumes == chunkAttempts || n >= e.Size || ctx.Err() != nil || !errors.Is(rerr, source.ErrUnavailable) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
 				return "", notChecked, fmt.Errorf("downloading %s: %w", e.Path, rerr)
@@ -235,7 +238,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 			sctx, guard = s.guardStream(ctx)
 			if rc, err = rf.OpenRange(sctx, e, n, e.Size-n); err != nil {
 				rc = nil
-				return "", notChecked, fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(e.Path, err))
+				return "", notChecked, fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(err))
 			}
 			r = guardedReader{io.LimitReader(rc, e.Size-n), guard}
 		}

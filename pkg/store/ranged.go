@@ -268,7 +268,7 @@ func (s *Store) fetchChunk(ctx context.Context, rf RangeFetcher, e source.Entry,
 			return err
 		}
 		sctx, guard := s.guardStream(ctx)
-		err = guard.err(fmt.Sprintf("bytes %d-%d of %s", off, off+int64(len(buf))-1, e.Path), readChunk(sctx, rf, e, off, buf, guard))
+		err = guard.err(readChunk(sctx, rf, e, off, buf, guard))
 		guard.stop()
 		s.releaseConn(ctx)
 		if err == nil || ctx.Err() != nil || errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrDenied) || errors.Is(err, source.ErrNotFound) {

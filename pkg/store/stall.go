@@ -102,12 +102,12 @@ func (g *streamGuard) stop() {
 }
 
 // err is what a stream's failure err means: the guard's cut, saying so,
-// when it cut the stream.
-func (g *streamGuard) err(what string, err error) error {
+// when it cut the stream. Callers name the object and the bytes.
+func (g *streamGuard) err(err error) error {
 	if g == nil || !g.slow.Load() {
 		return err
 	}
-	return fmt.Errorf("%w: %s sent less than %s/s over %s (--min-stream-rate, --stall-window); cut to be retried", source.ErrUnavailable, what, units.Bytes(g.rate), g.window)
+	return fmt.Errorf("%w: the remote sent less than %s/s over %s (--min-stream-rate, --stall-window)", source.ErrUnavailable, units.Bytes(g.rate), g.window)
 }
 
 // errSlowStream is the cause a guard cancels a stream's context with.
@@ -183,7 +183,7 @@ func (s *Store) watch(d *download, cancel context.CancelCauseFunc) (stop func())
 					last, lastAt = n, now
 				}
 				if s.stallTimeout > 0 && now.Sub(lastAt) > s.stallTimeout {
-					cancel(fmt.Errorf("%w: the download made no progress for %s (--download-stall-timeout) at %s of %s; kubelet retries it", source.ErrUnavailable, s.stallTimeout, units.Bytes(last), units.Bytes(d.p.Total)))
+					cancel(fmt.Errorf("%w: the download made no progress for %s (--download-stall-timeout) at %s of %s", source.ErrUnavailable, s.stallTimeout, units.Bytes(last), units.Bytes(d.p.Total)))
 					return
 				}
 				s.mu.Lock()
