@@ -145,8 +145,9 @@ var rbacOnce struct {
 }
 
 // ensureRBAC applies deploy/kubernetes/namespace.yaml and the service
-// account, roles and bindings of deploy/kubernetes/controller.yaml (not
-// its Deployment), and waits until the authorizer has them.
+// accounts, token Secret, roles and bindings of
+// deploy/kubernetes/controller.yaml (not its Deployment), and waits until
+// the authorizer has them.
 func ensureRBAC(t *testing.T) {
 	t.Helper()
 	var docs [][]byte
@@ -178,6 +179,13 @@ func applyRBAC(docs [][]byte) error {
 			var o corev1.Namespace
 			if err = yaml.UnmarshalStrict(doc, &o); err == nil {
 				_, err = env.kube.CoreV1().Namespaces().Create(ctx, &o, metav1.CreateOptions{})
+			}
+		case "Secret":
+			// A service account token Secret stays empty here: no token
+			// controller runs (tokens come from TokenRequest instead).
+			var o corev1.Secret
+			if err = yaml.UnmarshalStrict(doc, &o); err == nil {
+				_, err = env.kube.CoreV1().Secrets(o.Namespace).Create(ctx, &o, metav1.CreateOptions{})
 			}
 		case "ServiceAccount":
 			var o corev1.ServiceAccount

@@ -392,6 +392,26 @@ func TestReconciler_AsItsServiceAccount(t *testing.T) {
 				return st.ObservedGeneration == 2
 			})
 		}},
+		{"a CachedModel tolerating every taint gets no holders, a status and an event", func(t *testing.T) {
+			// The namespace is not labelled trusted: the reconciler reads
+			// it, refuses, and says why on the CachedModel.
+			ctx := context.Background()
+			if _, err := models.Create(ctx, cachedModel(ns, "everywhere", map[string]any{
+				"modelUri": "mys3:models/llama", "tolerations": []any{map[string]any{"operator": "Exists"}},
+			}), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			waitStatus(t, ns, "everywhere", 30*time.Second, "Degraded NotAllowed", func(st fleet.Status) bool {
+				c := meta.FindStatusCondition(st.Conditions, fleet.ConditionDegraded)
+				return c != nil && c.Status == metav1.ConditionTrue && c.Reason == fleet.ReasonNotAllowed
+			})
+			eventually(t, 30*time.Second, "a Warning event on the CachedModel", func(ctx context.Context) error {
+				return refusalEvent(ctx, ns, "everywhere", "operator Exists without a key")
+			})
+			if _, err := dss.Get(ctx, fleet.HolderName("everywhere"), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+				t.Errorf("holders of a refused CachedModel: %v", err)
+			}
+		}},
 		{"deleting the CachedModel removes its DaemonSet", func(t *testing.T) {
 			// No garbage collector runs here: the reconciler's orphan
 			// removal is what deletes the holders.
