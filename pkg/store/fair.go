@@ -16,7 +16,7 @@ type fairSlots struct {
 	used    int
 	held    map[*download]int // slots each download holds
 	users   map[*download]int // downloads using the bound (join/leave)
-	waiting int               // acquires blocked now
+	waiting int               // acquires within their share blocked by a full pool
 	changed chan struct{}     // closed and replaced on every change
 }
 
@@ -57,19 +57,28 @@ func (f *fairSlots) share(d *download) int {
 // less than its share.
 func (f *fairSlots) acquire(ctx context.Context, d *download) error {
 	f.mu.Lock()
-	counted := false
+	counted := false // in waiting
 	defer func() {
 		if counted {
 			f.waiting--
 		}
 		f.mu.Unlock()
 	}()
-	for f.used >= f.size || f.held[d] >= f.share(d) {
-		if !counted {
-			// Holders of more than their share hear of the wait (pressed).
-			counted = true
-			f.waiting++
-			f.notify()
+	for {
+		within := f.held[d] < f.share(d)
+		if within && f.used < f.size {
+			break
+		}
+		// Only a wait a freed slot would end counts: holders then give
+		// back what they can spare (pressed).
+		if within != counted {
+			counted = within
+			if within {
+				f.waiting++
+				f.notify()
+			} else {
+				f.waiting--
+			}
 		}
 		ch := f.changed
 		f.mu.Unlock()
@@ -97,8 +106,9 @@ func (f *fairSlots) release(d *download) {
 	f.mu.Unlock()
 }
 
-// pressed reports whether d should give back slots it can spare: another
-// acquire waits, or d holds more than its share.
+// pressed reports whether d should give back slots it can spare: an
+// acquire within its share waits for a free slot, or d holds more than its
+// share.
 func (f *fairSlots) pressed(d *download) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
