@@ -67,7 +67,10 @@ func run(m *testing.M) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
-	env.cp, err = cluster.StartControlPlane(ctx, cluster.ControlPlaneConfig{Bin: bin, Work: work})
+	// Privileged pods allowed, as in the clusters the node plugin runs
+	// in: TestDeploy_RenderedObjectsValidateOnTheAPIServer applies its DaemonSet.
+	env.cp, err = cluster.StartControlPlane(ctx, cluster.ControlPlaneConfig{Bin: bin, Work: work,
+		ExtraAPIServerArgs: []string{"--allow-privileged=true"}})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "starting etcd and kube-apiserver: %v\n", err)
 		_ = os.RemoveAll(work)
