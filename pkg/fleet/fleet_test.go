@@ -607,3 +607,36 @@ func TestReconcile_PolicyReadsNoNamespaceForAnAllowedCachedModel(t *testing.T) {
 		}
 	}
 }
+
+func TestReconcile_PolicyRefusalSurvivesAFailedEventAndClearsWhenFixed(t *testing.T) {
+	ctx := context.Background()
+	cm := cachedModel("llama", func(cm *CachedModel) { cm.Spec.PriorityClassName = "system-node-critical" })
+	c := newClients(t, []*CachedModel{cm}, namespace(false))
+	c.kube.PrependReactor("create", "events", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, fmt.Errorf("events are down")
+	})
+	if _, err := c.r.Reconcile(ctx, ns, "llama"); err != nil {
+		t.Fatalf("a failed event failed the reconcile: %v", err)
+	}
+	if d := cond(c.cachedModel(t, "llama").Status, ConditionDegraded); d.Reason != ReasonNotAllowed {
+		t.Fatalf("Degraded %+v, want %s although the event failed", d, ReasonNotAllowed)
+	}
+
+	// The user removes the priority class: holders, and the refusal is gone.
+	u, _ := c.dyn.Resource(Resource).Namespace(ns).Get(ctx, "llama", metav1.GetOptions{})
+	unstructured.RemoveNestedField(u.Object, "spec", "priorityClassName")
+	u.SetGeneration(2)
+	if _, err := c.dyn.Resource(Resource).Namespace(ns).Update(ctx, u, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.r.Reconcile(ctx, ns, "llama"); err != nil {
+		t.Fatal(err)
+	}
+	c.daemonSet(t, HolderName("llama"))
+	st := c.cachedModel(t, "llama").Status
+	for _, typ := range []string{ConditionReady, ConditionProgressing, ConditionDegraded} {
+		if got := cond(st, typ); got.Reason == ReasonNotAllowed {
+			t.Errorf("%s still %+v after the spec was fixed", typ, got)
+		}
+	}
+}
