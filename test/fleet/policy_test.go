@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -296,4 +299,53 @@ func installPolicy(t *testing.T) *corev1.ConfigMap {
 		t.Fatal("deploy/kubernetes/cachedmodel-policy.yaml has no ConfigMap of parameters")
 	}
 	return params
+}
+
+// TestCachedModelPolicy_TypeChecksAgainstTheCRD runs kube-controller-manager's
+// ValidatingAdmissionPolicy status controller, which type-checks the
+// shipped policy's CEL against the CachedModel schema as a cluster does
+// (the API server only compiles it): no warnings.
+func TestCachedModelPolicy_TypeChecksAgainstTheCRD(t *testing.T) {
+	ensureCRD(t)
+	ensureRBAC(t)
+	bin := filepath.Join(env.repo, "bin", "kube-controller-manager")
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("test/fleet needs %s (built with kube-apiserver by make fleet): %v", bin, err)
+	}
+	installPolicy(t)
+	log, err := os.CreateTemp(t.TempDir(), "kube-controller-manager-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, bin, "--kubeconfig="+env.cp.Kubeconfig, "--controllers=validatingadmissionpolicy-status-controller",
+		"--leader-elect=false", "--secure-port=0")
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stop()
+		_ = cmd.Wait()
+	})
+	var p *admissionv1.ValidatingAdmissionPolicy
+	limit := 90 * time.Second
+	wait, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	if err := poll(wait, func() error {
+		p, err = env.kube.AdmissionregistrationV1().ValidatingAdmissionPolicies().Get(wait, "modelcache-cachedmodels", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.ObservedGeneration < p.Generation || p.Status.TypeChecking == nil {
+			return fmt.Errorf("not type-checked: status %+v", p.Status)
+		}
+		return nil
+	}); err != nil {
+		out, _ := os.ReadFile(log.Name())
+		t.Fatalf("not after %s: %v\nkube-controller-manager's log:\n%s", limit, err, out)
+	}
+	if w := p.Status.TypeChecking.ExpressionWarnings; len(w) > 0 {
+		t.Errorf("the policy's CEL does not type-check against the CachedModel schema: %+v", w)
+	}
 }
