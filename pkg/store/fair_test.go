@@ -201,31 +201,39 @@ func TestGrace_AbandonedCancelled_WantedKept(t *testing.T) {
 }
 
 // Connections are shared as buffers are: a model whose every stream
-// trickles holds at most its share once another download waits, so the
-// other's objects download while the first still trickles.
+// trickles gives back the connection of each stream cut for its rate, and
+// queues for it again behind another download, whose objects download
+// while the first still trickles (it fails only after three resumes of a
+// stall window each).
 func TestFair_TricklingObjects_ConnectionsShared(t *testing.T) {
-	s := openOpts(t, store.Options{MaxConnections: 4, Transfers: 8, MinStreamRate: 1000, StallWindow: 150 * time.Millisecond,
+	const window = 300 * time.Millisecond
+	s := openOpts(t, store.Options{MaxConnections: 4, Transfers: 8, MinStreamRate: 1000, StallWindow: window,
 		StallTimeout: -1, DownloadGrace: -1})
 	slow, fast := map[string][]byte{}, map[string][]byte{}
 	held := map[string]bool{}
 	for i := range 8 {
-		slow[fmt.Sprintf("s%d", i)] = bytesOf(fmt.Sprint("s", i), 100)
+		slow[fmt.Sprintf("s%d", i)] = bytesOf(fmt.Sprint("s", i), 100_000)
 		held[fmt.Sprintf("s%d", i)] = true
 		fast[fmt.Sprintf("f%d", i)] = bytesOf(fmt.Sprint("f", i), 100)
 	}
-	fs := &stallFetcher{files: slow, slow: held, trickle: 40 * time.Millisecond}
+	fs := &stallFetcher{files: slow, slow: held, trickle: 40 * time.Millisecond, all: true}
+	start := time.Now()
 	stalled := ensureAsync(context.Background(), s, "slow", manifestOf(slow), fs)
 	waitFor(t, "the trickling streams", func() bool { return fs.held.Load() >= 4 })
-	start := time.Now()
 	tr, _, err := s.Ensure(context.Background(), "fast", manifestOf(fast), &stallFetcher{files: fast})
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkTree(t, s, tr, fast)
+	var r result
 	select {
-	case r := <-stalled:
+	case r = <-stalled:
 		t.Errorf("the fast model waited for the trickling one to end (%v after %v)", r.err, time.Since(start))
 	default:
+		r = waitResult(t, stalled, "the trickling model")
+	}
+	if !errors.Is(r.err, source.ErrUnavailable) {
+		t.Errorf("the trickling model: err %v, want ErrUnavailable", r.err)
 	}
 }
 
