@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -337,5 +340,46 @@ func TestResolveRefusesRealInterfaceAddress(t *testing.T) {
 	r = NewRclone([]byte("node key"), WithAllowedEndpoints([]netip.Prefix{netip.PrefixFrom(own, own.BitLen())}))
 	if _, err := r.Resolve(context.Background(), "mys3:bucket/m", minioSecret(ep, secretKeyID, secretAccessKey)); err != nil {
 		t.Errorf("Resolve with endpoint %s allowed: %v", ep, err)
+	}
+}
+
+// A listing redirected to a refused address (the controller's CreateVolume
+// lists as a publish does) is refused at connect time: no connection
+// reaches it, and the error names the host and the rule, not the client's
+// SOCKS reply.
+func TestListRedirectedToRefusedAddress(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatalf("listening on 127.0.0.2: %v", err)
+	}
+	var reached atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			reached.Add(1)
+			c.Close()
+		}
+	}()
+	defer ln.Close()
+	redirect := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, "http://"+ln.Addr().String()+r.URL.RequestURI(), http.StatusTemporaryRedirect)
+	}))
+	defer redirect.Close()
+
+	r, _ := newTestRclone(t, nil, WithAllowedEndpoints([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}))
+	remote, err := r.Resolve(context.Background(), "mys3:bucket/m", minioSecret(redirect.URL, secretKeyID, secretAccessKey))
+	if err != nil {
+		t.Fatalf("Resolve: %v (the endpoint itself is allowed)", err)
+	}
+	_, err = remote.List(context.Background())
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "127.0.0.2") || !strings.Contains(err.Error(), "rule loopback") {
+		t.Fatalf("List through a redirect to 127.0.0.2 = %v, want ErrRefused naming the address and the rule", err)
+	}
+	assertNoSecrets(t, "refusal", err.Error(), minioSecret(redirect.URL, secretKeyID, secretAccessKey))
+	if n := reached.Load(); n != 0 {
+		t.Errorf("%d connections reached the refused address", n)
 	}
 }

@@ -126,6 +126,9 @@ func (r *Rclone) Resolve(ctx context.Context, uri string, secrets map[string]str
 		credID: credentialID(r.fingerprintKey, cfg),
 		guard:  r.egress(), egressID: newEgressID(),
 	}
+	if remote.proxyURL, err = remote.guard.ProxyURL(remote.egressID); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
 	if err := r.checkEndpoints(ctx, cfg.Endpoints); err != nil {
 		if !errors.Is(err, ErrUnavailable) {
 			return nil, err
