@@ -128,7 +128,9 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := map[string]string{"NODE_NAME": "test-node", "POD_IP": "127.0.0.1"}
+	// HOST_IP (status.hostIP) is an address of TEST-NET-1: refused to
+	// tenants like the node's own, and nothing here connects to it.
+	env := map[string]string{"NODE_NAME": "test-node", "POD_IP": "127.0.0.1", "HOST_IP": "192.0.2.1"}
 	for _, e := range plugin.Env {
 		if _, ok := env[e.Name]; !ok {
 			t.Fatalf("the plugin's env %s is new: decide what this test substitutes for it", e.Name)
@@ -176,6 +178,10 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 
 	var logs syncBuffer
 	cmd := exec.Command(driverBin, args...)
+	cmd.Env = os.Environ()
+	for _, e := range plugin.Env {
+		cmd.Env = append(cmd.Env, e.Name+"="+env[e.Name])
+	}
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -247,6 +253,11 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 	}
 	if !bytes.Contains(body, []byte("modelcache_")) {
 		t.Fatalf("/metrics has no modelcache_ series:\n%s", body)
+	}
+
+	// The node's address from the downward API is among the refused.
+	if !strings.Contains(logs.String(), `hostIPs=["192.0.2.1"]`) {
+		t.Errorf("the driver's egress rules do not name $(HOST_IP) 192.0.2.1 as the node's:\n%s", logs.String())
 	}
 
 	// The admin socket the prefetch example and modelcachectl expect.
