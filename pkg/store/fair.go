@@ -16,12 +16,12 @@ type fairSlots struct {
 	used    int
 	held    map[*download]int // slots each download holds
 	users   map[*download]int // downloads using the bound (join/leave)
-	waiting int               // acquires within their share blocked by a full pool
+	waiting map[*download]int // acquires within their share blocked by a full pool, per download
 	changed chan struct{}     // closed and replaced on every change
 }
 
 func newFairSlots(size int) *fairSlots {
-	return &fairSlots{size: size, held: map[*download]int{}, users: map[*download]int{}, changed: make(chan struct{})}
+	return &fairSlots{size: size, held: map[*download]int{}, users: map[*download]int{}, waiting: map[*download]int{}, changed: make(chan struct{})}
 }
 
 // join counts d among the downloads sharing the bound until leave.
@@ -60,7 +60,7 @@ func (f *fairSlots) acquire(ctx context.Context, d *download) error {
 	counted := false // in waiting
 	defer func() {
 		if counted {
-			f.waiting--
+			f.unwait(d)
 		}
 		f.mu.Unlock()
 	}()
@@ -74,10 +74,10 @@ func (f *fairSlots) acquire(ctx context.Context, d *download) error {
 		if within != counted {
 			counted = within
 			if within {
-				f.waiting++
+				f.waiting[d]++
 				f.notify()
 			} else {
-				f.waiting--
+				f.unwait(d)
 			}
 		}
 		ch := f.changed
@@ -106,13 +106,25 @@ func (f *fairSlots) release(d *download) {
 	f.mu.Unlock()
 }
 
-// pressed reports whether d should give back slots it can spare: an
-// acquire within its share waits for a free slot, or d holds more than its
-// share.
+// pressed reports whether d should give back slots it can spare: another
+// download waits for a free slot within its share, or d holds more than
+// its share. d's own streams waiting do not count: giving its buffers to
+// itself would only trade them for reading the chunks back from the file.
 func (f *fairSlots) pressed(d *download) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.waiting > 0 || f.held[d] > f.share(d)
+	for w := range f.waiting {
+		if w != d {
+			return true
+		}
+	}
+	return f.held[d] > f.share(d)
+}
+
+func (f *fairSlots) unwait(d *download) {
+	if f.waiting[d]--; f.waiting[d] <= 0 {
+		delete(f.waiting, d)
+	}
 }
 
 // changes is closed at the next change of the slots (take it before

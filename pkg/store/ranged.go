@@ -169,8 +169,9 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 			default:
 				// A finished chunk waiting for an earlier, slower one would
 				// pin its buffer for as long as that one takes: when another
-				// download (or a stream of this one) waits for a buffer, the
-				// finished chunks give theirs back; they are in the file.
+				// download waits for a buffer, the finished chunks give
+				// theirs back; they are in the file. This download's own
+				// streams wait instead (a stream too slow is cut).
 				changed := s.chunks.slots.changes()
 				if len(pending) > 0 && s.chunks.slots.pressed(d) {
 					for i, b := range pending {
