@@ -163,7 +163,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 			s.mu.Unlock()
 			s.wg.Done()
 		}()
-		// This download is registered above, so reserved() counts its bytes.
+		// This download is registered above, so reservations() counts its bytes.
 		if _, err := s.MakeRoom(0, false); err != nil {
 			return nil, fmt.Errorf("making room for %s: %w", units.Bytes(m.Size()), err)
 		}

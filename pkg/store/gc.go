@@ -198,19 +198,23 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 		return plan, err
 	}
 	for {
-		want := need + s.reserved()
-		if dryRun {
-			want -= plan.Freed // nothing was removed; count what would have been
-		}
-		over, noRoom, err := s.overBudget(used, want)
+		// One statfs and one look at the running downloads serve the
+		// bytes and the inodes.
+		st, err := s.fsStat()
 		if err != nil {
 			return plan, err
 		}
-		noRoom.Need = need + s.reserved() // what was asked for, not the dry run's arithmetic
+		reserved, reservedInodes := s.reservations()
+		want := need + reserved
+		if dryRun {
+			want -= plan.Freed // nothing was removed; count what would have been
+		}
+		over, noRoom := s.overBudget(st, used, want)
+		noRoom.Need = need + reserved // what was asked for, not the dry run's arithmetic
 		plan.Over = max(over, 0)
 		// Inodes, unlike bytes, are read from the filesystem as it is
 		// now, so a dry run, which removes nothing, plans for bytes only.
-		overInodes := s.overInodes(noRoom)
+		overInodes := s.overInodes(st, reservedInodes, noRoom)
 		plan.OverInodes = max(overInodes, 0)
 		if over <= 0 && (overInodes <= 0 || dryRun) {
 			return plan, nil
@@ -249,12 +253,9 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 }
 
 // overBudget returns by how many bytes adding need to the used bytes of
-// blobs would exceed the budget.
-func (s *Store) overBudget(used, need int64) (int64, *NoRoomError, error) {
-	size, free, err := s.statfs()
-	if err != nil {
-		return 0, nil, err
-	}
+// blobs would exceed the budget, on a filesystem as st says it is.
+func (s *Store) overBudget(st fsStat, used, need int64) (int64, *NoRoomError) {
+	size, free := st.size, st.free
 	b := s.budget
 	limit := b.MaxBytes
 	if f := int64(b.MaxFraction * float64(size)); f > 0 && (limit == 0 || f < limit) {
@@ -266,21 +267,16 @@ func (s *Store) overBudget(used, need int64) (int64, *NoRoomError, error) {
 		over = used + need - limit
 	}
 	over = max(over, minFree-(free-need))
-	return over, &NoRoomError{Need: need, Limit: limit, Used: used, Free: free, MinFree: minFree}, nil
+	return over, &NoRoomError{Need: need, Limit: limit, Used: used, Free: free, MinFree: minFree}
 }
 
-// overInodes returns by how many inodes the running downloads would take
-// the filesystem below the free inodes the budget keeps, and records the
-// numbers in noRoom when it is positive.
-func (s *Store) overInodes(noRoom *NoRoomError) int64 {
-	if s.budget.MinFreeInodes <= 0 {
-		return 0
-	}
-	st, err := s.fsStat()
-	if err != nil || st.files <= 0 {
+// overInodes returns by how many inodes the running downloads (need) would
+// take the filesystem below the free inodes the budget keeps, and records
+// the numbers in noRoom when it is positive.
+func (s *Store) overInodes(st fsStat, need int64, noRoom *NoRoomError) int64 {
+	if s.budget.MinFreeInodes <= 0 || st.files <= 0 {
 		return 0 // no fixed number of inodes: nothing to keep free
 	}
-	need := s.reservedInodes()
 	minFree := int64(s.budget.MinFreeInodes * float64(st.files))
 	over := minFree - (st.freeFiles - need)
 	if over > 0 {
@@ -289,26 +285,16 @@ func (s *Store) overInodes(noRoom *NoRoomError) int64 {
 	return over
 }
 
-// reservedInodes is what running downloads take in inodes.
-func (s *Store) reservedInodes() int64 {
+// reservations is what running downloads will still write, in bytes, and
+// what they take in inodes.
+func (s *Store) reservations() (bytes, inodes int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var n int64
 	for _, p := range s.running {
-		n += max(p.inodes-p.files.Load(), 0)
+		bytes += max(p.Total-p.Done(), 0)
+		inodes += max(p.inodes-p.files.Load(), 0)
 	}
-	return n
-}
-
-// reserved is what running downloads will still write.
-func (s *Store) reserved() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var n int64
-	for _, p := range s.running {
-		n += max(p.Total-p.Done(), 0)
-	}
-	return n
+	return bytes, inodes
 }
 
 // wouldFree is what removing a tree would free after the removals already
