@@ -37,11 +37,10 @@ type RefusedError struct {
 }
 
 func (e *RefusedError) Error() string {
-	verb := "resolves to"
 	if e.Host == e.Addr.String() {
 		return fmt.Sprintf("connecting to %s is refused by the rule %s: %s; an operator can allow it with --allow-endpoint", e.Host, e.Rule, e.Why)
 	}
-	return fmt.Sprintf("connecting to %s is refused: it %s %s, refused by the rule %s: %s; an operator can allow it with --allow-endpoint", e.Host, verb, e.Addr, e.Rule, e.Why)
+	return fmt.Sprintf("connecting to %s is refused: it resolves to %s, refused by the rule %s: %s; an operator can allow it with --allow-endpoint", e.Host, e.Addr, e.Rule, e.Why)
 }
 
 func (e *RefusedError) Unwrap() error { return ErrRefused }

@@ -183,17 +183,25 @@ func TestCheckFailsClosedWithoutInterfaces(t *testing.T) {
 }
 
 func TestParsePrefixes(t *testing.T) {
-	got, err := ParsePrefixes("--deny-endpoint", []string{"10.96.0.0/12", " fd00::/8 ", "", "10.0.0.5", "::ffff:169.254.0.0/112", "10.1.2.3/16"})
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		in   []string
+		want string
+	}{
+		{[]string{"10.96.0.0/12", " fd00::/8 ", "", "10.0.0.5", "::ffff:169.254.0.0/112", "10.1.2.3/16"}, "[10.96.0.0/12 fd00::/8 10.0.0.5/32 169.254.0.0/16 10.1.0.0/16]"},
+		{[]string{"127.0.0.1/32", "10.0.0.5", "::1", " fd00::/8 ", "", "10.1.2.3/16", "::ffff:169.254.169.254"}, "[127.0.0.1/32 10.0.0.5/32 ::1/128 fd00::/8 10.1.0.0/16 169.254.169.254/32]"},
+	} {
+		got, err := ParsePrefixes("--deny-endpoint", tc.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s := fmt.Sprint(got); s != tc.want {
+			t.Errorf("ParsePrefixes(%q) = %s, want %s", tc.in, s, tc.want)
+		}
 	}
-	want := "[10.96.0.0/12 fd00::/8 10.0.0.5/32 169.254.0.0/16 10.1.0.0/16]"
-	if s := fmt.Sprint(got); s != want {
-		t.Errorf("ParsePrefixes = %s, want %s", s, want)
-	}
-	for _, bad := range []string{"10.0.0.0/33", "example.com", "fe80::1%eth0", "10.0.0.1/"} {
-		if _, err := ParsePrefixes("--deny-endpoint", []string{bad}); err == nil || !strings.Contains(err.Error(), "--deny-endpoint") {
-			t.Errorf("ParsePrefixes(%q) = %v, want an error naming the flag", bad, err)
+	for _, bad := range []string{"10.0.0.0/33", "example.com", "fe80::1%eth0", "10.0.0.1/", "localhost", "10.0.0.300", "http://10.0.0.1", "10.0.0.1:9000", "*"} {
+		_, err := ParsePrefixes("--allow-endpoint", []string{"10.0.0.1", bad})
+		if err == nil || !strings.Contains(err.Error(), "--allow-endpoint") || !strings.Contains(err.Error(), bad) {
+			t.Errorf("ParsePrefixes(%q) = %v, want an error naming the flag and the entry", bad, err)
 		}
 	}
 }

@@ -60,17 +60,6 @@ func WithAllowedEndpoints(prefixes []netip.Prefix) Option {
 	}
 }
 
-// ParseAllowedEndpoints parses an operator's allow-list: CIDR prefixes
-// ("127.0.0.1/32", "fd00::/8") or single addresses ("10.0.0.5", "::1").
-// Empty entries are skipped.
-func ParseAllowedEndpoints(list []string) ([]netip.Prefix, error) {
-	p, err := egress.ParsePrefixes("allowed endpoint", list)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	return p, nil
-}
-
 var (
 	hostLabel    = regexp.MustCompile(`^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$`)
 	numericLabel = regexp.MustCompile(`^([0-9]+|0[xX][0-9A-Fa-f]*)$`)
