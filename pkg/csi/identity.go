@@ -8,11 +8,12 @@ import (
 	"context"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/names"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // DriverName is the CSI driver name (docs/design.md "Names").
-const DriverName = "modelcache.csi.dev"
+const DriverName = names.DriverName
 
 // Identity serves the CSI Identity service.
 type Identity struct {

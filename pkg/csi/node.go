@@ -13,6 +13,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
+	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -21,11 +22,12 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// Volume attributes (docs/design.md "Names").
+// Volume attributes (docs/design.md "Names"), kept in pkg/names for the
+// packages that must not link this one.
 const (
-	AttrModelURI   = "modelUri"
-	AttrPullPolicy = "pullPolicy"
-	AttrDigest     = "digest"
+	AttrModelURI   = names.AttrModelURI
+	AttrPullPolicy = names.AttrPullPolicy
+	AttrDigest     = names.AttrDigest
 
 	podNameKey      = "csi.storage.k8s.io/pod.name"
 	podNamespaceKey = "csi.storage.k8s.io/pod.namespace"

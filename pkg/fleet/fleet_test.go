@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/kube"
+	"github.com/modelcache/modelcache/pkg/names"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -61,10 +61,10 @@ func TestHolders_PodMountsTheModelWithoutPrivileges(t *testing.T) {
 	if got := ds.Spec.Template.Labels[LabelCachedModel]; got != "llama" {
 		t.Errorf("holder label %q, want llama (model servers' affinity selects it)", got)
 	}
-	if v := pod.Volumes[0].CSI; v == nil || v.Driver != csi.DriverName || !*v.ReadOnly ||
+	if v := pod.Volumes[0].CSI; v == nil || v.Driver != names.DriverName || !*v.ReadOnly ||
 		v.NodePublishSecretRef.Name != "seldon-rclone-secret" ||
-		v.VolumeAttributes[csi.AttrModelURI] != "mys3:models/llama" ||
-		v.VolumeAttributes[csi.AttrPullPolicy] != "Always" || v.VolumeAttributes[csi.AttrDigest] != cm.Spec.Digest {
+		v.VolumeAttributes[names.AttrModelURI] != "mys3:models/llama" ||
+		v.VolumeAttributes[names.AttrPullPolicy] != "Always" || v.VolumeAttributes[names.AttrDigest] != cm.Spec.Digest {
 		t.Errorf("volume %+v is not the model's inline CSI volume with its secret", pod.Volumes[0])
 	}
 	if pod.NodeSelector["gpu"] != "a100" || len(pod.Tolerations) != 1 || pod.PriorityClassName != "warm" {
@@ -319,7 +319,7 @@ func TestReconcile_CreatesHoldersThenFollowsThem(t *testing.T) {
 		t.Fatal(err)
 	}
 	ds := c.daemonSet(t, "cachedmodel-llama")
-	if ds.Spec.Template.Spec.Volumes[0].CSI.VolumeAttributes[csi.AttrModelURI] != cm.Spec.ModelURI {
+	if ds.Spec.Template.Spec.Volumes[0].CSI.VolumeAttributes[names.AttrModelURI] != cm.Spec.ModelURI {
 		t.Fatalf("DaemonSet does not hold the model: %+v", ds.Spec.Template.Spec.Volumes)
 	}
 	if after != requeueNotReady {
@@ -374,7 +374,7 @@ func TestReconcile_SpecChangeRewritesHolders(t *testing.T) {
 	if _, err := c.r.Reconcile(ctx, ns, "llama"); err != nil {
 		t.Fatal(err)
 	}
-	if got := c.daemonSet(t, "cachedmodel-llama").Spec.Template.Spec.Volumes[0].CSI.VolumeAttributes[csi.AttrPullPolicy]; got != "Always" {
+	if got := c.daemonSet(t, "cachedmodel-llama").Spec.Template.Spec.Volumes[0].CSI.VolumeAttributes[names.AttrPullPolicy]; got != "Always" {
 		t.Errorf("pullPolicy on the holders %q after the CachedModel changed, want Always", got)
 	}
 	if g := c.cachedModel(t, "llama").Status.ObservedGeneration; g != 2 {

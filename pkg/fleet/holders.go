@@ -5,7 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 
-	"github.com/modelcache/modelcache/pkg/csi"
+	"github.com/modelcache/modelcache/pkg/names"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -61,14 +61,14 @@ func shortHash(s string) string {
 // no service account token, a few MiB of memory.
 func Holders(cm *CachedModel, image string) *appsv1.DaemonSet {
 	labels := map[string]string{LabelCachedModel: LabelValue(cm.Name)}
-	attrs := map[string]string{csi.AttrModelURI: cm.Spec.ModelURI}
+	attrs := map[string]string{names.AttrModelURI: cm.Spec.ModelURI}
 	if cm.Spec.PullPolicy != "" {
-		attrs[csi.AttrPullPolicy] = cm.Spec.PullPolicy
+		attrs[names.AttrPullPolicy] = cm.Spec.PullPolicy
 	}
 	if cm.Spec.Digest != "" {
-		attrs[csi.AttrDigest] = cm.Spec.Digest
+		attrs[names.AttrDigest] = cm.Spec.Digest
 	}
-	vol := &corev1.CSIVolumeSource{Driver: csi.DriverName, ReadOnly: ptr.To(true), VolumeAttributes: attrs}
+	vol := &corev1.CSIVolumeSource{Driver: names.DriverName, ReadOnly: ptr.To(true), VolumeAttributes: attrs}
 	if cm.Spec.SecretRef != nil && cm.Spec.SecretRef.Name != "" {
 		vol.NodePublishSecretRef = &corev1.LocalObjectReference{Name: cm.Spec.SecretRef.Name}
 	}

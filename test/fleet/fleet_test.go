@@ -19,8 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/fleet"
+	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/test/e2e/cluster"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -386,7 +386,7 @@ func TestReconciler_AsItsServiceAccount(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				if p := got.Spec.Template.Spec.Volumes[0].CSI.VolumeAttributes[csi.AttrPullPolicy]; p != "Always" {
+				if p := got.Spec.Template.Spec.Volumes[0].CSI.VolumeAttributes[names.AttrPullPolicy]; p != "Always" {
 					return fmt.Errorf("pullPolicy %q", p)
 				}
 				return nil

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/modelcache/modelcache/pkg/csi"
+	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/test/testenv"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -64,7 +64,7 @@ func TestBase_KustomizationListsEveryFile(t *testing.T) {
 }
 
 func TestBase_CSIDriver(t *testing.T) {
-	d := theObject[*storagev1.CSIDriver](t, baseDocs(t), csi.DriverName)
+	d := theObject[*storagev1.CSIDriver](t, baseDocs(t), names.DriverName)
 	s := d.Spec
 	if s.AttachRequired == nil || *s.AttachRequired {
 		t.Errorf("attachRequired = %v, want false: there is nothing to attach", s.AttachRequired)
@@ -189,7 +189,7 @@ func TestBase_NodeDaemonSet(t *testing.T) {
 	// the registrar and the livenessprobe mount at their --csi-address.
 	endpoint := socketPath(t, theArg(t, plugin, "--endpoint"))
 	pluginDirHost := hostPathOf(t, spec, plugin, path.Dir(endpoint))
-	if want := "/var/lib/kubelet/plugins/" + csi.DriverName; pluginDirHost != want {
+	if want := "/var/lib/kubelet/plugins/" + names.DriverName; pluginDirHost != want {
 		t.Errorf("the plugin's socket directory %s is host %s, want %s", path.Dir(endpoint), pluginDirHost, want)
 	}
 	for _, c := range []*corev1.Container{n.registrar, n.live} {

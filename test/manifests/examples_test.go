@@ -12,6 +12,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/fleet"
 	"github.com/modelcache/modelcache/pkg/kube"
+	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	appsv1 "k8s.io/api/apps/v1"
@@ -28,17 +29,17 @@ import (
 const examplesDir = "deploy/examples"
 
 // The volume attributes the node plugin reads (pkg/csi).
-var modelAttrs = []string{csi.AttrModelURI, csi.AttrPullPolicy, csi.AttrDigest}
+var modelAttrs = []string{names.AttrModelURI, names.AttrPullPolicy, names.AttrDigest}
 
 // checkModelAttrs checks a model reference as the node and controller read
 // it: modelUri present and parseable, no key the driver would refuse.
 func checkModelAttrs(t *testing.T, what string, attrs map[string]string) {
 	t.Helper()
-	uri := attrs[csi.AttrModelURI]
+	uri := attrs[names.AttrModelURI]
 	if uri == "" {
-		t.Errorf("%s: no %s", what, csi.AttrModelURI)
+		t.Errorf("%s: no %s", what, names.AttrModelURI)
 	} else if _, err := source.ParseURI(uri); err != nil {
-		t.Errorf("%s: %s %q: %v", what, csi.AttrModelURI, uri, err)
+		t.Errorf("%s: %s %q: %v", what, names.AttrModelURI, uri, err)
 	}
 	for k := range attrs {
 		if !strings.Contains(k, "/") && !slices.Contains(modelAttrs, k) {
@@ -74,7 +75,7 @@ func TestExamples_ModelVolumesNameAModelAndAreReadOnly(t *testing.T) {
 	}
 	classes := map[string]bool{}
 	for _, sc := range objectsOf[*storagev1.StorageClass](all) {
-		if sc.Provisioner == csi.DriverName {
+		if sc.Provisioner == names.DriverName {
 			classes[sc.Name] = true
 			params := withoutPrefixed(sc.Parameters)
 			// A class's own parameter, never a volume attribute: the
@@ -101,7 +102,7 @@ func TestExamples_ModelVolumesNameAModelAndAreReadOnly(t *testing.T) {
 		}
 	}
 	for _, pv := range objectsOf[*corev1.PersistentVolume](all) {
-		if c := pv.Spec.CSI; c != nil && c.Driver == csi.DriverName {
+		if c := pv.Spec.CSI; c != nil && c.Driver == names.DriverName {
 			checkModelAttrs(t, "PersistentVolume "+pv.Name, c.VolumeAttributes)
 			if !c.ReadOnly {
 				t.Errorf("PersistentVolume %s: csi.readOnly is not true", pv.Name)
@@ -119,7 +120,7 @@ func TestExamples_ModelVolumesNameAModelAndAreReadOnly(t *testing.T) {
 				what := p.what + " volume " + v.Name
 				model := false
 				switch {
-				case v.CSI != nil && v.CSI.Driver == csi.DriverName:
+				case v.CSI != nil && v.CSI.Driver == names.DriverName:
 					model = true
 					inline[dir]++
 					checkModelAttrs(t, what, v.CSI.VolumeAttributes)
@@ -161,7 +162,7 @@ func TestExamples_ModelVolumesNameAModelAndAreReadOnly(t *testing.T) {
 	}
 	for _, dir := range []string{examplesDir, examplesDir + "/seldon", examplesDir + "/kserve"} {
 		if inline[filepath.FromSlash(dir)] == 0 {
-			t.Errorf("%s has no inline volume of %s", dir, csi.DriverName)
+			t.Errorf("%s has no inline volume of %s", dir, names.DriverName)
 		}
 	}
 }
@@ -214,8 +215,8 @@ func TestExamples_SeldonGraphsLeaveModelUriEmpty(t *testing.T) {
 							mount = mountAt(&spec.Containers[j], "/mnt/models")
 							if mount != nil {
 								v := volumeNamed(t, spec, mount.Name)
-								if (v.CSI == nil || v.CSI.Driver != csi.DriverName) && v.PersistentVolumeClaim == nil {
-									t.Errorf("%s: /mnt/models is volume %s, neither a %s volume nor a claim", what, v.Name, csi.DriverName)
+								if (v.CSI == nil || v.CSI.Driver != names.DriverName) && v.PersistentVolumeClaim == nil {
+									t.Errorf("%s: /mnt/models is volume %s, neither a %s volume nor a claim", what, v.Name, names.DriverName)
 								}
 							}
 						}
@@ -252,8 +253,8 @@ func TestExamples_KServeUsesTheVolumeNotTheStorageInitializer(t *testing.T) {
 		if mount == nil {
 			t.Fatalf("InferenceService %s: the model container mounts nothing at /mnt/models", is.Name)
 		}
-		if v := volumeNamed(t, &is.Spec.Predictor.PodSpec, mount.Name); v.CSI == nil || v.CSI.Driver != csi.DriverName {
-			t.Errorf("InferenceService %s: /mnt/models is not a %s volume", is.Name, csi.DriverName)
+		if v := volumeNamed(t, &is.Spec.Predictor.PodSpec, mount.Name); v.CSI == nil || v.CSI.Driver != names.DriverName {
+			t.Errorf("InferenceService %s: /mnt/models is not a %s volume", is.Name, names.DriverName)
 		}
 	}
 }
@@ -325,7 +326,7 @@ func TestExamples_SeldonPVC_ProvisionsTheClassModel(t *testing.T) {
 	if class == nil || claim == nil || claim.Spec.StorageClassName == nil || *claim.Spec.StorageClassName != class.Name {
 		t.Fatal("seldon/seldondeployment-pvc.yaml needs a StorageClass and a PersistentVolumeClaim of it")
 	}
-	if got, want := provisionExample(t, class, claim)[csi.AttrModelURI], class.Parameters[csi.AttrModelURI]; got != want {
+	if got, want := provisionExample(t, class, claim)[names.AttrModelURI], class.Parameters[names.AttrModelURI]; got != want {
 		t.Fatalf("provisioned modelUri %q, want the class's %q", got, want)
 	}
 }
@@ -382,11 +383,11 @@ func TestExamples_Prefetch_ServersFollowTheCachedModel(t *testing.T) {
 	for _, s := range servers {
 		var vol *corev1.CSIVolumeSource
 		for _, v := range s.spec.Volumes {
-			if v.CSI != nil && v.CSI.Driver == csi.DriverName {
+			if v.CSI != nil && v.CSI.Driver == names.DriverName {
 				vol = v.CSI
 			}
 		}
-		if vol == nil || vol.VolumeAttributes[csi.AttrModelURI] != held.VolumeAttributes[csi.AttrModelURI] ||
+		if vol == nil || vol.VolumeAttributes[names.AttrModelURI] != held.VolumeAttributes[names.AttrModelURI] ||
 			vol.NodePublishSecretRef == nil || vol.NodePublishSecretRef.Name != held.NodePublishSecretRef.Name {
 			t.Errorf("%s mounts %+v, not the held model with the same secret", s.name, vol)
 		}

@@ -16,8 +16,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/modelcache/modelcache/pkg/csi"
 	"github.com/modelcache/modelcache/pkg/kube"
+	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/test/testenv"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
@@ -110,13 +110,13 @@ func TestManifests_EveryDocumentDecodes(t *testing.T) {
 			switch o := o.(type) {
 			case *storagev1.CSIDriver:
 				driver++
-				if o.Name != csi.DriverName {
-					t.Errorf("%s: CSIDriver is named %q, want %q", file, o.Name, csi.DriverName)
+				if o.Name != names.DriverName {
+					t.Errorf("%s: CSIDriver is named %q, want %q", file, o.Name, names.DriverName)
 				}
 			case *storagev1.StorageClass:
 				sc++
-				if o.Provisioner != csi.DriverName {
-					t.Errorf("%s: StorageClass %s provisioner is %q, want %q", file, o.Name, o.Provisioner, csi.DriverName)
+				if o.Provisioner != names.DriverName {
+					t.Errorf("%s: StorageClass %s provisioner is %q, want %q", file, o.Name, o.Provisioner, names.DriverName)
 				}
 			}
 		}
@@ -148,7 +148,7 @@ func TestManifests_StorageClassExample_ProvisionsAnnotatedModel(t *testing.T) {
 	if class == nil || claim == nil {
 		t.Fatal("deploy/examples/storageclass-pvc.yaml needs a StorageClass and a PersistentVolumeClaim")
 	}
-	got := provisionExample(t, class, claim)[csi.AttrModelURI]
+	got := provisionExample(t, class, claim)[names.AttrModelURI]
 	if want := claim.Annotations[kube.AnnotationModelURI]; got != want || want == "" {
 		t.Fatalf("provisioned modelUri %q, want the claim's annotation %q", got, want)
 	}
