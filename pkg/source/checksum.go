@@ -251,12 +251,15 @@ func (r *rcloneRemote) gcsChecksum(ctx context.Context, f fs.Fs, bucket, key str
 	return Checksum{Algorithm: "crc32c", Value: obj.Crc32c, Name: "crc32c"}, nil
 }
 
-// sameHead compares a HEAD with the listing, as sameAsListed does for a GET.
-// A multipart ETag is no MD5, and is not compared.
+// sameHead compares a HEAD with the listing, as sameAsListed does for a GET:
+// an MD5 ETag with the listed MD5, any other with the listed Version.
 func (r *rcloneRemote) sameHead(head *s3.HeadObjectOutput, e Entry) error {
 	size, etag := int64(-1), strings.Trim(aws.ToString(head.ETag), `"`)
 	if head.ContentLength != nil {
 		size = *head.ContentLength
+	}
+	if listed, ok := strings.CutPrefix(e.Version, "etag:"); ok && etag != "" && !strings.EqualFold(etag, listed) {
+		return fmt.Errorf("%w: %s/%s now has ETag %s, listed %s; the next publish lists the new version", ErrChanged, r.uri, e.Path, etag, listed)
 	}
 	if !IsMD5Hex(etag) {
 		etag = ""

@@ -16,6 +16,11 @@ type Entry struct {
 	Size    int64     // bytes
 	Hash    string    // remote checksum (S3 ETag/MD5) when the remote has one without extra requests
 	ModTime time.Time // remote modification time
+	// Version names this version of an object listed without an MD5, as
+	// the remote does without a request per object: "etag:<hex>-<parts>"
+	// for an S3 object uploaded in parts (or any S3 ETag that is no MD5),
+	// "generation:<n>" for GCS. "" when the listing gave neither.
+	Version string
 }
 
 // Manifest is a model's listing, sorted by path. Two equal manifests from
@@ -91,13 +96,20 @@ func checkManifest(m Manifest) (Manifest, error) {
 // identity (type, endpoint, region, bucket and prefix), the object's key,
 // size, checksum and modification time. Two listings give the same key only
 // for the same object unchanged, so its blob can be reused without a
-// download; never by checksum alone, nor across objects. An object listed
-// without a checksum gets "" and is always downloaded.
+// download and its partial download resumed; never by checksum alone, nor
+// across objects. An object listed without an MD5 is named by its Version
+// instead (the ETag of an upload in parts, a GCS generation), in a format
+// of its own so that it never equals an MD5-named key. An object listed
+// with neither gets "" and is always downloaded in full.
 func ObjectKey(identity string, e Entry) string {
-	if e.Hash == "" {
+	h := sha256.New()
+	switch {
+	case e.Hash != "":
+		fmt.Fprintf(h, "modelcache object v1\x00%s\x00%s\x00%d\x00%s\x00%d", identity, e.Path, e.Size, e.Hash, e.ModTime.UnixNano())
+	case e.Version != "":
+		fmt.Fprintf(h, "modelcache object v2 version\x00%s\x00%s\x00%d\x00%s\x00%d", identity, e.Path, e.Size, e.Version, e.ModTime.UnixNano())
+	default:
 		return ""
 	}
-	h := sha256.New()
-	fmt.Fprintf(h, "modelcache object v1\x00%s\x00%s\x00%d\x00%s\x00%d", identity, e.Path, e.Size, e.Hash, e.ModTime.UnixNano())
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }

@@ -164,3 +164,48 @@ func TestContentKey(t *testing.T) {
 		}
 	})
 }
+
+// ObjectKey names an object by its MD5 when listed with one, else by its
+// version, in a format of its own; nothing at all when it has neither.
+func TestObjectKey(t *testing.T) {
+	ts := time.Date(2025, 1, 2, 3, 4, 5, 6, time.UTC)
+	const id = "s3|endpoint|bucket"
+	base := Entry{Path: "w.bin", Size: 10, ModTime: ts}
+	with := func(f func(*Entry)) Entry { e := base; f(&e); return e }
+	md5 := with(func(e *Entry) { e.Hash = "0123456789abcdef0123456789abcdef" })
+	etag := with(func(e *Entry) { e.Version = "etag:0123456789abcdef0123456789abcdef-3" })
+	// The same string as MD5 and as version must name two objects.
+	sameString := with(func(e *Entry) { e.Version = md5.Hash })
+	tests := []struct {
+		name   string
+		a, b   Entry
+		idB    string
+		equal  bool
+		emptyA bool
+	}{
+		{"no MD5, no version: no key", base, base, id, false, true},
+		{"same MD5", md5, md5, id, true, false},
+		{"same version", etag, etag, id, true, false},
+		{"MD5 wins over version", md5, with(func(e *Entry) { e.Hash = md5.Hash; e.Version = "etag:x-2" }), id, true, false},
+		{"other version", etag, with(func(e *Entry) { e.Version = "etag:0123456789abcdef0123456789abcdef-4" }), id, false, false},
+		{"version never equals an MD5 key", md5, sameString, id, false, false},
+		{"other size", etag, with(func(e *Entry) { e.Version = etag.Version; e.Size = 11 }), id, false, false},
+		{"other time", etag, with(func(e *Entry) { e.Version = etag.Version; e.ModTime = ts.Add(time.Nanosecond) }), id, false, false},
+		{"other path", etag, with(func(e *Entry) { e.Version = etag.Version; e.Path = "x.bin" }), id, false, false},
+		{"other backend", etag, etag, "s3|endpoint|other", false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b := ObjectKey(id, tt.a), ObjectKey(tt.idB, tt.b)
+			if (a == "") != tt.emptyA {
+				t.Fatalf("ObjectKey(%+v) = %q, want empty %v", tt.a, a, tt.emptyA)
+			}
+			if tt.emptyA {
+				return
+			}
+			if (a == b) != tt.equal {
+				t.Errorf("keys %q and %q: equal %v, want %v", a, b, a == b, tt.equal)
+			}
+		})
+	}
+}

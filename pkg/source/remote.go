@@ -349,6 +349,7 @@ func (r *rcloneRemote) List(ctx context.Context) (Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
+	r.addVersions(ctx, f, m)
 	r.mu.Lock()
 	r.objects = objects
 	r.mu.Unlock()
