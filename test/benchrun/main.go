@@ -40,6 +40,7 @@ type options struct {
 	RestartTrees        int
 	RestartRefs         int
 	Remote              remoteOptions // section 7
+	Scale               scaleOptions  // section 8
 	Only                []string      // sections to run (nil: all of them)
 	DropCaches          bool
 	Smoke               bool
@@ -54,9 +55,10 @@ const (
 	secPods       = "pods"
 	secRestart    = "restart"
 	secRemote     = "remote"
+	secScale      = "scale"
 )
 
-var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote}
+var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote, secScale}
 
 // runs says whether the run measures section name.
 func (o options) runs(name string) bool { return o.Only == nil || slices.Contains(o.Only, name) }
@@ -69,6 +71,7 @@ func defaults() options {
 		Pods: 10, MemPublishes: 50, WriteBytes: 1 << 30,
 		RestartTrees: 1000, RestartRefs: 200, DropCaches: true,
 		Remote: remoteDefaults(),
+		Scale:  scaleDefaults(),
 		Log:    os.Stderr,
 	}
 }
@@ -82,7 +85,7 @@ func smokeOptions() options {
 	o.WarmPublishes, o.ManyFiles = 20, 200
 	o.Pods, o.MemPublishes, o.WriteBytes = 3, 5, 16<<20
 	o.RestartTrees, o.RestartRefs = 20, 5
-	o.Remote = remoteSmoke()
+	o.Remote, o.Scale = remoteSmoke(), scaleSmoke()
 	// Smoke runs beside other test packages: dropping their page cache
 	// would only slow them down.
 	o.DropCaches = false
@@ -105,6 +108,7 @@ func main() {
 	remoteFirstByte := flag.Duration("remote-first-byte", remoteDefaults().FirstByte, "section 7's delay before each object response's first byte (0 for none)")
 	remoteSize := flag.String("remote-size", "", "section 7's large file (default 1Gi): the shards are 8 of an eighth of it, the incremental model a quarter, the resumed file all of it")
 	remoteFiles := flag.Int("remote-files", 0, "files of section 7's small-files model, 16 KiB each (default 1000)")
+	scaleSizes := flag.String("scale-sizes", "", "section 8's cache sizes, smallest first, as TREESxFILES per tree (default 10x100,1000x100; 2x10,4x10 with --smoke)")
 	flag.Parse()
 
 	o := defaults()
@@ -129,6 +133,14 @@ func main() {
 	if err := o.Remote.set(*remoteRuns, *remoteRate, *remoteFirstByte, *remoteSize, *remoteFiles); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
+	}
+	if *scaleSizes != "" {
+		parsed, err := parseScaleSizes(*scaleSizes)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		o.Scale.Sizes = parsed
 	}
 	if err := o.selectSections(*only, *skipRemote); err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -30,6 +30,7 @@ type Report struct {
 	Pods       PodsResult
 	Restart    RestartResult
 	Remote     RemoteResult
+	Scale      ScaleResult
 	Took       time.Duration
 }
 
@@ -91,6 +92,9 @@ func (r *Report) Markdown() string {
 	}
 	if r.Options.runs(secRemote) {
 		r.remoteSection(w)
+	}
+	if r.Options.runs(secScale) {
+		r.scaleSection(w)
 	}
 
 	w("\n## Method\n\n")
@@ -374,6 +378,7 @@ func (r *Report) Goals() []Goal {
 		fmt.Sprintf("%s (empty cache %s)", fmtDur(s.Full.Median()), fmtDur(s.Empty.Median())), "reported"})
 
 	gs = append(gs, r.remoteGoals()...)
+	gs = append(gs, r.scaleGoals()...)
 	// Goals of sections that were not run (--only) are left out.
 	return slices.DeleteFunc(gs, func(g Goal) bool {
 		return !slices.ContainsFunc(goalSections[g.Section], r.Options.runs)
@@ -384,7 +389,7 @@ func (r *Report) Goals() []Goal {
 // from: section 5's memory figures come from the cold and warm runs.
 var goalSections = map[string][]string{
 	"1": {secCold}, "2": {secWarm}, "3": {secPods}, "4": {secThroughput},
-	"5": {secCold, secWarm}, "6": {secRestart}, "7": {secRemote},
+	"5": {secCold, secWarm}, "6": {secRestart}, "7": {secRemote}, "8": {secScale},
 }
 
 func (r *Report) largestCold() (ColdRow, bool) {

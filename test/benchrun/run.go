@@ -114,6 +114,7 @@ func run(ctx context.Context, o options) (rep *Report, err error) {
 		{secPods, "the second pod", b.pods},
 		{secRestart, "restart", b.restart},
 		{secRemote, "through a realistic remote", b.remote},
+		{secScale, "scale", b.scale},
 	}
 	for _, s := range steps {
 		if !o.runs(s.section) {

@@ -93,9 +93,10 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 	}
 
 	checkRemote(t, rep.Remote, o.Remote)
+	checkScale(t, rep.Scale, o.Scale, o.Runs)
 
 	md := rep.Markdown()
-	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## 7. ", "## Method"} {
+	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## 7. ", "## 8. ", "## Method"} {
 		if !strings.Contains(md, h) {
 			t.Errorf("report lacks %q", h)
 		}
