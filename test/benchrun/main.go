@@ -108,6 +108,7 @@ func main() {
 	remoteFirstByte := flag.Duration("remote-first-byte", remoteDefaults().FirstByte, "section 7's delay before each object response's first byte (0 for none)")
 	remoteSize := flag.String("remote-size", "", "section 7's large file (default 1Gi): the shards are 8 of an eighth of it, the incremental model a quarter, the resumed file all of it")
 	remoteFiles := flag.Int("remote-files", 0, "files of section 7's small-files model, 16 KiB each (default 1000)")
+	merge := flag.Bool("merge", false, "with --only: replace in the --out report only the sections run and their goals, keeping the rest as it was")
 	scaleSizes := flag.String("scale-sizes", "", "section 8's cache sizes, smallest first, as TREESxFILES per tree (default 10x100,1000x100; 2x10,4x10 with --smoke)")
 	flag.Parse()
 
@@ -146,6 +147,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	if *merge && (o.Only == nil || o.Out == "") {
+		fmt.Fprintln(os.Stderr, "--merge needs --only (the sections to replace) and --out (the report to merge into)")
+		os.Exit(2)
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "benchrun needs root: the node plugin bind-mounts models into target directories, and the page cache is dropped between runs. Run it through `make bench` as root.")
 		os.Exit(2)
@@ -163,6 +168,12 @@ func main() {
 		if err := os.MkdirAll(filepath.Dir(o.Out), 0o755); err != nil {
 			fmt.Fprintln(os.Stderr, "writing the report:", err)
 			os.Exit(1)
+		}
+		if *merge {
+			if md, err = mergeOut(o.Out, md, rep); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
 		}
 		if err := os.WriteFile(o.Out, []byte(md), 0o644); err != nil {
 			fmt.Fprintln(os.Stderr, "writing the report:", err)
