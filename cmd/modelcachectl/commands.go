@@ -1,10 +1,8 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"strings"
 
@@ -31,13 +29,12 @@ func (a *app) ls(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var trees []adminapi.Tree
-	raw, err := a.client().getJSON(a.ctx, "/v1/trees", nil, &trees)
+	if output == "json" {
+		return a.printJSON("/v1/trees", nil)
+	}
+	trees, err := a.client().Trees(a.ctx)
 	if err != nil {
 		return err
-	}
-	if output == "json" {
-		return writeJSON(a.stdout, raw)
 	}
 	if len(trees) == 0 {
 		fmt.Fprintln(a.stdout, "no models cached on this node")
@@ -80,13 +77,12 @@ func (a *app) inspect(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var in adminapi.Inspection
-	raw, err := a.client().getJSON(a.ctx, "/v1/tree", url.Values{"ref": {pos[0]}}, &in)
+	if output == "json" {
+		return a.printJSON("/v1/tree", url.Values{"ref": {pos[0]}})
+	}
+	in, err := a.client().Tree(a.ctx, pos[0])
 	if err != nil {
 		return err
-	}
-	if output == "json" {
-		return writeJSON(a.stdout, raw)
 	}
 	pinned := "no"
 	if in.Pinned {
@@ -164,44 +160,27 @@ func (a *app) prefetch(cmd *command, args []string) error {
 			return err
 		}
 	}
-	resp, err := a.client().do(a.ctx, "POST", "/v1/prefetch", adminapi.PrefetchRequest{URI: uri, Secrets: secrets})
-	if err != nil {
+	p := &progress{w: a.stdout, uri: uri, tty: a.isTTY(), width: a.termWidth, now: a.now, interval: a.progressEvery}
+	ev, err := a.client().Prefetch(a.ctx, adminapi.PrefetchRequest{URI: uri, Secrets: secrets}, func(ev adminapi.PrefetchEvent) {
+		p.update(ev.Done, ev.Total)
+	})
+	p.clear()
+	switch {
+	case err == nil:
+	case a.ctx.Err() != nil:
+		return fmt.Errorf("interrupted: stopped waiting for %s; the download may go on on the node: run the same prefetch again to follow it", uri)
+	case errors.Is(err, adminapi.ErrIncomplete):
+		return fmt.Errorf("the node plugin closed the connection before %s was cached; run the same prefetch again to follow it", uri)
+	default:
 		return err
 	}
-	defer resp.Body.Close()
-	p := &progress{w: a.stdout, uri: uri, tty: a.isTTY(), width: a.termWidth, now: a.now, interval: a.progressEvery}
-	dec := json.NewDecoder(resp.Body)
-	for {
-		var ev adminapi.PrefetchEvent
-		if err := dec.Decode(&ev); err != nil {
-			p.clear()
-			switch {
-			case a.ctx.Err() != nil:
-				return fmt.Errorf("interrupted: stopped waiting for %s; the download may go on on the node: run the same prefetch again to follow it", uri)
-			case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-				return fmt.Errorf("the node plugin closed the connection before %s was cached; run the same prefetch again to follow it", uri)
-			default:
-				return fmt.Errorf("reading the progress of %s: %w", uri, err)
-			}
-		}
-		switch ev.Event {
-		case "progress":
-			p.update(ev.Done, ev.Total)
-		case "error":
-			p.clear()
-			return errors.New(ev.Error)
-		case "done":
-			p.clear()
-			size := units.Bytes(max(ev.Total, ev.Done))
-			if !ev.Fetched {
-				fmt.Fprintf(a.stdout, "already cached as %s (%s, %s)\n", ev.Tree, plural(ev.Files, "file"), size)
-				return nil
-			}
-			fmt.Fprintf(a.stdout, "cached %s as %s (%s, %s) in %s\n", uri, ev.Tree, plural(ev.Files, "file"), size, formatTook(ev.Took))
-			return nil
-		}
-		// Events this version does not know are skipped.
+	size := units.Bytes(max(ev.Total, ev.Done))
+	if !ev.Fetched {
+		fmt.Fprintf(a.stdout, "already cached as %s (%s, %s)\n", ev.Tree, plural(ev.Files, "file"), size)
+		return nil
 	}
+	fmt.Fprintf(a.stdout, "cached %s as %s (%s, %s) in %s\n", uri, ev.Tree, plural(ev.Files, "file"), size, formatTook(ev.Took))
+	return nil
 }
 
 var cmdPin = &command{
@@ -230,13 +209,13 @@ func (a *app) pin(cmd *command, args []string, on bool) error {
 	if err != nil {
 		return err
 	}
-	var t adminapi.Tree
-	if _, err := a.client().postJSON(a.ctx, "/v1/"+cmd.name, adminapi.RefRequest{Ref: pos[0]}, &t); err != nil {
-		return err
-	}
-	verb := "unpinned"
+	pin, verb := a.client().Unpin, "unpinned"
 	if on {
-		verb = "pinned"
+		pin, verb = a.client().Pin, "pinned"
+	}
+	t, err := pin(a.ctx, pos[0])
+	if err != nil {
+		return err
 	}
 	fmt.Fprintf(a.stdout, "%s %s (%s, %s)\n", verb, t.Digest, orDash(quoteNames(t.URIs), ", "), units.Bytes(t.Size))
 	return nil
@@ -261,8 +240,8 @@ func (a *app) evict(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var res adminapi.EvictResult
-	if _, err := a.client().postJSON(a.ctx, "/v1/evict", adminapi.RefRequest{Ref: pos[0], WhenUnused: *whenUnused}, &res); err != nil {
+	res, err := a.client().Evict(a.ctx, pos[0], *whenUnused)
+	if err != nil {
 		return err
 	}
 	if res.Pending {
@@ -290,8 +269,8 @@ func (a *app) gc(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var res adminapi.GCResult
-	if _, err := a.client().postJSON(a.ctx, "/v1/gc", adminapi.RefRequest{DryRun: *dryRun}, &res); err != nil {
+	res, err := a.client().GC(a.ctx, *dryRun)
+	if err != nil {
 		return err
 	}
 	verb, total := "evicted", "freed"
@@ -331,8 +310,8 @@ func (a *app) drain(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var res adminapi.DrainResult
-	if _, err := a.client().postJSON(a.ctx, "/v1/drain", nil, &res); err != nil {
+	res, err := a.client().Drain(a.ctx)
+	if err != nil {
 		return err
 	}
 	for _, d := range res.Removed {
@@ -362,8 +341,7 @@ func (a *app) undrain(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var res adminapi.DrainResult
-	if _, err := a.client().postJSON(a.ctx, "/v1/undrain", nil, &res); err != nil {
+	if _, err := a.client().Undrain(a.ctx); err != nil {
 		return err
 	}
 	fmt.Fprintln(a.stdout, "node undrained: models are downloaded again")
@@ -388,8 +366,8 @@ func (a *app) verify(cmd *command, args []string) error {
 	if _, err := a.parse(cmd, fs, args, 0, 0); err != nil {
 		return err
 	}
-	var rep adminapi.VerifyReport
-	if _, err := a.client().postJSON(a.ctx, "/v1/verify", nil, &rep); err != nil {
+	rep, err := a.client().Verify(a.ctx)
+	if err != nil {
 		return err
 	}
 	fmt.Fprintf(a.stdout, "checked %s (%s) in %s\n", plural(rep.Blobs, "blob"), units.Bytes(rep.Bytes), formatTook(rep.Took))
@@ -430,13 +408,12 @@ func (a *app) du(cmd *command, args []string) error {
 	if err != nil {
 		return err
 	}
-	var u adminapi.DiskUsage
-	raw, err := a.client().getJSON(a.ctx, "/v1/du", nil, &u)
+	if output == "json" {
+		return a.printJSON("/v1/du", nil)
+	}
+	u, err := a.client().DU(a.ctx)
 	if err != nil {
 		return err
-	}
-	if output == "json" {
-		return writeJSON(a.stdout, raw)
 	}
 	t := newTable(a.stdout)
 	fmt.Fprintf(t, "blobs\t%s\t(%s)\n", units.Bytes(u.BlobBytes), plural(u.Blobs, "blob"))
@@ -447,6 +424,15 @@ func (a *app) du(cmd *command, args []string) error {
 	fmt.Fprintf(t, "filesystem\t%s\t(%s free)\n", units.Bytes(u.FSSize), units.Bytes(u.FSFree))
 	fmt.Fprintf(t, "drained\t%s\t\n", yesNo(u.Drained))
 	return t.Flush()
+}
+
+// printJSON prints the reply to GET path as the node plugin sent it.
+func (a *app) printJSON(path string, query url.Values) error {
+	raw, err := a.client().Raw(a.ctx, path, query)
+	if err != nil {
+		return err
+	}
+	return writeJSON(a.stdout, raw)
 }
 
 // parseListing parses the flags of a command that prints a listing: its

@@ -27,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"golang.org/x/term"
 )
 
@@ -71,7 +72,7 @@ type app struct {
 	progressEvery  time.Duration
 
 	socket string
-	cl     *client
+	cl     *adminapi.Client
 }
 
 func newApp(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer) *app {
@@ -153,9 +154,6 @@ func (a *app) run(args []string) int {
 	}
 	cmd := commands[i]
 	err := cmd.run(a, cmd, rest)
-	if a.cl != nil {
-		a.cl.http.CloseIdleConnections()
-	}
 	switch {
 	case err == nil:
 		return exitOK
@@ -166,7 +164,7 @@ func (a *app) run(args []string) int {
 	default:
 		// Messages can carry a remote's own words (an S3 error body);
 		// they reach the terminal with nothing left to act on it.
-		fmt.Fprintf(a.stderr, "modelcachectl %s: %s\n", cmd.name, escapeInvisible(err.Error()))
+		fmt.Fprintf(a.stderr, "modelcachectl %s: %s\n", cmd.name, escapeInvisible(a.explain(err).Error()))
 		return exitFailed
 	}
 }
@@ -300,9 +298,9 @@ func (a *app) checkOutput(cmd *command, output string) error {
 	return nil
 }
 
-func (a *app) client() *client {
+func (a *app) client() *adminapi.Client {
 	if a.cl == nil {
-		a.cl = newClient(a.socket)
+		a.cl = adminapi.NewClient(a.socket)
 	}
 	return a.cl
 }

@@ -1,5 +1,6 @@
 // Package adminapi holds the wire types of the node plugin's operator API
-// (pkg/admin serves them, modelcachectl reads them). It imports only the
+// (pkg/admin serves them) and its one typed client (Client: modelcachectl
+// and the tests call the node plugin through it). It imports only the
 // standard library, so the CLI links no rclone backend, and it is the only
 // definition of the JSON an operator's scripts see: the state database's
 // records (pkg/state) are separate types that may change without breaking

@@ -262,7 +262,7 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 
 	// The admin socket the prefetch example and modelcachectl expect.
 	sock := filepath.Join(cacheDir, "admin.sock")
-	if err := testenv.NewAdmin(sock).Wait(10 * time.Second); err != nil {
+	if err := testenv.WaitAdmin(sock, 10*time.Second); err != nil {
 		t.Fatalf("admin API at %s: %v", sock, err)
 	}
 	fi, err := os.Stat(sock)

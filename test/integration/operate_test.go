@@ -54,14 +54,14 @@ func (e *env) restartWith(args ...string) {
 	e.t.Helper()
 	e.driver.Stop()
 	e.start(append([]string{"--min-free=0"}, args...)...)
-	if err := e.adminClient().Wait(30 * time.Second); err != nil {
+	if err := testenv.WaitAdmin(e.adminSocket(), 30*time.Second); err != nil {
 		e.t.Fatalf("%v\ndriver logs:\n%s", err, e.driver.Logs())
 	}
 }
 
-func (e *env) adminClient() *testenv.Admin {
-	return testenv.NewAdmin(filepath.Join(e.cacheDir(), "admin.sock"))
-}
+func (e *env) adminClient() *adminapi.Client { return testenv.NewAdmin(e.adminSocket()) }
+
+func (e *env) adminSocket() string { return filepath.Join(e.cacheDir(), "admin.sock") }
 
 // uri is the model URI publishes of e.model(prefix) are recorded under.
 func (e *env) uri(prefix string) string { return e.model(prefix)["modelUri"] }
@@ -69,7 +69,7 @@ func (e *env) uri(prefix string) string { return e.model(prefix)["modelUri"] }
 // treeDigest asks the admin API which tree a model URI resolved to.
 func (e *env) treeDigest(prefix string) string {
 	e.t.Helper()
-	in, err := e.adminClient().Tree(e.uri(prefix))
+	in, err := e.adminClient().Tree(e.t.Context(), e.uri(prefix))
 	if err != nil {
 		e.t.Fatalf("inspecting %s: %v", e.uri(prefix), err)
 	}
@@ -98,7 +98,7 @@ func (e *env) wantTrees(digests map[string]string, names ...string) {
 		}
 		return d
 	}
-	trees, err := e.adminClient().Trees()
+	trees, err := e.adminClient().Trees(e.t.Context())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -156,7 +156,7 @@ func TestBudget_EvictsLeastRecentlyUsed_KeepsMountedAndPinned_RealMinIO(t *testi
 	dig["a"] = e.treeDigest("a")
 	// b: next oldest, pinned.
 	publishOnce("b")
-	if p, err := a.Pin(e.uri("b")); err != nil || !p.Pinned {
+	if p, err := a.Pin(t.Context(), e.uri("b")); err != nil || !p.Pinned {
 		t.Fatalf("pin b: %+v, %v", p, err)
 	}
 	// c, d, then c again: d is now the least recently used candidate.
@@ -164,7 +164,7 @@ func TestBudget_EvictsLeastRecentlyUsed_KeepsMountedAndPinned_RealMinIO(t *testi
 	publishOnce("d")
 	publishOnce("c")
 
-	trees, err := a.Trees()
+	trees, err := a.Trees(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,14 +190,14 @@ func TestBudget_EvictsLeastRecentlyUsed_KeepsMountedAndPinned_RealMinIO(t *testi
 	e.mustUnpublish("vol-e", e.target("pod-e"))
 
 	// Within the budget gc has nothing to do.
-	if res, err := a.GC(true); err != nil || len(res.Evicted) != 0 || res.Over != 0 || res.Warning != "" {
+	if res, err := a.GC(t.Context(), true); err != nil || len(res.Evicted) != 0 || res.Over != 0 || res.Warning != "" {
 		t.Fatalf("gc --dry-run within budget = %+v, %v; want nothing evicted", res, err)
 	}
 
 	// The operator shrinks the budget to 5 MiB: 8 MiB held, a mounted and b
 	// pinned, so c then e (least recently used first) would go.
 	e.restartWith("--cache-size=5Mi")
-	dry, err := a.GC(true)
+	dry, err := a.GC(t.Context(), true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,7 +209,7 @@ func TestBudget_EvictsLeastRecentlyUsed_KeepsMountedAndPinned_RealMinIO(t *testi
 	}
 	e.wantTrees(dig, "a", "b", "c", "e")
 
-	res, err := a.GC(false)
+	res, err := a.GC(t.Context(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +218,7 @@ func TestBudget_EvictsLeastRecentlyUsed_KeepsMountedAndPinned_RealMinIO(t *testi
 	}
 	e.wantTrees(dig, "a", "b")
 	sameFiles(t, e.target("pod-a"), models["a"])
-	if in, err := a.Tree(dig["b"]); err != nil || !in.Pinned {
+	if in, err := a.Tree(t.Context(), dig["b"]); err != nil || !in.Pinned {
 		t.Fatalf("b after gc: %+v, %v; want still pinned", in, err)
 	}
 	e.mustUnpublish("vol-a", e.target("pod-a"))
@@ -241,7 +241,7 @@ func TestBudget_InUseAndPinnedFillIt_ResourceExhaustedBeforeDownload_RealMinIO(t
 	e.mustPublish("vol-b", e.target("pod-b"), e.model("b"))
 	dig["b"] = e.treeDigest("b")
 	e.mustUnpublish("vol-b", e.target("pod-b"))
-	if _, err := a.Pin(dig["b"]); err != nil {
+	if _, err := a.Pin(t.Context(), dig["b"]); err != nil {
 		t.Fatal(err)
 	}
 
@@ -270,7 +270,7 @@ func TestBudget_InUseAndPinnedFillIt_ResourceExhaustedBeforeDownload_RealMinIO(t
 	sameFiles(t, e.target("pod-a"), models["a"])
 
 	// Unpinning b makes it the one candidate: c now fits.
-	if p, err := a.Unpin(e.uri("b")); err != nil || p.Pinned {
+	if p, err := a.Unpin(t.Context(), e.uri("b")); err != nil || p.Pinned {
 		t.Fatalf("unpin b: %+v, %v", p, err)
 	}
 	e.mustPublish("vol-c", e.target("pod-c"), e.model("c"))
@@ -302,7 +302,7 @@ func TestDrain_RemovesUnusedKeepsMounted_RefusesDownloads_RealMounts(t *testing.
 	dig["b"] = e.treeDigest("b")
 	e.mustUnpublish("vol-b", e.target("pod-b"))
 
-	res, err := a.Drain()
+	res, err := a.Drain(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -310,7 +310,7 @@ func TestDrain_RemovesUnusedKeepsMounted_RefusesDownloads_RealMounts(t *testing.
 		t.Fatalf("drain = %+v, want b (%s) removed with %d bytes freed and a (%s) pending", res, dig["b"], total(models["b"]), dig["a"])
 	}
 	e.wantTrees(dig, "a")
-	if du, err := a.DU(); err != nil || !du.Drained {
+	if du, err := a.DU(t.Context()); err != nil || !du.Drained {
 		t.Fatalf("du after drain = %+v, %v; want drained", du, err)
 	}
 
@@ -334,7 +334,7 @@ func TestDrain_RemovesUnusedKeepsMounted_RefusesDownloads_RealMounts(t *testing.
 			t.Fatalf("refused target mounted (%s)", opts)
 		}
 	}
-	if _, err := a.Prefetch(e.uri("c"), e.secret()); testenv.AdminStatus(err) != http.StatusConflict || !strings.Contains(err.Error(), "drained") {
+	if _, err := a.Prefetch(t.Context(), adminapi.PrefetchRequest{URI: e.uri("c"), Secrets: e.secret()}, nil); adminapi.StatusCode(err) != http.StatusConflict || !strings.Contains(err.Error(), "drained") {
 		t.Fatalf("prefetch of an uncached model on a drained node: %v; want 409 mentioning \"drained\"", err)
 	}
 	if got := e.proxy.ObjectBytes(); got != 0 {
@@ -342,7 +342,7 @@ func TestDrain_RemovesUnusedKeepsMounted_RefusesDownloads_RealMounts(t *testing.
 	}
 
 	// Draining again changes nothing.
-	res, err = a.Drain()
+	res, err = a.Drain(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,7 +361,7 @@ func TestDrain_RemovesUnusedKeepsMounted_RefusesDownloads_RealMounts(t *testing.
 		t.Fatalf("blobs/ still holds %v on a drained node with no mounts", blobs)
 	}
 
-	if res, err := a.Undrain(); err != nil || res.Drained {
+	if res, err := a.Undrain(t.Context()); err != nil || res.Drained {
 		t.Fatalf("undrain = %+v, %v", res, err)
 	}
 	e.proxy.Reset()
@@ -429,7 +429,7 @@ func TestVerify_FlippedByte_QuarantinedAndRedownloaded_RealMinIO(t *testing.T) {
 
 	blob := sha256Hex(files["weights.bin"])
 	flipByte(t, filepath.Join(e.cacheDir(), store.BlobsDir, blob), 12345)
-	rep, err := a.Verify()
+	rep, err := a.Verify(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -448,7 +448,7 @@ func TestVerify_FlippedByte_QuarantinedAndRedownloaded_RealMinIO(t *testing.T) {
 	if got := e.treeDigest("m"); got != tree {
 		t.Fatalf("re-downloaded tree is %s, want %s", got, tree)
 	}
-	rep, err = a.Verify()
+	rep, err = a.Verify(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -479,7 +479,7 @@ func TestVerify_FlippedByteUnderRunningMount_RepairedInPlace_RealMounts(t *testi
 		t.Fatal("the flipped byte is not visible through the mount; the test corrupted the wrong file")
 	}
 
-	rep, err := a.Verify()
+	rep, err := a.Verify(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -487,7 +487,7 @@ func TestVerify_FlippedByteUnderRunningMount_RepairedInPlace_RealMounts(t *testi
 	if !slices.Equal(rep.Invalidated, []string{tree}) || len(rep.Removed) != 0 {
 		t.Fatalf("verify = %+v, want the mounted damaged tree invalidated, not removed", rep)
 	}
-	if in, err := a.Tree(tree); err != nil || len(in.Refs) != 1 {
+	if in, err := a.Tree(t.Context(), tree); err != nil || len(in.Refs) != 1 {
 		t.Fatalf("the damaged tree under a running pod: %+v, %v; want it still listed with its mount", in, err)
 	}
 
@@ -498,14 +498,14 @@ func TestVerify_FlippedByteUnderRunningMount_RepairedInPlace_RealMounts(t *testi
 	}
 	sameFiles(t, e.target("pod-b"), files)
 	sameFiles(t, e.target("pod-a"), files)
-	rep, err = a.Verify()
+	rep, err = a.Verify(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !rep.OK || len(rep.Corrupt) != 0 {
 		t.Fatalf("verify after repair = %+v, want OK", rep)
 	}
-	if in, err := a.Tree(tree); err != nil || len(in.Refs) != 2 {
+	if in, err := a.Tree(t.Context(), tree); err != nil || len(in.Refs) != 2 {
 		t.Fatalf("repaired tree: %+v, %v; want both mounts listed", in, err)
 	}
 	e.mustUnpublish("vol-a", e.target("pod-a"))
@@ -816,7 +816,7 @@ func TestMetrics_KnownSequence_ExactValues_RealMinIO(t *testing.T) {
 	for _, pod := range []string{"pod-1", "pod-2", "pod-3"} {
 		e.mustUnpublish("vol-"+pod, e.target(pod))
 	}
-	if res, err := e.adminClient().Evict(e.uri("m"), false); err != nil || !res.Removed {
+	if res, err := e.adminClient().Evict(t.Context(), e.uri("m"), false); err != nil || !res.Removed {
 		t.Fatalf("evict = %+v, %v", res, err)
 	}
 	mfs = scrape(t, addr)
@@ -907,15 +907,15 @@ func TestReconcile_ReferenceWithoutMount_ReleasedAfterGrace_RealMounts(t *testin
 
 	// Default grace (10m): the reference stays and protects the tree.
 	e.restartWith()
-	_, err := a.Evict(tree, false)
-	if testenv.AdminStatus(err) != http.StatusConflict || !strings.Contains(err.Error(), "default/model-server-0") {
+	_, err := a.Evict(t.Context(), tree, false)
+	if adminapi.StatusCode(err) != http.StatusConflict || !strings.Contains(err.Error(), "default/model-server-0") {
 		t.Fatalf("evicting a tree whose reference is within its grace: %v; want 409 naming the pod", err)
 	}
 
 	e.restartWith("--release-grace=1s")
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		in, err := a.Tree(tree)
+		in, err := a.Tree(t.Context(), tree)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -927,7 +927,7 @@ func TestReconcile_ReferenceWithoutMount_ReleasedAfterGrace_RealMounts(t *testin
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if res, err := a.Evict(tree, false); err != nil || !res.Removed {
+	if res, err := a.Evict(t.Context(), tree, false); err != nil || !res.Removed {
 		t.Fatalf("evict after release = %+v, %v; want removed", res, err)
 	}
 	e.wantTrees(map[string]string{"m": tree})
@@ -946,7 +946,7 @@ func TestPrefetch_WarmsCache_PublishFetchesNothing_WrongKeyRefused_RealMinIO(t *
 	e.upload("m", files)
 	e.upload("other", other)
 
-	ev, err := a.Prefetch(e.uri("m"), e.secret())
+	ev, err := a.Prefetch(t.Context(), adminapi.PrefetchRequest{URI: e.uri("m"), Secrets: e.secret()}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -956,7 +956,7 @@ func TestPrefetch_WarmsCache_PublishFetchesNothing_WrongKeyRefused_RealMinIO(t *
 	if got := e.proxy.ObjectBytes(); got != total(files) {
 		t.Fatalf("prefetch fetched %d bytes, want %d", got, total(files))
 	}
-	in, err := a.Tree(e.uri("m"))
+	in, err := a.Tree(t.Context(), e.uri("m"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -967,7 +967,7 @@ func TestPrefetch_WarmsCache_PublishFetchesNothing_WrongKeyRefused_RealMinIO(t *
 
 	// Again: already cached, nothing fetched.
 	e.proxy.Reset()
-	if ev2, err := a.Prefetch(e.uri("m"), e.secret()); err != nil || ev2.Fetched || ev2.Tree != ev.Tree {
+	if ev2, err := a.Prefetch(t.Context(), adminapi.PrefetchRequest{URI: e.uri("m"), Secrets: e.secret()}, nil); err != nil || ev2.Fetched || ev2.Tree != ev.Tree {
 		t.Fatalf("second prefetch = %+v, %v; want the same tree, not fetched", ev2, err)
 	}
 	e.mustPublish("vol", e.target("pod-a"), e.model("m"))
@@ -980,8 +980,8 @@ func TestPrefetch_WarmsCache_PublishFetchesNothing_WrongKeyRefused_RealMinIO(t *
 	const leaked = "wrong-secret-value-5f3a9c"
 	wrong["RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY"] = leaked
 	for _, prefix := range []string{"m", "other"} {
-		_, err := a.Prefetch(e.uri(prefix), wrong)
-		if testenv.AdminStatus(err) != http.StatusForbidden {
+		_, err := a.Prefetch(t.Context(), adminapi.PrefetchRequest{URI: e.uri(prefix), Secrets: wrong}, nil)
+		if adminapi.StatusCode(err) != http.StatusForbidden {
 			t.Fatalf("prefetch of %s with a wrong key: %v; want 403", prefix, err)
 		}
 		if strings.Contains(err.Error(), leaked) {
@@ -1011,12 +1011,12 @@ func TestAdmin_SocketIsRootOnly0600_RealMinIO(t *testing.T) {
 		if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 || st.Uid != 0 {
 			t.Fatalf("%s is %v owned by uid %d, want a 0600 socket owned by root", sock, fi.Mode(), st.Uid)
 		}
-		if err := testenv.NewAdmin(sock).Wait(30 * time.Second); err != nil {
+		if err := testenv.WaitAdmin(sock, 30*time.Second); err != nil {
 			t.Fatal(err)
 		}
 	}
 	def := filepath.Join(e.cacheDir(), "admin.sock")
-	if err := testenv.NewAdmin(def).Wait(30 * time.Second); err != nil {
+	if err := testenv.WaitAdmin(def, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	check(def)
@@ -1024,7 +1024,7 @@ func TestAdmin_SocketIsRootOnly0600_RealMinIO(t *testing.T) {
 	custom := filepath.Join(e.dir, "adm", "a.sock")
 	e.driver.Stop()
 	e.start("--admin-socket=" + custom)
-	if err := testenv.NewAdmin(custom).Wait(30 * time.Second); err != nil {
+	if err := testenv.WaitAdmin(custom, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	check(custom)
@@ -1046,21 +1046,21 @@ func TestAdmin_EvictMountedTree_RefusedThenRemovedAtLastUnpublish_RealMounts(t *
 	dig := map[string]string{"m": tree}
 
 	for _, ref := range []string{"sha256:000000000000", "mys3:no-such/model", ""} {
-		if _, err := a.Tree(ref); testenv.AdminStatus(err) != http.StatusNotFound {
+		if _, err := a.Tree(t.Context(), ref); adminapi.StatusCode(err) != http.StatusNotFound {
 			t.Errorf("inspect %q: %v; want 404", ref, err)
 		}
-		if _, err := a.Evict(ref, false); testenv.AdminStatus(err) != http.StatusNotFound {
+		if _, err := a.Evict(t.Context(), ref, false); adminapi.StatusCode(err) != http.StatusNotFound {
 			t.Errorf("evict %q: %v; want 404", ref, err)
 		}
 	}
-	if _, err := a.Evict(tree, false); testenv.AdminStatus(err) != http.StatusConflict {
+	if _, err := a.Evict(t.Context(), tree, false); adminapi.StatusCode(err) != http.StatusConflict {
 		t.Fatalf("evicting a mounted tree: %v; want 409", err)
 	}
-	res, err := a.Evict(tree[:len("sha256:")+12], true)
+	res, err := a.Evict(t.Context(), tree[:len("sha256:")+12], true)
 	if err != nil || !res.Pending || res.Removed || res.Tree != tree {
 		t.Fatalf("evict --when-unused by digest prefix = %+v, %v; want %s pending", res, err, tree)
 	}
-	if in, err := a.Tree(tree); err != nil || in.Doomed != "operator" {
+	if in, err := a.Tree(t.Context(), tree); err != nil || in.Doomed != "operator" {
 		t.Fatalf("tree after evict --when-unused: %+v, %v; want doomed by operator", in, err)
 	}
 	e.mustUnpublish("vol-a", e.target("pod-a"))
@@ -1091,12 +1091,12 @@ func TestBudget_GCDryRunWithSharedBlobs_MatchesRealRun_RealMinIO(t *testing.T) {
 	// 4 MiB of blobs for 6 MiB of trees. At 2.5 MiB, evicting x frees only
 	// its own 1 MiB, so y must go too.
 	e.restartWith("--cache-size=2560Ki")
-	dry, err := a.GC(true)
+	dry, err := a.GC(t.Context(), true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.wantTrees(dig, "x", "y")
-	res, err := a.GC(false)
+	res, err := a.GC(t.Context(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
