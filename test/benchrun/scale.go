@@ -16,6 +16,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/test/testenv"
 	"golang.org/x/sync/errgroup"
 )
@@ -283,12 +284,12 @@ func (b *bench) restartScale(ctx context.Context, caches []*scaleCache) error {
 // minEvictions) once the budget has passed, and times each call. The
 // models past the mounted ones are unused; each is looked up by its URI
 // first, untimed.
-func (b *bench) evictScale(_ context.Context, caches []*scaleCache) error {
+func (b *bench) evictScale(ctx context.Context, caches []*scaleCache) error {
 	o := b.o.Scale
-	admins := make([]*testenv.Admin, len(caches))
+	admins := make([]*adminapi.Client, len(caches))
 	for i, c := range caches {
 		admins[i] = testenv.NewAdmin(filepath.Join(c.d.CacheDir, "admin.sock"))
-		if err := admins[i].Wait(30 * time.Second); err != nil {
+		if err := testenv.WaitAdmin(admins[i].Socket, 30*time.Second); err != nil {
 			return err
 		}
 	}
@@ -299,7 +300,7 @@ func (b *bench) evictScale(_ context.Context, caches []*scaleCache) error {
 			if at < c.row.Mounts {
 				continue
 			}
-			took, err := evictOne(admins[k], c.models[at])
+			took, err := evictOne(ctx, admins[k], c.models[at])
 			if err != nil {
 				return err
 			}
@@ -315,13 +316,13 @@ func (b *bench) evictScale(_ context.Context, caches []*scaleCache) error {
 
 // evictOne evicts m's tree, which no target uses, by digest and times the
 // call.
-func evictOne(admin *testenv.Admin, m model) (time.Duration, error) {
-	t, err := admin.Tree(m.URI())
+func evictOne(ctx context.Context, admin *adminapi.Client, m model) (time.Duration, error) {
+	t, err := admin.Tree(ctx, m.URI())
 	if err != nil {
 		return 0, fmt.Errorf("finding the tree of %s: %w", m.URI(), err)
 	}
 	start := time.Now()
-	res, err := admin.Evict(t.Digest, false)
+	res, err := admin.Evict(ctx, t.Digest, false)
 	took := time.Since(start)
 	if err != nil {
 		return 0, fmt.Errorf("evicting %s: %w", t.Digest, err)
