@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"path"
+	"slices"
 	"syscall"
 
 	"github.com/modelcache/modelcache/pkg/units"
@@ -92,39 +94,77 @@ func (s *Store) RemoveTree(digest string) (int64, error) {
 	return s.removeTreeLocked(digest)
 }
 
+// removeTreeLocked removes a tree, then the blobs its list names and the
+// loose ones that nothing links any more: it reads its own list and
+// states those blobs, never all of blobs/.
 func (s *Store) removeTreeLocked(digest string) (int64, error) {
-	if err := removeAll(s.root, path.Join(TreesDir, digest[len("sha256:"):])); err != nil {
+	hex := digest[len("sha256:"):]
+	s.tally.changing.RLock()
+	defer s.tally.changing.RUnlock()
+	present := s.HasTree(digest)
+	l, listed, err := s.readTreeBlobs(hex)
+	if err != nil {
+		return 0, err
+	}
+	if present && !listed {
+		// Its list was lost: made again at the cost of a read of blobs/.
+		blobs, err := s.scanBlobs(true)
+		if err != nil {
+			return 0, err
+		}
+		if l, err = s.listTree(hex, blobs.byIno); err != nil {
+			return 0, err
+		}
+	}
+	if err := removeAll(s.root, path.Join(TreesDir, hex)); err != nil {
 		return 0, fmt.Errorf("removing tree %s: %w", digest, err)
 	}
 	if err := s.syncDir(TreesDir); err != nil {
 		return 0, err
 	}
-	return s.sweepBlobs()
+	if present {
+		s.tally.add(func(c *Counts) { c.Trees--; c.TreeBytes -= l.bytes })
+	}
+	// The list goes after the tree: a crash between leaves a list Open drops.
+	if err := s.root.Remove(path.Join(TreeBlobsDir, hex)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return 0, fmt.Errorf("removing the list of tree %s: %w", digest, err)
+	}
+	return s.sweepBlobs(l.blobs)
 }
 
-// sweepBlobs removes blobs that no tree and no ingest file links: a blob's
-// link count is one plus its users, so no index is needed and none can
-// drift. An ingest racing this sweep re-commits its own copy (buildTree).
-func (s *Store) sweepBlobs() (int64, error) {
-	des, err := fs.ReadDir(s.root.FS(), BlobsDir)
-	if err != nil {
-		return 0, fmt.Errorf("reading %s: %w", BlobsDir, err)
+// sweepBlobs removes those of the named blobs, and of the loose ones, that
+// no tree and no ingest file links: a blob's link count is one plus its
+// users, so no index is needed and none can drift. An ingest racing this
+// sweep re-commits its own copy (buildTree). The caller holds
+// tally.changing for reading.
+func (s *Store) sweepBlobs(names []string) (int64, error) {
+	check := s.tally.takeLoose()
+	if check == nil {
+		check = map[string]bool{}
+	}
+	for _, n := range names {
+		check[n] = true
 	}
 	var freed int64
-	for _, d := range des {
-		name := path.Join(BlobsDir, d.Name())
+	removed := 0
+	for sum := range check {
+		delete(check, sum)
+		name := path.Join(BlobsDir, sum)
 		fi, err := s.root.Lstat(name)
-		if err != nil {
-			continue
-		}
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok || st.Nlink > 1 {
+		if err != nil || nlink(fi) != 1 {
 			continue
 		}
 		if err := s.root.Remove(name); err != nil {
-			return freed, fmt.Errorf("removing unused blob %s: %w", d.Name(), err)
+			check[sum] = true
+			s.tally.markLoose(slices.Collect(maps.Keys(check))...)
+			return freed, fmt.Errorf("removing unused blob %s: %w", sum, err)
 		}
+		s.tally.add(func(c *Counts) { c.Blobs--; c.BlobBytes -= fi.Size() })
 		freed += fi.Size()
+		removed++
+	}
+	if removed == 0 {
+		return 0, nil
 	}
 	return freed, s.syncDir(BlobsDir)
 }
@@ -191,12 +231,8 @@ func (s *Store) MakeRoom(need int64, dryRun bool) (Plan, error) {
 	var cands []Candidate
 	var held Held
 	listed := false
-	// One walk of blobs/ per call, not per eviction: what each eviction
-	// frees is known.
-	used, _, err := s.walkBytes(BlobsDir)
-	if err != nil {
-		return plan, err
-	}
+	// The store's running count: what each eviction frees is known.
+	used := s.StoredBytes()
 	for {
 		// One statfs and one look at the running downloads serve the
 		// bytes and the inodes.

@@ -54,13 +54,14 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 	if err := s.root.Mkdir(dir, 0o700); err != nil {
 		return Tree{}, ingested{}, fmt.Errorf("creating ingest directory: %w", err)
 	}
+	sums := make([]string, len(m))
 	defer func() {
 		if err := removeAll(s.root, dir); err != nil {
 			klog.ErrorS(err, "removing ingest directory", "dir", dir)
 		}
+		s.settleBlobs(sums)
 	}()
 
-	sums := make([]string, len(m))
 	var reused, md5Checked, remoteChecked, unchecked atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(s.transfers)
@@ -123,7 +124,7 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 	// rename (or repair) and the caller recording it.
 	s.treesMu.RLock()
 	defer s.treesMu.RUnlock()
-	if err := s.root.Rename(tmp, final); err != nil {
+	if err := s.commitTree(tmp, t, sums); err != nil {
 		if s.HasTree(t.Digest) {
 			// Committed before: by another content key with identical
 			// files, or it is a damaged tree this download repairs.
@@ -407,7 +408,7 @@ func (s *Store) commitBlob(ctx context.Context, w *os.File, name string, e sourc
 	sum := hex.EncodeToString(sums.sha.Sum(nil))
 	// link, not rename: it never replaces a committed blob, so trees already
 	// linking it keep sharing one inode.
-	if err := s.root.Link(name, path.Join(BlobsDir, sum)); err != nil && !errors.Is(err, os.ErrExist) {
+	if err := s.linkNewBlob(name, sum); err != nil && !errors.Is(err, os.ErrExist) {
 		return "", how, noSpace(fmt.Errorf("committing blob for %s: %w", e.Path, err))
 	}
 	return sum, how, nil
@@ -473,7 +474,7 @@ func (s *Store) linkBlob(sum, ingestFile, name string) error {
 	if !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	if err := s.root.Link(ingestFile, blob); err != nil && !errors.Is(err, os.ErrExist) {
+	if err := s.linkNewBlob(ingestFile, sum); err != nil && !errors.Is(err, os.ErrExist) {
 		return err
 	}
 	return s.root.Link(blob, name)

@@ -80,6 +80,7 @@ type Store struct {
 	partialMu   sync.Mutex
 	partialBusy map[string]bool
 
+	tally       tally // running counts (counts.go)
 	budget      Budget
 	statHook    func() (fsStat, error) // tests: a filesystem of chosen numbers
 	evictor     Evictor
@@ -225,6 +226,10 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	if _, err := s.DropPartials(partialMaxAge); err != nil {
 		root.Close()
 		return nil, err
+	}
+	if err := s.count(); err != nil {
+		root.Close()
+		return nil, fmt.Errorf("counting the store: %w", err)
 	}
 	return s, nil
 }

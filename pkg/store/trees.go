@@ -31,22 +31,15 @@ type TreeFile struct {
 }
 
 // TreeFiles lists a tree's files with the blob each one links, matched by
-// inode so nothing is re-hashed.
+// inode so nothing is re-hashed; only the blobs the tree's list names are
+// looked at.
 func (s *Store) TreeFiles(digest string) ([]TreeFile, error) {
 	if !s.HasTree(digest) {
 		return nil, fmt.Errorf("%w: tree %s", ErrNoTree, digest)
 	}
-	blobs := map[uint64]string{}
-	des, err := fs.ReadDir(s.root.FS(), BlobsDir)
+	blobs, err := s.treeBlobInodes(digest[len("sha256:"):])
 	if err != nil {
 		return nil, err
-	}
-	for _, d := range des {
-		if fi, err := d.Info(); err == nil {
-			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-				blobs[st.Ino] = d.Name()
-			}
-		}
 	}
 	top := path.Join(TreesDir, digest[len("sha256:"):])
 	var out []TreeFile
@@ -66,6 +59,28 @@ func (s *Store) TreeFiles(digest string) ([]TreeFile, error) {
 		return nil
 	})
 	return out, err
+}
+
+// treeBlobInodes maps the inodes of the blobs a tree's list names to their
+// names; without a list, those of every blob.
+func (s *Store) treeBlobInodes(hex string) (map[uint64]string, error) {
+	l, ok, err := s.readTreeBlobs(hex)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		b, err := s.scanBlobs(true)
+		return b.byIno, err
+	}
+	out := make(map[uint64]string, len(l.blobs))
+	for _, sum := range l.blobs {
+		if fi, err := s.root.Lstat(path.Join(BlobsDir, sum)); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				out[st.Ino] = sum
+			}
+		}
+	}
+	return out, nil
 }
 
 // TreeDigests lists the trees on disk.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"path"
+	"strings"
 	"syscall"
 
 	"github.com/modelcache/modelcache/pkg/source"
@@ -25,37 +26,46 @@ type Usage struct {
 // Saved is what deduplication saves: bytes the trees present minus bytes stored.
 func (u Usage) Saved() int64 { return max(u.TreeBytes-u.BlobBytes, 0) }
 
-// Usage walks the cache directory.
+// Usage is what the cache directory holds, from the store's running
+// counts, the running downloads and partial/ (a few files at most), and
+// one statfs: its cost does not grow with what the cache holds.
 func (s *Store) Usage() (Usage, error) {
-	var u Usage
+	c := s.tally.counts()
+	u := Usage{BlobBytes: c.BlobBytes, Blobs: c.Blobs, TreeBytes: c.TreeBytes, Trees: c.Trees, Quarantined: c.Quarantined}
 	var err error
-	if u.BlobBytes, u.Blobs, err = s.walkBytes(BlobsDir); err != nil {
+	if u.IngestBytes, err = s.ingestBytes(); err != nil {
 		return u, err
-	}
-	for _, d := range []string{IngestDir, PartialDir} {
-		n, _, err := s.walkBytes(d)
-		if err != nil {
-			return u, err
-		}
-		u.IngestBytes += n
-	}
-	trees, err := fs.ReadDir(s.root.FS(), TreesDir)
-	if err != nil {
-		return u, fmt.Errorf("reading %s: %w", TreesDir, err)
-	}
-	for _, t := range trees {
-		n, _, err := s.walkBytes(path.Join(TreesDir, t.Name()))
-		if err != nil {
-			return u, err
-		}
-		u.TreeBytes += n
-		u.Trees++
-	}
-	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
-		u.Quarantined = len(q)
 	}
 	u.FSSize, u.FSFree, err = s.statfs()
 	return u, err
+}
+
+// StoredBytes is the bytes of blobs the store holds, what the budget limits.
+func (s *Store) StoredBytes() int64 { return s.tally.counts().BlobBytes }
+
+// ingestBytes is what running downloads have written (their progress) and
+// what partial downloads no download is resuming keep in partial/.
+func (s *Store) ingestBytes() (int64, error) {
+	var n int64
+	s.mu.Lock()
+	for _, p := range s.running {
+		n += p.Done()
+	}
+	s.mu.Unlock()
+	des, err := fs.ReadDir(s.root.FS(), PartialDir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return n, fmt.Errorf("reading %s: %w", PartialDir, err)
+	}
+	for _, d := range des {
+		base, _, _ := strings.Cut(d.Name(), ".")
+		s.partialMu.Lock()
+		busy := s.partialBusy[base] // counted in its download's progress
+		s.partialMu.Unlock()
+		if fi, err := d.Info(); err == nil && !busy && fi.Mode().IsRegular() {
+			n += fi.Size()
+		}
+	}
+	return n, nil
 }
 
 // walkBytes sums the sizes of the regular files under name.

@@ -22,13 +22,17 @@ type VerifyResult struct {
 	Damaged     []string `json:"damaged"` // trees that linked a corrupt blob
 	Took        string   `json:"took"`
 	Quarantined []string `json:"quarantined"` // quarantine file names
+	// Recounted: the store's running counts had drifted from the disk and
+	// were corrected (nil when they agreed).
+	Recounted *Recount `json:"recounted,omitempty"`
 }
 
 // Verify re-hashes every blob. A blob whose content no longer matches its
 // name is moved to quarantine/ and the trees linking it are reported as
 // damaged: the caller stops serving them, and the next download of the
 // model repairs them in place (ingest relinks files whose inode is not the
-// committed blob's).
+// committed blob's). Last, the store's running counts are checked against
+// a walk of the cache and corrected if they drifted.
 func (s *Store) Verify() (VerifyResult, error) {
 	start := time.Now()
 	var r VerifyResult
@@ -59,7 +63,7 @@ func (s *Store) Verify() (VerifyResult, error) {
 			return r, fmt.Errorf("creating %s: %w", QuarantineDir, err)
 		}
 		q := fmt.Sprintf("%s-%d", d.Name(), time.Now().UnixNano())
-		if err := s.root.Rename(name, path.Join(QuarantineDir, q)); err != nil {
+		if err := s.quarantine(name, q, fi.Size()); err != nil {
 			return r, fmt.Errorf("quarantining blob %s: %w", d.Name(), err)
 		}
 		klog.InfoS("corrupt blob quarantined", "blob", d.Name(), "actualSha256", sum, "quarantine", q)
@@ -72,8 +76,22 @@ func (s *Store) Verify() (VerifyResult, error) {
 			return r, err
 		}
 	}
+	if r.Recounted, err = s.recount(); err != nil {
+		return r, err
+	}
 	r.Took = time.Since(start).Round(time.Millisecond).String()
 	return r, nil
+}
+
+// quarantine moves a blob to quarantine/ as q and counts it.
+func (s *Store) quarantine(blob, q string, size int64) error {
+	s.tally.changing.RLock()
+	defer s.tally.changing.RUnlock()
+	if err := s.root.Rename(blob, path.Join(QuarantineDir, q)); err != nil {
+		return err
+	}
+	s.tally.add(func(c *Counts) { c.Blobs--; c.BlobBytes -= size; c.Quarantined++ })
+	return nil
 }
 
 // treesLinking returns the trees holding a link to any of files.

@@ -1,0 +1,425 @@
+package store
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+)
+
+// TreeBlobsDir holds one list per tree of the blobs it links, written before
+// the tree is renamed into place, so that removing a tree checks the link
+// counts of its own blobs and no others. A list names blobs, it counts
+// nothing: the link count stays the only reference count.
+const TreeBlobsDir = "trees/blobs"
+
+// tally is what the store holds, counted as it changes, so that a metrics
+// scrape, `usage` and the budget read memory instead of walking the cache.
+// Open counts once; verify recounts and corrects.
+type tally struct {
+	// changing is held for reading by each change on disk together with
+	// its count, and for writing by a recount, which so sees no change
+	// half done.
+	changing sync.RWMutex
+
+	mu sync.Mutex
+	Counts
+	// loose are blobs that may be linked by no tree (left by a download
+	// that failed, or found so at start-up): the next tree removal checks
+	// their link counts with its own blobs', as a sweep of all of blobs/
+	// used to.
+	loose map[string]bool
+}
+
+// Counts are the running counts of the store.
+type Counts struct {
+	BlobBytes   int64 `json:"blobBytes"`
+	Blobs       int   `json:"blobs"`
+	TreeBytes   int64 `json:"treeBytes"` // bytes the trees present, a shared blob counted per link
+	Trees       int   `json:"trees"`
+	Quarantined int   `json:"quarantined"`
+}
+
+func (t *tally) counts() Counts {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.Counts
+}
+
+func (t *tally) add(fn func(c *Counts)) {
+	t.mu.Lock()
+	fn(&t.Counts)
+	t.mu.Unlock()
+}
+
+// markLoose notes blobs to check at the next removal.
+func (t *tally) markLoose(names ...string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.loose == nil {
+		t.loose = map[string]bool{}
+	}
+	for _, n := range names {
+		t.loose[n] = true
+	}
+}
+
+// takeLoose returns the blobs to check and forgets them: one still linked
+// is linked by a tree (whose list names it) or by a running download
+// (which marks it again if it fails).
+func (t *tally) takeLoose() map[string]bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	l := t.loose
+	t.loose = nil
+	return l
+}
+
+// linkNewBlob links an ingest file into blobs/ as the blob sum and counts
+// it; an existing blob is os.ErrExist, as from Link, and counts nothing.
+func (s *Store) linkNewBlob(from, sum string) error {
+	s.tally.changing.RLock()
+	defer s.tally.changing.RUnlock()
+	blob := path.Join(BlobsDir, sum)
+	if err := s.root.Link(from, blob); err != nil {
+		return err
+	}
+	fi, err := s.root.Lstat(blob)
+	if err != nil {
+		return fmt.Errorf("measuring blob %s: %w", sum, err)
+	}
+	s.tally.add(func(c *Counts) { c.Blobs++; c.BlobBytes += fi.Size() })
+	return nil
+}
+
+// commitTree renames a built tree (tmp) into trees/ and counts it, having
+// first put the list of the blobs it links (sums) in TreeBlobsDir. The
+// rename's error is returned as it is.
+func (s *Store) commitTree(tmp string, t Tree, sums []string) error {
+	hex := t.Digest[len("sha256:"):]
+	list := path.Join(path.Dir(tmp), "blobs")
+	if err := s.writeTreeBlobs(list, treeBlobs{files: t.Files, bytes: t.Size, blobs: sums}); err != nil {
+		return err
+	}
+	if err := s.root.Rename(list, path.Join(TreeBlobsDir, hex)); err != nil {
+		return noSpace(fmt.Errorf("recording the blobs of tree %s: %w", t.Digest, err))
+	}
+	s.tally.changing.RLock()
+	defer s.tally.changing.RUnlock()
+	if err := s.root.Rename(tmp, path.Join(TreesDir, hex)); err != nil {
+		return err // the list stays: the tree is there already, or a retry writes it again
+	}
+	s.tally.add(func(c *Counts) { c.Trees++; c.TreeBytes += t.Size })
+	return nil
+}
+
+// settleBlobs is called once a download's ingest directory is gone: the
+// blobs it committed or linked that no tree links now (it failed, or the
+// trees it reused them from were removed meanwhile) are marked loose, so
+// the next removal frees them. They are kept until then for a retry to
+// link (resume).
+func (s *Store) settleBlobs(sums []string) {
+	var loose []string
+	for _, sum := range sums {
+		if sum == "" || slices.Contains(loose, sum) {
+			continue
+		}
+		if fi, err := s.root.Lstat(path.Join(BlobsDir, sum)); err == nil && nlink(fi) == 1 {
+			loose = append(loose, sum)
+		}
+	}
+	if len(loose) > 0 {
+		s.tally.markLoose(loose...)
+	}
+}
+
+func nlink(fi fs.FileInfo) uint64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return uint64(st.Nlink)
+	}
+	return 0
+}
+
+// treeBlobs is a tree's list: its files and bytes, and the blobs it links.
+type treeBlobs struct {
+	files int
+	bytes int64
+	blobs []string
+}
+
+// writeTreeBlobs writes a list, synced: "<files> <bytes>", then one blob
+// hex a line, sorted, each once.
+func (s *Store) writeTreeBlobs(name string, l treeBlobs) error {
+	blobs := slices.Clone(l.blobs)
+	slices.Sort(blobs)
+	blobs = slices.Compact(blobs)
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d %d\n", l.files, l.bytes)
+	for _, h := range blobs {
+		if h != "" {
+			b.WriteString(h)
+			b.WriteByte('\n')
+		}
+	}
+	f, err := s.root.OpenFile(name, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return noSpace(fmt.Errorf("writing the blobs of a tree: %w", err))
+	}
+	defer f.Close()
+	if _, err := f.WriteString(b.String()); err != nil {
+		return noSpace(fmt.Errorf("writing the blobs of a tree: %w", err))
+	}
+	if err := f.Sync(); err != nil {
+		return noSpace(fmt.Errorf("syncing the blobs of a tree: %w", err))
+	}
+	return nil
+}
+
+// readTreeBlobs reads a tree's list; ok is false when it has none.
+func (s *Store) readTreeBlobs(hex string) (l treeBlobs, ok bool, err error) {
+	f, err := s.root.Open(path.Join(TreeBlobsDir, hex))
+	if errors.Is(err, fs.ErrNotExist) {
+		return l, false, nil
+	}
+	if err != nil {
+		return l, false, fmt.Errorf("reading the blobs of tree %s: %w", hex, err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	if !sc.Scan() {
+		return l, false, nil // cut short by a crash: as if there were none
+	}
+	files, bytes, _ := strings.Cut(sc.Text(), " ")
+	if l.files, err = strconv.Atoi(files); err != nil {
+		return l, false, nil
+	}
+	if l.bytes, err = strconv.ParseInt(bytes, 10, 64); err != nil {
+		return l, false, nil
+	}
+	for sc.Scan() {
+		if h := sc.Text(); ValidDigest("sha256:" + h) {
+			l.blobs = append(l.blobs, h)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return l, false, fmt.Errorf("reading the blobs of tree %s: %w", hex, err)
+	}
+	return l, true, nil
+}
+
+// listTree builds a tree's list from the tree itself, matching its files
+// to blobs by inode (byIno, from a walk of blobs/). For trees committed
+// before lists existed.
+func (s *Store) listTree(hex string, byIno map[uint64]string) (treeBlobs, error) {
+	var l treeBlobs
+	err := fs.WalkDir(s.root.FS(), path.Join(TreesDir, hex), func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		l.files++
+		l.bytes += fi.Size()
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && byIno[st.Ino] != "" {
+			l.blobs = append(l.blobs, byIno[st.Ino])
+		}
+		return nil
+	})
+	if err != nil {
+		return l, fmt.Errorf("listing the blobs of tree %s: %w", hex, err)
+	}
+	return l, nil
+}
+
+// scanDir calls fn with each entry of a directory under the root and its
+// lstat, reading the directory once and stating each name relative to it.
+func (s *Store) scanDir(dir string, fn func(name string, st *unix.Stat_t)) error {
+	f, err := s.root.Open(dir)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", dir, err)
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	for {
+		names, rerr := f.Readdirnames(4096)
+		for _, n := range names {
+			var st unix.Stat_t
+			if err := unix.Fstatat(fd, n, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				if errors.Is(err, unix.ENOENT) {
+					continue // removed meanwhile
+				}
+				return fmt.Errorf("measuring %s/%s: %w", dir, n, err)
+			}
+			fn(n, &st)
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return fmt.Errorf("reading %s: %w", dir, rerr)
+		}
+	}
+}
+
+// blobScan is what one read of blobs/ finds.
+type blobScan struct {
+	bytes int64
+	count int
+	loose []string          // linked by nothing but blobs/
+	byIno map[uint64]string // when asked for
+}
+
+func (s *Store) scanBlobs(withInodes bool) (blobScan, error) {
+	var b blobScan
+	if withInodes {
+		b.byIno = map[uint64]string{}
+	}
+	err := s.scanDir(BlobsDir, func(name string, st *unix.Stat_t) {
+		if st.Mode&unix.S_IFMT != unix.S_IFREG {
+			return
+		}
+		b.bytes += st.Size
+		b.count++
+		if st.Nlink == 1 {
+			b.loose = append(b.loose, name)
+		}
+		if withInodes {
+			b.byIno[st.Ino] = name
+		}
+	})
+	return b, err
+}
+
+// count builds the running counts at start-up, from one read of blobs/ and
+// the trees' lists, writing the lists trees committed before them lack and
+// dropping lists whose tree is gone. Blobs linked by nothing but blobs/ are
+// loose: the first removal frees them.
+func (s *Store) count() error {
+	if err := s.root.MkdirAll(TreeBlobsDir, 0o700); err != nil {
+		return fmt.Errorf("creating %s: %w", TreeBlobsDir, err)
+	}
+	trees, err := s.TreeDigests()
+	if err != nil {
+		return err
+	}
+	var c Counts
+	var unlisted []string
+	for _, d := range trees {
+		l, ok, err := s.readTreeBlobs(d[len("sha256:"):])
+		if err != nil {
+			return err
+		}
+		if !ok {
+			unlisted = append(unlisted, d[len("sha256:"):])
+			continue
+		}
+		c.Trees++
+		c.TreeBytes += l.bytes
+	}
+	blobs, err := s.scanBlobs(len(unlisted) > 0)
+	if err != nil {
+		return err
+	}
+	c.BlobBytes, c.Blobs = blobs.bytes, blobs.count
+	for _, hex := range unlisted {
+		l, err := s.listTree(hex, blobs.byIno)
+		if err != nil {
+			return err
+		}
+		if err := s.writeTreeBlobs(path.Join(TreeBlobsDir, hex), l); err != nil {
+			return err
+		}
+		c.Trees++
+		c.TreeBytes += l.bytes
+	}
+	if len(unlisted) > 0 {
+		klog.InfoS("listed the blobs of trees committed before such lists", "trees", len(unlisted))
+	}
+	if err := s.dropStrayLists(trees); err != nil {
+		return err
+	}
+	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
+		c.Quarantined = len(q)
+	}
+	s.tally.mu.Lock()
+	s.tally.Counts = c
+	s.tally.mu.Unlock()
+	s.tally.markLoose(blobs.loose...)
+	return nil
+}
+
+// dropStrayLists removes the lists of trees that are gone (a crash between
+// a removal's two steps, or between a list and its tree's commit).
+func (s *Store) dropStrayLists(trees []string) error {
+	names, err := fs.ReadDir(s.root.FS(), TreeBlobsDir)
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", TreeBlobsDir, err)
+	}
+	for _, n := range names {
+		if slices.Contains(trees, "sha256:"+n.Name()) {
+			continue
+		}
+		if err := s.root.Remove(path.Join(TreeBlobsDir, n.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("removing the list of a gone tree: %w", err)
+		}
+	}
+	return nil
+}
+
+// Recount is what verify found when the running counts had drifted from
+// the disk; the counts are corrected to Now.
+type Recount struct {
+	Was Counts `json:"was"`
+	Now Counts `json:"now"`
+}
+
+// recount walks blobs/, every tree and quarantine/ as Usage once did, while
+// no counted change runs, and corrects the counts if they drifted. Blobs
+// linked by nothing but blobs/ are marked loose.
+func (s *Store) recount() (*Recount, error) {
+	s.tally.changing.Lock()
+	defer s.tally.changing.Unlock()
+	blobs, err := s.scanBlobs(false)
+	if err != nil {
+		return nil, err
+	}
+	now := Counts{BlobBytes: blobs.bytes, Blobs: blobs.count}
+	trees, err := s.TreeDigests()
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range trees {
+		n, _, err := s.walkBytes(path.Join(TreesDir, d[len("sha256:"):]))
+		if err != nil {
+			return nil, err
+		}
+		now.Trees++
+		now.TreeBytes += n
+	}
+	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
+		now.Quarantined = len(q)
+	}
+	s.tally.markLoose(blobs.loose...)
+	was := s.tally.counts()
+	if was == now {
+		return nil, nil
+	}
+	s.tally.mu.Lock()
+	s.tally.Counts = now
+	s.tally.mu.Unlock()
+	klog.InfoS("store counts had drifted from the disk; corrected", "was", was, "now", now)
+	return &Recount{Was: was, Now: now}, nil
+}
