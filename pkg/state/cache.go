@@ -206,19 +206,11 @@ func (d *DB) SetDrained(on bool) error {
 }
 
 // ForgetTree removes every record of a tree that is gone from the store:
-// the tree, the content keys and sources that led to it, its pin and mark.
+// the tree, the content keys and sources that led to it (found through
+// the indexes by tree), its pin and mark.
 func (d *DB) ForgetTree(digest string) error {
 	return d.update(func(tx *bolt.Tx) error {
-		if err := deleteWhere(tx.Bucket(bucketKeys), func(v []byte) bool {
-			var t store.Tree
-			return json.Unmarshal(v, &t) == nil && t.Digest == digest
-		}); err != nil {
-			return err
-		}
-		if err := deleteWhere(tx.Bucket(bucketSources), func(v []byte) bool {
-			var s Source
-			return json.Unmarshal(v, &s) == nil && s.Tree == digest
-		}); err != nil {
+		if err := forgetLeads(tx, digest); err != nil {
 			return err
 		}
 		for _, b := range [][]byte{bucketTrees, bucketPins, bucketDoomed} {
@@ -234,37 +226,7 @@ func (d *DB) ForgetTree(digest string) error {
 // keys and sources are dropped) while keeping its record, so running pods
 // stay listed. The next publish of the model downloads and repairs it.
 func (d *DB) Invalidate(digest string) error {
-	return d.update(func(tx *bolt.Tx) error {
-		if err := deleteWhere(tx.Bucket(bucketKeys), func(v []byte) bool {
-			var t store.Tree
-			return json.Unmarshal(v, &t) == nil && t.Digest == digest
-		}); err != nil {
-			return err
-		}
-		return deleteWhere(tx.Bucket(bucketSources), func(v []byte) bool {
-			var s Source
-			return json.Unmarshal(v, &s) == nil && s.Tree == digest
-		})
-	})
-}
-
-func deleteWhere(b *bolt.Bucket, match func(v []byte) bool) error {
-	var keys [][]byte
-	err := b.ForEach(func(k, v []byte) error {
-		if match(v) {
-			keys = append(keys, append([]byte(nil), k...))
-		}
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	for _, k := range keys {
-		if err := b.Delete(k); err != nil {
-			return err
-		}
-	}
-	return nil
+	return d.update(func(tx *bolt.Tx) error { return forgetLeads(tx, digest) })
 }
 
 // Candidates implements store.Evictor: unreferenced, unpinned trees, least
@@ -311,7 +273,7 @@ func (d *DB) Forget(digest string) error { return d.ForgetTree(digest) }
 // (a prefetch), so the next publish with the same credentials is a hit.
 func (d *DB) RecordSource(sourceKey string, src Source) error {
 	return d.update(func(tx *bolt.Tx) error {
-		if err := put(tx, bucketSources, sourceKey, src); err != nil {
+		if err := putSource(tx, sourceKey, src); err != nil {
 			return err
 		}
 		var rec TreeRecord

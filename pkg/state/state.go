@@ -99,7 +99,7 @@ func Open(path string) (*DB, error) {
 		return nil, fmt.Errorf("opening state database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketUsers, bucketObjects, bucketVolumes, bucketPins, bucketDoomed, bucketMeta} {
+		for _, b := range [][]byte{bucketKeys, bucketSources, bucketTrees, bucketRefs, bucketUsers, bucketObjects, bucketVolumes, bucketPins, bucketDoomed, bucketMeta, bucketTreeKeys, bucketTreeSources} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -115,7 +115,7 @@ func Open(path string) (*DB, error) {
 
 // SchemaVersion is the layout of the buckets and records this package
 // writes. Databases written before the version key existed are version 1.
-const SchemaVersion = 3
+const SchemaVersion = 4
 
 // ErrNewerSchema means the database was written by a newer modelcache.
 var ErrNewerSchema = errors.New("state database is newer than this modelcache-csi")
@@ -135,6 +135,9 @@ var migrations = map[int]func(tx *bolt.Tx) error{
 			return tx.Bucket(bucketUsers).Put(userKey(r.Tree, r.TargetPath), nil)
 		})
 	},
+	// 3 → 4: the tree-keys and tree-sources indexes, built from the
+	// content keys and sources.
+	3: indexLeads,
 }
 
 // userKey is a tree-refs key: the tree's references sort together.
@@ -320,7 +323,7 @@ func (d *DB) RecordTree(key string, t store.Tree) error {
 }
 
 func recordTree(tx *bolt.Tx, key string, t store.Tree) error {
-	if err := put(tx, bucketKeys, key, t); err != nil {
+	if err := putKey(tx, key, t); err != nil {
 		return err
 	}
 	var rec TreeRecord
@@ -356,7 +359,7 @@ func (d *DB) AddRef(r Ref, sourceKey string) error {
 			return err
 		}
 		if sourceKey != "" {
-			if err := put(tx, bucketSources, sourceKey, Source{Tree: r.Tree, URI: r.URI, Checked: r.Published}); err != nil {
+			if err := putSource(tx, sourceKey, Source{Tree: r.Tree, URI: r.URI, Checked: r.Published}); err != nil {
 				return err
 			}
 		}
