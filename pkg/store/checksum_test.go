@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"crypto/md5"
 	"crypto/sha1"
@@ -250,5 +251,67 @@ func TestExpectedChecksum(t *testing.T) {
 				t.Errorf("%d connections still held", s.conns.inUse())
 			}
 		})
+	}
+}
+
+// Chunks handed to writeThen from a pool of two buffers, each overwritten
+// as soon as it is released: a buffer released before both digests were
+// done with it would change the sums. Parts hash on several goroutines,
+// and every chunk size against every part layout gives the remote's value.
+func TestObjectSums_WriteThen_ReleasesOnlyWhenHashed(t *testing.T) {
+	data := make([]byte, 1<<20+7)
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	wantSHA := sha256.Sum256(data)
+	layouts := map[string][]int64{
+		"one part":   {int64(len(data))},
+		"many parts": {300 << 10, 300 << 10, 300 << 10, int64(len(data)) - 900<<10},
+		"tiny parts": {1, 2, 3, int64(len(data)) - 6},
+	}
+	for name, parts := range layouts {
+		for _, alg := range []string{"md5", "sha256", "crc32c"} {
+			sum := map[string]func([]byte) []byte{
+				"md5":    md5Of,
+				"sha256": func(b []byte) []byte { s := sha256.Sum256(b); return s[:] },
+				"crc32c": func(b []byte) []byte { return be32(crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli))) },
+			}[alg]
+			value := b64(partsOf(data, parts, sum)) + fmt.Sprintf("-%d", len(parts))
+			if alg == "md5" {
+				value = hex.EncodeToString(partsOf(data, parts, sum)) + fmt.Sprintf("-%d", len(parts))
+			}
+			for _, chunk := range []int{1000, 64 << 10, 256<<10 + 1} {
+				t.Run(fmt.Sprintf("%s/%s/chunks of %d", name, alg, chunk), func(t *testing.T) {
+					o, err := newObjectSums(source.Checksum{Algorithm: alg, Parts: parts, Value: value, Name: alg})
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer o.close()
+					free := make(chan []byte, 2)
+					free <- make([]byte, chunk)
+					free <- make([]byte, chunk)
+					for b := data; len(b) > 0; {
+						buf := (<-free)[:min(chunk, len(b))]
+						copy(buf, b)
+						b = b[len(buf):]
+						o.writeThen(buf, func() {
+							clear(buf) // what the next chunk's copy would do
+							free <- buf[:cap(buf)]
+						})
+					}
+					o.wait()
+					if len(free) != 2 {
+						t.Fatalf("%d of 2 buffers released after wait", len(free))
+					}
+					if got := o.remote.sum(); got != value {
+						t.Fatalf("remote sum %s, want %s", got, value)
+					}
+					if got := o.sha.Sum(nil); !bytes.Equal(got, wantSHA[:]) {
+						t.Fatalf("sha256 %x, want %x", got, wantSHA)
+					}
+				})
+			}
+		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"math"
 	"os"
 	"path"
 	"slices"
@@ -61,7 +62,21 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 		}
 		s.settleBlobs(sums)
 	}()
+	done, err := s.fetchObjects(ctx, dir, m, f, p, objects, reuse, sums)
+	if err != nil {
+		return Tree{}, ingested{}, err
+	}
+	if err := s.syncDir(BlobsDir); err != nil {
+		return Tree{}, ingested{}, err
+	}
+	t, err := s.placeTree(dir, m, sums)
+	return t, done, err
+}
 
+// fetchObjects puts every object of m into dir as blob-<i>: linked from
+// blobs/ when reuse names its blob, downloaded otherwise, s.transfers at a
+// time. sums[i] is set to object i's blob as soon as it is known.
+func (s *Store) fetchObjects(ctx context.Context, dir string, m source.Manifest, f Fetcher, p *Progress, objects []string, reuse map[string]string, sums []string) (ingested, error) {
 	var reused, md5Checked, remoteChecked, unchecked atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(s.transfers)
@@ -92,32 +107,38 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 			default:
 				unchecked.Add(1)
 			}
-			if objects[i] != "" && e.Size >= resumeAbove {
-				// Recorded now, not with the tree: a download killed later
-				// keeps this object and the next one links it (resume).
-				// Small objects are not worth a transaction each.
-				if oi, ok := s.index.(ObjectIndex); ok {
-					if rerr := oi.RecordObject(objects[i], sum); rerr != nil {
-						klog.ErrorS(rerr, "recording a downloaded object; a retry downloads it again", "object", e.Path)
-					}
-				}
-			}
+			s.recordObject(objects[i], e, sum)
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return Tree{}, ingested{}, err
+		return ingested{}, err
 	}
-	if err := s.syncDir(BlobsDir); err != nil {
-		return Tree{}, ingested{}, err
-	}
+	return ingested{sums: sums, reused: int(reused.Load()),
+		checks: Checks{MD5: int(md5Checked.Load()), Remote: int(remoteChecked.Load()), Unchecked: int(unchecked.Load())}}, nil
+}
 
+// recordObject records a large downloaded object in the object index now,
+// not with the tree: a download killed later keeps it and the next one
+// links it (resume). Small objects are not worth a transaction each.
+func (s *Store) recordObject(objectKey string, e source.Entry, sum string) {
+	if objectKey == "" || e.Size < resumeAbove {
+		return
+	}
+	if oi, ok := s.index.(ObjectIndex); ok {
+		if err := oi.RecordObject(objectKey, sum); err != nil {
+			klog.ErrorS(err, "recording a downloaded object; a retry downloads it again", "object", e.Path)
+		}
+	}
+}
+
+// placeTree builds the tree of m's blobs in dir and renames it into
+// trees/: the only step that makes the model visible.
+func (s *Store) placeTree(dir string, m source.Manifest, sums []string) (Tree, error) {
 	t := Tree{Digest: TreeDigest(m, sums), Size: m.Size(), Files: len(m)}
-	done := ingested{sums: sums, reused: int(reused.Load()),
-		checks: Checks{MD5: int(md5Checked.Load()), Remote: int(remoteChecked.Load()), Unchecked: int(unchecked.Load())}}
 	tmp := path.Join(dir, "tree")
 	if err := s.buildTree(tmp, dir, m, sums); err != nil {
-		return Tree{}, ingested{}, err
+		return Tree{}, err
 	}
 	final := path.Join(TreesDir, t.Digest[len("sha256:"):])
 	// Under the tree lock so an eviction cannot remove the tree between the
@@ -128,17 +149,17 @@ func (s *Store) ingest(ctx context.Context, m source.Manifest, f Fetcher, p *Pro
 		if s.HasTree(t.Digest) {
 			// Committed before: by another content key with identical
 			// files, or it is a damaged tree this download repairs.
-			return t, done, s.repairTree(final, m, sums)
+			return t, s.repairTree(final, m, sums)
 		}
-		return Tree{}, ingested{}, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
+		return Tree{}, noSpace(fmt.Errorf("committing tree %s: %w", t.Digest, err))
 	}
 	if err := s.root.Chmod(final, dirMode); err != nil {
-		return Tree{}, ingested{}, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
+		return Tree{}, fmt.Errorf("sealing tree %s: %w", t.Digest, err)
 	}
 	if err := s.syncDir(TreesDir); err != nil {
-		return Tree{}, ingested{}, err
+		return Tree{}, err
 	}
-	return t, done, nil
+	return t, nil
 }
 
 // ingestBlob streams one entry into name, hashing as it writes, fsyncs it and
@@ -157,51 +178,91 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 		return "", notChecked, err
 	}
 	defer sums.close()
-	if err := s.acquireConn(ctx); err != nil {
+	st := &blobStream{s: s, f: f, e: e}
+	defer st.close(ctx)
+	if err := st.open(ctx); err != nil {
 		return "", notChecked, err
 	}
-	conn := true
-	defer func() {
-		if conn {
-			s.releaseConn(ctx)
-		}
-	}()
-	// Each request (the first and every resume) runs under its own guard
-	// of the minimum rate.
-	sctx, guard := s.guardStream(ctx)
-	rc, err := f.Open(sctx, e)
-	if err != nil {
-		guard.stop()
-		if cut := guard.err(err); cut != err {
-			return "", notChecked, fmt.Errorf("opening %s: %w", e.Path, cut)
-		}
-		return "", notChecked, err
-	}
-	defer func() {
-		if rc != nil {
-			rc.Close()
-		}
-		guard.stop()
-	}()
 	w, err := s.root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return "", notChecked, noSpace(fmt.Errorf("creating ingest file: %w", err))
 	}
 	defer w.Close()
-
 	hp := newHashPipe(sums)
 	defer hp.stop()
+	if err := st.copyTo(ctx, w, hp, p); err != nil {
+		return "", notChecked, err
+	}
+	// The stream is done: its connection goes back before the commit,
+	// whose checksum check may need connections of its own (part HEADs).
+	st.close(ctx)
+	hp.wait()
+	return s.commitBlob(ctx, w, name, e, sums)
+}
+
+// blobStream is one object's single-stream download: the response being
+// read, the guard of its minimum rate, and the connection it holds.
+type blobStream struct {
+	s       *Store
+	f       Fetcher
+	e       source.Entry
+	rc      io.ReadCloser
+	guard   *streamGuard
+	conn    bool // holds one of the node's connections
+	resumes int
+}
+
+// open takes a connection and opens the object. Each request (the first
+// and every resume) runs under its own guard of the minimum rate.
+func (st *blobStream) open(ctx context.Context) error {
+	if err := st.s.acquireConn(ctx); err != nil {
+		return err
+	}
+	st.conn = true
+	sctx, guard := st.s.guardStream(ctx)
+	rc, err := st.f.Open(sctx, st.e)
+	if err != nil {
+		guard.stop()
+		if cut := guard.err(err); cut != err {
+			return fmt.Errorf("opening %s: %w", st.e.Path, cut)
+		}
+		return err
+	}
+	st.rc, st.guard = rc, guard
+	return nil
+}
+
+// close ends the response and gives the connection back; it may be
+// called more than once.
+func (st *blobStream) close(ctx context.Context) {
+	if st.rc != nil {
+		st.rc.Close()
+		st.rc = nil
+	}
+	if st.guard != nil {
+		st.guard.stop()
+		st.guard = nil
+	}
+	if st.conn {
+		st.s.releaseConn(ctx)
+		st.conn = false
+	}
+}
+
+// copyTo writes the object into w and hands every byte to hp, resuming a
+// stream cut mid-object, and checks that exactly the listed size arrived.
+func (st *blobStream) copyTo(ctx context.Context, w *os.File, hp *hashPipe, p *Progress) error {
+	e := st.e
 	var n, flushed int64
-	resumes := 0
 	// Read one byte past the listed size so a grown object is caught.
-	var r io.Reader = guardedReader{io.LimitReader(rc, e.Size+1), guard}
+	var r io.Reader = guardedReader{io.LimitReader(st.rc, e.Size+1), st.guard}
 	for {
 		buf := hp.next()
 		k, rerr := r.Read(buf)
 		if k > 0 {
 			if _, err := w.Write(buf[:k]); err != nil {
 				hp.drop(buf)
-				return "", notChecked, noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
+				return noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
 			}
 			hp.hash(buf[:k])
 			n += int64(k)
@@ -217,42 +278,44 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 			break
 		}
 		if rerr != nil {
-			// A stream cut mid-object (a remote or a middlebox closing a
-			// connection, or the guard a trickling one) goes on from where
-			// it stopped with a ranged read, as rclone's low-level retries
-			// do, instead of starting over.
-			rerr = guard.err(rerr)
-			rf, ok := f.(RangeFetcher)
-			if !ok || resumes == chunkAttempts || n >= e.Size || ctx.Err() != nil || !errors.Is(rerr, source.ErrUnavailable) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
-				return "", notChecked, fmt.Errorf("downloading %s: %w", e.Path, rerr)
+			if err := st.resume(ctx, n, rerr); err != nil {
+				return err
 			}
-			resumes++
-			rc.Close()
-			guard.stop()
-			// The resume queues for a connection again: a stream cut for
-			// being slow must not keep its slot from other downloads.
-			s.releaseConn(ctx)
-			if conn = s.acquireConn(ctx) == nil; !conn {
-				rc = nil
-				return "", notChecked, fmt.Errorf("resuming %s: %w", e.Path, ctx.Err())
-			}
-			sctx, guard = s.guardStream(ctx)
-			if rc, err = rf.OpenRange(sctx, e, n, e.Size-n); err != nil {
-				rc = nil
-				return "", notChecked, fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(err))
-			}
-			r = guardedReader{io.LimitReader(rc, e.Size-n), guard}
+			r = guardedReader{io.LimitReader(st.rc, e.Size-n), st.guard}
 		}
 	}
 	if n != e.Size {
-		return "", notChecked, fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
+		return fmt.Errorf("%w: %s was listed with %d bytes but %d arrived; publish again to re-list it", source.ErrChanged, e.Path, e.Size, n)
 	}
-	// The stream is done: its connection goes back before the commit,
-	// whose checksum check may need connections of its own (part HEADs).
-	s.releaseConn(ctx)
-	conn = false
-	hp.wait()
-	return s.commitBlob(ctx, w, name, e, sums)
+	return nil
+}
+
+// resume goes on from byte n of a stream cut by rerr (a remote or a
+// middlebox closing a connection, or the guard a trickling one) with a
+// ranged read, as rclone's low-level retries do, instead of starting over.
+// The resume queues for a connection again: a stream cut for being slow
+// must not keep its slot from other downloads.
+func (st *blobStream) resume(ctx context.Context, n int64, rerr error) error {
+	e := st.e
+	rerr = st.guard.err(rerr)
+	rf, ok := st.f.(RangeFetcher)
+	if !ok || st.resumes == chunkAttempts || n >= e.Size || ctx.Err() != nil || !errors.Is(rerr, source.ErrUnavailable) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("downloading %s: %w", e.Path, rerr)
+	}
+	st.resumes++
+	st.close(ctx)
+	if err := st.s.acquireConn(ctx); err != nil {
+		return fmt.Errorf("resuming %s: %w", e.Path, ctx.Err())
+	}
+	st.conn = true
+	sctx, guard := st.s.guardStream(ctx)
+	st.guard = guard
+	rc, err := rf.OpenRange(sctx, e, n, e.Size-n)
+	if err != nil {
+		return fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(err))
+	}
+	st.rc = rc
+	return nil
 }
 
 // writebackEvery is how much of a download is handed to the disk at a time.
@@ -292,8 +355,7 @@ func newHashPipe(sums *objectSums) *hashPipe {
 	go func() {
 		defer close(hp.idle)
 		for b := range queue {
-			hp.sums.write(b)
-			hp.free <- b[:cap(b)]
+			hp.sums.writeThen(b, func() { hp.free <- b[:cap(b)] })
 		}
 	}()
 	return hp
@@ -309,6 +371,7 @@ func (hp *hashPipe) wait() {
 		close(hp.queue)
 		hp.queue = nil
 		<-hp.idle
+		hp.sums.wait()
 	}
 }
 
@@ -323,27 +386,20 @@ func (hp *hashPipe) stop() {
 // objectSums are the digests computed while an object streams in: the
 // store's sha256, and the remote's own checksum when it keeps one, so the
 // bytes are checked against the remote before their blob is committed (the
-// "bytes checked against the remote" invariant). The two run side by side
-// on two cores for large writes: MD5 is the slower (about half sha256's
-// speed with SHA extensions), and one after the other they would bound a
-// download below either alone.
+// "bytes checked against the remote" invariant). The remote's runs on
+// other goroutines (remoteSum), beside the sha256: MD5 is the slower
+// (about a third of sha256's speed with SHA extensions), and one after the
+// other they would bound a download below either alone.
 type objectSums struct {
 	sha    hash.Hash
 	remote *remoteSum // nil: the remote keeps no checksum we can get
-
-	work chan []byte   // to the goroutine hashing remote, started on demand
-	done chan struct{} // it finished a write
 }
-
-// parallelHashMin is the write size from which the remote's checksum is
-// computed on another goroutine.
-const parallelHashMin = 16 << 10
 
 func newObjectSums(want source.Checksum) (*objectSums, error) {
 	o := &objectSums{sha: sha256.New()}
 	if want.Algorithm == "sha256" && want.Parts == nil {
 		// The remote's sha256 of the whole object is the store's own.
-		o.remote = &remoteSum{want: want, whole: o.sha, shared: true}
+		o.remote = &remoteSum{want: want, shared: true, ends: []int64{math.MaxInt64}, hashes: []hash.Hash{o.sha}}
 		return o, nil
 	}
 	if !want.IsZero() {
@@ -359,32 +415,37 @@ func newObjectSums(want source.Checksum) (*objectSums, error) {
 // write hashes b with both digests and returns when both are done, so the
 // caller may reuse b.
 func (o *objectSums) write(b []byte) {
-	if o.remote == nil || o.remote.shared || o.remote.inline || len(b) < parallelHashMin {
-		o.sha.Write(b)
-		if o.remote != nil && !o.remote.shared {
-			o.remote.Write(b)
-		}
-		return
-	}
-	if o.work == nil {
-		o.work, o.done = make(chan []byte), make(chan struct{})
-		go func() {
-			for b := range o.work {
-				o.remote.Write(b)
-				o.done <- struct{}{}
-			}
-		}()
-	}
-	o.work <- b
-	o.sha.Write(b)
-	<-o.done
+	done := make(chan struct{})
+	o.writeThen(b, func() { close(done) })
+	<-done
 }
 
-// close stops the goroutine write started, if any.
+// writeThen hashes b with the store's sha256 before it returns, and hands
+// it to the remote's checksum; release runs (perhaps on another goroutine)
+// once both are done with b. The next chunk's sha256 need not wait for
+// this one's MD5.
+func (o *objectSums) writeThen(b []byte, release func()) {
+	if o.remote == nil || o.remote.shared {
+		o.sha.Write(b)
+		release()
+		return
+	}
+	done := o.remote.start(b, release)
+	o.sha.Write(b)
+	done()
+}
+
+// wait returns once every byte written is hashed and released.
+func (o *objectSums) wait() {
+	if o.remote != nil {
+		o.remote.wait()
+	}
+}
+
+// close stops the remote checksum's workers, once they are done.
 func (o *objectSums) close() {
-	if o.work != nil {
-		close(o.work)
-		o.work = nil
+	if o.remote != nil {
+		o.remote.close()
 	}
 }
 

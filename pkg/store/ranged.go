@@ -56,181 +56,238 @@ const chunkAttempts = 3
 // restart or kill -9) re-hashes the prefix from disk, reads the recorded
 // chunks back, and fetches the rest.
 func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string, want source.Checksum) (string, checkedBy, error) {
-	sums, err := newObjectSums(want)
-	if err != nil {
+	rd := &rangedDownload{s: s, e: e, rf: rf, p: p, chunk: s.rangeChunk, d: downloadOf(ctx)}
+	rd.chunks = int((e.Size + rd.chunk - 1) / rd.chunk)
+	if err := rd.open(name, objectKey, want); err != nil {
 		return "", notChecked, err
 	}
-	defer func() { sums.close() }()
-	pf, err := s.openPartial(name, e, objectKey, s.rangeChunk)
-	if err != nil {
-		return "", notChecked, err
-	}
-	defer pf.close()
-	w := pf.f
-	chunk := s.rangeChunk
-	chunks := int((e.Size + chunk - 1) / chunk)
-	first := int(pf.resumeAt(chunk) / chunk)
-	if first > 0 {
-		if err := rehash(w, int64(first)*chunk, sums); err != nil {
-			klog.InfoS("partial download unreadable, starting over", "object", e.Path, "err", err)
-			sums.close()
-			sums, _ = newObjectSums(want) // the algorithm was accepted above
-			first = 0
-		} else {
-			klog.InfoS("resuming download", "object", e.Path, "from", units.Bytes(int64(first)*chunk), "of", units.Bytes(e.Size))
-		}
-	}
-	p.done.Add(int64(first) * chunk)
-	d := downloadOf(ctx)
-	s.chunks.use(d)
-	defer s.chunks.unuse(d)
-	done := make(chan fetchedChunk, s.chunks.size())
-	var next atomic.Int64
-	next.Store(int64(first))
+	defer func() { rd.sums.close() }()
+	defer rd.pf.close()
+	s.chunks.use(rd.d)
+	defer s.chunks.unuse(rd.d)
+	rd.done = make(chan fetchedChunk, s.chunks.size())
+	rd.next.Store(int64(rd.first))
+	rd.hashed, rd.pending = rd.first, map[int][]byte{}
 
 	g, gctx := errgroup.WithContext(ctx)
 	for range s.rangeStreams {
-		g.Go(func() error {
-			for {
-				// The buffer comes before the chunk number: every chunk taken
-				// holds a buffer, so the lowest one not yet hashed of every
-				// file can always finish and no hasher waits on a chunk that
-				// cannot, even with the pool shared between files.
-				buf, err := s.chunks.get(gctx, d, chunk, chunk)
-				if err != nil {
-					return err
-				}
-				i := int(next.Add(1) - 1)
-				if i >= chunks {
-					s.chunks.put(d, buf)
-					return nil
-				}
-				off := int64(i) * chunk
-				n := min(chunk, e.Size-off)
-				buf = buf[:n]
-				// A chunk an earlier download left on disk is read back
-				// (and hashed with the rest) instead of fetched.
-				onDisk := pf.onDiskChunk(i)
-				if onDisk {
-					_, rerr := w.ReadAt(buf, off)
-					onDisk = rerr == nil
-				}
-				if !onDisk {
-					if err := s.fetchChunk(gctx, rf, e, off, buf); err != nil {
-						s.chunks.put(d, buf)
-						return err
-					}
-					if _, err := w.WriteAt(buf, off); err != nil {
-						s.chunks.put(d, buf)
-						return noSpace(fmt.Errorf("writing %s: %w", e.Path, err))
-					}
-					pf.markWritten(i)
-				}
-				p.done.Add(n)
-				// done holds as many chunks as there are buffers: never blocks.
-				done <- fetchedChunk{i, buf}
-			}
-		})
+		g.Go(func() error { return rd.fetchChunks(gctx) })
 	}
 	// Checkpoints run beside the hasher: an fsync takes a while, and the
 	// chunks should keep flowing meanwhile. One waits at most; a request
 	// while one waits is dropped, and a later one covers its bytes.
-	ckpt, ckptDone := make(chan int64, 1), make(chan struct{})
+	rd.ckpt = make(chan int64, 1)
+	ckptDone := make(chan struct{})
 	go func() {
 		defer close(ckptDone)
-		for n := range ckpt {
-			if err := pf.checkpoint(n); err != nil {
+		for n := range rd.ckpt {
+			if err := rd.pf.checkpoint(n); err != nil {
 				klog.ErrorS(err, "recording a partial download; a restart goes on from an earlier point", "object", e.Path)
 			}
 		}
 	}()
-	// The hasher's state: k is read after Wait to checkpoint a failed
-	// download, pending to give its buffers back.
-	pending := map[int][]byte{}
-	k := first
-	g.Go(func() error {
-		saved := int64(first) * chunk
-		// Chunks written but given back before their turn, to be hashed
-		// from the file.
-		spilled := map[int]bool{}
-		for k < chunks {
-			buf, ok := pending[k]
-			switch {
-			case ok:
-				sums.write(buf)
-				delete(pending, k)
-				s.chunks.put(d, buf)
-			case spilled[k]:
-				off := int64(k) * chunk
-				if err := hashAt(w, off, min(chunk, e.Size-off), sums); err != nil {
-					return fmt.Errorf("reading back bytes %d+ of %s: %w", off, e.Path, err)
-				}
-				delete(spilled, k)
-			default:
-				// A finished chunk waiting for an earlier, slower one would
-				// pin its buffer for as long as that one takes: when another
-				// download waits for a buffer, the finished chunks give
-				// theirs back; they are in the file. This download's own
-				// streams wait instead (a stream too slow is cut).
-				changed := s.chunks.slots.changes()
-				if len(pending) > 0 && s.chunks.slots.pressed(d) {
-					for i, b := range pending {
-						spilled[i] = true
-						delete(pending, i)
-						s.chunks.put(d, b)
-					}
-					continue
-				}
-				if len(pending) == 0 {
-					changed = nil
-				}
-				select {
-				case c := <-done:
-					pending[c.index] = c.data
-				case <-changed:
-				case <-gctx.Done():
-					return gctx.Err()
-				}
-				continue
-			}
-			k++
-			if hashed := int64(k) * chunk; hashed-saved >= s.rangeCheckpoint && hashed < e.Size {
-				select {
-				case ckpt <- hashed:
-					saved = hashed
-				default:
-				}
-			}
-		}
-		return nil
-	})
-	err = g.Wait()
-	close(ckpt)
+	g.Go(func() error { return rd.hashInOrder(gctx) })
+	err := g.Wait()
+	close(rd.ckpt)
 	<-ckptDone
-	// Chunks fetched but never hashed give their buffers back; they are
-	// on disk, and a failed download's checkpoint records them.
-	for len(done) > 0 {
-		c := <-done
-		pending[c.index] = c.data
-	}
-	for _, buf := range pending {
-		s.chunks.put(d, buf)
-	}
+	rd.giveBack()
 	if err != nil {
 		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) {
-			pf.drop()
+			rd.pf.drop()
 			return "", notChecked, err
 		}
 		// What was written is recorded, chunks past the prefix too.
-		if cerr := pf.checkpoint(int64(k) * chunk); cerr != nil {
+		if cerr := rd.pf.checkpoint(int64(rd.hashed) * rd.chunk); cerr != nil {
 			klog.ErrorS(cerr, "recording a partial download; the next one starts earlier", "object", e.Path)
 		}
 		return "", notChecked, err
 	}
-	if err := pf.finish(); err != nil {
+	if err := rd.pf.finish(); err != nil {
 		return "", notChecked, err
 	}
-	return s.commitBlob(ctx, w, name, e, sums)
+	return s.commitBlob(ctx, rd.pf.f, name, e, rd.sums)
+}
+
+// rangedDownload is one large object's download in chunks: rangeStreams
+// fetchers taking chunk numbers in turn, and one hasher taking the chunks
+// in order.
+type rangedDownload struct {
+	s      *Store
+	e      source.Entry
+	rf     RangeFetcher
+	p      *Progress
+	d      *download
+	pf     *partialFile
+	sums   *objectSums
+	chunk  int64
+	chunks int
+	first  int // the first chunk not on disk from an earlier download
+
+	next atomic.Int64      // the next chunk a fetcher takes
+	done chan fetchedChunk // fetched chunks, to the hasher
+	ckpt chan int64        // hashed bytes to checkpoint
+
+	// The hasher's: the first chunk not yet hashed, and the chunks fetched
+	// before their turn. Read after the download, to checkpoint a failed
+	// one and give the buffers back.
+	hashed  int
+	pending map[int][]byte
+}
+
+// open opens the partial file and, when it resumes an earlier download,
+// re-hashes the recorded prefix from disk.
+func (rd *rangedDownload) open(name, objectKey string, want source.Checksum) error {
+	sums, err := newObjectSums(want)
+	if err != nil {
+		return err
+	}
+	rd.sums = sums
+	if rd.pf, err = rd.s.openPartial(name, rd.e, objectKey, rd.chunk); err != nil {
+		sums.close()
+		return err
+	}
+	rd.first = int(rd.pf.resumeAt(rd.chunk) / rd.chunk)
+	if rd.first > 0 {
+		if err := rehash(rd.pf.f, int64(rd.first)*rd.chunk, rd.sums); err != nil {
+			klog.InfoS("partial download unreadable, starting over", "object", rd.e.Path, "err", err)
+			rd.sums.close()
+			rd.sums, _ = newObjectSums(want) // the algorithm was accepted above
+			rd.first = 0
+		} else {
+			klog.InfoS("resuming download", "object", rd.e.Path, "from", units.Bytes(int64(rd.first)*rd.chunk), "of", units.Bytes(rd.e.Size))
+		}
+	}
+	rd.p.done.Add(int64(rd.first) * rd.chunk)
+	return nil
+}
+
+// fetchChunks is one stream: it takes chunk numbers in turn and fetches
+// each into a buffer and the file, or reads it back from an earlier
+// download's file, and hands it to the hasher.
+func (rd *rangedDownload) fetchChunks(ctx context.Context) error {
+	w := rd.pf.f
+	for {
+		// The buffer comes before the chunk number: every chunk taken
+		// holds a buffer, so the lowest one not yet hashed of every
+		// file can always finish and no hasher waits on a chunk that
+		// cannot, even with the pool shared between files.
+		buf, err := rd.s.chunks.get(ctx, rd.d, rd.chunk, rd.chunk)
+		if err != nil {
+			return err
+		}
+		i := int(rd.next.Add(1) - 1)
+		if i >= rd.chunks {
+			rd.s.chunks.put(rd.d, buf)
+			return nil
+		}
+		off := int64(i) * rd.chunk
+		n := min(rd.chunk, rd.e.Size-off)
+		buf = buf[:n]
+		// A chunk an earlier download left on disk is read back (and
+		// hashed with the rest) instead of fetched.
+		onDisk := rd.pf.onDiskChunk(i)
+		if onDisk {
+			_, rerr := w.ReadAt(buf, off)
+			onDisk = rerr == nil
+		}
+		if !onDisk {
+			if err := rd.s.fetchChunk(ctx, rd.rf, rd.e, off, buf); err != nil {
+				rd.s.chunks.put(rd.d, buf)
+				return err
+			}
+			if _, err := w.WriteAt(buf, off); err != nil {
+				rd.s.chunks.put(rd.d, buf)
+				return noSpace(fmt.Errorf("writing %s: %w", rd.e.Path, err))
+			}
+			rd.pf.markWritten(i)
+		}
+		rd.p.done.Add(n)
+		// done holds as many chunks as there are buffers: never blocks.
+		rd.done <- fetchedChunk{i, buf}
+	}
+}
+
+// hashInOrder hashes the chunks in order as they come, from memory, or
+// from the file for those given back before their turn, and asks for a
+// checkpoint every rangeCheckpoint bytes. A chunk's buffer goes back once
+// both digests are done with it: the remote's per-part checksum runs on
+// other goroutines, so the sha256 goes on to the next chunk meanwhile.
+func (rd *rangedDownload) hashInOrder(ctx context.Context) error {
+	saved := int64(rd.hashed) * rd.chunk
+	// Chunks written but given back before their turn, to be hashed from
+	// the file.
+	spilled := map[int]bool{}
+	for rd.hashed < rd.chunks {
+		k := rd.hashed
+		buf, ok := rd.pending[k]
+		switch {
+		case ok:
+			delete(rd.pending, k)
+			rd.sums.writeThen(buf, func() { rd.s.chunks.put(rd.d, buf) })
+		case spilled[k]:
+			off := int64(k) * rd.chunk
+			if err := hashAt(rd.pf.f, off, min(rd.chunk, rd.e.Size-off), rd.sums); err != nil {
+				return fmt.Errorf("reading back bytes %d+ of %s: %w", off, rd.e.Path, err)
+			}
+			delete(spilled, k)
+		default:
+			if err := rd.await(ctx, spilled); err != nil {
+				return err
+			}
+			continue
+		}
+		rd.hashed++
+		if hashed := int64(rd.hashed) * rd.chunk; hashed-saved >= rd.s.rangeCheckpoint && hashed < rd.e.Size {
+			select {
+			case rd.ckpt <- hashed:
+				saved = hashed
+			default:
+			}
+		}
+	}
+	return nil
+}
+
+// await waits for the next fetched chunk. A finished chunk waiting for an
+// earlier, slower one would pin its buffer for as long as that one takes:
+// when another download waits for a buffer, the finished chunks give
+// theirs back (spilled); they are in the file. This download's own streams
+// wait instead (a stream too slow is cut).
+func (rd *rangedDownload) await(ctx context.Context, spilled map[int]bool) error {
+	changed := rd.s.chunks.slots.changes()
+	if len(rd.pending) > 0 && rd.s.chunks.slots.pressed(rd.d) {
+		for i, b := range rd.pending {
+			spilled[i] = true
+			delete(rd.pending, i)
+			rd.s.chunks.put(rd.d, b)
+		}
+		return nil
+	}
+	if len(rd.pending) == 0 {
+		changed = nil
+	}
+	select {
+	case c := <-rd.done:
+		rd.pending[c.index] = c.data
+	case <-changed:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return nil
+}
+
+// giveBack returns every buffer the download still holds, once the
+// fetchers and the hasher have stopped: chunks fetched but never hashed
+// are on disk, and a failed download's checkpoint records them.
+func (rd *rangedDownload) giveBack() {
+	rd.sums.wait()
+	for len(rd.done) > 0 {
+		c := <-rd.done
+		rd.pending[c.index] = c.data
+	}
+	for _, buf := range rd.pending {
+		rd.s.chunks.put(rd.d, buf)
+	}
 }
 
 // rehash feeds the first n bytes of f to sums: a resumed download's hash
