@@ -2,7 +2,10 @@ package source
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -97,5 +100,50 @@ func TestCommonPrefix(t *testing.T) {
 		if got := commonPrefix(tt.a, tt.b); got != tt.want {
 			t.Errorf("commonPrefix(%q, %q) = %q, want %q", tt.a, tt.b, got, tt.want)
 		}
+	}
+}
+
+// GCS lists no MD5 for a composite object: it is named by its generation,
+// from one listing of the prefix.
+func TestList_GCSCompositeObjectNamedByGeneration(t *testing.T) {
+	md5b64 := "ASNFZ4mrze8BI0VniavN7w==" // 0123456789abcdef0123456789abcdef
+	items := []map[string]any{
+		{"name": "m/composite.bin", "size": "1048576", "updated": "2025-01-02T03:04:05.678Z", "generation": "1700000000000001"},
+		{"name": "m/w.bin", "size": "100", "updated": "2025-01-02T03:04:05.678Z", "generation": "1700000000000002", "md5Hash": md5b64},
+	}
+	var lists atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path != "/storage/v1/b/bucket/o" {
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = w.Write([]byte(`{"error":{"code":404,"message":"No such object"}}`))
+			return
+		}
+		lists.Add(1)
+		_ = json.NewEncoder(w).Encode(map[string]any{"kind": "storage#objects", "items": items})
+	}))
+	t.Cleanup(srv.Close)
+	r, _ := newTestRclone(t, nil, WithAllowedEndpoints(loopback))
+	remote, err := r.Resolve(context.Background(), "mygcs:bucket/m", map[string]string{
+		"RCLONE_CONFIG_MYGCS_TYPE": "google cloud storage", "RCLONE_CONFIG_MYGCS_ENDPOINT": srv.URL + "/storage/v1/",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := remote.List(context.Background())
+	if err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	want := map[string]string{"composite.bin": "generation:1700000000000001", "w.bin": ""}
+	if len(m) != len(want) {
+		t.Fatalf("List = %+v, want %d entries", m, len(want))
+	}
+	for _, e := range m {
+		if e.Version != want[e.Path] {
+			t.Errorf("%s has Version %q, want %q (Hash %q)", e.Path, e.Version, want[e.Path], e.Hash)
+		}
+	}
+	if n := lists.Load(); n != 2 {
+		t.Errorf("the bucket was listed %d times, want 2 (rclone's walk and one for the versions)", n)
 	}
 }
