@@ -26,17 +26,21 @@ type remoteOptions struct {
 	Size      int64         // the large file; the shards, the incremental and the resumed models derive from it
 	Files     int           // files of the small-files model
 	FileSize  int           // bytes per small file
+	PartSize  int64         // parts of the models uploaded in parts, as minio-go uploads them
 }
 
 func remoteDefaults() remoteOptions {
-	return remoteOptions{Runs: 3, Rate: 64e6, FirstByte: 20 * time.Millisecond, Size: 1 << 30, Files: 1000, FileSize: 16 << 10}
+	// 16 MiB: minio-go's part size for anything up to 156 GiB.
+	return remoteOptions{Runs: 3, Rate: 64e6, FirstByte: 20 * time.Millisecond, Size: 1 << 30, Files: 1000, FileSize: 16 << 10, PartSize: 16 << 20}
 }
 
-// remoteSmoke is tiny. Its lower rate keeps a 4 MiB download long enough
-// (half a second) for the resume run to catch it half way.
+// remoteSmoke is small: just large enough that the incremental model (a
+// quarter) is uploaded in two parts of S3's least size. Its lower rate
+// keeps a 24 MiB download long enough (three quarters of a second) for the
+// resume run to catch it half way.
 func remoteSmoke() remoteOptions {
 	o := remoteDefaults()
-	o.Runs, o.Rate, o.Size, o.Files = 1, 8e6, 4<<20, 20
+	o.Runs, o.Rate, o.Size, o.Files, o.PartSize = 1, 32e6, 24<<20, 20, 5<<20
 	return o
 }
 
@@ -72,6 +76,7 @@ func (r *remoteOptions) set(runs int, rate string, firstByte time.Duration, size
 // Goal limits of section 7.
 const (
 	goalRemoteFile   = 0.8     // cold publish / rclone copy, one large file
+	goalRemoteParts  = 0.6     // the same, uploaded in parts
 	goalRemoteShards = 1.0     // the same, 8 shards
 	goalRemoteMany   = 0.8     // the same, many small files
 	goalIncremental  = 1 << 20 // bytes fetched again after a config change
@@ -116,6 +121,10 @@ type RemoteResult struct {
 	Rows    []RemoteRow
 	Incr    IncrResult
 	Resume  ResumeResult
+	// The same with the models uploaded in parts (minio-go, PartSize):
+	// objects whose ETag is no MD5.
+	IncrParts   IncrResult
+	ResumeParts ResumeResult
 }
 
 // remote runs sections 1's side-by-side, an incremental update and a
@@ -124,6 +133,10 @@ type RemoteResult struct {
 func (b *bench) remote(ctx context.Context, rep *Report) error {
 	o := b.o.Remote
 	large, shards, many, incr, resume, err := b.uploadRemote(ctx)
+	if err != nil {
+		return err
+	}
+	largeParts, incrParts, resumeParts, err := b.uploadRemoteParts(ctx)
 	if err != nil {
 		return err
 	}
@@ -138,23 +151,27 @@ func (b *bench) remote(ctx context.Context, rep *Report) error {
 	for _, x := range []struct {
 		m    model
 		goal float64
-	}{{large, goalRemoteFile}, {shards, goalRemoteShards}, {many, goalRemoteMany}} {
+	}{{large, goalRemoteFile}, {shards, goalRemoteShards}, {many, goalRemoteMany}, {largeParts, goalRemoteParts}} {
 		row, err := b.coldRow(ctx, p.URL, x.m, o.Runs)
 		if err != nil {
 			return err
 		}
 		res.Rows = append(res.Rows, RemoteRow{ColdRow: row, Goal: x.goal})
 	}
-	res.Incr = IncrResult{Model: incr}
+	res.Incr, res.IncrParts = IncrResult{Model: incr}, IncrResult{Model: incrParts}
+	res.Resume, res.ResumeParts = ResumeResult{Model: resume}, ResumeResult{Model: resumeParts}
 	for r := range o.Runs {
-		if err := b.incremental(ctx, p, &res.Incr, r); err != nil {
-			return err
+		for _, in := range []*IncrResult{&res.Incr, &res.IncrParts} {
+			if err := b.incremental(ctx, p, in, r); err != nil {
+				return err
+			}
 		}
 	}
-	res.Resume = ResumeResult{Model: resume}
 	for r := range o.Runs {
-		if err := b.resume(ctx, p, &res.Resume, r); err != nil {
-			return err
+		for _, rs := range []*ResumeResult{&res.Resume, &res.ResumeParts} {
+			if err := b.resume(ctx, p, rs, r); err != nil {
+				return err
+			}
 		}
 	}
 	rep.Remote = res
@@ -229,6 +246,39 @@ func (b *bench) uploadRemote(ctx context.Context) (large, shards, many, incr, re
 	return
 }
 
+// uploadRemoteParts puts the one file, the incremental model and the
+// resumed model again, their weights uploaded in parts of PartSize as
+// minio-go uploads them (the AWS CLI and SDKs do the same with parts of
+// their own size): an ETag <hex>-<parts> and no MD5 in the listing.
+func (b *bench) uploadRemoteParts(ctx context.Context) (large, incr, resume model, err error) {
+	o := b.o.Remote
+	buf := make([]byte, o.Size)
+	defer debug.FreeOSMemory()
+	up := testenv.Upload{Name: "minio-go parts", PartSize: uint64(o.PartSize)}
+	put := func(m model, n int64) error {
+		b.logf("generating and uploading %s (%s) in parts of %s", m.Weights, sizeName(n), sizeName(o.PartSize))
+		fill(m.Weights, buf[:n])
+		if err := up.Put(ctx, b.minio.Endpoint, bucket, m.Weights, buf[:n]); err != nil {
+			return err
+		}
+		if m.Files == 1 {
+			return nil
+		}
+		return b.put(ctx, m.Prefix+"/config.json", configJSON(m.Prefix, 0))
+	}
+	large = model{Name: sizeName(o.Size) + " file in parts", Prefix: "remote-file-parts", Size: o.Size, Bytes: o.Size + configBytes, Files: 2}
+	quarter := o.Size / 4
+	incr = model{Name: sizeName(quarter) + " in parts + config.json", Prefix: "remote-incr-parts", Size: quarter, Bytes: quarter + configBytes, Files: 2}
+	resume = model{Name: sizeName(o.Size) + " one-file model in parts", Prefix: "remote-resume-parts", Size: o.Size, Bytes: o.Size, Files: 1}
+	for _, m := range []*model{&large, &incr, &resume} {
+		m.Weights = m.Prefix + "/model.safetensors"
+		if err = put(*m, m.Size); err != nil {
+			return
+		}
+	}
+	return
+}
+
 // fill writes bytes into buf that depend only on key, so no two objects
 // share content (the cache must not find one model's blobs in another's).
 func fill(key string, buf []byte) {
@@ -261,7 +311,7 @@ func (b *bench) incremental(ctx context.Context, p *testenv.Proxy, res *IncrResu
 	if err := b.put(ctx, conf, configJSON(m.Prefix, 2*r+1)); err != nil {
 		return err
 	}
-	d, err := b.startDriver(fmt.Sprintf("incr-%d", r), "")
+	d, err := b.startDriver(fmt.Sprintf("incr-%s-%d", m.Prefix, r), "")
 	if err != nil {
 		return err
 	}
@@ -314,14 +364,14 @@ func (b *bench) incremental(ctx context.Context, p *testenv.Proxy, res *IncrResu
 func (b *bench) resume(ctx context.Context, p *testenv.Proxy, res *ResumeResult, r int) error {
 	m := res.Model
 	// The cache outlives both drivers' kubelet directories.
-	cacheDir := filepath.Join(b.work, "remote-resume", fmt.Sprint(r))
+	cacheDir := filepath.Join(b.work, m.Prefix, fmt.Sprint(r))
 	defer os.RemoveAll(cacheDir)
 	sec := secret(p.URL)
 	killed, err := b.killHalfWay(ctx, p, m, r, cacheDir, sec)
 	if err != nil {
 		return err
 	}
-	d, err := b.startDriver(fmt.Sprintf("resume-%d-after", r), cacheDir)
+	d, err := b.startDriver(fmt.Sprintf("%s-%d-after", m.Prefix, r), cacheDir)
 	if err != nil {
 		return err
 	}
@@ -349,7 +399,7 @@ func (b *bench) resume(ctx context.Context, p *testenv.Proxy, res *ResumeResult,
 // kills the driver with SIGKILL once the remote has served half of m. It
 // returns the bytes the remote had served once the killed streams stopped.
 func (b *bench) killHalfWay(ctx context.Context, p *testenv.Proxy, m model, r int, cacheDir string, sec map[string]string) (int64, error) {
-	d, err := b.startDriver(fmt.Sprintf("resume-%d", r), cacheDir)
+	d, err := b.startDriver(fmt.Sprintf("%s-%d", m.Prefix, r), cacheDir)
 	if err != nil {
 		return 0, err
 	}

@@ -114,8 +114,8 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 // landed half way through the download.
 func checkRemote(t *testing.T, x RemoteResult, o remoteOptions) {
 	t.Helper()
-	if len(x.Rows) != 3 {
-		t.Fatalf("section 7 has %d side-by-side rows, want the one file, the shards and the small files", len(x.Rows))
+	if len(x.Rows) != 4 {
+		t.Fatalf("section 7 has %d side-by-side rows, want the one file, the shards, the small files and the file in parts", len(x.Rows))
 	}
 	for _, row := range x.Rows {
 		if len(row.Rclone) != 1 || len(row.Cache) != 1 || row.Rclone[0] <= 0 || row.Cache[0] <= 0 || row.Goal <= 0 {
@@ -130,12 +130,14 @@ func checkRemote(t *testing.T, x RemoteResult, o remoteOptions) {
 	if o.Rate > 0 && (one.Cache[0] < floor || one.Rclone[0] < floor) {
 		t.Errorf("the %s took rclone %s and the cache %s, under the %s that 4 streams of %d B/s need: a side did not go through the proxy", one.Model.Name, one.Rclone[0], one.Cache[0], floor, o.Rate)
 	}
-	in := x.Incr
-	if len(in.Bytes) != 1 || in.Bytes[0] < configBytes || in.Gets[0] < 1 || in.Again[0] <= 0 || in.Cold[0] <= 0 {
-		t.Errorf("incremental update: %+v; the publish with pullPolicy Always must fetch at least the new %d-byte config.json", in, configBytes)
+	for _, in := range []IncrResult{x.Incr, x.IncrParts} {
+		if len(in.Bytes) != 1 || in.Bytes[0] < configBytes || in.Gets[0] < 1 || in.Again[0] <= 0 || in.Cold[0] <= 0 {
+			t.Errorf("incremental update of %s: %+v; the publish with pullPolicy Always must fetch at least the new %d-byte config.json", in.Model.Name, in, configBytes)
+		}
 	}
-	rs := x.Resume
-	if len(rs.After) != 1 || rs.Killed[0] < 50 || rs.Killed[0] >= 100 || rs.After[0] <= 0 || rs.Took[0] <= 0 {
-		t.Errorf("resume: %+v; the kill must land from half way to before the end, and the restarted publish fetch the rest", rs)
+	for _, rs := range []ResumeResult{x.Resume, x.ResumeParts} {
+		if len(rs.After) != 1 || rs.Killed[0] < 50 || rs.Killed[0] >= 100 || rs.After[0] <= 0 || rs.Took[0] <= 0 {
+			t.Errorf("resume of %s: %+v; the kill must land from half way to before the end, and the restarted publish fetch the rest", rs.Model.Name, rs)
+		}
 	}
 }
