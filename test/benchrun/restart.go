@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -20,6 +19,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/test/testenv"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -163,7 +163,7 @@ func timeStart(ctx context.Context, bin, runDir, cacheDir string) (time.Duration
 	sock := filepath.Join(runDir, "csi.sock")
 	cmd := exec.Command(bin, "--mode=node", "--endpoint=unix://"+sock, "--node-id=test-node", "--cache-dir="+cacheDir,
 		"--min-free=0", "--kubelet-dir="+runDir, "--allow-endpoint=127.0.0.1/32", "-v=0")
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithConnectParams(grpc.ConnectParams{
@@ -217,22 +217,4 @@ func timeStart(ctx context.Context, bin, runDir, cacheDir string) (time.Duration
 		live, _ = strconv.Atoi(m[1])
 	}
 	return took, live, nil
-}
-
-// syncBuffer is a bytes.Buffer safe for a child's stdout and stderr.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

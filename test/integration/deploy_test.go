@@ -176,7 +176,7 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 		t.Fatalf("plugin args %q lack --endpoint or --metrics-address", plugin.Args)
 	}
 
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	cmd := exec.Command(driverBin, args...)
 	cmd.Env = os.Environ()
 	for _, e := range plugin.Env {
@@ -290,24 +290,6 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 		t.Fatalf("the driver did not exit within the DaemonSet's terminationGracePeriodSeconds (%s) of SIGTERM", grace)
 	}
 	t.Logf("exited %s after SIGTERM", time.Since(start).Round(time.Millisecond))
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's stdout and stderr.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 const testVersion = "test-1.2.3"
