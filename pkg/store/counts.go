@@ -2,10 +2,12 @@ package store
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path"
 	"slices"
@@ -303,10 +305,11 @@ func (s *Store) scanBlobs(withInodes bool) (blobScan, error) {
 	return b, err
 }
 
-// count builds the running counts at start-up, from one read of blobs/ and
-// the trees' lists, writing the lists trees committed before them lack and
-// dropping lists whose tree is gone. Blobs linked by nothing but blobs/ are
-// loose: the first removal frees them.
+// count builds the running counts at start-up: from what a clean Close
+// saved, or else from one read of blobs/ and the trees' lists. Lists
+// missing for trees committed before lists existed are written, and lists
+// whose tree is gone are dropped. Blobs found linked by nothing but
+// blobs/ are loose: the first removal frees them.
 func (s *Store) count() error {
 	if err := s.root.MkdirAll(TreeBlobsDir, 0o700); err != nil {
 		return fmt.Errorf("creating %s: %w", TreeBlobsDir, err)
@@ -315,44 +318,47 @@ func (s *Store) count() error {
 	if err != nil {
 		return err
 	}
-	var c Counts
-	var unlisted []string
-	for _, d := range trees {
-		l, ok, err := s.readTreeBlobs(d[len("sha256:"):])
-		if err != nil {
-			return err
-		}
-		if !ok {
-			unlisted = append(unlisted, d[len("sha256:"):])
-			continue
-		}
-		c.Trees++
-		c.TreeBytes += l.bytes
+	unlisted, err := s.checkLists(trees)
+	if err != nil {
+		return err
 	}
+	saved, ok := s.takeSavedCounts()
+	quarantined := 0
+	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
+		quarantined = len(q)
+	}
+	if ok && len(unlisted) == 0 && saved.Trees == len(trees) && saved.Quarantined == quarantined {
+		s.tally.mu.Lock()
+		s.tally.Counts = saved.Counts
+		s.tally.mu.Unlock()
+		s.tally.markLoose(saved.Loose...)
+		return nil
+	}
+	c := Counts{Quarantined: quarantined}
 	blobs, err := s.scanBlobs(len(unlisted) > 0)
 	if err != nil {
 		return err
 	}
 	c.BlobBytes, c.Blobs = blobs.bytes, blobs.count
-	for _, hex := range unlisted {
-		l, err := s.listTree(hex, blobs.byIno)
+	for _, d := range trees {
+		hex := d[len("sha256:"):]
+		l, ok, err := s.readTreeBlobs(hex)
 		if err != nil {
 			return err
 		}
-		if err := s.writeTreeBlobs(path.Join(TreeBlobsDir, hex), l); err != nil {
-			return err
+		if !ok {
+			if l, err = s.listTree(hex, blobs.byIno); err != nil {
+				return err
+			}
+			if err := s.writeTreeBlobs(path.Join(TreeBlobsDir, hex), l); err != nil {
+				return err
+			}
 		}
 		c.Trees++
 		c.TreeBytes += l.bytes
 	}
 	if len(unlisted) > 0 {
 		klog.InfoS("listed the blobs of trees committed before such lists", "trees", len(unlisted))
-	}
-	if err := s.dropStrayLists(trees); err != nil {
-		return err
-	}
-	if q, err := fs.ReadDir(s.root.FS(), QuarantineDir); err == nil {
-		c.Quarantined = len(q)
 	}
 	s.tally.mu.Lock()
 	s.tally.Counts = c
@@ -361,22 +367,31 @@ func (s *Store) count() error {
 	return nil
 }
 
-// dropStrayLists removes the lists of trees that are gone (a crash between
-// a removal's two steps, or between a list and its tree's commit).
-func (s *Store) dropStrayLists(trees []string) error {
+// checkLists returns the trees without a list, and removes the lists of
+// trees that are gone (a crash between a removal's two steps, or between
+// a list and its tree's commit).
+func (s *Store) checkLists(trees []string) ([]string, error) {
 	names, err := fs.ReadDir(s.root.FS(), TreeBlobsDir)
 	if err != nil {
-		return fmt.Errorf("reading %s: %w", TreeBlobsDir, err)
+		return nil, fmt.Errorf("reading %s: %w", TreeBlobsDir, err)
 	}
+	listed := map[string]bool{}
 	for _, n := range names {
-		if slices.Contains(trees, "sha256:"+n.Name()) {
-			continue
+		listed["sha256:"+n.Name()] = true
+	}
+	var unlisted []string
+	for _, d := range trees {
+		if !listed[d] {
+			unlisted = append(unlisted, d)
 		}
-		if err := s.root.Remove(path.Join(TreeBlobsDir, n.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("removing the list of a gone tree: %w", err)
+		delete(listed, d)
+	}
+	for d := range listed {
+		if err := s.root.Remove(path.Join(TreeBlobsDir, d[len("sha256:"):])); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("removing the list of a gone tree: %w", err)
 		}
 	}
-	return nil
+	return unlisted, nil
 }
 
 // Recount is what verify found when the running counts had drifted from
@@ -422,4 +437,72 @@ func (s *Store) recount() (*Recount, error) {
 	s.tally.mu.Unlock()
 	klog.InfoS("store counts had drifted from the disk; corrected", "was", was, "now", now)
 	return &Recount{Was: was, Now: now}, nil
+}
+
+// countsFile holds the store's counts as a clean Close left them. Open
+// reads and removes it, so a store that stops any other way is counted
+// from the disk when it opens again.
+const countsFile = "counts.json"
+
+type savedCounts struct {
+	Counts
+	Loose []string `json:"loose"`
+}
+
+// saveCountsAndClose saves the counts, unless a download left files in
+// ingest/ (whose removal at the next Open changes link counts), and closes
+// the root, with counted changes held off so that none comes after.
+func (s *Store) saveCountsAndClose() error {
+	s.tally.changing.Lock()
+	defer s.tally.changing.Unlock()
+	if err := s.saveCounts(); err != nil {
+		klog.ErrorS(err, "saving the store's counts; the next start counts from the disk")
+	}
+	return s.root.Close()
+}
+
+func (s *Store) saveCounts() error {
+	if left, err := fs.ReadDir(s.root.FS(), IngestDir); err != nil || len(left) > 0 {
+		return err
+	}
+	s.tally.mu.Lock()
+	saved := savedCounts{Counts: s.tally.Counts, Loose: slices.Sorted(maps.Keys(s.tally.loose))}
+	s.tally.mu.Unlock()
+	b, err := json.Marshal(saved)
+	if err != nil {
+		return err
+	}
+	tmp := countsFile + ".tmp"
+	f, err := s.root.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := s.root.Rename(tmp, countsFile); err != nil {
+		return err
+	}
+	return s.syncDir(".")
+}
+
+// takeSavedCounts reads and removes the counts a clean Close saved, durably
+// removed before the store changes anything.
+func (s *Store) takeSavedCounts() (savedCounts, bool) {
+	var saved savedCounts
+	b, err := fs.ReadFile(s.root.FS(), countsFile)
+	if err != nil {
+		return saved, false
+	}
+	if err := s.root.Remove(countsFile); err != nil || s.syncDir(".") != nil {
+		return saved, false
+	}
+	return saved, json.Unmarshal(b, &saved) == nil
 }

@@ -189,8 +189,9 @@ func TestVerifyCorrectsDriftedCounts(t *testing.T) {
 // A removal looks at the removed tree's blobs and those the store knows
 // may be linked by nothing, not at all of blobs/: a blob put there behind
 // its back (so known to nobody) survives a removal until the store is
-// opened again, whose count finds it linked by nothing. Were a removal to
-// sweep all of blobs/ again, the first removal would take it.
+// opened again after a crash, whose count from the disk finds it linked by
+// nothing. Were a removal to sweep all of blobs/ again, the first removal
+// would take it.
 func TestRemovalLooksOnlyAtItsOwnBlobs(t *testing.T) {
 	a, b := bytesOf("a", 1000), bytesOf("b", 500)
 	dir := t.TempDir()
@@ -211,6 +212,7 @@ func TestRemovalLooksOnlyAtItsOwnBlobs(t *testing.T) {
 		t.Fatalf("a removal of another tree swept a blob it had no reason to look at: %v", err)
 	}
 	s.Close()
+	crashed(t, dir)
 	s = openWith(t, dir, newIndex(), store.Options{})
 	if freed, err := s.RemoveTree(trees["two"].Digest); err != nil || freed != 800 {
 		t.Fatalf("RemoveTree(two) after opening again = %d, %v; want 800 (its blob and the one linked by nothing)", freed, err)
@@ -285,6 +287,70 @@ func TestOpenListsTreesCommittedWithoutLists(t *testing.T) {
 	openWith(t, dir, newIndex(), store.Options{})
 	if _, err := os.Stat(stray); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("the list of a gone tree is still there after Open (%v)", err)
+	}
+}
+
+// crashed makes dir look as a store that stopped without Close leaves it.
+func crashed(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.Remove(filepath.Join(dir, "counts.json")); err != nil {
+		t.Fatalf("a closed store left no counts: %v", err)
+	}
+}
+
+// A clean Close saves the counts and the loose blobs for the next Open,
+// which removes the file (a crash after it counts from the disk); saved
+// counts that disagree with the trees on disk are not used.
+func TestOpenAfterCloseOrCrash(t *testing.T) {
+	a, b := bytesOf("a", 1000), bytesOf("b", 500)
+	files := map[string][]byte{"a.bin": a, "z.bin": b}
+	tests := []struct {
+		name   string
+		before func(t *testing.T, dir string)
+	}{
+		{"clean close", func(*testing.T, string) {}},
+		{"crash", crashed},
+		{"saved counts disagree with the disk", func(t *testing.T, dir string) {
+			ents := entries(t, dir, store.TreesDir)
+			makeWritable(dir)
+			if err := os.RemoveAll(filepath.Join(dir, store.TreesDir, ents[0])); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			trees := seedStore(t, dir, newIndex(), map[string]map[string][]byte{
+				"one": {"o.bin": bytesOf("one", 100)},
+				"two": {"t.bin": bytesOf("two", 10)},
+			})
+			s := openWith(t, dir, newIndex(), store.Options{Transfers: 1})
+			f := newFetcher(files)
+			f.failPath, f.failAt, f.failErr = "z.bin", 100, errors.New("connection reset")
+			if _, _, err := s.Ensure(context.Background(), "k", manifestOf(files), f); err == nil {
+				t.Fatal("Ensure succeeded; want the download to fail")
+			}
+			s.Close()
+			tt.before(t, dir)
+			s = openWith(t, dir, newIndex(), store.Options{})
+			if _, err := os.Stat(filepath.Join(dir, "counts.json")); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the saved counts are still there after Open (%v)", err)
+			}
+			if got, want := usageCounts(t, s), diskCounts(t, dir); got != want {
+				t.Errorf("Usage counts %+v, the disk holds %+v", got, want)
+			}
+			// The failed download's blob is loose across the restart.
+			if _, err := s.RemoveTree(trees["two"].Digest); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(blobPath(s, a)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the failed download's blob outlived the first removal after the restart (%v)", err)
+			}
+			if got, want := usageCounts(t, s), diskCounts(t, dir); got != want {
+				t.Errorf("after a removal, Usage counts %+v, the disk holds %+v", got, want)
+			}
+		})
 	}
 }
 

@@ -272,7 +272,7 @@ func (s *Store) Close() error {
 	s.cancel()
 	s.mu.Unlock()
 	s.wg.Wait()
-	return s.root.Close()
+	return s.saveCountsAndClose()
 }
 
 // Dir is the cache directory.
