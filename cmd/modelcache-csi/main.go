@@ -110,36 +110,23 @@ func main() {
 }
 
 func run(o options) error {
-	var withNode, withController bool
-	switch o.mode {
-	case "hold":
-		// A CachedModel holder: its mount is the point; it only waits to
-		// be stopped, touching nothing.
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-		defer stop()
-		<-ctx.Done()
-		return nil
-	case "node":
-		withNode = true
-	case "controller":
-		withController = true
-	case "all":
-		withNode, withController = true, true
-	default:
-		return fmt.Errorf("--mode must be node, controller, all or hold, not %q", o.mode)
-	}
-	if withNode && o.nodeID == "" {
-		return errors.New("--node-id is required in node and all modes (pass the node name, e.g. from spec.nodeName)")
+	withNode, withController, err := modes(o)
+	if err != nil || !withNode && !withController {
+		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	db, err := state.Open(filepath.Join(o.cacheDir, "state", "modelcache.db"))
+	var m *metrics.Metrics
+	if withNode && o.metricsAddress != "" {
+		m = metrics.New()
+	}
+	records, closeRecords, err := openRecords(o, withNode, m)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
-	key, err := db.NodeKey()
+	defer closeRecords()
+	key, err := records.NodeKey()
 	if err != nil {
 		return err
 	}
@@ -151,40 +138,99 @@ func run(o options) error {
 	// dials for a tenant.
 	egress.GuardDefaultTransport(guard)
 	defer guard.Close()
-	switch o.verifyCredentials {
-	case cache.VerifyAlways, cache.VerifyIfNotRecorded, cache.VerifyNever:
-	default:
-		return fmt.Errorf("--verify-credentials must be IfNotRecorded, Always or Never, not %q", o.verifyCredentials)
-	}
 	resolver := source.NewRclone(key, source.WithEgress(guard), source.WithMaxFiles(o.maxFiles))
 
 	var node *csi.Node
 	if withNode {
-		if node, err = startNode(ctx, o, db, resolver); err != nil {
+		if node, err = startNode(ctx, o, records.cache, m, resolver); err != nil {
 			return err
 		}
-		defer node.Cache.Store.Close()
 		defer node.Events.Shutdown()
 	}
 	var ctrl *csi.Controller
 	if withController {
-		ctrl = &csi.Controller{Resolver: resolver, Volumes: db}
-		cfg, err := clusterConfig(o.kubeconfig)
-		if err != nil {
+		if ctrl, err = startController(ctx, o, records.volumes, resolver); err != nil {
 			return err
 		}
-		if cfg != nil {
-			client, err := kubernetes.NewForConfig(cfg)
-			if err != nil {
-				return fmt.Errorf("creating Kubernetes client: %w", err)
-			}
-			ctrl.Claims = kube.NewClaims(client)
-			if err := startFleet(ctx, o, cfg, client); err != nil {
-				return err
-			}
-		}
 	}
+	return serve(ctx, o, node, ctrl)
+}
 
+// modes reads --mode; hold (a CachedModel holder pod) only waits to be
+// stopped, touching nothing, and serves neither.
+func modes(o options) (withNode, withController bool, err error) {
+	switch o.mode {
+	case "hold":
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		defer stop()
+		<-ctx.Done()
+		return false, false, nil
+	case "node":
+		withNode = true
+	case "controller":
+		withController = true
+	case "all":
+		withNode, withController = true, true
+	default:
+		return false, false, fmt.Errorf("--mode must be node, controller, all or hold, not %q", o.mode)
+	}
+	if withNode && o.nodeID == "" {
+		return false, false, errors.New("--node-id is required in node and all modes (pass the node name, e.g. from spec.nodeName)")
+	}
+	switch o.verifyCredentials {
+	case cache.VerifyAlways, cache.VerifyIfNotRecorded, cache.VerifyNever:
+	default:
+		return false, false, fmt.Errorf("--verify-credentials must be IfNotRecorded, Always or Never, not %q", o.verifyCredentials)
+	}
+	return withNode, withController, nil
+}
+
+// records is the state database as each mode needs it: the node's cache
+// (which owns it) or, for the controller alone, the database itself.
+type records struct {
+	cache   *cache.Cache
+	volumes cache.VolumeRecords
+	NodeKey func() ([]byte, error)
+}
+
+// openRecords opens the node's cache, or only the state database when this
+// process serves the controller alone.
+func openRecords(o options, withNode bool, m *metrics.Metrics) (records, func(), error) {
+	if !withNode {
+		db, err := state.Open(filepath.Join(o.cacheDir, cache.StateFile))
+		if err != nil {
+			return records{}, nil, err
+		}
+		return records{volumes: db, NodeKey: db.NodeKey}, func() { db.Close() }, nil
+	}
+	c, err := openCache(o, m)
+	if err != nil {
+		return records{}, nil, err
+	}
+	return records{cache: c, volumes: c.Volumes(), NodeKey: c.NodeKey}, func() { c.Close() }, nil
+}
+
+// startController builds the Controller service and, in a cluster, starts
+// the CachedModel reconciler.
+func startController(ctx context.Context, o options, volumes cache.VolumeRecords, resolver source.Resolver) (*csi.Controller, error) {
+	ctrl := &csi.Controller{Resolver: resolver, Volumes: volumes}
+	cfg, err := clusterConfig(o.kubeconfig)
+	if err != nil || cfg == nil {
+		return ctrl, err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("creating Kubernetes client: %w", err)
+	}
+	ctrl.Claims = kube.NewClaims(client)
+	if err := startFleet(ctx, o, cfg, client); err != nil {
+		return nil, err
+	}
+	return ctrl, nil
+}
+
+// serve serves the CSI services until ctx ends.
+func serve(ctx context.Context, o options, node *csi.Node, ctrl *csi.Controller) error {
 	l, err := csi.Listen(o.endpoint)
 	if err != nil {
 		return err
@@ -198,7 +244,7 @@ func run(o options) error {
 	if ctrl != nil {
 		ctrlSrv = ctrl
 	}
-	srv := csi.NewServer(&csi.Identity{Version: version, Controller: withController}, nodeSrv, ctrlSrv)
+	srv := csi.NewServer(&csi.Identity{Version: version, Controller: ctrl != nil}, nodeSrv, ctrlSrv)
 	klog.InfoS("serving", "driver", csi.DriverName, "version", version, "mode", o.mode, "endpoint", o.endpoint, "cacheDir", o.cacheDir)
 	// Mounts are left in place on exit: they are kernel bind mounts that
 	// pods keep using, and the next start finds them again (the "mounts survive restarts" invariant).
@@ -273,9 +319,9 @@ func startFleet(ctx context.Context, o options, cfg *rest.Config, client kuberne
 	return nil
 }
 
-// startNode opens the store with its budget, recovers references, and
-// starts the operator API and metrics endpoint that belong to the node.
-func startNode(ctx context.Context, o options, db *state.DB, resolver source.Resolver) (*csi.Node, error) {
+// openCache opens the node's cache with the budget and download options
+// of the flags.
+func openCache(o options, m *metrics.Metrics) (*cache.Cache, error) {
 	// Remote checksums depend on finding rclone's API clients: a build
 	// whose rclone moved them must not start and check nothing silently.
 	if err := source.CheckClients(); err != nil {
@@ -288,39 +334,44 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	if budget.MinFreeInodes, err = parsePercent("--min-free-inodes", o.minFreeInodes); err != nil {
 		return nil, err
 	}
-	var m *metrics.Metrics
-	if o.metricsAddress != "" {
-		m = metrics.New()
-	}
 	if err := mount.CheckSupport(o.cacheDir); err != nil {
 		return nil, fmt.Errorf("this node cannot publish read-only mounts: %w", err)
 	}
-	cutoff, err := resource.ParseQuantity(o.multiThreadCutoff)
-	if err != nil || cutoff.Value() < 0 {
-		return nil, fmt.Errorf("--multi-thread-cutoff %q is not a size such as 256Mi (or 0 to turn ranged downloads off)", o.multiThreadCutoff)
-	}
-	resumeEvery, err := resource.ParseQuantity(o.resumeEvery)
-	if err != nil || resumeEvery.Value() <= 0 {
-		return nil, fmt.Errorf("--resume-every %q is not a size such as 64Mi", o.resumeEvery)
-	}
-	rangeCutoff := cutoff.Value()
-	if rangeCutoff == 0 {
-		rangeCutoff = -1 // off
-	}
-	minRate, err := resource.ParseQuantity(o.minStreamRate)
-	if err != nil || minRate.Value() < 0 {
-		return nil, fmt.Errorf("--min-stream-rate %q is not a rate in bytes a second such as 64Ki (or 0 to turn it off)", o.minStreamRate)
-	}
-	st, err := store.Open(o.cacheDir, db, store.Options{
-		Transfers: o.transfers, MaxConnections: o.maxConnections, RangeCutoff: rangeCutoff, RangeStreams: o.multiThreadStreams, RangeCheckpoint: resumeEvery.Value(), Budget: budget, Evictor: db,
-		MinStreamRate: offIfZero(minRate.Value()), StallWindow: offIfZero(o.stallWindow), StallTimeout: offIfZero(o.stallTimeout), DownloadGrace: offIfZero(o.downloadGrace),
-		OnEvict: m.Evicted, OnDownload: m.DownloadStarted, OnUnchecked: m.UncheckedObjects,
-	})
+	downloads, err := downloadOptions(o)
 	if err != nil {
 		return nil, err
 	}
-	c := &cache.Cache{Store: st, State: db, Mounter: mount.NewKernel(),
-		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter}
+	downloads.OnDownload, downloads.OnUnchecked = m.DownloadStarted, m.UncheckedObjects
+	return cache.Open(o.cacheDir, cache.Options{
+		Store: downloads, Budget: budget, OnEvict: m.Evicted,
+		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter,
+	})
+}
+
+// downloadOptions reads the flags that tune downloads.
+func downloadOptions(o options) (store.Options, error) {
+	cutoff, err := resource.ParseQuantity(o.multiThreadCutoff)
+	if err != nil || cutoff.Value() < 0 {
+		return store.Options{}, fmt.Errorf("--multi-thread-cutoff %q is not a size such as 256Mi (or 0 to turn ranged downloads off)", o.multiThreadCutoff)
+	}
+	resumeEvery, err := resource.ParseQuantity(o.resumeEvery)
+	if err != nil || resumeEvery.Value() <= 0 {
+		return store.Options{}, fmt.Errorf("--resume-every %q is not a size such as 64Mi", o.resumeEvery)
+	}
+	minRate, err := resource.ParseQuantity(o.minStreamRate)
+	if err != nil || minRate.Value() < 0 {
+		return store.Options{}, fmt.Errorf("--min-stream-rate %q is not a rate in bytes a second such as 64Ki (or 0 to turn it off)", o.minStreamRate)
+	}
+	return store.Options{
+		Transfers: o.transfers, MaxConnections: o.maxConnections,
+		RangeCutoff: offIfZero(cutoff.Value()), RangeStreams: o.multiThreadStreams, RangeCheckpoint: resumeEvery.Value(),
+		MinStreamRate: offIfZero(minRate.Value()), StallWindow: offIfZero(o.stallWindow), StallTimeout: offIfZero(o.stallTimeout), DownloadGrace: offIfZero(o.downloadGrace),
+	}, nil
+}
+
+// startNode builds the Node service over the cache, recovers references,
+// and starts the operator API and metrics endpoint that belong to the node.
+func startNode(ctx context.Context, o options, c *cache.Cache, m *metrics.Metrics, resolver source.Resolver) (*csi.Node, error) {
 	node := &csi.Node{NodeID: o.nodeID, Resolver: resolver, Cache: c, Metrics: m,
 		KubeletDir: o.kubeletDir, RequirePodInfo: o.requirePodInfo}
 	if client, err := eventClient(o.kubeconfig); err != nil {
@@ -330,12 +381,10 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 	}
 	live, gone, err := c.Recover()
 	if err != nil {
-		st.Close()
 		return nil, fmt.Errorf("recovering references: %w", err)
 	}
 	forgotten, removed, err := c.Reconcile()
 	if err != nil {
-		st.Close()
 		return nil, fmt.Errorf("reconciling state and store: %w", err)
 	}
 	klog.InfoS("state recovered", "liveMounts", live, "missingMounts", len(gone), "recordsDropped", forgotten, "orphanTreesRemoved", removed)
@@ -343,7 +392,7 @@ func startNode(ctx context.Context, o options, db *state.DB, resolver source.Res
 
 	if m != nil {
 		m.SetCacheStats(func() (metrics.CacheStats, error) {
-			u, err := st.Usage()
+			u, err := c.Usage()
 			return metrics.CacheStats{BlobBytes: u.BlobBytes, TreeBytes: u.TreeBytes, IngestBytes: u.IngestBytes, Trees: u.Trees, Blobs: u.Blobs}, err
 		})
 		go func() {
@@ -392,8 +441,8 @@ func eventClient(kubeconfig string) (kubernetes.Interface, error) {
 
 // parseBudget reads --cache-size and --min-free: a Kubernetes quantity of
 // bytes ("200Gi", "500G", "1073741824") or a percentage ("80%").
-func parseBudget(cacheSize, minFree string) (store.Budget, error) {
-	var b store.Budget
+func parseBudget(cacheSize, minFree string) (cache.Budget, error) {
+	var b cache.Budget
 	var err error
 	if b.MaxBytes, b.MaxFraction, err = parseSize("--cache-size", cacheSize); err != nil {
 		return b, err

@@ -10,8 +10,7 @@ import (
 
 	"github.com/modelcache/modelcache/pkg/admin"
 	"github.com/modelcache/modelcache/pkg/cache"
-	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 )
 
 // TestAgainstRealAdminServer runs the commands that need no remote against
@@ -23,20 +22,12 @@ func TestAgainstRealAdminServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	db, err := state.Open(filepath.Join(dir, "state", "modelcache.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	st, err := store.Open(filepath.Join(dir, "cache"), db, store.Options{Evictor: db})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := cachetest.Open(t, filepath.Join(dir, "cache"), cache.Options{}).Cache
 	ctx, cancel := context.WithCancel(context.Background())
 	socket := filepath.Join(dir, "admin.sock")
 	served := make(chan error, 1)
 	go func() {
-		served <- admin.Serve(ctx, socket, (&admin.Server{Cache: &cache.Cache{Store: st, State: db}}).Handler())
+		served <- admin.Serve(ctx, socket, (&admin.Server{Cache: c}).Handler())
 	}()
 	t.Cleanup(func() {
 		cancel()

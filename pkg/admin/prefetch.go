@@ -10,7 +10,6 @@ import (
 	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/store"
 	"k8s.io/klog/v2"
 )
 
@@ -31,10 +30,7 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 	lines := &progressLines{w: w}
 	// The download is the cache's: a client that goes away stops waiting,
 	// not the download.
-	f, err := s.Cache.Fetch(ctx, cache.FetchRequest{URI: req.URI, Remote: remote, Observer: lines})
-	if err == nil {
-		err = s.Cache.Keep(f)
-	}
+	f, err := s.Cache.Prefetch(ctx, cache.FetchRequest{URI: req.URI, Remote: remote, Observer: lines})
 	switch {
 	case errors.Is(err, cache.ErrDrained) && !lines.sent():
 		fail(w, http.StatusConflict, errors.New("the node is drained and starts no downloads; run modelcachectl undrain first"))
@@ -77,15 +73,15 @@ func (p *progressLines) sent() bool {
 	return p.started
 }
 
-func (p *progressLines) Hit(store.Tree) {}
+func (p *progressLines) Hit(cache.ModelTree) {}
 func (p *progressLines) Started(total int64) {
 	p.send(adminapi.PrefetchEvent{Event: "progress", Total: total})
 }
 func (p *progressLines) Progress(done, total int64, _ float64) {
 	p.send(adminapi.PrefetchEvent{Event: "progress", Done: done, Total: total})
 }
-func (p *progressLines) Finished(store.Tree, time.Duration, store.Checks) {}
-func (p *progressLines) Failed(error)                                     {}
+func (p *progressLines) Finished(cache.ModelTree, time.Duration, cache.Checks) {}
+func (p *progressLines) Failed(error)                                          {}
 
 // sourceStatus turns an error of resolving or fetching a model into the
 // HTTP status of the reply.
@@ -97,7 +93,7 @@ func sourceStatus(err error) int {
 		return http.StatusNotFound
 	case errors.Is(err, source.ErrDenied):
 		return http.StatusForbidden
-	case errors.Is(err, store.ErrNoSpace):
+	case errors.Is(err, cache.ErrNoSpace):
 		return http.StatusInsufficientStorage
 	default:
 		return http.StatusBadGateway

@@ -26,6 +26,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/admin"
 	"github.com/modelcache/modelcache/pkg/adminapi"
 	"github.com/modelcache/modelcache/pkg/cache"
+	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 	"github.com/modelcache/modelcache/pkg/klogtest"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
@@ -65,10 +66,12 @@ func (f memFetcher) Open(_ context.Context, e source.Entry) (io.ReadCloser, erro
 	return io.NopCloser(bytes.NewReader(b)), nil
 }
 
-// harness is an admin.Server over a real store and state database.
+// harness is an admin.Server over a real cache.
 type harness struct {
 	t     *testing.T
 	dir   string
+	ct    *cachetest.Harness
+	cache *cache.Cache
 	store *store.Store
 	db    *state.DB
 	res   *sourcetest.Resolver
@@ -77,47 +80,26 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	dir := t.TempDir()
-	db, err := state.Open(filepath.Join(dir, "state", "modelcache.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := &harness{t: t, dir: dir, db: db, res: sourcetest.NewResolver()}
-	h.openStore(store.Budget{})
-	t.Cleanup(func() {
-		_ = h.store.Close()
-		_ = db.Close()
-		makeWritable(dir)
-	})
-	h.srv = &admin.Server{Cache: &cache.Cache{Store: h.store, State: db, ProgressEvery: 5 * time.Millisecond}, Resolver: h.res}
+	h := &harness{t: t, dir: t.TempDir(), res: sourcetest.NewResolver()}
+	h.open(cache.Options{})
 	return h
 }
 
-// openStore (re)opens the store with a budget, as the node plugin does.
-func (h *harness) openStore(b store.Budget) {
+// open (re)opens the cache with opt, as a restart of the node plugin with
+// other flags does.
+func (h *harness) open(opt cache.Options) {
 	h.t.Helper()
-	if h.store != nil {
-		if err := h.store.Close(); err != nil {
+	if h.ct != nil {
+		if err := h.ct.Close(); err != nil {
 			h.t.Fatal(err)
 		}
 	}
-	st, err := store.Open(h.dir, h.db, store.Options{Budget: b, Evictor: h.db})
-	if err != nil {
-		h.t.Fatal(err)
+	if opt.ProgressEvery == 0 {
+		opt.ProgressEvery = 5 * time.Millisecond
 	}
-	h.store = st
-	if h.srv != nil {
-		h.srv.Cache.Store = st
-	}
-}
-
-func makeWritable(dir string) {
-	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			_ = os.Chmod(p, 0o700)
-		}
-		return nil
-	})
+	h.ct = cachetest.Open(h.t, h.dir, opt)
+	h.cache, h.store, h.db = h.ct.Cache, h.ct.Store, h.ct.State
+	h.srv = &admin.Server{Cache: h.cache, Resolver: h.res}
 }
 
 // build commits files as a tree fetched as uri, the way a publish or a
@@ -504,6 +486,8 @@ func TestPendingTreesAreReleasedAtLastUnmount(t *testing.T) {
 				t.Skip("BUG: " + tt.bug)
 			}
 			h := newHarness(t)
+			var reasons []string
+			h.open(cache.Options{OnEvict: func(r cache.EvictReason, _ int64) { reasons = append(reasons, string(r)) }})
 			bert := h.build(bertURI, bertFiles)
 			if tt.pinned {
 				if err := h.db.SetPinned(bert, true); err != nil {
@@ -515,17 +499,18 @@ func TestPendingTreesAreReleasedAtLastUnmount(t *testing.T) {
 			if !h.store.HasTree(bert) {
 				t.Fatal("a tree in use was removed")
 			}
-			// The last unpublish: pkg/csi drops the reference, then
-			// evicts (cache.Release).
-			if err := h.db.DeleteRef("/t/a"); err != nil {
+			// The last unpublish removes the pending tree.
+			if err := h.cache.ReleaseTarget("/t/a"); err != nil {
 				t.Fatal(err)
 			}
-			if p, err := h.db.Protected(bert); err != nil || p {
-				t.Errorf("pending tree is still protected (%v) once unused", err)
+			if h.store.HasTree(bert) {
+				t.Error("the pending tree stayed after its last unmount")
 			}
-			_, removed, err := h.store.Evict(bert, store.EvictReason(tt.reason))
-			if err != nil || !removed {
-				t.Errorf("Evict of the pending tree at its last unmount = removed %v, %v; want removed", removed, err)
+			if _, ok := h.cached(bert); ok {
+				t.Error("the pending tree's records stayed after its last unmount")
+			}
+			if !slices.Equal(reasons, []string{tt.reason}) {
+				t.Errorf("evictions %v, want one for %q", reasons, tt.reason)
 			}
 		})
 	}
@@ -559,7 +544,7 @@ func TestGC(t *testing.T) {
 			if tt.mountAll {
 				h.mount("/t/iris", iris, "serving", "iris-0")
 			}
-			h.openStore(store.Budget{MaxBytes: tt.maxBytes})
+			h.open(cache.Options{Budget: cache.Budget{MaxBytes: tt.maxBytes}})
 			var got adminapi.GCResult
 			h.call("POST", "/v1/gc", adminapi.RefRequest{DryRun: tt.dryRun}, 200, &got)
 			var want []string
@@ -769,7 +754,7 @@ func TestPrefetchStreams(t *testing.T) {
 	h.res.WithGate(1000)
 	// Unflushed, ~40 progress lines (800ms) would fill the server's
 	// buffer before the client saw the first.
-	h.srv.Cache.ProgressEvery = 20 * time.Millisecond
+	h.open(cache.Options{ProgressEvery: 20 * time.Millisecond})
 	ts := httptest.NewServer(h.srv.Handler())
 	defer ts.Close()
 

@@ -11,6 +11,7 @@ package cache
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/keymutex"
@@ -53,22 +54,125 @@ var (
 	ErrConflict = errors.New("published with other arguments")
 )
 
-// Cache owns the node's store, state and mounts.
+// Cache owns the node's store, state and mounts. Its collaborators are
+// its own: Open wires them, and only its methods reach them.
 type Cache struct {
-	Store   *store.Store
-	State   *state.DB
-	Mounter mount.Mounter
-	// VerifyCredentials is when a cache hit checks the request's credentials against
-	// the remote: VerifyIfNotRecorded ("" too) once per credential and
-	// tree, VerifyAlways on every fetch, VerifyNever not at all.
-	VerifyCredentials string
-	// ReverifyAfter, when positive, expires recorded credential checks.
-	ReverifyAfter time.Duration
-	// ProgressEvery is how often Fetch reports progress (default 1 s).
-	ProgressEvery time.Duration
+	store   *store.Store
+	state   *state.DB
+	mounter mount.Mounter
+	budget  *budget
+
+	verifyCredentials string
+	reverifyAfter     time.Duration
+	progressEvery     time.Duration
 
 	targets keymutex.Map
 }
+
+// Options configure a Cache.
+type Options struct {
+	// Store tunes downloads (transfers, connections, ranged chunks, stall
+	// limits) and carries their metrics hooks.
+	Store store.Options
+	// Budget limits what the cache holds; the cache evicts to keep it.
+	Budget Budget
+	// OnEvict is told of every tree the cache removes (metrics).
+	OnEvict func(reason EvictReason, freed int64)
+	// Mounter publishes trees (default: the kernel's bind mounts; tests
+	// pass mount.Fake).
+	Mounter mount.Mounter
+	// VerifyCredentials is when a cache hit checks the request's
+	// credentials against the remote: VerifyIfNotRecorded ("" too) once
+	// per credential and tree, VerifyAlways on every fetch, VerifyNever
+	// not at all.
+	VerifyCredentials string
+	// ReverifyAfter, when positive, expires recorded credential checks.
+	ReverifyAfter time.Duration
+	// ProgressEvery is how often a fetch reports progress (default 1 s).
+	ProgressEvery time.Duration
+	// Inspect, when set, is handed the state database and the store Open
+	// opened: for tests that arrange or check records the cache's methods
+	// do not reach. Nothing else may hold them.
+	Inspect func(*state.DB, *store.Store)
+}
+
+// StateFile is where under the cache directory the state database is.
+const StateFile = "state/modelcache.db"
+
+// Open opens the cache under dir: the state database, and the content
+// store over it as its index. Close closes both.
+func Open(dir string, opt Options) (*Cache, error) {
+	switch opt.VerifyCredentials {
+	case "", VerifyAlways, VerifyIfNotRecorded, VerifyNever:
+	default:
+		return nil, fmt.Errorf("credential verification must be IfNotRecorded, Always or Never, not %q", opt.VerifyCredentials)
+	}
+	db, err := state.Open(filepath.Join(dir, StateFile))
+	if err != nil {
+		return nil, err
+	}
+	st, err := store.Open(dir, db, opt.Store)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	if opt.Mounter == nil {
+		opt.Mounter = mount.NewKernel()
+	}
+	if opt.ProgressEvery <= 0 {
+		opt.ProgressEvery = time.Second
+	}
+	if opt.Inspect != nil {
+		opt.Inspect(db, st)
+	}
+	c := &Cache{
+		store: st, state: db, mounter: opt.Mounter,
+		verifyCredentials: opt.VerifyCredentials, reverifyAfter: opt.ReverifyAfter, progressEvery: opt.ProgressEvery,
+	}
+	c.budget = &budget{limits: opt.Budget, store: st, records: db, onEvict: opt.OnEvict, stat: st.FSStat}
+	return c, nil
+}
+
+// Close stops running downloads and closes the store and the state
+// database. Mounts stay: pods keep using them, and the next Open finds
+// them again.
+func (c *Cache) Close() error {
+	return errors.Join(c.store.Close(), c.state.Close())
+}
+
+// NodeKey is the node's own key, which fingerprints credentials.
+func (c *Cache) NodeKey() ([]byte, error) { return c.state.NodeKey() }
+
+// VolumeRecords are the controller's records of the volumes it created,
+// kept in the node's state database.
+type VolumeRecords interface {
+	Volume(id string) (state.Volume, bool, error)
+	PutVolume(v state.Volume) error
+	DeleteVolume(id string) error
+}
+
+// Volumes are the controller's volume records in this cache's database,
+// for a process that serves both (--mode all).
+func (c *Cache) Volumes() VolumeRecords { return c.state }
+
+// Names of the lower layers' types, so that adapters need import neither.
+type (
+	// ModelTree is a committed model: its digest, size and file count.
+	ModelTree = store.Tree
+	// Checks says how a download's objects were checked.
+	Checks = store.Checks
+	// Ref is a published volume's record.
+	Ref = state.Ref
+	// TreeFile is one file of a cached tree.
+	TreeFile = store.TreeFile
+	// Usage is what the cache holds on disk.
+	Usage = store.Usage
+	// VerifyResult is what re-hashing every blob found.
+	VerifyResult = store.VerifyResult
+	// InProgressError says a download goes on after the caller stopped
+	// waiting: not a failure, asking again joins it.
+	InProgressError = store.InProgressError
+)
 
 // mismatch formats a digest pin failure.
 func mismatch(want, got string) error {

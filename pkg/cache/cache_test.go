@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/cache"
+	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
@@ -38,35 +39,37 @@ func secrets() map[string]string {
 }
 
 type harness struct {
+	*cachetest.Harness
 	t     *testing.T
 	dir   string
 	res   *sourcetest.Resolver
 	mnt   *mount.Fake
 	cache *cache.Cache
+	state *state.DB
+	store *store.Store
 }
 
 // newHarness opens a cache over dir; a second call over the same dir is a
 // restart of the node plugin.
 func newHarness(t *testing.T, dir string, res *sourcetest.Resolver, mnt *mount.Fake) *harness {
 	t.Helper()
-	db, err := state.Open(filepath.Join(dir, "state", "modelcache.db"))
-	if err != nil {
-		t.Fatal(err)
+	return newHarnessWith(t, dir, res, cache.Options{Mounter: mnt})
+}
+
+// newHarnessWith is newHarness with options.
+func newHarnessWith(t *testing.T, dir string, res *sourcetest.Resolver, opt cache.Options) *harness {
+	t.Helper()
+	if opt.ProgressEvery == 0 {
+		opt.ProgressEvery = 5 * time.Millisecond
 	}
-	st, err := store.Open(dir, db, store.Options{Evictor: db})
-	if err != nil {
-		db.Close()
-		t.Fatal(err)
-	}
-	c := &cache.Cache{Store: st, State: db, Mounter: mnt, ProgressEvery: 5 * time.Millisecond}
-	h := &harness{t: t, dir: dir, res: res, mnt: mnt, cache: c}
-	t.Cleanup(h.close)
-	return h
+	ct := cachetest.Open(t, dir, opt)
+	return &harness{Harness: ct, t: t, dir: dir, res: res, mnt: ct.Mounter, cache: ct.Cache, state: ct.State, store: ct.Store}
 }
 
 func (h *harness) close() {
-	_ = h.cache.Store.Close()
-	_ = h.cache.State.Close()
+	if err := h.Close(); err != nil {
+		h.t.Fatal(err)
+	}
 }
 
 func (h *harness) remote(uri string, sec map[string]string) source.Remote {
@@ -79,33 +82,34 @@ func (h *harness) remote(uri string, sec map[string]string) source.Remote {
 }
 
 // publish fetches and mounts the test model at target as a publish does.
-func (h *harness) publish(target string) cache.Fetched {
+func (h *harness) publish(target string) cache.Publication {
 	h.t.Helper()
 	return h.fetchAndMount(modelURI, target)
 }
 
-func (h *harness) fetchAndMount(uri, target string) cache.Fetched {
+// publishRequest is a publish of uri at target with the test credentials.
+func (h *harness) publishRequest(uri, target string) cache.PublishRequest {
+	return cache.PublishRequest{
+		Target: target, VolumeID: "vol-" + filepath.Base(filepath.Dir(target)), URI: uri,
+		Resolve: func(ctx context.Context) (source.Remote, error) { return h.res.Resolve(ctx, uri, secrets()) },
+	}
+}
+
+func (h *harness) fetchAndMount(uri, target string) cache.Publication {
 	h.t.Helper()
-	unlock := h.cache.LockTarget(target)
-	defer unlock()
-	if done, err := h.cache.Published(target, "vol-"+filepath.Base(filepath.Dir(target)), ""); done || err != nil {
-		h.t.Fatalf("Published = %v, %v before the first publish", done, err)
-	}
-	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: uri, Remote: h.remote(uri, secrets())})
+	p, err := h.cache.PublishVolume(context.Background(), h.publishRequest(uri, target))
 	if err != nil {
-		h.t.Fatalf("fetch: %v", err)
+		h.t.Fatalf("publish: %v", err)
 	}
-	if err := h.cache.Acquire(f, state.Ref{VolumeID: "vol-" + filepath.Base(filepath.Dir(target)), TargetPath: target, URI: uri, Published: time.Now()}); err != nil {
-		h.t.Fatalf("acquire: %v", err)
+	if !p.Fetched {
+		h.t.Fatalf("%s was published already before the first publish", target)
 	}
-	return f
+	return p
 }
 
 func (h *harness) release(target string) {
 	h.t.Helper()
-	unlock := h.cache.LockTarget(target)
-	defer unlock()
-	if err := h.cache.Release(target); err != nil {
+	if err := h.cache.ReleaseTarget(target); err != nil {
 		h.t.Fatalf("release: %v", err)
 	}
 }
@@ -123,30 +127,30 @@ func TestFetch_PrefetchAndPublishJoinOneDownload(t *testing.T) {
 		f   cache.Fetched
 		err error
 	}
-	prefetched, published := make(chan outcome, 1), make(chan outcome, 1)
+	prefetched, published := make(chan outcome, 1), make(chan cache.Publication, 1)
+	var pubErr error
+	target := filepath.Join(h.dir, "pods", "a", "mount")
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
-		if err == nil {
-			err = h.cache.Keep(f)
-		}
+		f, err := h.cache.Prefetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
 		prefetched <- outcome{f, err}
 	})
 	// The first download is held at the gate: the publish must join it.
 	sourcetest.Recv(t, res.Blocked(), waitLimit, "the prefetch's download to start")
 	wg.Go(func() {
-		f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: h.remote(modelURI, secrets())})
-		published <- outcome{f, err}
+		var q cache.Publication
+		q, pubErr = h.cache.PublishVolume(context.Background(), h.publishRequest(modelURI, target))
+		published <- q
 	})
 	waitDownloadJoined(t, h, 2)
 	res.Release()
 	wg.Wait()
 	p, q := <-prefetched, <-published
-	if p.err != nil || q.err != nil {
-		t.Fatalf("prefetch: %v, publish: %v", p.err, q.err)
+	if p.err != nil || pubErr != nil {
+		t.Fatalf("prefetch: %v, publish: %v", p.err, pubErr)
 	}
-	if p.f.Tree.Digest != q.f.Tree.Digest || p.f.Tree.Digest != sourcetest.TreeDigestOf(files()) {
-		t.Fatalf("trees %s and %s, want both %s", p.f.Tree.Digest, q.f.Tree.Digest, sourcetest.TreeDigestOf(files()))
+	if p.f.Tree.Digest != q.Tree.Digest || p.f.Tree.Digest != sourcetest.TreeDigestOf(files()) {
+		t.Fatalf("trees %s and %s, want both %s", p.f.Tree.Digest, q.Tree.Digest, sourcetest.TreeDigestOf(files()))
 	}
 	for path := range files() {
 		if n := res.OpenCount(modelURI, path); n != 1 {
@@ -154,14 +158,8 @@ func TestFetch_PrefetchAndPublishJoinOneDownload(t *testing.T) {
 		}
 	}
 	// The publish joined: its credentials were checked with a HEAD, and its
-	// record goes with its reference.
-	target := filepath.Join(h.dir, "pods", "a", "mount")
-	unlock := h.cache.LockTarget(target)
-	if err := h.cache.Acquire(q.f, state.Ref{VolumeID: "vol-a", TargetPath: target, URI: modelURI, Published: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	unlock()
-	src, ok, err := h.cache.State.SourceTree(source.SourceKey(h.remote(modelURI, secrets())))
+	// record went with its reference.
+	src, ok, err := h.state.SourceTree(source.SourceKey(h.remote(modelURI, secrets())))
 	if err != nil || !ok || src.Tree != p.f.Tree.Digest || src.URI != modelURI {
 		t.Fatalf("source record = %+v, %v, %v; want tree %s for %s", src, ok, err, p.f.Tree.Digest, modelURI)
 	}
@@ -220,11 +218,11 @@ func TestDrain_PendingRemovalSurvivesUndrainAndRestart(t *testing.T) {
 					t.Fatalf("Recover = %d live, %v", live, err)
 				}
 			}
-			if !h.cache.Store.HasTree(f.Tree.Digest) {
+			if !h.store.HasTree(f.Tree.Digest) {
 				t.Fatal("the mounted tree was removed under its pod")
 			}
 			h.release(target)
-			if h.cache.Store.HasTree(f.Tree.Digest) {
+			if h.store.HasTree(f.Tree.Digest) {
 				t.Fatal("the tree drain said was pending stayed after undrain and its last unmount")
 			}
 			if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
@@ -240,25 +238,21 @@ func TestDrain_PendingRemovalSurvivesUndrainAndRestart(t *testing.T) {
 func TestFetch_VerifyNever_RecordsNoUncheckedSource(t *testing.T) {
 	res := sourcetest.NewResolver()
 	res.SetModel(modelURI, files())
-	h := newHarness(t, t.TempDir(), res, mount.NewFake())
-	h.cache.VerifyCredentials = cache.VerifyNever
+	h := newHarnessWith(t, t.TempDir(), res, cache.Options{VerifyCredentials: cache.VerifyNever})
 	first := h.publish(filepath.Join(h.dir, "pods", "a", "mount"))
 	if first.Hit {
 		t.Fatal("the first fetch was a hit")
 	}
 	other := map[string]string{"RCLONE_CONFIG_MYS3_TYPE": "s3", "RCLONE_CONFIG_MYS3_SECRET_ACCESS_KEY": "other"}
 	r := h.remote(modelURI, other)
-	f, err := h.cache.Fetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: r})
+	f, err := h.cache.Prefetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: r})
 	if err != nil || !f.Hit {
 		t.Fatalf("second tenant's fetch = hit %v, %v", f.Hit, err)
 	}
-	if err := h.cache.Keep(f); err != nil {
-		t.Fatal(err)
-	}
-	if _, ok, _ := h.cache.State.SourceTree(source.SourceKey(r)); ok {
+	if _, ok, _ := h.state.SourceTree(source.SourceKey(r)); ok {
 		t.Fatal("credentials nothing checked were recorded as checked")
 	}
-	if _, ok, _ := h.cache.State.SourceTree(source.SourceKey(h.remote(modelURI, secrets()))); !ok {
+	if _, ok, _ := h.state.SourceTree(source.SourceKey(h.remote(modelURI, secrets()))); !ok {
 		t.Fatal("the downloading tenant's credentials were not recorded")
 	}
 }
@@ -271,7 +265,7 @@ func TestFetch_DrainedNode(t *testing.T) {
 	res.SetModel("mys3:models/other", map[string][]byte{"w": []byte("w")})
 	h := newHarness(t, t.TempDir(), res, mount.NewFake())
 	h.publish(filepath.Join(h.dir, "pods", "a", "mount"))
-	if err := h.cache.State.SetDrained(true); err != nil {
+	if err := h.state.SetDrained(true); err != nil {
 		t.Fatal(err)
 	}
 	opens := res.OpenTotal()
@@ -325,7 +319,7 @@ func TestFetch_NewVersion_OnlyChangedObjectsFetched(t *testing.T) {
 	// gc removes both trees and their blobs; the next version fetches all.
 	for _, d := range []string{first.Tree.Digest, f.Tree.Digest} {
 		h.release(filepath.Join(h.dir, "pods", "a", "mount"))
-		if _, err := h.cache.Store.RemoveTree(d); err != nil {
+		if _, err := h.store.RemoveTree(d); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -337,7 +331,7 @@ func TestFetch_NewVersion_OnlyChangedObjectsFetched(t *testing.T) {
 	for _, e := range res.Manifest(modelURI) {
 		objects = append(objects, source.ObjectKey(sourcetest.IdentityOf(modelURI), e))
 	}
-	if _, _, blobs, err := h.cache.State.LookupObjects("no-such-key", objects); err != nil || len(blobs) != 0 {
+	if _, _, blobs, err := h.state.LookupObjects("no-such-key", objects); err != nil || len(blobs) != 0 {
 		t.Errorf("object index after reconcile holds %v (%v), want nothing: every blob is gone", blobs, err)
 	}
 	res.UpdateFile(modelURI, "config.json", []byte(`{"name":"iris","v":3}`))

@@ -35,9 +35,9 @@ func TestTransactions_PerCall(t *testing.T) {
 		{"last unpublish", func() { h.release(filepath.Join(h.dir, "pods", "a", "mount")) }, 0, 1},
 	}
 	for _, tt := range tests {
-		r0, w0 := h.cache.State.Transactions()
+		r0, w0 := h.state.Transactions()
 		tt.call()
-		r1, w1 := h.cache.State.Transactions()
+		r1, w1 := h.state.Transactions()
 		t.Logf("%s: %d read and %d write transactions", tt.name, r1-r0, w1-w0)
 		if r1-r0 > tt.reads || w1-w0 > tt.writes {
 			t.Errorf("%s: %d read and %d write transactions, budget %d and %d", tt.name, r1-r0, w1-w0, tt.reads, tt.writes)

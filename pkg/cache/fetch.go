@@ -9,6 +9,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/units"
 	"k8s.io/klog/v2"
 )
 
@@ -43,8 +44,11 @@ type FetchRequest struct {
 // Fetched is the tree a Fetch resolved to.
 type Fetched struct {
 	Tree store.Tree
-	// Hit: no download by this request (cached, or another's download joined).
+	// Hit: the tree was committed before this request, which needed no
+	// download. A request that waited for another's download is no hit.
 	Hit bool
+	// Joined: the request waited for a download another request started.
+	Joined bool
 	// sourceKey names the request's credentials and model when they were
 	// checked by this fetch, so that the next fetch with them is a hit;
 	// "" when there is nothing new to record.
@@ -85,18 +89,9 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		return Fetched{}, err
 	}
 	key := source.ContentKey(req.Remote.Identity(), m)
-	gate := func() error {
-		// A drained node serves what it has and lets a running download
-		// be joined, but starts none.
-		if drained, err := c.State.Drained(); err != nil || drained {
-			return errors.Join(ErrDrained, err)
-		}
-		obs.Started(m.Size())
-		return nil
-	}
 	stop := c.reportProgress(obs, key)
 	start := time.Now()
-	ens, err := c.Store.EnsureGated(ctx, key, m, req.Remote, gate)
+	ens, err := c.store.EnsureGated(ctx, key, m, req.Remote, c.gate(obs, m))
 	t, fetched := ens.Tree, ens.Fetched
 	stop()
 	switch {
@@ -115,11 +110,11 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	if req.Digest != "" && t.Digest != req.Digest {
 		return Fetched{}, mismatch(req.Digest, t.Digest)
 	}
-	res := Fetched{Tree: t, Hit: !fetched, uri: req.URI}
+	res := Fetched{Tree: t, Hit: !fetched && !ens.Joined, Joined: ens.Joined, uri: req.URI}
 	switch {
 	case fetched && ens.Reused == 0:
 		res.sourceKey = sourceKey
-	case c.VerifyCredentials != VerifyNever:
+	case c.verifyCredentials != VerifyNever:
 		// The tree came from the cache or from another request's
 		// download, or some of its objects were linked from earlier
 		// downloads: these credentials have not read all of it. Stat
@@ -131,35 +126,60 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	}
 	// With VerifyNever nothing checked these credentials: nothing is
 	// recorded, and the next fetch lists the remote again.
+	if res.Hit {
+		// Found committed after listing the remote (new credentials, or
+		// pullPolicy Always), and these credentials may read it: a hit
+		// like one the source index finds.
+		obs.Hit(t)
+	}
 	return res, nil
 }
 
-// Keep records a fetched model's source without a mount (a prefetch), so
-// the next fetch with the same credentials is a hit.
-func (c *Cache) Keep(f Fetched) error {
-	if f.sourceKey == "" {
+// gate runs in the flight of a new download, before anything is opened:
+// a drained node serves what it has and lets a running download be
+// joined, but starts none; otherwise room is made for the download,
+// registered by then so the running downloads' reservations count it.
+func (c *Cache) gate(obs Observer, m source.Manifest) func() error {
+	return func() error {
+		if drained, err := c.state.Drained(); err != nil || drained {
+			return errors.Join(ErrDrained, err)
+		}
+		obs.Started(m.Size())
+		if _, err := c.budget.makeRoom(0, false); err != nil {
+			return fmt.Errorf("making room for %s: %w", units.Bytes(m.Size()), err)
+		}
 		return nil
 	}
-	return c.State.RecordSource(f.sourceKey, state.Source{Tree: f.Tree.Digest, URI: f.uri, Checked: time.Now()})
+}
+
+// Prefetch warms the cache through the same fetch as a publish, then
+// records the model's source without a mount, so that the next fetch with
+// the same credentials is a hit.
+func (c *Cache) Prefetch(ctx context.Context, req FetchRequest) (Fetched, error) {
+	f, err := c.Fetch(ctx, req)
+	if err != nil || f.sourceKey == "" {
+		return f, err
+	}
+	return f, c.state.RecordSource(f.sourceKey, state.Source{Tree: f.Tree.Digest, URI: f.uri, Checked: time.Now()})
 }
 
 // checkedTree returns the tree these credentials were checked for before,
 // if it is still on disk and the check is recent enough for the policy.
 func (c *Cache) checkedTree(sourceKey string) (store.Tree, bool) {
-	if c.VerifyCredentials == VerifyAlways {
+	if c.verifyCredentials == VerifyAlways {
 		return store.Tree{}, false
 	}
-	src, rec, ok, err := c.State.CheckedTree(sourceKey)
+	src, rec, ok, err := c.state.CheckedTree(sourceKey)
 	if err != nil {
 		// A record that cannot be read counts as absent: the credentials
 		// are checked again.
 		klog.ErrorS(err, "reading source index; treating as not cached")
 		return store.Tree{}, false
 	}
-	if !ok || !c.Store.HasTree(src.Tree) {
+	if !ok || !c.store.HasTree(src.Tree) {
 		return store.Tree{}, false
 	}
-	if c.ReverifyAfter > 0 && time.Since(src.Checked) > c.ReverifyAfter {
+	if c.reverifyAfter > 0 && time.Since(src.Checked) > c.reverifyAfter {
 		return store.Tree{}, false
 	}
 	return rec.Tree, true
@@ -168,10 +188,7 @@ func (c *Cache) checkedTree(sourceKey string) (store.Tree, bool) {
 // reportProgress tells obs the progress of the download of key every
 // ProgressEvery until stop is called.
 func (c *Cache) reportProgress(obs Observer, key string) (stop func()) {
-	every := c.ProgressEvery
-	if every <= 0 {
-		every = time.Second
-	}
+	every := c.progressEvery
 	done := make(chan struct{})
 	go func() {
 		tick := time.NewTicker(every)
@@ -183,7 +200,7 @@ func (c *Cache) reportProgress(obs Observer, key string) (stop func()) {
 			case <-done:
 				return
 			case now := <-tick.C:
-				p, ok := c.Store.Downloading(key)
+				p, ok := c.store.Downloading(key)
 				if !ok {
 					continue
 				}

@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/pkg/store"
 	"github.com/modelcache/modelcache/pkg/units"
 	"k8s.io/klog/v2"
 )
@@ -20,13 +19,13 @@ type Tree struct {
 
 // Trees lists the cached trees, least recently used first.
 func (c *Cache) Trees() ([]Tree, error) {
-	all, err := c.State.CachedTrees()
+	all, err := c.state.CachedTrees()
 	if err != nil {
 		return nil, err
 	}
 	out := make([]Tree, 0, len(all))
 	for _, t := range all {
-		out = append(out, Tree{CachedTree: t, Present: c.Store.HasTree(t.Digest)})
+		out = append(out, Tree{CachedTree: t, Present: c.store.HasTree(t.Digest)})
 	}
 	return out, nil
 }
@@ -64,7 +63,7 @@ func (c *Cache) Find(ref string) (Tree, error) {
 }
 
 // Files lists a tree's files with their sizes and sha256s.
-func (c *Cache) Files(digest string) ([]store.TreeFile, error) { return c.Store.TreeFiles(digest) }
+func (c *Cache) Files(digest string) ([]TreeFile, error) { return c.store.TreeFiles(digest) }
 
 // Pin protects a tree from eviction to make room (on) or lifts that.
 func (c *Cache) Pin(ref string, on bool) (Tree, error) {
@@ -72,7 +71,7 @@ func (c *Cache) Pin(ref string, on bool) (Tree, error) {
 	if err != nil {
 		return t, err
 	}
-	if err := c.State.SetPinned(t.Digest, on); err != nil {
+	if err := c.state.SetPinned(t.Digest, on); err != nil {
 		return t, err
 	}
 	klog.InfoS("pin changed", "tree", t.Digest, "pinned", on)
@@ -98,7 +97,7 @@ func (c *Cache) Evict(ref string, whenUnused bool) (Evicted, error) {
 	}
 	switch {
 	case len(t.Refs) == 0:
-		freed, removed, err := c.remove(t.Digest, store.EvictOperator)
+		freed, removed, err := c.remove(t.Digest, EvictOperator)
 		if err != nil || removed {
 			return Evicted{Tree: t.Digest, Removed: removed, Freed: freed}, err
 		}
@@ -108,7 +107,7 @@ func (c *Cache) Evict(ref string, whenUnused bool) (Evicted, error) {
 	case !whenUnused:
 		return Evicted{}, fmt.Errorf("%w: tree %s is mounted by %s; it cannot be removed under running pods: pass --when-unused to remove it when its last mount goes", ErrInUse, t.Digest, Users(t.Refs))
 	}
-	if err := c.doom(t.Digest, store.EvictOperator); err != nil {
+	if err := c.doom(t.Digest, EvictOperator); err != nil {
 		return Evicted{}, err
 	}
 	return Evicted{Tree: t.Digest, Pending: true}, nil
@@ -117,9 +116,9 @@ func (c *Cache) Evict(ref string, whenUnused bool) (Evicted, error) {
 // GC enforces the cache budget as it stands, evicting least recently used
 // trees no pod mounts and no pin protects; dryRun only says what would go.
 // A budget that cannot be met is not an error: warning says why.
-func (c *Cache) GC(dryRun bool) (plan store.Plan, warning string, err error) {
-	plan, err = c.Store.MakeRoom(0, dryRun)
-	var noRoom *store.NoRoomError
+func (c *Cache) GC(dryRun bool) (plan Plan, warning string, err error) {
+	plan, err = c.budget.makeRoom(0, dryRun)
+	var noRoom *NoRoomError
 	if errors.As(err, &noRoom) {
 		return plan, noRoom.Error(), nil
 	}
@@ -140,16 +139,16 @@ type Drained struct {
 // downloads may still be joined.
 func (c *Cache) Drain() (Drained, error) {
 	res := Drained{Removed: []string{}, Pending: []string{}}
-	if err := c.State.SetDrained(true); err != nil {
+	if err := c.state.SetDrained(true); err != nil {
 		return res, err
 	}
-	trees, err := c.State.CachedTrees()
+	trees, err := c.state.CachedTrees()
 	if err != nil {
 		return res, err
 	}
 	for _, t := range trees {
 		if len(t.Refs) == 0 {
-			freed, removed, err := c.remove(t.Digest, store.EvictDrain)
+			freed, removed, err := c.remove(t.Digest, EvictDrain)
 			if err != nil {
 				return res, err
 			}
@@ -159,14 +158,14 @@ func (c *Cache) Drain() (Drained, error) {
 				continue
 			}
 		}
-		if err := c.doom(t.Digest, store.EvictDrain); err != nil {
+		if err := c.doom(t.Digest, EvictDrain); err != nil {
 			return res, err
 		}
 		res.Pending = append(res.Pending, t.Digest)
 	}
 	// Interrupted downloads kept for resuming go too: a drained node holds
 	// no model bytes it is not serving.
-	freed, err := c.Store.DropPartials(0)
+	freed, err := c.store.DropPartials(0)
 	if err != nil {
 		return res, err
 	}
@@ -178,7 +177,7 @@ func (c *Cache) Drain() (Drained, error) {
 // Undrain lets downloads start again. Trees a drain doomed still go when
 // their last mount goes, as the drain said.
 func (c *Cache) Undrain() error {
-	if err := c.State.SetDrained(false); err != nil {
+	if err := c.state.SetDrained(false); err != nil {
 		return err
 	}
 	klog.InfoS("node undrained")
@@ -186,11 +185,11 @@ func (c *Cache) Undrain() error {
 }
 
 // IsDrained reports whether the node is drained.
-func (c *Cache) IsDrained() (bool, error) { return c.State.Drained() }
+func (c *Cache) IsDrained() (bool, error) { return c.state.Drained() }
 
 // Verified is what Verify found and did.
 type Verified struct {
-	store.VerifyResult
+	VerifyResult
 	Removed     []string // damaged trees no pod used: removed
 	Invalidated []string // damaged trees in use: no longer served, repaired by the next download
 }
@@ -198,23 +197,23 @@ type Verified struct {
 // Verify re-hashes every blob: corrupt blobs are quarantined, damaged trees
 // no pod uses are removed, and damaged trees in use stop being served.
 func (c *Cache) Verify() (Verified, error) {
-	res, err := c.Store.Verify()
+	res, err := c.store.Verify()
 	if err != nil {
 		return Verified{}, err
 	}
 	out := Verified{VerifyResult: res, Removed: []string{}, Invalidated: []string{}}
 	for _, d := range res.Damaged {
-		used, err := c.State.Referenced(d)
+		used, err := c.state.Referenced(d)
 		if err != nil {
 			return out, err
 		}
 		if !used {
-			if _, removed, err := c.remove(d, store.EvictCorrupt); err == nil && removed {
+			if _, removed, err := c.remove(d, EvictCorrupt); err == nil && removed {
 				out.Removed = append(out.Removed, d)
 				continue
 			}
 		}
-		if err := c.State.Invalidate(d); err != nil {
+		if err := c.state.Invalidate(d); err != nil {
 			return out, err
 		}
 		out.Invalidated = append(out.Invalidated, d)
@@ -223,23 +222,23 @@ func (c *Cache) Verify() (Verified, error) {
 }
 
 // Usage is what the cache holds on disk.
-func (c *Cache) Usage() (store.Usage, error) { return c.Store.Usage() }
+func (c *Cache) Usage() (Usage, error) { return c.store.Usage() }
 
 // remove unpins a tree (whoever names it, an operator or a drain, overrides
 // a pin) and evicts it unless it is mounted by now.
-func (c *Cache) remove(digest string, reason store.EvictReason) (freed int64, removed bool, err error) {
-	if err := c.State.SetPinned(digest, false); err != nil && !errors.Is(err, state.ErrUnknownTree) {
+func (c *Cache) remove(digest string, reason EvictReason) (freed int64, removed bool, err error) {
+	if err := c.state.SetPinned(digest, false); err != nil && !errors.Is(err, state.ErrUnknownTree) {
 		return 0, false, err
 	}
-	return c.Store.Evict(digest, reason)
+	return c.budget.evict(digest, reason)
 }
 
 // doom marks a tree to go when its last mount goes, and unpins it.
-func (c *Cache) doom(digest string, reason store.EvictReason) error {
-	if err := c.State.SetPinned(digest, false); err != nil && !errors.Is(err, state.ErrUnknownTree) {
+func (c *Cache) doom(digest string, reason EvictReason) error {
+	if err := c.state.SetPinned(digest, false); err != nil && !errors.Is(err, state.ErrUnknownTree) {
 		return err
 	}
-	return c.State.Doom(digest, string(reason))
+	return c.state.Doom(digest, string(reason))
 }
 
 // Users names the pods (or volumes) of references, for messages.

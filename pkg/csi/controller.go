@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/keymutex"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
@@ -50,7 +51,7 @@ type Controller struct {
 	// names a provisioner secret.
 	Resolver source.Resolver
 	// Volumes records created volumes for CreateVolume's idempotency rules.
-	Volumes *state.DB
+	Volumes cache.VolumeRecords
 	// Claims reads PVC annotations; nil when not running in a cluster.
 	Claims ClaimReader
 

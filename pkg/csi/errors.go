@@ -7,7 +7,6 @@ import (
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -19,7 +18,7 @@ func publishError(uri string, err error) error {
 	if err == nil {
 		return nil
 	}
-	var inProgress *store.InProgressError
+	var inProgress *cache.InProgressError
 	switch {
 	case errors.As(err, &inProgress):
 		// Non-final: kubelet keeps the target directory and retries, and the
@@ -43,7 +42,7 @@ func publishError(uri string, err error) error {
 		return status.Errorf(codes.Unavailable, "the remote for %s could not be reached: %v; kubelet will retry", uri, err)
 	case errors.Is(err, source.ErrTooLarge):
 		return status.Errorf(codes.ResourceExhausted, "model %s cannot be cached on this node: %v", uri, err)
-	case errors.Is(err, store.ErrNoSpace):
+	case errors.Is(err, cache.ErrNoSpace):
 		return status.Errorf(codes.ResourceExhausted, "no room in this node's model cache for %s: %v; unpin or evict models (modelcachectl ls), free space on the disk, or raise --cache-size", uri, err)
 	case errors.Is(err, cache.ErrConflict):
 		return status.Errorf(codes.AlreadyExists, "%v; unpublish it first", err)

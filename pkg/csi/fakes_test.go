@@ -10,7 +10,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/modelcache/modelcache/pkg/cache"
+	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
@@ -86,41 +86,20 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	return newHarnessWith(t, func(*state.DB) store.Options { return store.Options{} })
+	return newHarnessWith(t, cache.Options{})
 }
 
-// newHarnessWith builds the harness with store options that may depend on
-// the state database (e.g. as the store's Evictor).
-func newHarnessWith(t *testing.T, opts func(db *state.DB) store.Options) *harness {
+// newHarnessWith builds the harness over a cache opened with opt.
+func newHarnessWith(t *testing.T, opt cache.Options) *harness {
 	t.Helper()
 	dir := t.TempDir()
-	db, err := state.Open(filepath.Join(dir, "cache", "state", "modelcache.db"))
-	if err != nil {
-		t.Fatalf("state.Open: %v", err)
-	}
-	st, err := store.Open(filepath.Join(dir, "cache"), db, opts(db))
-	if err != nil {
-		db.Close()
-		t.Fatalf("store.Open: %v", err)
-	}
-	// Runs before t.TempDir's removal: stop downloads, close the database
-	// and give sealed directories their write bits back for non-root runs.
-	t.Cleanup(func() {
-		if err := st.Close(); err != nil {
-			t.Errorf("store.Close: %v", err)
-		}
-		if err := db.Close(); err != nil {
-			t.Errorf("state.Close: %v", err)
-		}
-		makeWritable(dir)
-	})
+	ct := cachetest.Open(t, filepath.Join(dir, "cache"), opt)
+	t.Cleanup(func() { cachetest.MakeWritable(dir) })
 	res := sourcetest.NewResolver()
 	res.SetModel(testURI, irisFiles())
-	mnt := mount.NewFake()
-	c := &cache.Cache{Store: st, State: db, Mounter: mnt}
 	return &harness{
-		t: t, dir: dir, store: st, state: db, mnt: mnt, res: res, cache: c,
-		node: &Node{NodeID: "node-a", Resolver: res, Cache: c},
+		t: t, dir: dir, store: ct.Store, state: ct.State, mnt: ct.Mounter, res: res, cache: ct.Cache,
+		node: &Node{NodeID: "node-a", Resolver: res, Cache: ct.Cache},
 	}
 }
 
@@ -129,16 +108,6 @@ func (h *harness) in(t *testing.T) *harness {
 	c := *h
 	c.t = t
 	return &c
-}
-
-// makeWritable restores write bits on sealed directories.
-func makeWritable(dir string) {
-	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			_ = os.Chmod(p, 0o700)
-		}
-		return nil
-	})
 }
 
 // target is a kubelet-like target path for a pod's inline volume.

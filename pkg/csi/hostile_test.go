@@ -81,8 +81,7 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := newHarness(t)
-			h.cache.VerifyCredentials = tt.policy
+			h := newHarnessWith(t, cache.Options{VerifyCredentials: tt.policy})
 			a := publishReq("vol-a", h.target("pod-a"), testURI, nil)
 			a.Secrets = tenantA
 			h.mustPublish(a)
@@ -123,8 +122,7 @@ func TestCacheHitIsAuthorized(t *testing.T) {
 	}
 
 	t.Run("policy Always checks every publish", func(t *testing.T) {
-		h := newHarness(t)
-		h.cache.VerifyCredentials = cache.VerifyAlways
+		h := newHarnessWith(t, cache.Options{VerifyCredentials: cache.VerifyAlways})
 		for i, pod := range []string{"pod-a", "pod-b", "pod-c"} {
 			h.mustPublish(publishReq("vol-"+pod, h.target(pod), testURI, nil))
 			h.res.Set(func(r *sourcetest.Resolver) {

@@ -15,8 +15,6 @@ import (
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -135,34 +133,28 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	if err != nil {
 		return nil, err
 	}
-	unlock := n.Cache.LockTarget(a.target)
-	defer unlock()
-
-	if done, err := n.Cache.Published(a.target, a.volumeID, a.hash); done || err != nil {
-		return &csi.NodePublishVolumeResponse{}, publishError(a.uri, err)
-	}
-	remote, err := n.Resolver.Resolve(ctx, a.uri, req.GetSecrets())
-	if err != nil {
-		return nil, publishError(a.uri, err)
-	}
 	pod := kube.PodRef{Namespace: a.podNS, Name: a.podName, UID: a.podUID}
-	f, err := n.Cache.Fetch(waitContext(ctx), cache.FetchRequest{
-		URI: a.uri, Remote: remote, Policy: a.policy, Digest: a.digest,
+	p, err := n.Cache.PublishVolume(waitContext(ctx), cache.PublishRequest{
+		Target: a.target, VolumeID: a.volumeID, ArgsHash: a.hash, URI: a.uri,
+		Resolve: func(ctx context.Context) (source.Remote, error) {
+			return n.Resolver.Resolve(ctx, a.uri, req.GetSecrets())
+		},
+		Policy: a.policy, Digest: a.digest,
+		PodName: a.podName, PodNamespace: a.podNS, PodUID: a.podUID,
 		Observer: &podEvents{events: n.Events, pod: pod, uri: a.uri},
 	})
+	if p.Fetched {
+		// A request that waited for another's download needed one: a miss.
+		n.Metrics.Lookup(p.Hit)
+	}
 	if err != nil {
 		return nil, publishError(a.uri, err)
 	}
-	n.Metrics.Lookup(f.Hit)
-	ref := state.Ref{
-		VolumeID: a.volumeID, TargetPath: a.target, ArgsHash: a.hash,
-		URI: a.uri, PodName: a.podName, PodNS: a.podNS, PodUID: a.podUID, Published: time.Now(),
-	}
-	if err := n.Cache.Acquire(f, ref); err != nil {
-		return nil, publishError(a.uri, err)
+	if !p.Fetched {
+		return &csi.NodePublishVolumeResponse{}, nil // published already
 	}
 	klog.InfoS("published", "volume", a.volumeID, "target", a.target, "model", a.uri,
-		"tree", f.Tree.Digest, "cacheHit", f.Hit, "took", time.Since(start))
+		"tree", p.Tree.Digest, "cacheHit", p.Hit, "took", time.Since(start))
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
@@ -173,19 +165,19 @@ type podEvents struct {
 	uri    string
 }
 
-func (p *podEvents) Hit(t store.Tree) { p.events.CacheHit(p.pod, p.uri, t.Digest, t.Size) }
+func (p *podEvents) Hit(t cache.ModelTree) { p.events.CacheHit(p.pod, p.uri, t.Digest, t.Size) }
 func (p *podEvents) Started(total int64) {
 	p.events.DownloadStarted(p.pod, p.uri, total)
 }
 func (p *podEvents) Progress(done, total int64, rate float64) {
 	p.events.DownloadProgress(p.pod, p.uri, done, total, rate)
 }
-func (p *podEvents) Finished(t store.Tree, took time.Duration, checks store.Checks) {
+func (p *podEvents) Finished(t cache.ModelTree, took time.Duration, checks cache.Checks) {
 	p.events.DownloadFinished(p.pod, p.uri, t.Digest, t.Size, took, checksText(checks))
 }
 
 // checksText says, for a pod event, how a download's bytes were checked.
-func checksText(c store.Checks) string {
+func checksText(c cache.Checks) string {
 	if c.MD5+c.Remote+c.Unchecked == 0 {
 		return "every object linked from earlier downloads"
 	}
@@ -232,9 +224,7 @@ func (n *Node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 	}
 	// References are keyed by the clean path, as publish requires it.
 	target = filepath.Clean(target)
-	unlock := n.Cache.LockTarget(target)
-	defer unlock()
-	if err := n.Cache.Release(target); err != nil {
+	if err := n.Cache.ReleaseTarget(target); err != nil {
 		return nil, status.Errorf(codes.Internal, "unpublishing volume %s: %v", id, err)
 	}
 	klog.InfoS("unpublished", "volume", id, "target", target)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
@@ -682,7 +683,7 @@ func TestNodeGetVolumeStats(t *testing.T) {
 	condition(t, "not mounted", digest)
 
 	treePath := h.store.TreePath(digest)
-	makeWritable(treePath)
+	cachetest.MakeWritable(treePath)
 	if err := os.RemoveAll(treePath); err != nil {
 		t.Fatal(err)
 	}
@@ -756,7 +757,7 @@ func TestNodePublishVolumeEvictedTree(t *testing.T) {
 	digest := sourcetest.TreeDigestOf(files)
 	h.mustPublish(publishReq("vol-a", h.target("pod-a"), testURI, nil))
 	treePath := h.store.TreePath(digest)
-	makeWritable(treePath)
+	cachetest.MakeWritable(treePath)
 	if err := os.RemoveAll(treePath); err != nil {
 		t.Fatal(err)
 	}

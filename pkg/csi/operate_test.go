@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/source"
@@ -32,15 +33,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 )
-
-// newWiredHarness is newHarness with the store wired to the state
-// database as the node plugin wires it (cmd/modelcache-csi): the database
-// is the store's Evictor, so evictions honour pins and references and
-// forget the records of removed trees.
-func newWiredHarness(t *testing.T) *harness {
-	t.Helper()
-	return newHarnessWith(t, func(db *state.DB) store.Options { return store.Options{Evictor: db} })
-}
 
 // resnetFiles is a second model, with nothing in common with iris.
 func resnetFiles() map[string][]byte {
@@ -173,7 +165,7 @@ func TestTreeReleasedAtLastUnpublish(t *testing.T) {
 			if tt.bug != "" {
 				t.Skip("BUG: " + tt.bug)
 			}
-			h := newWiredHarness(t)
+			h := newHarness(t)
 			h.res.SetModel(otherURI, resnetFiles())
 			digest := sourcetest.TreeDigestOf(irisFiles())
 			other := sourcetest.TreeDigestOf(resnetFiles())
@@ -222,7 +214,7 @@ func TestTreeReleasedAtLastUnpublish(t *testing.T) {
 
 // Reconcile makes records and tree directories agree after a start.
 func TestReconcile(t *testing.T) {
-	h := newWiredHarness(t)
+	h := newHarness(t)
 	ctx := context.Background()
 	// Four trees: recorded and on disk; recorded, not on disk; on disk
 	// without a record; on disk without a record but mounted.
@@ -241,7 +233,7 @@ func TestReconcile(t *testing.T) {
 		digests[name] = tr.Digest
 	}
 	lost := h.store.TreePath(digests["lost"])
-	makeWritable(lost)
+	cachetest.MakeWritable(lost)
 	if err := os.RemoveAll(lost); err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +311,7 @@ func TestReleaseStale(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := newWiredHarness(t)
+			h := newHarness(t)
 			for _, p := range []string{"a", "b", "c"} {
 				h.mustPublish(publishReq("vol-"+p, h.target("pod-"+p), testURI, nil))
 			}
@@ -365,7 +357,7 @@ func TestReleaseStale(t *testing.T) {
 		})
 	}
 	t.Run("drained node, last reference", func(t *testing.T) {
-		h := newWiredHarness(t)
+		h := newHarness(t)
 		target := h.target("pod-a")
 		h.mustPublish(publishReq("vol-a", target, testURI, nil))
 		h.mnt.Forget(target)
@@ -545,7 +537,7 @@ func TestPublishMetrics(t *testing.T) {
 // Eviction is least recently used first; a tree mounted until a moment ago
 // was used more recently than one whose pods went away earlier.
 func TestUnpublishCountsAsUse(t *testing.T) {
-	h := newWiredHarness(t)
+	h := newHarness(t)
 	h.res.SetModel(otherURI, resnetFiles())
 	iris, resnet := sourcetest.TreeDigestOf(irisFiles()), sourcetest.TreeDigestOf(resnetFiles())
 	a, b := h.target("pod-a"), h.target("pod-b")
@@ -555,11 +547,13 @@ func TestUnpublishCountsAsUse(t *testing.T) {
 	h.unpublish("vol-b", b)                              // resnet unused from here
 	time.Sleep(10 * time.Millisecond)
 	h.unpublish("vol-a", a) // iris in use until now
-	cands, _, err := h.state.Candidates()
+	// Neither is in use or pinned: the eviction order is the order of
+	// last use the cache lists.
+	trees, err := h.cache.Trees()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(cands) != 2 || cands[0].Digest != resnet || cands[1].Digest != iris {
-		t.Errorf("eviction order %v; want resnet (unused longer) before iris (mounted until now)", cands)
+	if len(trees) != 2 || trees[0].Digest != resnet || trees[1].Digest != iris {
+		t.Errorf("eviction order %v; want resnet (unused longer) before iris (mounted until now)", trees)
 	}
 }

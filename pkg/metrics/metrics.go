@@ -14,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc/codes"
@@ -33,7 +33,7 @@ var downloadBuckets = prometheus.ExponentialBuckets(0.1, 2.5, 13)
 
 // evictionReasons are the reasons Evicted accepts as label values; any other
 // reason is counted as "other".
-var evictionReasons = store.EvictReasons
+var evictionReasons = cache.EvictReasons
 
 // otherReason is the label value for an eviction reason not in evictionReasons.
 const otherReason = "other"
@@ -207,8 +207,8 @@ func (m *Metrics) UncheckedObjects(n int) {
 }
 
 // Evicted counts a tree removed from the cache, its size in bytes and why
-// (store.EvictReasons); any other reason is counted as "other".
-func (m *Metrics) Evicted(reason store.EvictReason, bytes int64) {
+// (cache.EvictReasons); any other reason is counted as "other".
+func (m *Metrics) Evicted(reason cache.EvictReason, bytes int64) {
 	if m == nil {
 		return
 	}

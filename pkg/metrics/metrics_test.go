@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/cache"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -535,7 +535,7 @@ func TestConcurrentUse(t *testing.T) {
 				m.Publish("OK")
 				m.Lookup(i%2 == 0)
 				done := m.DownloadStarted()
-				m.Evicted(store.EvictDrain, 1)
+				m.Evicted(cache.EvictDrain, 1)
 				m.SetCacheStats(func() (CacheStats, error) {
 					return CacheStats{Trees: w}, nil
 				})

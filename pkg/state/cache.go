@@ -7,7 +7,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/modelcache/modelcache/pkg/store"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -228,46 +227,6 @@ func (d *DB) ForgetTree(digest string) error {
 func (d *DB) Invalidate(digest string) error {
 	return d.update(func(tx *bolt.Tx) error { return forgetLeads(tx, digest) })
 }
-
-// Candidates implements store.Evictor: unreferenced, unpinned trees, least
-// recently used first, and what the others hold.
-func (d *DB) Candidates() ([]store.Candidate, store.Held, error) {
-	trees, err := d.CachedTrees()
-	if err != nil {
-		return nil, store.Held{}, err
-	}
-	var out []store.Candidate
-	var held store.Held
-	for _, t := range trees {
-		switch {
-		case len(t.Refs) > 0:
-			held.InUseTrees++
-			held.InUseBytes += t.Size
-		case t.Pinned:
-			held.PinnedTrees++
-			held.PinnedBytes += t.Size
-		default:
-			out = append(out, store.Candidate{Digest: t.Digest, Size: t.Size})
-		}
-	}
-	return out, held, nil
-}
-
-// Protected implements store.Evictor: a tree in use or pinned stays.
-func (d *DB) Protected(digest string) (bool, error) {
-	var pinned bool
-	err := d.view(func(tx *bolt.Tx) error {
-		pinned = tx.Bucket(bucketPins).Get([]byte(digest)) != nil
-		return nil
-	})
-	if err != nil || pinned {
-		return pinned, err
-	}
-	return d.Referenced(digest)
-}
-
-// Forget implements store.Evictor.
-func (d *DB) Forget(digest string) error { return d.ForgetTree(digest) }
 
 // RecordSource remembers that a source resolved to a tree without a mount
 // (a prefetch), so the next publish with the same credentials is a hit.

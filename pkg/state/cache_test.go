@@ -1,6 +1,6 @@
 package state_test
 
-// Unit tests of the cache records operators and the store's evictor use:
+// Unit tests of the cache records operators and the cache's eviction use:
 // listing, pins, removal marks, drain, forgetting and invalidating trees.
 
 import (
@@ -15,9 +15,6 @@ import (
 	"github.com/modelcache/modelcache/pkg/store"
 	bolt "go.etcd.io/bbolt"
 )
-
-// The state database is the store's evictor.
-var _ store.Evictor = (*state.DB)(nil)
 
 // digestOf makes a valid tree digest from a letter.
 func digestOf(c string) string { return "sha256:" + strings.Repeat(c, 64) }
@@ -188,83 +185,6 @@ func TestSetPinned(t *testing.T) {
 				t.Errorf("pinning again moved PinnedAt from %v to %v", firstPin, c.PinnedAt)
 			}
 		}
-		if p, err := db.Protected(st.digest); err != nil || p != st.wantPinned {
-			t.Errorf("%s: Protected = %v, %v; want %v", st.name, p, err, st.wantPinned)
-		}
-	}
-}
-
-// Candidates offers exactly the trees no mount uses and no pin holds, least
-// recently used first, and sums what the others hold.
-func TestCandidatesAndProtected(t *testing.T) {
-	db := openDB(t, dbPath(t))
-	a, b, c, d, e, f := digestOf("a"), digestOf("b"), digestOf("c"), digestOf("d"), digestOf("e"), digestOf("f")
-	seedTree(t, db, "ka", a, 100, cacheT0.Add(-5*time.Hour)) // in use
-	seedTree(t, db, "kb", b, 200, cacheT0.Add(-4*time.Hour)) // pinned
-	seedTree(t, db, "kc", c, 300, cacheT0.Add(2*time.Hour))  // plain, newest
-	seedTree(t, db, "kd", d, 400, cacheT0)                   // plain, oldest plain
-	seedTree(t, db, "ke", e, 500, cacheT0.Add(-6*time.Hour)) // in use and pinned
-	seedTree(t, db, "kf", f, 600, cacheT0.Add(time.Hour))    // doomed, unused
-	addRef(t, db, "/t/a", a, cacheT0.Add(-5*time.Hour))
-	addRef(t, db, "/t/e1", e, cacheT0.Add(-6*time.Hour))
-	addRef(t, db, "/t/e2", e, cacheT0.Add(-6*time.Hour))
-	for _, p := range []string{b, e} {
-		if err := db.SetPinned(p, true); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := db.Doom(f, "operator"); err != nil {
-		t.Fatal(err)
-	}
-
-	cands, held, err := db.Candidates()
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []store.Candidate{{Digest: d, Size: 400}, {Digest: f, Size: 600}, {Digest: c, Size: 300}}
-	if !slices.Equal(cands, want) {
-		t.Errorf("Candidates = %v, want %v", cands, want)
-	}
-	wantHeld := store.Held{InUseTrees: 2, InUseBytes: 600, PinnedTrees: 1, PinnedBytes: 200}
-	if held != wantHeld {
-		t.Errorf("Held = %+v, want %+v", held, wantHeld)
-	}
-
-	tests := []struct {
-		digest string
-		want   bool
-	}{
-		{a, true}, {b, true}, {c, false}, {d, false}, {e, true}, {f, false}, {digestOf("9"), false},
-	}
-	for _, tt := range tests {
-		got, err := db.Protected(tt.digest)
-		if err != nil || got != tt.want {
-			t.Errorf("Protected(%s) = %v, %v; want %v", tt.digest[:12], got, err, tt.want)
-		}
-		ref, err := db.Referenced(tt.digest)
-		wantRef := tt.digest == a || tt.digest == e
-		if err != nil || ref != wantRef {
-			t.Errorf("Referenced(%s) = %v, %v; want %v", tt.digest[:12], ref, err, wantRef)
-		}
-	}
-
-	// Released trees become candidates again.
-	if err := db.DeleteRef("/t/a"); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.SetPinned(b, false); err != nil {
-		t.Fatal(err)
-	}
-	cands, held, err = db.Candidates()
-	if err != nil {
-		t.Fatal(err)
-	}
-	want = []store.Candidate{{Digest: a, Size: 100}, {Digest: b, Size: 200}, {Digest: d, Size: 400}, {Digest: f, Size: 600}, {Digest: c, Size: 300}}
-	if !slices.Equal(cands, want) {
-		t.Errorf("Candidates after release = %v, want %v", cands, want)
-	}
-	if wantHeld := (store.Held{InUseTrees: 1, InUseBytes: 500}); held != wantHeld {
-		t.Errorf("Held after release = %+v, want %+v", held, wantHeld)
 	}
 }
 
@@ -277,7 +197,6 @@ func TestForgetTreeAndInvalidate(t *testing.T) {
 		keepsRecord bool // the tree record, its pin and mark stay
 	}{
 		{"ForgetTree", (*state.DB).ForgetTree, false},
-		{"Forget", (*state.DB).Forget, false},
 		{"Invalidate", (*state.DB).Invalidate, true},
 	}
 	for _, tt := range tests {

@@ -58,9 +58,12 @@ func (s *Store) Ensure(ctx context.Context, key string, m source.Manifest, f Fet
 // Ensured is what EnsureGated did.
 type Ensured struct {
 	Tree Tree
-	// Fetched: this caller's download committed the tree (a joiner of
-	// another's download, or a caller who found it committed, did not).
+	// Fetched: this caller's download committed the tree.
 	Fetched bool
+	// Joined: this caller waited for a download another caller started.
+	// It needed a download, though its own fetcher read nothing. A caller
+	// that found the tree committed has neither Fetched nor Joined.
+	Joined bool
 	// Reused is how many of the objects the download did not fetch because
 	// this node already held them, unchanged, from an earlier download.
 	Reused int
@@ -95,9 +98,11 @@ type ObjectIndex interface {
 // identified is a Fetcher that names its backend (source.Remote does).
 type identified interface{ Identity() string }
 
-// EnsureGated is Ensure with a gate: when this call would start a new
-// download (not join one, not find the tree committed), gate runs first, in
-// the flight, and an error from it refuses the download.
+// EnsureGated is Ensure with a gate: when this call starts a new download
+// (not joins one, not finds the tree committed), gate runs first in the
+// flight, once the download is registered (so Reservations count it) and
+// before any object is opened; an error from it refuses the download. The
+// caller makes room for the download there: the store decides nothing.
 func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, f Fetcher, gate func() error) (Ensured, error) {
 	if t, ok := s.lookup(key); ok {
 		return Ensured{Tree: t}, nil
@@ -108,104 +113,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 	// Every caller, the one that starts the download too, keeps it wanted
 	// while it waits (the watchdog's grace).
 	defer s.want(key)()
-	ch := s.flights.DoChan(key, func() (_ any, err error) {
-		// Object keys are worked out here, by the one caller that may
-		// download, not by every caller that joins.
-		// They name partial downloads too, so they do not need an index.
-		oi, _ := s.index.(ObjectIndex)
-		objects := make([]string, len(m))
-		if id, ok := f.(identified); ok {
-			for i, e := range m {
-				objects[i] = source.ObjectKey(id.Identity(), e)
-			}
-		} else {
-			oi = nil
-		}
-		// A flight that finished between lookup and DoChan recorded its tree.
-		var reuse map[string]string
-		if oi != nil {
-			t, ok, blobs, err := oi.LookupObjects(key, objects)
-			if err != nil {
-				klog.ErrorS(err, "reading the object index; downloading every object", "key", key)
-			}
-			if ok && s.HasTree(t.Digest) {
-				return flight{tree: t}, nil
-			}
-			reuse = blobs
-		} else if t, ok := s.lookup(key); ok {
-			return flight{tree: t}, nil
-		}
-		if gate != nil {
-			if err := gate(); err != nil {
-				return nil, err
-			}
-		}
-		p := &Progress{Total: m.Size(), inodes: inodesOf(m)}
-		s.mu.Lock()
-		if err := s.ctx.Err(); err != nil {
-			// Close has begun: a WaitGroup must not grow while Close waits on it.
-			s.mu.Unlock()
-			return nil, fmt.Errorf("the model store is shutting down: %w", err)
-		}
-		s.running[key] = p
-		if s.wants[key] == nil {
-			// Its caller stopped waiting already.
-			s.wants[key] = &wanted{since: time.Now()}
-		}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		defer func() {
-			s.mu.Lock()
-			delete(s.running, key)
-			if w := s.wants[key]; w != nil && w.n == 0 {
-				delete(s.wants, key)
-			}
-			s.mu.Unlock()
-			s.wg.Done()
-		}()
-		// This download is registered above, so reservations() counts its bytes.
-		if _, err := s.MakeRoom(0, false); err != nil {
-			return nil, fmt.Errorf("making room for %s: %w", units.Bytes(m.Size()), err)
-		}
-		if s.onDownload != nil {
-			done := s.onDownload()
-			defer func() { done(p.Done(), err) }()
-		}
-		// The download's own context: the node's bounds share their slots
-		// out by it, and the watchdog ends it.
-		d := &download{key: key, p: p}
-		dctx, cancel := context.WithCancelCause(s.withConns(withDownload(s.ctx, d)))
-		defer cancel(nil)
-		s.conns.join(d)
-		defer s.conns.leave(d)
-		defer s.watch(d, cancel)()
-		t, in, err := s.ingest(dctx, m, f, p, objects, reuse)
-		if err != nil {
-			if cause := context.Cause(dctx); cause != nil && s.ctx.Err() == nil {
-				// Cut by the watchdog: say why, not "context canceled".
-				return nil, fmt.Errorf("downloading %s: %w", units.Bytes(m.Size()), cause)
-			}
-			return nil, err
-		}
-		if in.checks.Unchecked > 0 && s.onUnchecked != nil {
-			s.onUnchecked(in.checks.Unchecked)
-		}
-		if oi != nil {
-			blobs := map[string]string{}
-			for i, k := range objects {
-				if k != "" {
-					blobs[k] = in.sums[i]
-				}
-			}
-			err = oi.RecordTreeObjects(key, t, blobs)
-		} else {
-			err = s.index.RecordTree(key, t)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("recording tree %s: %w", t.Digest, err)
-		}
-		return flight{tree: t, fetched: true, by: caller, reused: in.reused, checks: in.checks}, nil
-	})
+	ch := s.flights.DoChan(key, func() (any, error) { return s.fly(key, m, f, gate, caller) })
 	select {
 	case r := <-ch:
 		if r.Err != nil {
@@ -213,7 +121,8 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		}
 		fl := r.Val.(flight)
 		// Joiners did not fetch: their credentials proved nothing.
-		return Ensured{Tree: fl.tree, Fetched: fl.fetched && fl.by == caller, Reused: fl.reused, Checks: fl.checks}, nil
+		mine := fl.by == caller
+		return Ensured{Tree: fl.tree, Fetched: fl.fetched && mine, Joined: fl.fetched && !mine, Reused: fl.reused, Checks: fl.checks}, nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		p := s.running[key]
@@ -223,6 +132,127 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		}
 		return Ensured{}, &InProgressError{Done: p.Done(), Total: p.Total}
 	}
+}
+
+// fly is one flight for a content key, run by the caller that started it:
+// the tree when a flight that finished meanwhile recorded it, else the
+// gate, the download and its record.
+func (s *Store) fly(key string, m source.Manifest, f Fetcher, gate func() error, caller *int) (flight, error) {
+	objects, oi := s.objectKeys(m, f)
+	// A flight that finished between lookup and DoChan recorded its tree.
+	var reuse map[string]string
+	if oi != nil {
+		t, ok, blobs, err := oi.LookupObjects(key, objects)
+		if err != nil {
+			klog.ErrorS(err, "reading the object index; downloading every object", "key", key)
+		}
+		if ok && s.HasTree(t.Digest) {
+			return flight{tree: t}, nil
+		}
+		reuse = blobs
+	} else if t, ok := s.lookup(key); ok {
+		return flight{tree: t}, nil
+	}
+	p := &Progress{Total: m.Size(), inodes: inodesOf(m)}
+	unregister, err := s.register(key, p)
+	if err != nil {
+		return flight{}, err
+	}
+	defer unregister()
+	if gate != nil {
+		if err := gate(); err != nil {
+			return flight{}, err
+		}
+	}
+	t, in, err := s.download(key, m, f, p, objects, reuse)
+	if err != nil {
+		return flight{}, err
+	}
+	if in.checks.Unchecked > 0 && s.onUnchecked != nil {
+		s.onUnchecked(in.checks.Unchecked)
+	}
+	if oi != nil {
+		blobs := map[string]string{}
+		for i, k := range objects {
+			if k != "" {
+				blobs[k] = in.sums[i]
+			}
+		}
+		err = oi.RecordTreeObjects(key, t, blobs)
+	} else {
+		err = s.index.RecordTree(key, t)
+	}
+	if err != nil {
+		return flight{}, fmt.Errorf("recording tree %s: %w", t.Digest, err)
+	}
+	return flight{tree: t, fetched: true, by: caller, reused: in.reused, checks: in.checks}, nil
+}
+
+// objectKeys names a manifest's objects (source.ObjectKey) and returns the
+// object index, nil when the index or the fetcher cannot serve one. They
+// are worked out by the one caller that may download, not by every caller
+// that joins; they name partial downloads too, so they do not need an index.
+func (s *Store) objectKeys(m source.Manifest, f Fetcher) ([]string, ObjectIndex) {
+	oi, _ := s.index.(ObjectIndex)
+	objects := make([]string, len(m))
+	id, ok := f.(identified)
+	if !ok {
+		return objects, nil
+	}
+	for i, e := range m {
+		objects[i] = source.ObjectKey(id.Identity(), e)
+	}
+	return objects, oi
+}
+
+// register makes a download of key visible (Downloading, Reservations, the
+// watchdog's wants) and counted by Close; unregister undoes it.
+func (s *Store) register(key string, p *Progress) (unregister func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.ctx.Err(); err != nil {
+		// Close has begun: a WaitGroup must not grow while Close waits on it.
+		return nil, fmt.Errorf("the model store is shutting down: %w", err)
+	}
+	s.running[key] = p
+	if s.wants[key] == nil {
+		// Its caller stopped waiting already.
+		s.wants[key] = &wanted{since: time.Now()}
+	}
+	s.wg.Add(1)
+	return func() {
+		s.mu.Lock()
+		delete(s.running, key)
+		if w := s.wants[key]; w != nil && w.n == 0 {
+			delete(s.wants, key)
+		}
+		s.mu.Unlock()
+		s.wg.Done()
+	}, nil
+}
+
+// download ingests a registered download on its own context: the node's
+// bounds share their slots out by it, and the watchdog ends it.
+func (s *Store) download(key string, m source.Manifest, f Fetcher, p *Progress, objects []string, reuse map[string]string) (_ Tree, _ ingested, err error) {
+	if s.onDownload != nil {
+		done := s.onDownload()
+		defer func() { done(p.Done(), err) }()
+	}
+	d := &download{key: key, p: p}
+	dctx, cancel := context.WithCancelCause(s.withConns(withDownload(s.ctx, d)))
+	defer cancel(nil)
+	s.conns.join(d)
+	defer s.conns.leave(d)
+	defer s.watch(d, cancel)()
+	t, in, err := s.ingest(dctx, m, f, p, objects, reuse)
+	if err != nil {
+		if cause := context.Cause(dctx); cause != nil && s.ctx.Err() == nil {
+			// Cut by the watchdog: say why, not "context canceled".
+			return Tree{}, in, fmt.Errorf("downloading %s: %w", units.Bytes(m.Size()), cause)
+		}
+		return Tree{}, in, err
+	}
+	return t, in, nil
 }
 
 // Cached returns the committed tree for a content key, if any.

@@ -80,11 +80,8 @@ type Store struct {
 	partialMu   sync.Mutex
 	partialBusy map[string]bool
 
-	tally       tally // running counts (counts.go)
-	budget      Budget
+	tally       tally                  // running counts (counts.go)
 	statHook    func() (fsStat, error) // tests: a filesystem of chosen numbers
-	evictor     Evictor
-	onEvict     func(reason EvictReason, freed int64)
 	onUnchecked func(objects int)
 	onDownload  func() func(int64, error)
 
@@ -93,10 +90,9 @@ type Store struct {
 	running map[string]*Progress
 	wants   map[string]*wanted
 
-	// treesMu orders evictions (writers) against publishes mounting a tree
-	// (readers, UseTree); gcMu serialises budget enforcement.
+	// treesMu orders removals (writers) against publishes mounting a tree
+	// (readers, UseTree).
 	treesMu sync.RWMutex
-	gcMu    sync.Mutex
 
 	// Downloads are detached from RPC contexts and end only with the store.
 	ctx    context.Context
@@ -134,12 +130,6 @@ type Options struct {
 	// DownloadGrace cancels a download no caller waited for within it
 	// (default DefaultDownloadGrace; negative: never).
 	DownloadGrace time.Duration
-	// Budget limits the cache; before each download, trees the Evictor
-	// offers are evicted to make room.
-	Budget  Budget
-	Evictor Evictor
-	// OnEvict is told of every eviction (metrics).
-	OnEvict func(reason EvictReason, freed int64)
 	// OnUnchecked is told how many objects of a download the remote listed
 	// without any checksum, so that nothing checked them (metrics).
 	OnUnchecked func(objects int)
@@ -220,7 +210,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 		chunks: newChunkPool(2 * opt.RangeStreams), conns: newFairSlots(opt.MaxConnections),
 		minStreamRate: opt.MinStreamRate, stallWindow: opt.StallWindow, stallTimeout: opt.StallTimeout, grace: opt.DownloadGrace,
 		partialBusy: map[string]bool{},
-		budget:      opt.Budget, evictor: opt.Evictor, onEvict: opt.OnEvict, onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
+		onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
 		running: map[string]*Progress{}, wants: map[string]*wanted{}, ctx: ctx, cancel: cancel,
 	}
 	if _, err := s.DropPartials(partialMaxAge); err != nil {

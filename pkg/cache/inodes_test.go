@@ -1,4 +1,4 @@
-package store
+package cache
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/store"
 )
 
 // countingFetcher serves one byte per object and counts the opens.
@@ -19,11 +20,6 @@ func (f *countingFetcher) Open(context.Context, source.Entry) (io.ReadCloser, er
 	f.opens.Add(1)
 	return io.NopCloser(strings.NewReader("x")), nil
 }
-
-type mapIndex map[string]Tree
-
-func (x mapIndex) TreeForKey(key string) (Tree, bool, error) { t, ok := x[key]; return t, ok, nil }
-func (x mapIndex) RecordTree(key string, t Tree) error       { x[key] = t; return nil }
 
 // Free inodes count like free bytes: a model of 20,000 one-byte files
 // that would take the filesystem below the inodes the budget keeps free is
@@ -43,21 +39,17 @@ func TestBudget_FreeInodes_ManySmallFilesRefused(t *testing.T) {
 		{"no fixed inodes", 100, 0, 0, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s, err := Open(dir, mapIndex{}, Options{Budget: Budget{MinFreeInodes: 0.10}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
-			s.statHook = func() (fsStat, error) {
-				return fsStat{size: 1 << 40, free: 1 << 39, files: tt.have, freeFiles: tt.free}, nil
+			b := openBudgetCache(t, nil, Options{Budget: Budget{MinFreeInodes: 0.10}}, nil)
+			b.budget.stat = func() (store.FSStat, error) {
+				return store.FSStat{Size: 1 << 40, Free: 1 << 39, Files: tt.have, FreeFiles: tt.free}, nil
 			}
 			var m source.Manifest
 			for i := range tt.files {
 				m = append(m, source.Entry{Path: fmt.Sprintf("d%d/f%05d", i%2, i), Size: 1})
 			}
 			f := &countingFetcher{}
-			_, _, err = s.Ensure(context.Background(), "key", m, f)
+			// The cache's gate, as a fetch passes it.
+			_, err := b.store.EnsureGated(context.Background(), "key", m, f, b.gate(nopObserver{}, m))
 			if !tt.refused {
 				if err != nil {
 					t.Fatal(err)
