@@ -334,18 +334,24 @@ func openCache(o options, m *metrics.Metrics) (*cache.Cache, error) {
 	if budget.MinFreeInodes, err = parsePercent("--min-free-inodes", o.minFreeInodes); err != nil {
 		return nil, err
 	}
-	if err := mount.CheckSupport(o.cacheDir); err != nil {
-		return nil, fmt.Errorf("this node cannot publish read-only mounts: %w", err)
-	}
 	downloads, err := downloadOptions(o)
 	if err != nil {
 		return nil, err
 	}
 	downloads.OnDownload, downloads.OnUnchecked = m.DownloadStarted, m.UncheckedObjects
-	return cache.Open(o.cacheDir, cache.Options{
+	c, err := cache.Open(o.cacheDir, cache.Options{
 		Store: downloads, Budget: budget, OnEvict: m.Evicted,
 		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter,
 	})
+	if err != nil {
+		return nil, err
+	}
+	// Checked on the cache directory, which Open made.
+	if err := mount.CheckSupport(o.cacheDir); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("this node cannot publish read-only mounts: %w", err)
+	}
+	return c, nil
 }
 
 // downloadOptions reads the flags that tune downloads.

@@ -1,34 +1,25 @@
 package csi
 
-// Unit tests of node operations on the publish path: drain, trees removed
-// at their last unpublish, start-up reconciliation, stale references, pod
-// events and metrics. Fake remote and mounter, real store and state.
+// Unit tests of node operations on the publish path: drain, pod events and
+// metrics. Fake remote and mounter, real store and state. What the cache
+// does at a last release, at start-up and with stale references is tested
+// in pkg/cache.
 
 import (
 	"bufio"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"github.com/modelcache/modelcache/pkg/cache/cachetest"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
-	"github.com/modelcache/modelcache/pkg/state"
-	"github.com/modelcache/modelcache/pkg/store"
 	"google.golang.org/grpc/codes"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
@@ -140,240 +131,6 @@ func TestDrainedNodeJoinsRunningDownload(t *testing.T) {
 			t.Errorf("%s opened %d times, want 1", p, n)
 		}
 	}
-}
-
-// A tree marked to go (evict --when-unused) or on a drained node goes with
-// its last mount, and not before.
-func TestTreeReleasedAtLastUnpublish(t *testing.T) {
-	tests := []struct {
-		name     string
-		doom     bool
-		drain    bool
-		pin      bool
-		wantGone bool
-		bug      string
-	}{
-		{name: "neither doomed nor drained"},
-		{name: "doomed", doom: true, wantGone: true},
-		{name: "drained", drain: true, wantGone: true},
-		{name: "pinned", pin: true},
-		{name: "doomed and pinned", doom: true, pin: true, wantGone: true},
-		{name: "drained and pinned", drain: true, pin: true, wantGone: true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			if tt.bug != "" {
-				t.Skip("BUG: " + tt.bug)
-			}
-			h := newHarness(t)
-			h.res.SetModel(otherURI, resnetFiles())
-			digest := sourcetest.TreeDigestOf(irisFiles())
-			other := sourcetest.TreeDigestOf(resnetFiles())
-			a, b := h.target("pod-a"), h.target("pod-b")
-			h.mustPublish(publishReq("vol-a", a, testURI, nil))
-			h.mustPublish(publishReq("vol-b", b, testURI, nil))
-			h.mustPublish(publishReq("vol-o", h.target("pod-o"), otherURI, nil))
-			if tt.pin {
-				if err := h.state.SetPinned(digest, true); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if tt.doom {
-				if err := h.state.Doom(digest, "operator"); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if tt.drain {
-				h.setDrained(true)
-			}
-
-			h.unpublish("vol-a", a)
-			if !h.store.HasTree(digest) {
-				t.Fatal("the tree was removed while another pod still mounts it")
-			}
-			h.wantMounted(b, digest)
-			h.unpublish("vol-b", b)
-			if gone := !h.store.HasTree(digest); gone != tt.wantGone {
-				t.Fatalf("tree removed at its last unpublish = %v, want %v", gone, tt.wantGone)
-			}
-			_, recorded, err := h.state.CachedTree(digest)
-			if err != nil || recorded == tt.wantGone {
-				t.Errorf("tree still recorded = %v (%v), want %v", recorded, err, !tt.wantGone)
-			}
-			if !h.store.HasTree(other) {
-				t.Error("a tree still mounted elsewhere was removed")
-			}
-			// An unpublish of an unknown target releases nothing.
-			h.unpublish("vol-x", h.target("pod-x"))
-			if !h.store.HasTree(other) {
-				t.Error("unpublishing an unknown target removed a tree")
-			}
-		})
-	}
-}
-
-// Reconcile makes records and tree directories agree after a start.
-func TestReconcile(t *testing.T) {
-	h := newHarness(t)
-	ctx := context.Background()
-	// Four trees: recorded and on disk; recorded, not on disk; on disk
-	// without a record; on disk without a record but mounted.
-	models := map[string]map[string][]byte{
-		"kept":     irisFiles(),
-		"lost":     resnetFiles(),
-		"orphan":   {"orphan.bin": []byte(strings.Repeat("orphan ", 100))},
-		"attached": {"attached.bin": []byte(strings.Repeat("attached ", 100))},
-	}
-	digests := map[string]string{}
-	for name, files := range models {
-		tr, _, err := h.store.Ensure(ctx, "key-"+name, sourcetest.ManifestOf(files, time.Time{}), memFiles(files))
-		if err != nil {
-			t.Fatal(err)
-		}
-		digests[name] = tr.Digest
-	}
-	lost := h.store.TreePath(digests["lost"])
-	cachetest.MakeWritable(lost)
-	if err := os.RemoveAll(lost); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.state.AddRef(state.Ref{VolumeID: "vol-att", TargetPath: h.target("att"), Tree: digests["attached"], URI: testURI, Published: time.Now()}, ""); err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range []string{"orphan", "attached"} {
-		if err := h.state.ForgetTree(digests[name]); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	forgotten, removed, err := h.cache.Reconcile()
-	if err != nil || forgotten != 1 || removed != 1 {
-		t.Fatalf("Reconcile = %d forgotten, %d removed, %v; want 1, 1", forgotten, removed, err)
-	}
-	tests := []struct {
-		name                 string
-		onDisk, wantRecorded bool
-	}{
-		{"kept", true, true},
-		{"lost", false, false},
-		{"orphan", false, false},
-		{"attached", true, false},
-	}
-	for _, tt := range tests {
-		if got := h.store.HasTree(digests[tt.name]); got != tt.onDisk {
-			t.Errorf("%s: on disk = %v, want %v", tt.name, got, tt.onDisk)
-		}
-		_, rec, err := h.state.CachedTree(digests[tt.name])
-		if err != nil || rec != tt.wantRecorded {
-			t.Errorf("%s: recorded = %v (%v), want %v", tt.name, rec, err, tt.wantRecorded)
-		}
-	}
-	if _, ok, _ := h.state.TreeForKey("key-lost"); ok {
-		t.Error("the content key of a lost tree still leads to it")
-	}
-	// The orphan's blob went with it.
-	if _, err := os.Stat(filepath.Join(h.store.Dir(), store.BlobsDir, sha256Hex(models["orphan"]["orphan.bin"]))); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("orphan tree's blob still there (%v)", err)
-	}
-	if f, r, err := h.cache.Reconcile(); err != nil || f != 0 || r != 0 {
-		t.Errorf("second Reconcile = %d, %d, %v; want nothing to do", f, r, err)
-	}
-}
-
-// memFiles is a store.Fetcher over files in memory.
-type memFiles map[string][]byte
-
-func (m memFiles) Open(_ context.Context, e source.Entry) (io.ReadCloser, error) {
-	b, ok := m[e.Path]
-	if !ok {
-		return nil, fmt.Errorf("no %s: %w", e.Path, os.ErrNotExist)
-	}
-	return io.NopCloser(strings.NewReader(string(b))), nil
-}
-
-func sha256Hex(b []byte) string {
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
-}
-
-// ReleaseStale drops references whose mount stayed gone, and only those.
-func TestReleaseStale(t *testing.T) {
-	tests := []struct {
-		name      string
-		grace     time.Duration
-		cancelled bool
-		drained   bool
-		wantRefs  []string // pods still referenced afterwards
-	}{
-		{name: "grace 0", wantRefs: []string{"a", "c"}},
-		{name: "context ended first", grace: time.Hour, cancelled: true, wantRefs: []string{"a", "b", "c"}},
-		{name: "drained node", drained: true, wantRefs: []string{"a", "c"}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			h := newHarness(t)
-			for _, p := range []string{"a", "b", "c"} {
-				h.mustPublish(publishReq("vol-"+p, h.target("pod-"+p), testURI, nil))
-			}
-			// A reboot loses b's and c's mounts; kubelet publishes c again.
-			h.mnt.Forget(h.target("pod-b"))
-			h.mnt.Forget(h.target("pod-c"))
-			live, gone, err := h.cache.Recover()
-			if err != nil || live != 1 || len(gone) != 2 {
-				t.Fatalf("Recover = %d live, %d gone, %v", live, len(gone), err)
-			}
-			h.mustPublish(publishReq("vol-c", h.target("pod-c"), testURI, nil))
-			h.setDrained(tt.drained)
-
-			ctx, cancel := context.WithCancel(context.Background())
-			if tt.cancelled {
-				cancel()
-			}
-			defer cancel()
-			returned := make(chan struct{})
-			go func() {
-				h.cache.ReleaseStale(ctx, tt.grace, gone)
-				close(returned)
-			}()
-			recv(t, returned, "ReleaseStale")
-
-			var pods []string
-			refs, err := h.state.Refs()
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, r := range refs {
-				pods = append(pods, strings.TrimPrefix(r.VolumeID, "vol-"))
-			}
-			slices.Sort(pods)
-			if !slices.Equal(pods, tt.wantRefs) {
-				t.Errorf("references after ReleaseStale: %v, want %v", pods, tt.wantRefs)
-			}
-			if !h.store.HasTree(sourcetest.TreeDigestOf(irisFiles())) {
-				t.Error("a tree still mounted was removed")
-			}
-			h.wantMounted(h.target("pod-a"), sourcetest.TreeDigestOf(irisFiles()))
-			h.wantMounted(h.target("pod-c"), sourcetest.TreeDigestOf(irisFiles()))
-		})
-	}
-	t.Run("drained node, last reference", func(t *testing.T) {
-		h := newHarness(t)
-		target := h.target("pod-a")
-		h.mustPublish(publishReq("vol-a", target, testURI, nil))
-		h.mnt.Forget(target)
-		_, gone, err := h.cache.Recover()
-		if err != nil || len(gone) != 1 {
-			t.Fatalf("Recover = %d gone, %v", len(gone), err)
-		}
-		h.setDrained(true)
-		h.cache.ReleaseStale(context.Background(), 0, gone)
-		if _, ok, _ := h.state.Ref(target); ok {
-			t.Error("stale reference kept")
-		}
-		if h.store.HasTree(sourcetest.TreeDigestOf(irisFiles())) {
-			t.Error("a drained node kept a tree whose last reference was released")
-		}
-	})
 }
 
 // waitPodEvent polls the fake API server until an event with reason is on
