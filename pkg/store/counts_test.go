@@ -360,3 +360,36 @@ func sortedLines(hexes ...string) string {
 	}
 	return strings.Join(hexes, "\n") + "\n"
 }
+
+// HasBlob answers from blobs/ alone, for names that are blob names; after
+// Close it answers false.
+func TestHasBlob(t *testing.T) {
+	a := bytesOf("a", 100)
+	dir := t.TempDir()
+	seedStore(t, dir, newIndex(), map[string]map[string][]byte{"one": {"a.bin": a}})
+	if err := os.Mkdir(filepath.Join(dir, store.BlobsDir, strings.Repeat("d", 64)), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	s := openWith(t, dir, newIndex(), store.Options{})
+	tests := []struct {
+		name string
+		sum  string
+		want bool
+	}{
+		{"committed blob", sha256Hex(a), true},
+		{"unknown blob", sha256Hex([]byte("nothing")), false},
+		{"a directory", strings.Repeat("d", 64), false},
+		{"upper case", strings.ToUpper(sha256Hex(a)), false},
+		{"a path", "../sha256/" + sha256Hex(a), false},
+		{"empty", "", false},
+	}
+	for _, tt := range tests {
+		if got := s.HasBlob(tt.sum); got != tt.want {
+			t.Errorf("%s: HasBlob(%q) = %v, want %v", tt.name, tt.sum, got, tt.want)
+		}
+	}
+	s.Close()
+	if s.HasBlob(sha256Hex(a)) {
+		t.Error("HasBlob after Close = true")
+	}
+}
