@@ -18,6 +18,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	md5simd "github.com/minio/md5-simd"
 	"github.com/modelcache/modelcache/pkg/source"
 )
 
@@ -63,17 +64,22 @@ func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry)
 // remoteSum computes the remote's checksum of an object as it streams in:
 // of the whole object, or of each part and then of the parts' checksums
 // (a multipart ETag, a composite S3 checksum). Parts are independent of
-// each other, so they hash on up to GOMAXPROCS goroutines at once, each
-// part in order on one of them: a multipart ETag (MD5, a third of
-// sha256's speed with SHA extensions) no longer bounds a download to what
-// one core hashes, as it would object checksums of the whole object.
+// each other, so they hash on several goroutines at once, each part in
+// order on one of them: a multipart ETag (MD5, a third of sha256's speed
+// with SHA extensions) would otherwise bound a download to what one core
+// hashes. The MD5s of parts share one SIMD server's lanes (md5simd: up to
+// 8 or 16 MD5s in one core's vector registers), so hashing several parts
+// at once also costs less CPU than one after the other.
 type remoteSum struct {
 	want   source.Checksum
 	shared bool // a whole-object sha256: the store's own, written by its owner
 	inline bool // as cheap as handing it to another goroutine (CRC32, CRC32C)
+	lanes  bool // MD5 parts, hashed in md5Lanes
 
 	ends   []int64     // where each part ends in the object (the last: never, so extra bytes change its sum)
-	hashes []hash.Hash // each part's running hash
+	hashes []hash.Hash // each part's running hash, from its first byte to its last
+	sums   [][]byte    // each finished part's checksum
+	made   int         // parts whose hash was made
 	off    int64       // bytes handed in so far
 	cur    int         // the part at off
 
@@ -81,11 +87,20 @@ type remoteSum struct {
 	pending sync.WaitGroup   // writes handed off and not yet hashed
 }
 
+// md5Lanes hashes the MD5s of parts, shared by every download: its lanes
+// fill when several parts hash at once.
+var md5Lanes = sync.OnceValue(md5simd.NewServer)
+
+// maxLaneWorkers is how many parts of one object may hash in md5Lanes at
+// once: what fills the 16 lanes of AVX-512 (8 of AVX2 on each of two cores).
+const maxLaneWorkers = 16
+
 // partWrite is bytes of one part for a worker to hash, and what to call
 // once it has.
 type partWrite struct {
-	h    hash.Hash
+	part int
 	b    []byte
+	last bool // b ends the part: its checksum is taken and its hash freed
 	done func()
 }
 
@@ -93,7 +108,8 @@ func newRemoteSum(want source.Checksum) (*remoteSum, error) {
 	if _, err := newHash(want.Algorithm); err != nil {
 		return nil, err
 	}
-	r := &remoteSum{want: want, inline: want.Algorithm == "crc32" || want.Algorithm == "crc32c"}
+	r := &remoteSum{want: want, inline: want.Algorithm == "crc32" || want.Algorithm == "crc32c",
+		lanes: want.Algorithm == "md5" && len(want.Parts) > 1}
 	sizes := want.Parts
 	if sizes == nil {
 		sizes = []int64{math.MaxInt64}
@@ -105,10 +121,36 @@ func newRemoteSum(want source.Checksum) (*remoteSum, error) {
 	}
 	r.ends[len(r.ends)-1] = math.MaxInt64
 	r.hashes = make([]hash.Hash, len(sizes))
-	for i := range r.hashes {
-		r.hashes[i], _ = newHash(want.Algorithm)
-	}
+	r.sums = make([][]byte, len(sizes))
 	return r, nil
+}
+
+// partHash is a new hash for one part.
+func (r *remoteSum) partHash() hash.Hash {
+	if r.lanes {
+		return md5Lanes().NewHash()
+	}
+	h, _ := newHash(r.want.Algorithm) // accepted by newRemoteSum
+	return h
+}
+
+// hashPart hashes b of part i, and takes the part's checksum when b is its
+// last bytes.
+func (r *remoteSum) hashPart(i int, b []byte, last bool) {
+	h := r.hashes[i]
+	h.Write(b)
+	if last {
+		r.sums[i] = h.Sum(nil)
+		freeHash(h)
+		r.hashes[i] = nil
+	}
+}
+
+// freeHash gives an md5Lanes hash's lane back.
+func freeHash(h hash.Hash) {
+	if c, ok := h.(interface{ Close() }); ok {
+		c.Close()
+	}
 }
 
 // crc64NVME is the table of the CRC-64/NVME polynomial S3 uses, in the
@@ -146,18 +188,21 @@ func (r *remoteSum) Write(b []byte) {
 // runs, and b may be reused.
 func (r *remoteSum) start(b []byte, release func()) func() {
 	if r.inline {
-		r.pending.Wait() // a part's bytes hash in order
-		r.split(b, func(h hash.Hash, piece []byte) { h.Write(piece) })
+		r.split(b, r.hashPart)
 		return release
 	}
 	if r.workers == nil {
-		r.workers = make([]chan partWrite, min(runtime.GOMAXPROCS(0), len(r.ends)))
+		n := min(runtime.GOMAXPROCS(0), len(r.ends))
+		if r.lanes {
+			n = min(maxLaneWorkers, len(r.ends))
+		}
+		r.workers = make([]chan partWrite, n)
 		for i := range r.workers {
 			ch := make(chan partWrite, 16)
 			r.workers[i] = ch
 			go func() {
 				for w := range ch {
-					w.h.Write(w.b)
+					r.hashPart(w.part, w.b, w.last)
 					w.done()
 					r.pending.Done()
 				}
@@ -171,24 +216,29 @@ func (r *remoteSum) start(b []byte, release func()) func() {
 			release()
 		}
 	}
-	r.split(b, func(h hash.Hash, piece []byte) {
+	r.split(b, func(part int, piece []byte, last bool) {
 		refs.Add(1)
 		r.pending.Add(1)
-		r.workers[r.cur%len(r.workers)] <- partWrite{h: h, b: piece, done: done}
+		r.workers[part%len(r.workers)] <- partWrite{part: part, b: piece, last: last, done: done}
 	})
 	return done
 }
 
-// split calls hash with the hash and the bytes of each part b spans, in
-// order, with r.cur the part's number.
-func (r *remoteSum) split(b []byte, hash func(hash.Hash, []byte)) {
+// split calls hash with each part b spans, the bytes of it, and whether
+// they are the part's last, in order, making each part's hash as its
+// first bytes come.
+func (r *remoteSum) split(b []byte, hash func(part int, b []byte, last bool)) {
 	for len(b) > 0 {
 		for r.off >= r.ends[r.cur] {
 			r.cur++
 		}
+		if r.cur >= r.made {
+			r.hashes[r.cur] = r.partHash()
+			r.made = r.cur + 1
+		}
 		n := min(int64(len(b)), r.ends[r.cur]-r.off)
-		hash(r.hashes[r.cur], b[:n])
 		r.off += n
+		hash(r.cur, b[:n], r.off == r.ends[r.cur])
 		b = b[n:]
 	}
 }
@@ -196,24 +246,42 @@ func (r *remoteSum) split(b []byte, hash func(hash.Hash, []byte)) {
 // wait returns once every byte handed in is hashed.
 func (r *remoteSum) wait() { r.pending.Wait() }
 
-// close stops the workers, once they have hashed what they hold.
+// close stops the workers, once they have hashed what they hold, and
+// frees the hashes of parts not finished.
 func (r *remoteSum) close() {
 	r.wait()
 	for _, ch := range r.workers {
 		close(ch)
 	}
 	r.workers = nil
+	for i, h := range r.hashes[:r.made] {
+		if h != nil && !r.shared {
+			freeHash(h)
+			r.hashes[i] = nil
+		}
+	}
 }
 
 // sum is the checksum in the remote's notation.
 func (r *remoteSum) sum() string {
 	r.wait()
+	part := func(i int) []byte {
+		if r.sums[i] == nil {
+			h := r.hashes[i]
+			if h == nil { // no byte of it came
+				h = r.partHash()
+				defer freeHash(h)
+			}
+			r.sums[i] = h.Sum(nil)
+		}
+		return r.sums[i]
+	}
 	if r.want.Parts == nil {
-		return r.encode(r.hashes[0].Sum(nil))
+		return r.encode(part(0))
 	}
 	var of []byte
-	for _, h := range r.hashes {
-		of = h.Sum(of)
+	for i := range r.hashes {
+		of = append(of, part(i)...)
 	}
 	h, _ := newHash(r.want.Algorithm)
 	h.Write(of)

@@ -315,3 +315,38 @@ func TestObjectSums_WriteThen_ReleasesOnlyWhenHashed(t *testing.T) {
 		}
 	}
 }
+
+// The cost of a multipart ETag as a ranged download feeds it: 4 MiB
+// chunks in order, 16 MiB parts (minio-go's), the store's sha256 beside.
+// Not a timed test: `go test -bench RemoteSum -run ^$ ./pkg/store`.
+func BenchmarkObjectSums_MultipartETag(b *testing.B) {
+	const chunk, part, size = 4 << 20, 16 << 20, 256 << 20
+	parts := make([]int64, size/part)
+	for i := range parts {
+		parts[i] = part
+	}
+	data := make([]byte, chunk)
+	for _, lanes := range []bool{true, false} {
+		b.Run(fmt.Sprintf("md5 lanes %v", lanes), func(b *testing.B) {
+			b.SetBytes(size)
+			for range b.N {
+				o, err := newObjectSums(source.Checksum{Algorithm: "md5", Parts: parts, Value: "x-16"})
+				if err != nil {
+					b.Fatal(err)
+				}
+				o.remote.lanes = lanes
+				free := make(chan []byte, 16)
+				for range cap(free) {
+					free <- make([]byte, chunk)
+				}
+				for range size / chunk {
+					buf := <-free
+					copy(buf, data)
+					o.writeThen(buf, func() { free <- buf })
+				}
+				_ = o.remote.sum()
+				o.close()
+			}
+		})
+	}
+}

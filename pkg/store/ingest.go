@@ -399,7 +399,7 @@ func newObjectSums(want source.Checksum) (*objectSums, error) {
 	o := &objectSums{sha: sha256.New()}
 	if want.Algorithm == "sha256" && want.Parts == nil {
 		// The remote's sha256 of the whole object is the store's own.
-		o.remote = &remoteSum{want: want, shared: true, ends: []int64{math.MaxInt64}, hashes: []hash.Hash{o.sha}}
+		o.remote = &remoteSum{want: want, shared: true, ends: []int64{math.MaxInt64}, hashes: []hash.Hash{o.sha}, sums: make([][]byte, 1), made: 1}
 		return o, nil
 	}
 	if !want.IsZero() {
