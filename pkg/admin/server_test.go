@@ -32,6 +32,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 	"k8s.io/klog/v2"
 )
 
@@ -780,7 +781,7 @@ func TestPrefetchStreams(t *testing.T) {
 		t.Fatalf("no progress line before the end: %+v", evs)
 	}
 	last := evs[len(evs)-1]
-	want := adminapi.PrefetchEvent{Event: "done", Done: 14000, Total: 14000, Tree: sourcetest.TreeDigestOf(files), Files: 2, Fetched: true, Took: last.Took}
+	want := adminapi.PrefetchEvent{Event: "done", Done: 14000, Total: 14000, Tree: storetest.TreeDigestOf(files), Files: 2, Fetched: true, Took: last.Took}
 	if last != want || last.Took == "" {
 		t.Errorf("last event = %+v, want %+v", last, want)
 	}

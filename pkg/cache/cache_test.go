@@ -16,6 +16,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // Unit tests with fakes: a real store and state database in a temporary
@@ -149,8 +150,8 @@ func TestFetch_PrefetchAndPublishJoinOneDownload(t *testing.T) {
 	if p.err != nil || pubErr != nil {
 		t.Fatalf("prefetch: %v, publish: %v", p.err, pubErr)
 	}
-	if p.f.Tree.Digest != q.Tree.Digest || p.f.Tree.Digest != sourcetest.TreeDigestOf(files()) {
-		t.Fatalf("trees %s and %s, want both %s", p.f.Tree.Digest, q.Tree.Digest, sourcetest.TreeDigestOf(files()))
+	if p.f.Tree.Digest != q.Tree.Digest || p.f.Tree.Digest != storetest.TreeDigestOf(files()) {
+		t.Fatalf("trees %s and %s, want both %s", p.f.Tree.Digest, q.Tree.Digest, storetest.TreeDigestOf(files()))
 	}
 	for path := range files() {
 		if n := res.OpenCount(modelURI, path); n != 1 {

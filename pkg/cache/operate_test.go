@@ -19,6 +19,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 const otherURI = "mys3:models/resnet"
@@ -76,8 +77,8 @@ func TestTreeReleasedAtLastRelease(t *testing.T) {
 			res.SetModel(modelURI, files())
 			res.SetModel(otherURI, otherFiles())
 			h := newHarness(t, t.TempDir(), res, mount.NewFake())
-			digest := sourcetest.TreeDigestOf(files())
-			other := sourcetest.TreeDigestOf(otherFiles())
+			digest := storetest.TreeDigestOf(files())
+			other := storetest.TreeDigestOf(otherFiles())
 			a, b := h.target("pod-a"), h.target("pod-b")
 			h.fetchAndMount(modelURI, a)
 			h.fetchAndMount(modelURI, b)
@@ -252,11 +253,11 @@ func TestReleaseStale(t *testing.T) {
 			if !slices.Equal(pods, tt.wantRefs) {
 				t.Errorf("references after ReleaseStale: %v, want %v", pods, tt.wantRefs)
 			}
-			if !h.store.HasTree(sourcetest.TreeDigestOf(files())) {
+			if !h.store.HasTree(storetest.TreeDigestOf(files())) {
 				t.Error("a tree still mounted was removed")
 			}
-			h.wantMounted(h.target("a"), sourcetest.TreeDigestOf(files()))
-			h.wantMounted(h.target("c"), sourcetest.TreeDigestOf(files()))
+			h.wantMounted(h.target("a"), storetest.TreeDigestOf(files()))
+			h.wantMounted(h.target("c"), storetest.TreeDigestOf(files()))
 		})
 	}
 	t.Run("drained node, last reference", func(t *testing.T) {
@@ -275,7 +276,7 @@ func TestReleaseStale(t *testing.T) {
 		if _, ok, _ := h.state.Ref(target); ok {
 			t.Error("stale reference kept")
 		}
-		if h.store.HasTree(sourcetest.TreeDigestOf(files())) {
+		if h.store.HasTree(storetest.TreeDigestOf(files())) {
 			t.Error("a drained node kept a tree whose last reference was released")
 		}
 	})

@@ -21,6 +21,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 	"google.golang.org/grpc/codes"
 )
 
@@ -93,7 +94,7 @@ func TestNodePublishVolumeValidation(t *testing.T) {
 func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := sourcetest.TreeDigestOf(files)
+	digest := storetest.TreeDigestOf(files)
 
 	a := h.target("pod-a")
 	h.mustPublish(publishReq("vol-a", a, testURI, nil))
@@ -143,7 +144,7 @@ func TestNodePublishVolumeColdThenCacheHit(t *testing.T) {
 func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := sourcetest.TreeDigestOf(files)
+	digest := storetest.TreeDigestOf(files)
 	h.mustPublish(publishReq("vol-a", h.target("pod-a"), testURI, nil))
 
 	b := h.target("pod-b")
@@ -187,7 +188,7 @@ func TestNodePublishVolumeOtherCredentials(t *testing.T) {
 func TestNodePublishVolumePullAlways(t *testing.T) {
 	h := newHarness(t)
 	v1 := irisFiles()
-	d1 := sourcetest.TreeDigestOf(v1)
+	d1 := storetest.TreeDigestOf(v1)
 	always := map[string]string{AttrPullPolicy: PullAlways}
 
 	a, b := h.target("pod-a"), h.target("pod-b")
@@ -204,7 +205,7 @@ func TestNodePublishVolumePullAlways(t *testing.T) {
 	// The model changes at the remote.
 	v2 := irisFiles()
 	v2["model.joblib"] = bytes.Repeat([]byte("retrained weights "), 300)
-	d2 := sourcetest.TreeDigestOf(v2)
+	d2 := storetest.TreeDigestOf(v2)
 	if d1 == d2 {
 		t.Fatal("test models have equal digests")
 	}
@@ -233,7 +234,7 @@ func TestNodePublishVolumePullAlways(t *testing.T) {
 func TestNodePublishVolumePullNever(t *testing.T) {
 	h := newHarness(t)
 	never := map[string]string{AttrPullPolicy: PullNever}
-	digest := sourcetest.TreeDigestOf(irisFiles())
+	digest := storetest.TreeDigestOf(irisFiles())
 
 	a := h.target("pod-a")
 	err := h.publish(publishReq("vol-a", a, testURI, never))
@@ -255,7 +256,7 @@ func TestNodePublishVolumePullNever(t *testing.T) {
 }
 
 func TestNodePublishVolumeDigestPin(t *testing.T) {
-	digest := sourcetest.TreeDigestOf(irisFiles())
+	digest := storetest.TreeDigestOf(irisFiles())
 	wrong := "sha256:" + strings.Repeat("0", 64)
 	tests := []struct {
 		name      string
@@ -308,7 +309,7 @@ func TestNodePublishVolumeDigestPin(t *testing.T) {
 func TestNodePublishVolumeIdempotent(t *testing.T) {
 	h := newHarness(t)
 	h.res.SetModel(otherURI, map[string][]byte{"model.onnx": []byte("resnet")})
-	digest := sourcetest.TreeDigestOf(irisFiles())
+	digest := storetest.TreeDigestOf(irisFiles())
 	a := h.target("pod-a")
 	req := publishReq("vol-a", a, testURI, nil)
 	h.mustPublish(req)
@@ -433,7 +434,7 @@ func TestNodePublishVolumeRemoteErrors(t *testing.T) {
 				r.ResolveErr, r.ListErr, r.OpenErr, r.ListWaitsForCtx = nil, nil, nil, false
 			})
 			h.mustPublish(publishReq("vol-a", target, uri, nil))
-			h.wantMounted(target, sourcetest.TreeDigestOf(irisFiles()))
+			h.wantMounted(target, storetest.TreeDigestOf(irisFiles()))
 		})
 	}
 }
@@ -483,7 +484,7 @@ func TestNodePublishVolumeInProgress(t *testing.T) {
 	if err := recv(t, done, "the publish to finish"); err != nil {
 		t.Fatalf("publish after the download finished: %v", err)
 	}
-	digest := sourcetest.TreeDigestOf(files)
+	digest := storetest.TreeDigestOf(files)
 	h.wantMounted(a, digest)
 	h.wantRef(a, "vol-a", digest)
 	if n := h.res.OpenCount(testURI, "model.safetensors"); n != 1 {
@@ -513,7 +514,7 @@ func TestNodePublishVolumeConcurrent(t *testing.T) {
 			t.Errorf("parallel publish: %v", err)
 		}
 	}
-	digest := sourcetest.TreeDigestOf(files)
+	digest := storetest.TreeDigestOf(files)
 	for i := range n {
 		h.wantMounted(h.target(fmt.Sprintf("pod-%d", i)), digest)
 	}
@@ -535,7 +536,7 @@ func TestNodePublishVolumeMountFailure(t *testing.T) {
 	// The model stayed in the cache: the retry mounts without downloading.
 	opens := h.res.OpenTotal()
 	h.mustPublish(publishReq("vol-a", a, testURI, nil))
-	h.wantMounted(a, sourcetest.TreeDigestOf(irisFiles()))
+	h.wantMounted(a, storetest.TreeDigestOf(irisFiles()))
 	if n := h.res.OpenTotal(); n != opens {
 		t.Errorf("retry after a mount failure downloaded again (%d → %d opens)", opens, n)
 	}
@@ -543,7 +544,7 @@ func TestNodePublishVolumeMountFailure(t *testing.T) {
 
 func TestNodeUnpublishVolume(t *testing.T) {
 	h := newHarness(t)
-	digest := sourcetest.TreeDigestOf(irisFiles())
+	digest := storetest.TreeDigestOf(irisFiles())
 	a, b := h.target("pod-a"), h.target("pod-b")
 	h.mustPublish(publishReq("vol-a", a, testURI, nil))
 	h.mustPublish(publishReq("vol-b", b, testURI, nil))
@@ -626,7 +627,7 @@ func TestNodeUnpublishVolume(t *testing.T) {
 func TestNodeGetVolumeStats(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := sourcetest.TreeDigestOf(files)
+	digest := storetest.TreeDigestOf(files)
 	a := h.target("pod-a")
 	stats := func(id, p string) (*csi.NodeGetVolumeStatsResponse, error) {
 		return h.node.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: p})
@@ -695,7 +696,7 @@ func TestRecover(t *testing.T) {
 	if live, gone, err := h.cache.Recover(); live != 0 || len(gone) != 0 || err != nil {
 		t.Fatalf("Recover on an empty node = %d, %d, %v", live, len(gone), err)
 	}
-	digest := sourcetest.TreeDigestOf(irisFiles())
+	digest := storetest.TreeDigestOf(irisFiles())
 	for _, pod := range []string{"a", "b", "c"} {
 		h.mustPublish(publishReq("vol-"+pod, h.target("pod-"+pod), testURI, nil))
 	}
@@ -754,7 +755,7 @@ func TestNodeGetInfo(t *testing.T) {
 func TestNodePublishVolumeEvictedTree(t *testing.T) {
 	h := newHarness(t)
 	files := irisFiles()
-	digest := sourcetest.TreeDigestOf(files)
+	digest := storetest.TreeDigestOf(files)
 	h.mustPublish(publishReq("vol-a", h.target("pod-a"), testURI, nil))
 	treePath := h.store.TreePath(digest)
 	cachetest.MakeWritable(treePath)

@@ -20,6 +20,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 	"google.golang.org/grpc/codes"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
@@ -98,7 +99,7 @@ func TestDrainedNodePublish(t *testing.T) {
 			if err != nil {
 				t.Fatalf("publish: %v", err)
 			}
-			h.wantMounted(target, sourcetest.TreeDigestOf(h.res.Files(tt.uri)))
+			h.wantMounted(target, storetest.TreeDigestOf(h.res.Files(tt.uri)))
 			if tt.drained && h.res.OpenTotal() != opens {
 				t.Error("a drained node downloaded")
 			}
@@ -125,7 +126,7 @@ func TestDrainedNodeJoinsRunningDownload(t *testing.T) {
 	if err := recv(t, done, "publish joining the download"); err != nil {
 		t.Fatalf("retry on a drained node after its download ended: %v", err)
 	}
-	h.wantMounted(target, sourcetest.TreeDigestOf(irisFiles()))
+	h.wantMounted(target, storetest.TreeDigestOf(irisFiles()))
 	for p := range irisFiles() {
 		if n := h.res.OpenCount(testURI, p); n != 1 {
 			t.Errorf("%s opened %d times, want 1", p, n)
@@ -296,7 +297,7 @@ func TestPublishMetrics(t *testing.T) {
 func TestUnpublishCountsAsUse(t *testing.T) {
 	h := newHarness(t)
 	h.res.SetModel(otherURI, resnetFiles())
-	iris, resnet := sourcetest.TreeDigestOf(irisFiles()), sourcetest.TreeDigestOf(resnetFiles())
+	iris, resnet := storetest.TreeDigestOf(irisFiles()), storetest.TreeDigestOf(resnetFiles())
 	a, b := h.target("pod-a"), h.target("pod-b")
 	h.mustPublish(publishReq("vol-a", a, testURI, nil)) // iris, mounted first
 	time.Sleep(10 * time.Millisecond)

@@ -13,7 +13,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"github.com/modelcache/modelcache/pkg/klogtest"
-	"github.com/modelcache/modelcache/pkg/source/sourcetest"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -209,7 +209,7 @@ func TestServeOverUnixSocket(t *testing.T) {
 	if _, err := node.NodePublishVolume(rpcCtx, publishReq("vol-a", target, testURI, nil)); err != nil {
 		t.Fatalf("NodePublishVolume over gRPC: %v", err)
 	}
-	h.wantMounted(target, sourcetest.TreeDigestOf(irisFiles()))
+	h.wantMounted(target, storetest.TreeDigestOf(irisFiles()))
 	_, err = node.NodePublishVolume(rpcCtx, publishReq("vol-b", h.target("pod-b"), "mys3:models/missing", nil))
 	wantCode(t, err, codes.NotFound, "mys3:models/missing")
 

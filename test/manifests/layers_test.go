@@ -33,6 +33,11 @@ func TestLayers_PackagesLinkOnlyWhatTheirJobNeeds(t *testing.T) {
 		allowed []string
 	}{
 		{pkg: "./pkg/fleet", forbidden: nodeOnly},
+		// The in-memory remote is the source layer's: the layers above
+		// build on it, not it on them.
+		{pkg: "./pkg/source/sourcetest", forbidden: []string{
+			module + "pkg/store", module + "pkg/state", module + "pkg/cache", module + "pkg/csi", module + "pkg/admin",
+		}},
 		{pkg: "./pkg/names", allowed: []string{module + "pkg/names"}},
 		{pkg: "./pkg/adminapi", allowed: []string{module + "pkg/adminapi"}},
 		{pkg: "./cmd/modelcachectl", forbidden: nodeOnly, allowed: []string{

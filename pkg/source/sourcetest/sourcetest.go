@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/store"
 )
 
 // model is one model at the fake remote.
@@ -424,17 +423,6 @@ func ManifestOf(files map[string][]byte, modTime time.Time) source.Manifest {
 	}
 	slices.SortFunc(m, func(a, b source.Entry) int { return strings.Compare(a.Path, b.Path) })
 	return m
-}
-
-// TreeDigestOf is the digest the store must give a model's files.
-func TreeDigestOf(files map[string][]byte) string {
-	m := ManifestOf(files, time.Time{})
-	sums := make([]string, len(m))
-	for i, e := range m {
-		s := sha256.Sum256(files[e.Path])
-		sums[i] = hex.EncodeToString(s[:])
-	}
-	return store.TreeDigest(m, sums)
 }
 
 // SizeOf is the bytes of a model's files.
