@@ -239,7 +239,7 @@ func (c *Client) call(ctx context.Context, method, path string, body, v any) err
 		return fmt.Errorf("reading the reply to %s %s: %w", method, path, err)
 	}
 	if err := c.decode(raw, v); err != nil {
-		return fmt.Errorf("decoding the reply to %s %s (%s): %w (is the node plugin another version than its client?)", method, path, start(raw), err)
+		return fmt.Errorf("decoding the reply to %s %s (%s): %w (a node plugin of another version?)", method, path, start(raw), err)
 	}
 	return nil
 }
