@@ -1028,21 +1028,11 @@ func TestServe(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}}}
-	resp, err := client.Get("http://admin/v1/trees")
-	if err != nil {
-		t.Fatalf("GET over the socket: %v", err)
+	client := adminapi.NewClient(sock)
+	client.Strict = true
+	if trees, err := client.Trees(ctx); err != nil || len(trees) != 1 {
+		t.Errorf("GET /v1/trees over the socket = %d trees, %v; want 1", len(trees), err)
 	}
-	var trees []adminapi.Tree
-	err = json.NewDecoder(resp.Body).Decode(&trees)
-	resp.Body.Close()
-	if err != nil || resp.StatusCode != 200 || len(trees) != 1 {
-		t.Errorf("GET /v1/trees over the socket = %d, %d trees, %v", resp.StatusCode, len(trees), err)
-	}
-	client.CloseIdleConnections()
 
 	cancel()
 	select {
