@@ -3,8 +3,10 @@ package source
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -145,5 +147,34 @@ func TestList_GCSCompositeObjectNamedByGeneration(t *testing.T) {
 	}
 	if n := lists.Load(); n != 2 {
 		t.Errorf("the bucket was listed %d times, want 2 (rclone's walk and one for the versions)", n)
+	}
+}
+
+// A HEAD that finds another ETag than the one an object was listed with
+// (keyed by) says the object changed: its partial download and its blob
+// belong to the listed version only.
+func TestChecksum_OtherETagThanListedIsChanged(t *testing.T) {
+	const listed = "0123456789abcdef0123456789abcdef-3"
+	tests := []struct {
+		name    string
+		now     string
+		wantErr error
+	}{
+		{"same ETag", `"` + listed + `"`, nil},
+		{"same ETag, upper case", `"` + strings.ToUpper(listed) + `"`, nil},
+		{"uploaded again", `"fedcba9876543210fedcba9876543210-3"`, ErrChanged},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s3 := newFakeS3(t)
+			s3.put("m/w.bin", "weights")
+			s3.setETag("m/w.bin", tt.now)
+			remote := s3.resolve(t, "mys3:models/m", secretKeyID)
+			e := Entry{Path: "w.bin", Size: int64(len("weights")), ModTime: fakeModTime, Version: "etag:" + listed}
+			_, err := remote.(Checksummer).Checksum(context.Background(), e)
+			if !errors.Is(err, tt.wantErr) || (err == nil) != (tt.wantErr == nil) {
+				t.Fatalf("Checksum = %v, want %v", err, tt.wantErr)
+			}
+		})
 	}
 }
