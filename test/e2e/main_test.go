@@ -84,6 +84,7 @@ func run(m *testing.M) (code int) {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	fmt.Printf("images' binaries built in %s\n", time.Since(start).Round(time.Second))
 	if suite.minio, err = testenv.StartMinIO(filepath.Join(work, "minio")); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -103,22 +104,17 @@ func run(m *testing.M) (code int) {
 }
 
 // buildBinaries builds what the images hold, as make build and the
-// Dockerfile build them (static, -trimpath).
+// Dockerfile build them (static, -trimpath), into out, each named after its
+// package directory. One go build links them in parallel.
 func buildBinaries(repo, out string) error {
-	builds := map[string]string{
-		"modelcache-csi": "./cmd/modelcache-csi",
-		"modelcachectl":  "./cmd/modelcachectl",
-		"registrar":      "./test/e2e/standins/registrar",
-		"livenessprobe":  "./test/e2e/standins/livenessprobe",
-		"pause":          "./test/e2e/standins/pause",
-	}
-	for name, pkg := range builds {
-		cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -X main.version=e2e", "-o", filepath.Join(out, name), pkg)
-		cmd.Dir = repo
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if b, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("building %s: %v\n%s", pkg, err, b)
-		}
+	pkgs := []string{"./cmd/modelcache-csi", "./cmd/modelcachectl",
+		"./test/e2e/standins/registrar", "./test/e2e/standins/livenessprobe", "./test/e2e/standins/pause"}
+	args := append([]string{"build", "-trimpath", "-ldflags", "-s -w -X main.version=e2e", "-o", out + "/"}, pkgs...)
+	cmd := exec.Command("go", args...)
+	cmd.Dir = repo
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building %s: %v\n%s", strings.Join(pkgs, " "), err, b)
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -16,10 +17,18 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-// BuildDriver compiles cmd/modelcache-csi into dir and returns its path.
+// DriverBuildFlagsEnv names the environment variable whose go build flags
+// BuildDriver adds: make integration and make sanity set it to -race, so
+// the race detector watches the driver process the tests drive (the test
+// binary's own -race sees only the harness).
+const DriverBuildFlagsEnv = "MODELCACHE_DRIVER_BUILDFLAGS"
+
+// BuildDriver compiles cmd/modelcache-csi into dir, with the flags of
+// DriverBuildFlagsEnv, and returns its path.
 func BuildDriver(dir string) (string, error) {
 	out := filepath.Join(dir, "modelcache-csi")
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/modelcache-csi")
+	args := append(append([]string{"build"}, strings.Fields(os.Getenv(DriverBuildFlagsEnv))...), "-o", out, "./cmd/modelcache-csi")
+	cmd := exec.Command("go", args...)
 	cmd.Dir = RepoRoot()
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building modelcache-csi: %v\n%s", err, b)
@@ -67,6 +76,7 @@ func StartDriverWrapped(wrap []string, bin, runDir, cacheDir string, args ...str
 	if err := d.cmd.Start(); err != nil {
 		return nil, err
 	}
+	started.add(d)
 	go func() { _ = d.cmd.Wait(); close(d.done) }()
 	conn, err := grpc.NewClient("unix://"+d.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -123,6 +133,55 @@ func (d *Driver) Logs() string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.logs.String()
+}
+
+// raceBanner opens and closes each report of a binary built with -race.
+const raceBanner = "=================="
+
+// Races returns the data race reports the driver printed so far, "" when
+// none. A race-built driver only prints them and goes on, so a test must
+// ask.
+func (d *Driver) Races() string {
+	logs := d.Logs()
+	var out strings.Builder
+	for {
+		i := strings.Index(logs, "WARNING: DATA RACE")
+		if i < 0 {
+			return out.String()
+		}
+		end := strings.Index(logs[i:], raceBanner)
+		if end < 0 {
+			end = len(logs) - i
+		}
+		out.WriteString(logs[i:i+end] + "\n")
+		logs = logs[i+end:]
+	}
+}
+
+// started holds every driver this process started, for RaceReports.
+var started drivers
+
+type drivers struct {
+	mu  sync.Mutex
+	all []*Driver
+}
+
+func (s *drivers) add(d *Driver) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.all = append(s.all, d)
+}
+
+// RaceReports returns the data race reports of every driver this process
+// started, "" when none.
+func RaceReports() string {
+	started.mu.Lock()
+	defer started.mu.Unlock()
+	var out strings.Builder
+	for _, d := range started.all {
+		out.WriteString(d.Races())
+	}
+	return out.String()
 }
 
 type lockedWriter Driver

@@ -47,7 +47,7 @@ func (s *Suite) Close() {
 
 // RunSuite is a root test package's TestMain body: it starts a Suite, hands
 // it to setup (nil for none), runs the tests and stops the suite, returning
-// the exit code.
+// the exit code: 1 when a driver the tests started reported a data race.
 func RunSuite(m *testing.M, what string, setup func(*Suite) error) int {
 	s, err := StartSuite(what)
 	if err != nil {
@@ -61,5 +61,10 @@ func RunSuite(m *testing.M, what string, setup func(*Suite) error) int {
 			return 1
 		}
 	}
-	return m.Run()
+	code := m.Run()
+	if races := RaceReports(); races != "" {
+		fmt.Fprintf(os.Stderr, "the driver under test reported data races:\n%s", races)
+		return 1
+	}
+	return code
 }
