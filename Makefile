@@ -239,10 +239,11 @@ fuzz:
 	$(call end,fuzz)
 
 # vet with -race: it compiles every package's dependencies, and with the
-# flags of the race-detecting tests those compilations are the ones unit,
-# integration and fleet then take from the build cache (without -race, a
-# cold run compiled the whole graph, rclone's backends included, twice).
-# No file of this module is built differently under -race.
+# race tests' flags those compilations are the ones unit, sanity and fleet
+# then take from the build cache; without -race they were a second copy of
+# the whole graph that only the non-race builds (integration's and e2e's
+# harnesses, the rclone CLI) shared part of. No file of this module is
+# built differently under -race.
 .PHONY: lint
 lint:
 	$(call begin,lint)
