@@ -143,13 +143,19 @@ func (c *Cache) Close() error {
 // NodeKey is the node's own key, which fingerprints credentials.
 func (c *Cache) NodeKey() ([]byte, error) { return c.state.NodeKey() }
 
+// VolumeRecord is a volume the controller created.
+type VolumeRecord = state.Volume
+
 // VolumeRecords are the controller's records of the volumes it created,
 // kept in the node's state database.
 type VolumeRecords interface {
-	Volume(id string) (state.Volume, bool, error)
-	PutVolume(v state.Volume) error
+	Volume(id string) (VolumeRecord, bool, error)
+	PutVolume(v VolumeRecord) error
 	DeleteVolume(id string) error
 }
+
+// ValidDigest reports whether d is a tree digest, "sha256:<64 lowercase hex>".
+func ValidDigest(d string) bool { return store.ValidDigest(d) }
 
 // Volumes are the controller's volume records in this cache's database,
 // for a process that serves both (--mode all).

@@ -404,8 +404,9 @@ func TestFetch_HitFoundByListingIsReported(t *testing.T) {
 }
 
 // A fetch that waits for another's download needed a download: it is no
-// hit (the metric counts it a miss) and its observer hears no hit, while
-// the one that started the download hears it start and finish.
+// hit (the metric counts it a miss) and its observer hears the download
+// finish, not a hit, while the one that started the download hears it
+// start and finish.
 func TestFetch_JoiningADownloadIsNoHit(t *testing.T) {
 	res := sourcetest.NewResolver()
 	res.SetModel(modelURI, files())
@@ -438,11 +439,11 @@ func TestFetch_JoiningADownloadIsNoHit(t *testing.T) {
 	if hits, started, finished := starter.counts(); hits != 0 || started != 1 || finished != 1 {
 		t.Errorf("starter heard %d hits, %d starts, %d finishes; want a start and a finish", hits, started, finished)
 	}
-	hits, _, _ := joiner.counts()
+	hits, _, finished := joiner.counts()
 	switch {
 	case b.f.Joined:
-		if b.f.Hit || hits != 0 {
-			t.Errorf("the joining fetch = hit %v, %d hits heard; want no hit", b.f.Hit, hits)
+		if b.f.Hit || hits != 0 || finished != 1 {
+			t.Errorf("the joining fetch = hit %v, %d hits and %d finishes heard; want no hit, the download's finish", b.f.Hit, hits, finished)
 		}
 	default:
 		// The joiner came after the commit (a slow machine): then it is

@@ -22,8 +22,8 @@ type Observer interface {
 	Started(total int64)
 	// Progress of the download this fetch waits for (its own or joined).
 	Progress(done, total int64, rate float64)
-	// Finished: this fetch's download committed t, its objects checked as
-	// checks says.
+	// Finished: the download this fetch started, or waited for, committed
+	// t, its objects checked as checks says.
 	Finished(t store.Tree, took time.Duration, checks store.Checks)
 	// Failed: the download failed (not "still running").
 	Failed(err error)
@@ -105,6 +105,9 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		if ens.Checks.Unchecked > 0 {
 			klog.InfoS("objects the remote keeps no checksum for were accepted unchecked", "model", req.URI, "objects", ens.Checks.Unchecked, "checkedMD5", ens.Checks.MD5, "checkedRemote", ens.Checks.Remote)
 		}
+		obs.Finished(t, time.Since(start), ens.Checks)
+	case ens.Joined:
+		// It waited for another's download: a download all the same.
 		obs.Finished(t, time.Since(start), ens.Checks)
 	}
 	if req.Digest != "" && t.Digest != req.Digest {

@@ -14,7 +14,6 @@ import (
 	"github.com/modelcache/modelcache/pkg/keymutex"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/state"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -131,7 +130,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		// refuses to bind a volume smaller than its claim.
 		capacity = required
 	}
-	vol := state.Volume{ID: id, Name: name, SpecHash: ref.hash(), Capacity: capacity, Context: ref.volumeContext(), Created: time.Now()}
+	vol := cache.VolumeRecord{ID: id, Name: name, SpecHash: ref.hash(), Capacity: capacity, Context: ref.volumeContext(), Created: time.Now()}
 	if err := c.Volumes.PutVolume(vol); err != nil {
 		return nil, status.Errorf(codes.Internal, "recording volume %s: %v", name, err)
 	}
@@ -147,7 +146,7 @@ func fits(capacity, required, limit int64) bool {
 	return capacity >= required && (limit == 0 || capacity <= limit)
 }
 
-func createResponse(v state.Volume) *csi.CreateVolumeResponse {
+func createResponse(v cache.VolumeRecord) *csi.CreateVolumeResponse {
 	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
 		VolumeId:      v.ID,
 		CapacityBytes: v.Capacity,

@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/source"
-	"github.com/modelcache/modelcache/pkg/store"
 )
 
 // modelRef is the model a volume names: the publish inputs shared by inline
@@ -64,7 +64,7 @@ func checkModelValues(uri, policy, digest string, name func(attr string) string)
 	default:
 		return fmt.Errorf("%s is %q; use %s, %s or %s", name(AttrPullPolicy), policy, PullIfNotPresent, PullAlways, PullNever)
 	}
-	if digest != "" && !store.ValidDigest(digest) {
+	if digest != "" && !cache.ValidDigest(digest) {
 		return fmt.Errorf("%s is %q; it must be sha256: followed by 64 lowercase hex digits (see modelcachectl ls)", name(AttrDigest), digest)
 	}
 	return nil

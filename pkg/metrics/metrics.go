@@ -79,7 +79,7 @@ func New() *Metrics {
 			Namespace: namespace,
 			Name:      "cache_lookups_total",
 			Help: "Cache lookups made by publishes: result=\"hit\" was served from the node's cache, " +
-				"result=\"miss\" needed a download.",
+				"result=\"miss\" needed a download (its own, or another publish's it waited for).",
 		}, []string{"result"}),
 		downloadsInFlight: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace,
