@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // diskCounts is what a walk of the cache directory finds, as Usage found
@@ -151,7 +152,7 @@ func TestVerifyCorrectsDriftedCounts(t *testing.T) {
 		}},
 		{"a tree removed behind the store's back", func(t *testing.T, dir string) {
 			ents := entries(t, dir, store.TreesDir)
-			makeWritable(dir)
+			storetest.MakeWritable(dir)
 			if err := os.RemoveAll(filepath.Join(dir, store.TreesDir, ents[0])); err != nil {
 				t.Fatal(err)
 			}
@@ -312,7 +313,7 @@ func TestOpenAfterCloseOrCrash(t *testing.T) {
 		{"crash", crashed},
 		{"saved counts disagree with the disk", func(t *testing.T, dir string) {
 			ents := entries(t, dir, store.TreesDir)
-			makeWritable(dir)
+			storetest.MakeWritable(dir)
 			if err := os.RemoveAll(filepath.Join(dir, store.TreesDir, ents[0])); err != nil {
 				t.Fatal(err)
 			}

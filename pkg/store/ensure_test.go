@@ -13,6 +13,7 @@ import (
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // sampleModel is a small model with nested directories, an empty file and
@@ -129,7 +130,7 @@ func TestEnsureRefetchesWhenIndexCannotBeTrusted(t *testing.T) {
 		spoil func(t *testing.T, s *store.Store, idx *memIndex, tr store.Tree)
 	}{
 		{"tree removed from disk", func(t *testing.T, s *store.Store, idx *memIndex, tr store.Tree) {
-			makeWritable(s.TreePath(tr.Digest))
+			storetest.MakeWritable(s.TreePath(tr.Digest))
 			if err := os.RemoveAll(s.TreePath(tr.Digest)); err != nil {
 				t.Fatal(err)
 			}
@@ -550,7 +551,7 @@ func TestCloseCancelsRunningDownload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { makeWritable(dir) })
+	t.Cleanup(func() { storetest.MakeWritable(dir) })
 	files := map[string][]byte{"a": bytesOf("a", 100), "b": bytesOf("b", 100)}
 	m := manifestOf(files)
 	f := newFetcher(files).withGate(10)
@@ -666,7 +667,7 @@ func TestEnsureTransfersLimit(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { s.Close(); makeWritable(dir) })
+			t.Cleanup(func() { s.Close(); storetest.MakeWritable(dir) })
 			files := map[string][]byte{}
 			for i := range tt.files {
 				files[fmt.Sprintf("f%d", i)] = bytesOf(fmt.Sprint(i), 32)

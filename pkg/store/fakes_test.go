@@ -23,6 +23,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // waitLimit bounds every wait on another goroutine. It is generous on
@@ -247,20 +248,9 @@ func openStoreAt(t *testing.T, dir string, idx store.Index) *store.Store {
 	}
 	t.Cleanup(func() {
 		_ = s.Close()
-		makeWritable(dir)
+		storetest.MakeWritable(dir)
 	})
 	return s
-}
-
-// makeWritable restores write bits on sealed directories so t.TempDir's
-// cleanup can remove them when the tests do not run as root.
-func makeWritable(dir string) {
-	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			_ = os.Chmod(p, 0o700)
-		}
-		return nil
-	})
 }
 
 // manifestOf lists files the way source.Remote does: sorted by path, each

@@ -20,6 +20,7 @@ import (
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // eventLog records what happened, in order, across goroutines.
@@ -49,7 +50,7 @@ func openWith(t *testing.T, dir string, idx store.Index, opt store.Options) *sto
 	}
 	t.Cleanup(func() {
 		_ = s.Close()
-		makeWritable(dir)
+		storetest.MakeWritable(dir)
 	})
 	return s
 }

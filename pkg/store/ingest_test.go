@@ -16,6 +16,7 @@ import (
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // TreeDigest names content, not origin: metadata a remote lists (checksum,
@@ -347,7 +348,7 @@ func TestEnsureCountsChecks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = s.Close(); makeWritable(dir) })
+	t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
 	ens, err := s.EnsureGated(context.Background(), "key", m, newFetcher(files), nil)
 	if err != nil {
 		t.Fatal(err)

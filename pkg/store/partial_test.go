@@ -14,6 +14,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // One stream, so the chunks before a failure are all on disk when it
@@ -63,7 +64,7 @@ func TestRanged_StoppedPartWay_NextDownloadResumes(t *testing.T) {
 	for _, restart := range []bool{false, true} {
 		t.Run(map[bool]string{false: "same process", true: "after a restart"}[restart], func(t *testing.T) {
 			dir := t.TempDir()
-			t.Cleanup(func() { makeWritable(dir) })
+			t.Cleanup(func() { storetest.MakeWritable(dir) })
 			s := openResumable(t, dir)
 			t.Cleanup(func() { s.Close() })
 			res := sourcetest.NewResolver()
@@ -97,7 +98,7 @@ func TestRanged_StoppedPartWay_NextDownloadResumes(t *testing.T) {
 // committed, the partial file is gone, and the next download is whole.
 func TestRanged_DamagedPartialFile_RefusedThenDownloadedWhole(t *testing.T) {
 	dir := t.TempDir()
-	t.Cleanup(func() { makeWritable(dir) })
+	t.Cleanup(func() { storetest.MakeWritable(dir) })
 	s := openResumable(t, dir)
 	t.Cleanup(func() { s.Close() })
 	res := sourcetest.NewResolver()
@@ -138,7 +139,7 @@ func TestRanged_DamagedPartialFile_RefusedThenDownloadedWhole(t *testing.T) {
 // size and checksum) downloads whole and never reads the old bytes.
 func TestRanged_ChangedObject_DoesNotResumeOldPartial(t *testing.T) {
 	dir := t.TempDir()
-	t.Cleanup(func() { makeWritable(dir) })
+	t.Cleanup(func() { storetest.MakeWritable(dir) })
 	s := openResumable(t, dir)
 	t.Cleanup(func() { s.Close() })
 	res := sourcetest.NewResolver()
@@ -157,7 +158,7 @@ func TestRanged_ChangedObject_DoesNotResumeOldPartial(t *testing.T) {
 // them on DropPartials(0) (a drain); a checkpoint without its file goes at once.
 func TestDropPartials(t *testing.T) {
 	dir := t.TempDir()
-	t.Cleanup(func() { makeWritable(dir) })
+	t.Cleanup(func() { storetest.MakeWritable(dir) })
 	s := openResumable(t, dir)
 	pd := filepath.Join(dir, store.PartialDir)
 	write := func(name string, age time.Duration) {
@@ -217,7 +218,7 @@ func TestRanged_ChunksPastThePrefix_ReadBackNotFetched(t *testing.T) {
 	for _, damaged := range []bool{false, true} {
 		t.Run(map[bool]string{false: "intact", true: "damaged"}[damaged], func(t *testing.T) {
 			dir := t.TempDir()
-			t.Cleanup(func() { makeWritable(dir) })
+			t.Cleanup(func() { storetest.MakeWritable(dir) })
 			res := sourcetest.NewResolver()
 			files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 9000)}
 			res.SetModel("mys3:models/w", files)

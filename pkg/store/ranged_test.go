@@ -9,6 +9,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 const (
@@ -24,7 +25,7 @@ func openRanged(t *testing.T) *store.Store {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = s.Close(); makeWritable(dir) })
+	t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
 	return s
 }
 

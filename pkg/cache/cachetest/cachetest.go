@@ -5,9 +5,6 @@
 package cachetest
 
 import (
-	"io/fs"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 
@@ -15,6 +12,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/mount"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // Harness is an open cache and what it opened.
@@ -68,11 +66,4 @@ func (h *Harness) TreePath(digest string) string { return h.Store.TreePath(diges
 
 // MakeWritable restores the write bits of sealed directories under dir,
 // so that a test run as a user other than root can remove them.
-func MakeWritable(dir string) {
-	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			_ = os.Chmod(p, 0o700)
-		}
-		return nil
-	})
-}
+func MakeWritable(dir string) { storetest.MakeWritable(dir) }
