@@ -4,22 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
 )
-
-// countingFetcher serves one byte per object and counts the opens.
-type countingFetcher struct{ opens atomic.Int64 }
-
-func (f *countingFetcher) Open(context.Context, source.Entry) (io.ReadCloser, error) {
-	f.opens.Add(1)
-	return io.NopCloser(strings.NewReader("x")), nil
-}
 
 // Free inodes count like free bytes: a model of 20,000 one-byte files
 // that would take the filesystem below the inodes the budget keeps free is
@@ -44,10 +35,13 @@ func TestBudget_FreeInodes_ManySmallFilesRefused(t *testing.T) {
 				return store.FSStat{Size: 1 << 40, Free: 1 << 39, Files: tt.have, FreeFiles: tt.free}, nil
 			}
 			var m source.Manifest
+			files := map[string][]byte{}
 			for i := range tt.files {
-				m = append(m, source.Entry{Path: fmt.Sprintf("d%d/f%05d", i%2, i), Size: 1})
+				p := fmt.Sprintf("d%d/f%05d", i%2, i)
+				m = append(m, source.Entry{Path: p, Size: 1})
+				files[p] = []byte("x")
 			}
-			f := &countingFetcher{}
+			f := sourcetest.NewFetcher(files)
 			// The cache's gate, as a fetch passes it.
 			_, err := b.store.EnsureGated(context.Background(), "key", m, f, b.gate(nopObserver{}, m))
 			if !tt.refused {
@@ -64,7 +58,7 @@ func TestBudget_FreeInodes_ManySmallFilesRefused(t *testing.T) {
 			if want := tt.files + 4; noRoom.NeedInodes != want {
 				t.Errorf("needs %d inodes, want %d", noRoom.NeedInodes, want)
 			}
-			if n := f.opens.Load(); n != 0 {
+			if n := f.Resolver().OpenTotal(); n != 0 {
 				t.Errorf("%d objects opened before the refusal", n)
 			}
 		})

@@ -5,17 +5,16 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
 	bolt "go.etcd.io/bbolt"
@@ -547,10 +546,10 @@ func TestStoreIndexAcrossRestart(t *testing.T) {
 	}
 
 	db, s := open()
-	f := &mapFetcher{files: files}
+	f := sourcetest.NewFetcher(files)
 	tr, fetched, err := s.Ensure(context.Background(), "content-key", m, f)
-	if err != nil || !fetched || f.opens.Load() != int64(len(files)) {
-		t.Fatalf("first Ensure = %+v, %v, %v with %d opens", tr, fetched, err, f.opens.Load())
+	if err != nil || !fetched || f.Resolver().OpenTotal() != len(files) {
+		t.Fatalf("first Ensure = %+v, %v, %v with %d opens", tr, fetched, err, f.Resolver().OpenTotal())
 	}
 	if got, ok, err := db.TreeForKey("content-key"); err != nil || !ok || got != tr {
 		t.Errorf("TreeForKey = %+v, %v, %v; want %+v", got, ok, err, tr)
@@ -564,25 +563,9 @@ func TestStoreIndexAcrossRestart(t *testing.T) {
 	db, s = open()
 	defer db.Close()
 	defer s.Close()
-	f2 := &mapFetcher{files: files}
+	f2 := sourcetest.NewFetcher(files)
 	got, fetched, err := s.Ensure(context.Background(), "content-key", m, f2)
-	if err != nil || fetched || got != tr || f2.opens.Load() != 0 {
-		t.Errorf("Ensure after restart = %+v, %v, %v with %d opens; want a hit", got, fetched, err, f2.opens.Load())
+	if err != nil || fetched || got != tr || f2.Resolver().OpenTotal() != 0 {
+		t.Errorf("Ensure after restart = %+v, %v, %v with %d opens; want a hit", got, fetched, err, f2.Resolver().OpenTotal())
 	}
-}
-
-// mapFetcher serves files from memory and counts Opens; Ensure calls it
-// from several goroutines.
-type mapFetcher struct {
-	files map[string][]byte
-	opens atomic.Int64
-}
-
-func (f *mapFetcher) Open(_ context.Context, e source.Entry) (io.ReadCloser, error) {
-	f.opens.Add(1)
-	b, ok := f.files[e.Path]
-	if !ok {
-		return nil, os.ErrNotExist
-	}
-	return io.NopCloser(bytes.NewReader(b)), nil
 }

@@ -2,25 +2,12 @@ package store
 
 import (
 	"context"
-	"io"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 )
-
-// heldFetcher serves one byte per object once release is closed.
-type heldFetcher struct{ release chan struct{} }
-
-func (f heldFetcher) Open(ctx context.Context, _ source.Entry) (io.ReadCloser, error) {
-	select {
-	case <-f.release:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	return io.NopCloser(strings.NewReader("x")), nil
-}
 
 type mapIndex map[string]Tree
 
@@ -37,7 +24,8 @@ func TestEnsureGated_JoinerIsToldItJoined(t *testing.T) {
 	}
 	defer s.Close()
 	m := source.Manifest{{Path: "a", Size: 1}, {Path: "b", Size: 1}}
-	f := heldFetcher{release: make(chan struct{})}
+	f := sourcetest.NewFetcher(map[string][]byte{"a": []byte("x"), "b": []byte("x")})
+	f.Resolver().WithGate(0) // every object is held until Release
 	type res struct {
 		e   Ensured
 		err error
@@ -61,7 +49,7 @@ func TestEnsureGated_JoinerIsToldItJoined(t *testing.T) {
 		defer s.mu.Unlock()
 		return s.wants["key"] != nil && s.wants["key"].n == 2
 	})
-	close(f.release)
+	f.Resolver().Release()
 	a, b := <-first, <-second
 	if a.err != nil || b.err != nil {
 		t.Fatalf("EnsureGated: %v, %v", a.err, b.err)

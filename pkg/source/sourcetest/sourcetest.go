@@ -222,6 +222,29 @@ func (r *Resolver) Resolve(_ context.Context, uri string, secrets map[string]str
 	return &Remote{r: r, uri: u, credID: Fingerprint(secrets)}, nil
 }
 
+// FetcherURI is the modelUri of the model NewFetcher serves.
+const FetcherURI = "mys3:models/fetcher"
+
+// NewFetcher returns a Remote serving files, on a resolver of its own, for
+// tests that need a store.Fetcher (and RangeFetcher) but no resolving: its
+// Resolver counts, fails and holds as any other.
+func NewFetcher(files map[string][]byte) *Remote {
+	r := NewResolver()
+	r.SetModel(FetcherURI, files)
+	u, err := source.ParseURI(FetcherURI)
+	if err != nil {
+		panic(err)
+	}
+	return &Remote{r: r, uri: u, credID: Fingerprint(nil)}
+}
+
+// Resolver is the resolver behind the remote, to count and steer it.
+func (f *Remote) Resolver() *Resolver { return f.r }
+
+// OpenCount is the number of Open and OpenRange calls for one object of
+// this remote's model.
+func (f *Remote) OpenCount(path string) int { return f.r.OpenCount(f.uri.String(), path) }
+
 // Fingerprint stands in for the HMAC of the credentials: equal secrets give
 // equal IDs, and the ID does not contain them.
 func Fingerprint(secrets map[string]string) string {
