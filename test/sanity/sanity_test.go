@@ -67,6 +67,10 @@ func TestCSISanity_AllServices_RealMinIO(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		d.Stop()
+		// make sanity builds the driver with -race, which reports and goes on.
+		if races := d.Races(); races != "" {
+			t.Errorf("the driver reported data races:\n%s", races)
+		}
 		if t.Failed() {
 			t.Logf("driver logs:\n%s", d.Logs())
 		}
