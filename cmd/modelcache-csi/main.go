@@ -395,6 +395,11 @@ func startNode(ctx context.Context, o options, c *cache.Cache, m *metrics.Metric
 	}
 	klog.InfoS("state recovered", "liveMounts", live, "missingMounts", len(gone), "recordsDropped", forgotten, "orphanTreesRemoved", removed)
 	go c.ReleaseStale(ctx, o.releaseGrace, gone)
+	go func() {
+		if _, err := c.PruneObjects(); err != nil {
+			klog.ErrorS(err, "the object index keeps entries of removed blobs until the next start")
+		}
+	}()
 
 	if m != nil {
 		m.SetCacheStats(func() (metrics.CacheStats, error) {

@@ -324,9 +324,9 @@ func TestFetch_NewVersion_OnlyChangedObjectsFetched(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The next start's reconcile forgets the objects whose blobs went.
-	if _, _, err := h.cache.Reconcile(); err != nil {
-		t.Fatal(err)
+	// The next start's prune forgets the objects whose blobs went.
+	if n, err := h.cache.PruneObjects(); err != nil || n == 0 {
+		t.Fatalf("PruneObjects() = %d, %v; want the removed trees' objects forgotten", n, err)
 	}
 	var objects []string
 	for _, e := range res.Manifest(modelURI) {

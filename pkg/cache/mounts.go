@@ -247,16 +247,25 @@ func (c *Cache) Reconcile() (forgotten, removed int, err error) {
 		removed++
 		klog.InfoS("repaired store: tree without a record removed", "tree", d)
 	}
-	// Objects whose blob went with an evicted tree would only cost a
-	// failed link each; forget them so the index does not grow forever.
+	return forgotten, removed, nil
+}
+
+// PruneObjects forgets the object index entries whose blob went with an
+// evicted tree: each would only cost a failed link, but the index would
+// grow forever. It looks up one blob per entry, so it grows with every
+// object the node ever downloaded; the node plugin runs it after it
+// serves, not before (start-up to serving stays independent of the cache's
+// size). It reads without blocking writers, and a blob recorded meanwhile
+// by a download is kept.
+func (c *Cache) PruneObjects() (int, error) {
 	pruned, err := c.state.PruneObjects(c.store.HasBlob)
 	if err != nil {
-		return forgotten, removed, fmt.Errorf("pruning the object index: %w", err)
+		return pruned, fmt.Errorf("pruning the object index: %w", err)
 	}
 	if pruned > 0 {
 		klog.InfoS("object index pruned: blobs no longer in the store", "objects", pruned)
 	}
-	return forgotten, removed, nil
+	return pruned, nil
 }
 
 // Volume is a published target as NodeGetVolumeStats reports it.
