@@ -80,8 +80,7 @@ type Store struct {
 	partialMu   sync.Mutex
 	partialBusy map[string]bool
 
-	tally       tally                  // running counts (counts.go)
-	statHook    func() (fsStat, error) // tests: a filesystem of chosen numbers
+	tally       tally // running counts (counts.go)
 	onUnchecked func(objects int)
 	onDownload  func() func(int64, error)
 

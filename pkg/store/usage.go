@@ -108,9 +108,6 @@ type fsStat struct {
 }
 
 func (s *Store) fsStat() (fsStat, error) {
-	if s.statHook != nil {
-		return s.statHook()
-	}
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(s.dir, &st); err != nil {
 		return fsStat{}, fmt.Errorf("statfs %s: %w", s.dir, err)
