@@ -230,7 +230,7 @@ func TestFailedDownloadBlobsGoWithTheNextRemoval(t *testing.T) {
 	s := openWith(t, dir, newIndex(), store.Options{Transfers: 1})
 	files := map[string][]byte{"a.bin": first, "z.bin": last}
 	f := newFetcher(files)
-	f.failPath, f.failAt, f.failErr = "z.bin", 100, errors.New("connection reset")
+	f.failAt("z.bin", 100, errors.New("connection reset"))
 	if _, _, err := s.Ensure(context.Background(), "k", manifestOf(files), f); err == nil {
 		t.Fatal("Ensure succeeded; want the download to fail")
 	}
@@ -328,7 +328,7 @@ func TestOpenAfterCloseOrCrash(t *testing.T) {
 			})
 			s := openWith(t, dir, newIndex(), store.Options{Transfers: 1})
 			f := newFetcher(files)
-			f.failPath, f.failAt, f.failErr = "z.bin", 100, errors.New("connection reset")
+			f.failAt("z.bin", 100, errors.New("connection reset"))
 			if _, _, err := s.Ensure(context.Background(), "k", manifestOf(files), f); err == nil {
 				t.Fatal("Ensure succeeded; want the download to fail")
 			}

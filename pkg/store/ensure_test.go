@@ -49,8 +49,8 @@ func TestEnsureMissDownloadsAndCommits(t *testing.T) {
 			t.Errorf("%s opened %d times, want 1", p, n)
 		}
 	}
-	if f.closed.Load() != f.readers.Load() {
-		t.Errorf("%d readers opened, %d closed", f.readers.Load(), f.closed.Load())
+	if f.readersClosed() != f.readersOpened() {
+		t.Errorf("%d readers opened, %d closed", f.readersOpened(), f.readersClosed())
 	}
 	checkTree(t, s, tr, files)
 	// Six distinct contents: vocab.txt and copy-of.txt share one blob.
@@ -325,7 +325,7 @@ func TestEnsureDetachedDownload(t *testing.T) {
 	if r.fetched || r.tree != (store.Tree{}) {
 		t.Errorf("in-progress answer carries a tree: %+v, fetched=%v", r.tree, r.fetched)
 	}
-	if f.cancelled.Load() != 0 {
+	if f.readersCancelled() != 0 {
 		t.Fatal("the caller's context cancelled the download; it must be detached")
 	}
 	if _, ok := s.Downloading("key"); !ok {
@@ -412,17 +412,17 @@ func TestEnsureFailureLeavesNothing(t *testing.T) {
 	}{
 		{"remote error mid-file", func() *fakeFetcher {
 			f := newFetcher(good)
-			f.failPath, f.failAt, f.failErr = "a/model.bin", 70000, errBoom
+			f.failAt("a/model.bin", 70000, errBoom)
 			return f
 		}, errBoom},
 		{"remote error before the first byte", func() *fakeFetcher {
 			f := newFetcher(good)
-			f.failPath, f.failAt, f.failErr = "c.txt", 0, errBoom
+			f.failAt("c.txt", 0, errBoom)
 			return f
 		}, errBoom},
 		{"open fails", func() *fakeFetcher {
 			f := newFetcher(good)
-			f.openErr = errBoom
+			f.failOpens(errBoom)
 			return f
 		}, errBoom},
 		{"object shrank after listing", func() *fakeFetcher {
@@ -444,7 +444,7 @@ func TestEnsureFailureLeavesNothing(t *testing.T) {
 			changed := maps(good)
 			delete(changed, "b.json")
 			return newFetcher(changed)
-		}, os.ErrNotExist},
+		}, source.ErrNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -478,8 +478,8 @@ func TestEnsureFailureLeavesNothing(t *testing.T) {
 			if _, ok := s.Downloading("key"); ok {
 				t.Error("Downloading reports the failed download")
 			}
-			if bad.closed.Load() != bad.readers.Load() {
-				t.Errorf("%d readers opened, %d closed", bad.readers.Load(), bad.closed.Load())
+			if bad.readersClosed() != bad.readersOpened() {
+				t.Errorf("%d readers opened, %d closed", bad.readersOpened(), bad.readersClosed())
 			}
 			if errors.Is(tt.isErr, source.ErrChanged) {
 				r := waitResult(t, ensureAsync(context.Background(), s, "key", m, bad), "Ensure")
@@ -572,11 +572,11 @@ func TestCloseCancelsRunningDownload(t *testing.T) {
 		t.Fatal("Close did not return; it must cancel the download")
 	}
 	// Close has returned: the download must already be over and cleaned up.
-	if n := f.cancelled.Load(); n != 2 {
+	if n := f.readersCancelled(); n != 2 {
 		t.Errorf("%d readers saw the cancellation, want 2", n)
 	}
-	if f.closed.Load() != f.readers.Load() {
-		t.Errorf("%d readers opened, %d closed when Close returned", f.readers.Load(), f.closed.Load())
+	if f.readersClosed() != f.readersOpened() {
+		t.Errorf("%d readers opened, %d closed when Close returned", f.readersOpened(), f.readersClosed())
 	}
 	checkIngestEmpty(t, dir)
 	checkNoTrees(t, dir)
@@ -618,7 +618,7 @@ func TestEnsureAfterClose(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "shutting down") {
 		t.Errorf("Ensure on a closed store: %v, want an error saying the store is shutting down", err)
 	}
-	if n := f.readers.Load(); n != 0 {
+	if n := f.readersOpened(); n != 0 {
 		t.Errorf("closed store opened %d objects at the remote", n)
 	}
 	checkNoTrees(t, dir)

@@ -31,92 +31,64 @@ import (
 // failure on a loaded two-core machine.
 const waitLimit = 60 * time.Second
 
-// fakeFetcher serves objects from memory, counts Opens per path and can hold
-// or break a download at a chosen byte offset.
+// fakeFetcher is sourcetest's in-memory remote as the store's tests steer
+// it: a store.Fetcher only (whole objects, no ranged reads), counting
+// Opens per path, able to hold every reader at a byte offset or to break
+// one object's download at one.
 type fakeFetcher struct {
-	files map[string][]byte
-	opens map[string]*atomic.Int64 // fixed at construction; values are atomic
-
-	// gate, when non-nil, stops every reader once it has delivered gateAfter
-	// bytes until gate is closed or the download's context ends. Each reader
-	// that reaches the gate sends its path on blocked first.
-	gate      chan struct{}
-	gateAfter int
-	blocked   chan string
-	passed    chan string // each reader sends its path once it is through the gate
-
-	// failPath's reader returns failErr once it has delivered failAt bytes.
-	failPath string
-	failAt   int
-	failErr  error
-
-	// openErr, when set, is returned by Open for every path.
-	openErr error
-
-	readers   atomic.Int64 // readers handed out
-	closed    atomic.Int64 // readers closed
-	cancelled atomic.Int64 // readers that stopped because their context ended
+	remote *sourcetest.Remote
 }
 
 func newFetcher(files map[string][]byte) *fakeFetcher {
-	f := &fakeFetcher{files: files, opens: map[string]*atomic.Int64{}}
-	for p := range files {
-		f.opens[p] = new(atomic.Int64)
-	}
-	return f
+	return &fakeFetcher{remote: sourcetest.NewFetcher(files)}
+}
+
+func (f *fakeFetcher) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
+	return f.remote.Open(ctx, e)
 }
 
 // withGate makes every reader stop after n bytes until release is called.
 func (f *fakeFetcher) withGate(n int) *fakeFetcher {
-	f.gate = make(chan struct{})
-	f.gateAfter = n
-	f.blocked = make(chan string, 1024)
-	f.passed = make(chan string, 1024)
+	f.remote.Resolver().WithGate(n)
 	return f
 }
 
-func (f *fakeFetcher) release() { close(f.gate) }
+func (f *fakeFetcher) release() { f.remote.Resolver().Release() }
 
-func (f *fakeFetcher) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
-	c, ok := f.opens[e.Path]
-	if !ok {
-		return nil, fmt.Errorf("fake remote has no object %q: %w", e.Path, fs.ErrNotExist)
-	}
-	c.Add(1)
-	if f.openErr != nil {
-		return nil, f.openErr
-	}
-	f.readers.Add(1)
-	return &fakeReader{ctx: ctx, f: f, path: e.Path, data: f.files[e.Path]}, nil
+// failAt makes path's readers fail with err once they delivered n bytes.
+func (f *fakeFetcher) failAt(path string, n int, err error) {
+	f.remote.Resolver().Set(func(r *sourcetest.Resolver) { r.FailPath, r.FailAt, r.FailErr = path, n, err })
 }
+
+// failOpens makes every Open fail with err.
+func (f *fakeFetcher) failOpens(err error) {
+	f.remote.Resolver().Set(func(r *sourcetest.Resolver) { r.OpenErr = err })
+}
+
+// readers returns the readers handed out, closed, and stopped at the gate
+// because their context ended.
+func (f *fakeFetcher) readers() (opened, closed, cancelled int) {
+	f.remote.Resolver().Set(func(r *sourcetest.Resolver) {
+		opened, closed, cancelled = r.ReadersOpened, r.ReadersClosed, r.ReadersCancelled
+	})
+	return opened, closed, cancelled
+}
+
+func (f *fakeFetcher) readersOpened() int    { o, _, _ := f.readers(); return o }
+func (f *fakeFetcher) readersClosed() int    { _, c, _ := f.readers(); return c }
+func (f *fakeFetcher) readersCancelled() int { _, _, c := f.readers(); return c }
 
 // openCount is how many times path was opened.
-func (f *fakeFetcher) openCount(path string) int64 {
-	if c, ok := f.opens[path]; ok {
-		return c.Load()
-	}
-	return 0
-}
+func (f *fakeFetcher) openCount(path string) int64 { return int64(f.remote.OpenCount(path)) }
 
 // totalOpens is the number of Open calls over every path.
-func (f *fakeFetcher) totalOpens() int64 {
-	var n int64
-	for _, c := range f.opens {
-		n += c.Load()
-	}
-	return n
-}
+func (f *fakeFetcher) totalOpens() int64 { return int64(f.remote.Resolver().OpenTotal()) }
 
 // waitBlocked waits until n readers have reached the gate.
 func (f *fakeFetcher) waitBlocked(t *testing.T, n int) {
 	t.Helper()
-	timeout := time.After(waitLimit)
-	for i := 0; i < n; i++ {
-		select {
-		case <-f.blocked:
-		case <-timeout:
-			t.Fatalf("only %d of %d readers reached the gate", i, n)
-		}
+	for i := range n {
+		sourcetest.Recv(t, f.remote.Resolver().Blocked(), waitLimit, fmt.Sprintf("reader %d of %d at the gate", i+1, n))
 	}
 }
 
@@ -124,63 +96,12 @@ func (f *fakeFetcher) waitBlocked(t *testing.T, n int) {
 // nothing a test does to contexts can stop them.
 func (f *fakeFetcher) waitPassed(t *testing.T, n int) {
 	t.Helper()
-	timeout := time.After(waitLimit)
-	for i := 0; i < n; i++ {
-		select {
-		case <-f.passed:
-		case <-timeout:
-			t.Fatalf("only %d of %d readers passed the gate", i, n)
-		}
+	for i := range n {
+		sourcetest.Recv(t, f.remote.Resolver().Passed(), waitLimit, fmt.Sprintf("reader %d of %d through the gate", i+1, n))
 	}
 }
 
 func timeAfter() <-chan time.Time { return time.After(waitLimit) }
-
-type fakeReader struct {
-	ctx    context.Context
-	f      *fakeFetcher
-	path   string
-	data   []byte
-	off    int
-	passed bool // past the gate
-}
-
-func (r *fakeReader) Read(p []byte) (int, error) {
-	f := r.f
-	failing := f.failErr != nil && f.failPath == r.path
-	if failing && r.off >= f.failAt {
-		return 0, f.failErr
-	}
-	if f.gate != nil && !r.passed && r.off >= f.gateAfter {
-		f.blocked <- r.path
-		select {
-		case <-f.gate:
-			r.passed = true
-			f.passed <- r.path
-		case <-r.ctx.Done():
-			f.cancelled.Add(1)
-			return 0, r.ctx.Err()
-		}
-	}
-	if r.off >= len(r.data) {
-		return 0, io.EOF
-	}
-	end := len(r.data)
-	if f.gate != nil && !r.passed && f.gateAfter < end {
-		end = f.gateAfter
-	}
-	if failing && f.failAt < end {
-		end = f.failAt
-	}
-	n := copy(p, r.data[r.off:end])
-	r.off += n
-	return n, nil
-}
-
-func (r *fakeReader) Close() error {
-	r.f.closed.Add(1)
-	return nil
-}
 
 // memIndex is an in-memory store.Index.
 type memIndex struct {

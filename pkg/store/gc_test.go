@@ -305,7 +305,7 @@ func TestOnDownloadHook(t *testing.T) {
 		}, 1, 7000, false},
 		{"failed download", func(t *testing.T, s *store.Store) {
 			f := newFetcher(files)
-			f.failPath, f.failAt, f.failErr = "w.bin", 2500, errBoom
+			f.failAt("w.bin", 2500, errBoom)
 			if _, _, err := s.Ensure(context.Background(), "k", m, f); err == nil {
 				t.Fatal("Ensure succeeded with a failing remote")
 			}

@@ -1,7 +1,9 @@
 // Package sourcetest is the in-memory remote every package's unit tests
 // share: a source.Resolver whose remotes serve models from a map, count
-// what they are asked, and can be told to fail, to hang, or to hold a
-// download at a byte offset until the test releases it.
+// what they are asked and the readers they hand out, and can be told to
+// fail (at open, or one object at a byte offset), to hang, or to hold a
+// download at a byte offset until the test releases it. NewFetcher is
+// one such remote on its own, for tests that need only a store.Fetcher.
 package sourcetest
 
 import (
@@ -84,6 +86,16 @@ type Resolver struct {
 	CutOpens, CutAfter int
 	opens              map[string]int // "uri|path" → Open calls
 
+	// FailPath's readers return FailErr once they have delivered FailAt
+	// bytes of it: a connection that breaks at a chosen offset.
+	FailPath string
+	FailAt   int
+	FailErr  error
+	// ReadersOpened and ReadersClosed count the readers handed out and
+	// closed; ReadersCancelled those the gate let go because their
+	// download's context ended.
+	ReadersOpened, ReadersClosed, ReadersCancelled int
+
 	// VerifyDenied holds credential IDs whose Verify is refused.
 	VerifyDenied map[string]bool
 
@@ -104,6 +116,7 @@ type Resolver struct {
 	gate      chan struct{}
 	gateAfter int
 	blocked   chan string
+	passed    chan string
 }
 
 // NewResolver returns a resolver with no models.
@@ -157,7 +170,8 @@ func (r *Resolver) WithGate(n int) {
 	defer r.mu.Unlock()
 	r.gate = make(chan struct{})
 	r.gateAfter = n
-	r.blocked = make(chan string, 64)
+	r.blocked = make(chan string, 1024)
+	r.passed = make(chan string, 1024)
 }
 
 // Release lets gated readers go on.
@@ -168,6 +182,13 @@ func (r *Resolver) Blocked() <-chan string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.blocked
+}
+
+// Passed receives the path of each reader once it is through the gate.
+func (r *Resolver) Passed() <-chan string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.passed
 }
 
 // Set runs f with the resolver locked, to change its fields safely.
@@ -386,8 +407,13 @@ func (f *Remote) OpenRange(ctx context.Context, e source.Entry, offset, length i
 // holds r.mu.
 func (r *Resolver) reader(ctx context.Context, data []byte, path string) io.ReadCloser {
 	r.readers++
+	r.ReadersOpened++
 	r.MaxReaders = max(r.MaxReaders, r.readers)
-	return &gatedReader{ctx: ctx, data: data, path: path, gate: r.gate, after: r.gateAfter, blocked: r.blocked, r: r}
+	g := &gatedReader{ctx: ctx, data: data, path: path, gate: r.gate, after: r.gateAfter, blocked: r.blocked, passedCh: r.passed, r: r, failAt: -1}
+	if r.FailErr != nil && r.FailPath == path {
+		g.failAt, g.failErr = r.FailAt, r.FailErr
+	}
+	return g
 }
 
 // gatedReader serves data, stopping once at after bytes while gate is open.
@@ -402,15 +428,31 @@ type gatedReader struct {
 	passed  bool
 	r       *Resolver
 	closed  bool
+	// passedCh hears the path once the reader is through the gate.
+	passedCh chan string
+	// failAt, when not negative, is where the reader fails with failErr.
+	failAt  int
+	failErr error
 }
 
 func (g *gatedReader) Read(p []byte) (int, error) {
+	failing := g.failAt >= 0
+	if failing && g.off >= g.failAt {
+		return 0, g.failErr
+	}
 	if g.gate != nil && !g.passed && g.off >= g.after && g.after < len(g.data) {
 		g.blocked <- g.path
 		select {
 		case <-g.gate:
 			g.passed = true
+			select { // tests that never wait on Passed must not stall here
+			case g.passedCh <- g.path:
+			default:
+			}
 		case <-g.ctx.Done():
+			g.r.mu.Lock()
+			g.r.ReadersCancelled++
+			g.r.mu.Unlock()
 			return 0, g.ctx.Err()
 		}
 	}
@@ -420,6 +462,9 @@ func (g *gatedReader) Read(p []byte) (int, error) {
 	end := len(g.data)
 	if g.gate != nil && !g.passed && g.after < end {
 		end = g.after
+	}
+	if failing && g.failAt < end {
+		end = g.failAt
 	}
 	n := copy(p, g.data[g.off:end])
 	g.off += n
@@ -431,6 +476,7 @@ func (g *gatedReader) Close() error {
 		g.closed = true
 		g.r.mu.Lock()
 		g.r.readers--
+		g.r.ReadersClosed++
 		g.r.mu.Unlock()
 	}
 	return nil
