@@ -1,7 +1,6 @@
 package store_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,16 +11,17 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
 )
 
-// stallFetcher serves objects from memory, whole or in ranges. Reads of
-// the objects whose names slow names are held: the range at offset 0 of a
-// ranged read, every byte of a whole one. trickle, when positive, lets a
-// held read deliver one byte per trickle instead of none until its context
-// ends.
+// stallFetcher holds some of sourcetest's in-memory objects, whole or in
+// ranges: reads of the objects slow names are held, the range at offset 0
+// of a ranged read or every byte of a whole one. trickle, when positive,
+// lets a held read deliver one byte per trickle instead of none until its
+// context ends.
 type stallFetcher struct {
-	files   map[string][]byte
+	remote  *sourcetest.Remote
 	slow    map[string]bool
 	trickle time.Duration
 	all     bool         // hold reads from any offset, not only from 0
@@ -34,18 +34,20 @@ func (f *stallFetcher) Open(ctx context.Context, e source.Entry) (io.ReadCloser,
 }
 
 func (f *stallFetcher) OpenRange(ctx context.Context, e source.Entry, off, n int64) (io.ReadCloser, error) {
-	data := f.files[e.Path][off : off+n]
-	if !f.slow[e.Path] || off != 0 && !f.all {
-		return io.NopCloser(bytes.NewReader(data)), nil
+	rc, err := f.remote.OpenRange(ctx, e, off, n)
+	if err != nil || !f.slow[e.Path] || off != 0 && !f.all {
+		return rc, err
 	}
 	f.held.Add(1)
-	return &heldReader{ctx: ctx, data: data, f: f}, nil
+	return &heldReader{ctx: ctx, src: rc, f: f}, nil
 }
 
+// heldReader delivers src one byte per trickle, or nothing until its
+// context ends.
 type heldReader struct {
-	ctx  context.Context
-	data []byte
-	f    *stallFetcher
+	ctx context.Context
+	src io.ReadCloser
+	f   *stallFetcher
 }
 
 func (r *heldReader) Read(p []byte) (int, error) {
@@ -59,15 +61,10 @@ func (r *heldReader) Read(p []byte) (int, error) {
 		return 0, fmt.Errorf("%w: %w", source.ErrUnavailable, r.ctx.Err())
 	case <-tick:
 	}
-	if len(r.data) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p[:1], r.data)
-	r.data = r.data[n:]
-	return n, nil
+	return r.src.Read(p[:min(len(p), 1)])
 }
 
-func (r *heldReader) Close() error { return nil }
+func (r *heldReader) Close() error { return r.src.Close() }
 
 func openOpts(t *testing.T, opt store.Options) *store.Store {
 	t.Helper()
@@ -86,7 +83,7 @@ func TestFair_StalledChunk_OtherDownloadFinishes(t *testing.T) {
 				MinStreamRate: -1, StallTimeout: -1, DownloadGrace: -1})
 			slow := map[string][]byte{"slow.bin": bytesOf("slow", 40*rangeChunk)}
 			fast := map[string][]byte{"fast.bin": bytesOf("fast", 40*rangeChunk+7)}
-			fs := &stallFetcher{files: slow, slow: map[string]bool{"slow.bin": true}}
+			fs := &stallFetcher{remote: sourcetest.NewFetcher(slow), slow: map[string]bool{"slow.bin": true}}
 			stalled := ensureAsync(context.Background(), s, "slow", manifestOf(slow), fs)
 			waitFor(t, "the first chunk to stall", func() bool { return fs.held.Load() > 0 })
 			// Give its other streams time to fill the pool with finished chunks.
@@ -94,7 +91,7 @@ func TestFair_StalledChunk_OtherDownloadFinishes(t *testing.T) {
 
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			tr, _, err := s.Ensure(ctx, "fast", manifestOf(fast), &stallFetcher{files: fast})
+			tr, _, err := s.Ensure(ctx, "fast", manifestOf(fast), &stallFetcher{remote: sourcetest.NewFetcher(fast)})
 			if err != nil {
 				t.Fatalf("a download beside a stalled one: %v", err)
 			}
@@ -129,7 +126,7 @@ func TestFair_TricklingStream_CutRetriedThenUnavailable(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			files := map[string][]byte{"t.bin": bytesOf("t"+tt.name, tt.size)}
-			f := &stallFetcher{files: files, slow: map[string]bool{"t.bin": true}, trickle: 20 * time.Millisecond, all: tt.all}
+			f := &stallFetcher{remote: sourcetest.NewFetcher(files), slow: map[string]bool{"t.bin": true}, trickle: 20 * time.Millisecond, all: tt.all}
 			start := time.Now()
 			_, _, err := s.Ensure(context.Background(), "trickle-"+tt.name, manifestOf(files), f)
 			took := time.Since(start)
@@ -152,7 +149,7 @@ func TestFair_TricklingStream_CutRetriedThenUnavailable(t *testing.T) {
 func TestStall_NoProgress_FailsUnavailable(t *testing.T) {
 	s := openOpts(t, store.Options{MinStreamRate: -1, StallTimeout: 300 * time.Millisecond, DownloadGrace: -1})
 	files := map[string][]byte{"a.bin": bytesOf("a", 100)}
-	f := &stallFetcher{files: files, slow: map[string]bool{"a.bin": true}}
+	f := &stallFetcher{remote: sourcetest.NewFetcher(files), slow: map[string]bool{"a.bin": true}}
 	_, _, err := s.Ensure(context.Background(), "k", manifestOf(files), f)
 	if !errors.Is(err, source.ErrUnavailable) || !strings.Contains(err.Error(), "--download-stall-timeout") {
 		t.Fatalf("err %v, want ErrUnavailable naming --download-stall-timeout", err)
@@ -178,7 +175,7 @@ func TestGrace_AbandonedCancelled_WantedKept(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			s := openOpts(t, store.Options{MinStreamRate: -1, StallTimeout: -1, DownloadGrace: grace})
 			files := map[string][]byte{"a.bin": bytesOf("a", 100)}
-			f := &stallFetcher{files: files, slow: map[string]bool{"a.bin": true}}
+			f := &stallFetcher{remote: sourcetest.NewFetcher(files), slow: map[string]bool{"a.bin": true}}
 			ask := func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 				defer cancel()
@@ -216,11 +213,11 @@ func TestFair_TricklingObjects_ConnectionsShared(t *testing.T) {
 		held[fmt.Sprintf("s%d", i)] = true
 		fast[fmt.Sprintf("f%d", i)] = bytesOf(fmt.Sprint("f", i), 100)
 	}
-	fs := &stallFetcher{files: slow, slow: held, trickle: 40 * time.Millisecond, all: true}
+	fs := &stallFetcher{remote: sourcetest.NewFetcher(slow), slow: held, trickle: 40 * time.Millisecond, all: true}
 	start := time.Now()
 	stalled := ensureAsync(context.Background(), s, "slow", manifestOf(slow), fs)
 	waitFor(t, "the trickling streams", func() bool { return fs.held.Load() >= 4 })
-	tr, _, err := s.Ensure(context.Background(), "fast", manifestOf(fast), &stallFetcher{files: fast})
+	tr, _, err := s.Ensure(context.Background(), "fast", manifestOf(fast), &stallFetcher{remote: sourcetest.NewFetcher(fast)})
 	if err != nil {
 		t.Fatal(err)
 	}
