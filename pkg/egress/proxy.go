@@ -40,7 +40,7 @@ type Proxy struct {
 	wg     sync.WaitGroup
 	mu     sync.Mutex
 	closed bool
-	conns  map[net.Conn]struct{}
+	conns  map[net.Conn]string // open connections → the remote they serve ("" before it authenticated)
 }
 
 // handshakeTimeout bounds a client's SOCKS negotiation; the connect that
@@ -64,6 +64,15 @@ func (g *Guard) ProxyURL(id string) (string, error) {
 	return u.String(), nil
 }
 
+// CloseConns closes the connections the proxy holds for remote id, if the
+// proxy was started (see Proxy.CloseConns).
+func (g *Guard) CloseConns(id string) {
+	g.proxyOnce.Do(func() {}) // pairs with Proxy's start: g.proxy is set or stays nil
+	if g.proxy != nil {
+		g.proxy.CloseConns(id)
+	}
+}
+
 // Close stops the proxy, if it was started, and every connection through it.
 func (g *Guard) Close() error {
 	if g.proxy == nil {
@@ -82,7 +91,7 @@ func startProxy(g *Guard) (*Proxy, error) {
 		ln.Close()
 		return nil, fmt.Errorf("egress proxy password: %w", err)
 	}
-	p := &Proxy{guard: g, ln: ln, password: hex.EncodeToString(b[:]), conns: map[net.Conn]struct{}{}}
+	p := &Proxy{guard: g, ln: ln, password: hex.EncodeToString(b[:]), conns: map[net.Conn]string{}}
 	p.wg.Add(1)
 	go p.serve()
 	return p, nil
@@ -104,14 +113,30 @@ func (p *Proxy) Close() error {
 	return err
 }
 
-func (p *Proxy) track(c net.Conn) bool {
+func (p *Proxy) track(c net.Conn, id string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return false
 	}
-	p.conns[c] = struct{}{}
+	p.conns[c] = id
 	return true
+}
+
+// CloseConns closes the upstream connections of remote id. The remote
+// calls it once it has no request left: rclone's transports keep idle
+// connections for a minute, one transport per remote (per request, since
+// each carries its own credentials and proxy), so a burst of publishes
+// would otherwise hold thousands of sockets, and the pipes that splice
+// them, long after their downloads ended.
+func (p *Proxy) CloseConns(id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c, cid := range p.conns {
+		if cid == id {
+			c.Close()
+		}
+	}
 }
 
 func (p *Proxy) untrack(c net.Conn) {
@@ -131,7 +156,7 @@ func (p *Proxy) serve() {
 			}
 			return
 		}
-		if !p.track(c) {
+		if !p.track(c, "") {
 			c.Close()
 			return
 		}
@@ -196,7 +221,7 @@ func (p *Proxy) handle(c net.Conn) {
 		}
 		return
 	}
-	if !p.track(up) {
+	if !p.track(up, id) {
 		up.Close()
 		return
 	}

@@ -77,6 +77,7 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 		// the checksum of such an object says anything checkable.
 		return Checksum{}, nil
 	}
+	defer r.conns.begin()()
 	ctx = r.requestConfig(ctx)
 	f, _, err := r.backend(ctx)
 	if err != nil {

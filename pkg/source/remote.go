@@ -126,6 +126,7 @@ func (r *Rclone) Resolve(ctx context.Context, uri string, secrets map[string]str
 		credID: credentialID(r.fingerprintKey, cfg),
 		guard:  r.egress(), egressID: newEgressID(),
 	}
+	remote.conns = &activity{close: func() { remote.guard.CloseConns(remote.egressID) }}
 	if remote.proxyURL, err = remote.guard.ProxyURL(remote.egressID); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
@@ -204,6 +205,8 @@ type rcloneRemote struct {
 	guard    *egress.Guard
 	egressID string
 	proxyURL string
+	// conns closes this remote's connections once it has no request left.
+	conns *activity
 	// deferredCheck is the endpoint check Resolve could not finish.
 	deferredCheck func(ctx context.Context) error
 
@@ -297,6 +300,7 @@ func (r *rcloneRemote) Identity() string     { return r.cfg.Identity }
 func (r *rcloneRemote) CredentialID() string { return r.credID }
 
 func (r *rcloneRemote) List(ctx context.Context) (Manifest, error) {
+	defer r.conns.begin()()
 	ctx = r.requestConfig(ctx)
 	f, file, err := r.backend(ctx)
 	if err != nil {
@@ -368,7 +372,13 @@ func (r *rcloneRemote) Open(ctx context.Context, e Entry) (io.ReadCloser, error)
 // from one version of an object, so every range is known to be of the
 // listed version, also for an object without a checksum, whose bytes
 // nothing else could check.
-func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length int64) (io.ReadCloser, error) {
+func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length int64) (_ io.ReadCloser, err error) {
+	end := r.conns.begin()
+	defer func() {
+		if err != nil {
+			end()
+		}
+	}()
 	ctx = r.requestConfig(ctx)
 	op := fmt.Sprintf("opening %s/%s bytes %d-%d", r.uri, e.Path, offset, offset+length-1)
 	o, err := r.takeRanged(ctx, e)
@@ -386,7 +396,7 @@ func (r *rcloneRemote) OpenRange(ctx context.Context, e Entry, offset, length in
 	r.mu.Lock()
 	r.ranged[e.Path] = append(r.ranged[e.Path], o)
 	r.mu.Unlock()
-	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r}, nil
+	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r, end: end}, nil
 }
 
 // takeRanged returns an object of e's path that no other read uses: a
@@ -443,7 +453,13 @@ func (r *rcloneRemote) sameAs(e Entry, size int64, t time.Time, md5 string) erro
 	return nil
 }
 
-func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (io.ReadCloser, error) {
+func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOption) (_ io.ReadCloser, err error) {
+	end := r.conns.begin()
+	defer func() {
+		if err != nil {
+			end()
+		}
+	}()
 	ctx = r.requestConfig(ctx)
 	f, _, err := r.backend(ctx)
 	if err != nil {
@@ -461,7 +477,7 @@ func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOpti
 	if err != nil {
 		return nil, r.classify(fmt.Sprintf("opening %s/%s", r.uri, e.Path), err)
 	}
-	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r}, nil
+	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r, end: end}, nil
 }
 
 // verifyParallelism bounds the metadata requests one Verify has in flight.
@@ -477,6 +493,7 @@ func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
 			return err
 		}
 	}
+	defer r.conns.begin()()
 	ctx = r.requestConfig(ctx)
 	f, file, err := r.metadataBackend(ctx)
 	if err != nil {
@@ -539,6 +556,7 @@ type classifyingReader struct {
 	rc     io.ReadCloser
 	op     string
 	remote *rcloneRemote
+	end    func() // the request ends with the reader
 }
 
 func (c *classifyingReader) Read(p []byte) (int, error) {
@@ -549,4 +567,8 @@ func (c *classifyingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (c *classifyingReader) Close() error { return c.rc.Close() }
+func (c *classifyingReader) Close() error {
+	err := c.rc.Close()
+	c.end()
+	return err
+}

@@ -7,6 +7,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -35,6 +36,8 @@ type fakeS3 struct {
 	counts  map[string]int    // "HEAD", "GET object", "GET list", ...
 
 	inFlight, maxInFlight atomic.Int64
+	// conns is how many client connections are open now.
+	conns atomic.Int64
 }
 
 func newFakeS3(t *testing.T) *fakeS3 {
@@ -43,7 +46,16 @@ func newFakeS3(t *testing.T) *fakeS3 {
 		objects: map[string][]byte{}, etags: map[string]string{},
 		keys: map[string]bool{secretKeyID: true}, counts: map[string]int{},
 	}
-	srv := httptest.NewServer(http.HandlerFunc(f.serve))
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew:
+			f.conns.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			f.conns.Add(-1)
+		}
+	}
+	srv.Start()
 	t.Cleanup(srv.Close)
 	f.url = srv.URL
 	return f
