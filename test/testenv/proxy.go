@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -92,9 +93,9 @@ func StartProxy(target string) (*Proxy, error) {
 			resp.Body = newReadAhead(resp.Body)
 		}
 		p.mu.Lock()
-		rw := p.rewrite
+		rw, hide := p.rewrite, p.hideKey
 		p.mu.Unlock()
-		if rw == nil || !isList(resp.Request) {
+		if rw == nil && hide == "" || !isList(resp.Request) {
 			return nil
 		}
 		body, err := io.ReadAll(resp.Body)
@@ -102,7 +103,12 @@ func StartProxy(target string) (*Proxy, error) {
 		if err != nil {
 			return err
 		}
-		body = rw(body)
+		if hide != "" {
+			body = hideListedETag(body, hide)
+		}
+		if rw != nil {
+			body = rw(body)
+		}
 		resp.Body = io.NopCloser(bytes.NewReader(body))
 		resp.ContentLength = int64(len(body))
 		resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
@@ -263,8 +269,8 @@ func (p *Proxy) swapBody(resp *http.Response) {
 }
 
 // HideChecksums makes every response about the object whose key ends in
-// key (HEADs and GETs; not listings) carry no checksum: no
-// x-amz-checksum-* headers and an opaque ETag, as from a store whose ETags
+// key carry no checksum: HEADs and GETs no x-amz-checksum-* headers and an
+// opaque ETag, listings the same opaque ETag, as from a store whose ETags
 // are not MD5s. "" stops it.
 func (p *Proxy) HideChecksums(key string) {
 	p.mu.Lock()
@@ -287,6 +293,13 @@ func (p *Proxy) hideChecksums(resp *http.Response) {
 	if resp.Header.Get("ETag") != "" {
 		resp.Header.Set("ETag", `"opaque"`)
 	}
+}
+
+// hideListedETag gives the listed object whose key ends in key the opaque
+// ETag its HEADs and GETs carry (see HideChecksums).
+func hideListedETag(body []byte, key string) []byte {
+	re := regexp.MustCompile(`(?s)(<Key>[^<]*` + regexp.QuoteMeta("/"+key) + `</Key>.*?<ETag>)[^<]*(</ETag>)`)
+	return re.ReplaceAll(body, []byte("${1}&#34;opaque&#34;${2}"))
 }
 
 // RewriteListings sets a function applied to every listing response body
