@@ -64,12 +64,11 @@ func (g *Guard) ProxyURL(id string) (string, error) {
 	return u.String(), nil
 }
 
-// CloseConns closes the connections the proxy holds for remote id, if the
-// proxy was started (see Proxy.CloseConns).
+// CloseConns closes the connections the proxy holds for remote id (see
+// Proxy.CloseConns). The remote's ProxyURL started the proxy already.
 func (g *Guard) CloseConns(id string) {
-	g.proxyOnce.Do(func() {}) // pairs with Proxy's start: g.proxy is set or stays nil
-	if g.proxy != nil {
-		g.proxy.CloseConns(id)
+	if p, err := g.Proxy(); err == nil {
+		p.CloseConns(id)
 	}
 }
 

@@ -229,3 +229,15 @@ func BenchmarkProxy(b *testing.B) {
 		})
 	}
 }
+
+// Closing a remote's connections before the proxy ever started leaves the
+// proxy startable: the next remote still gets a proxy URL.
+func TestCloseConnsBeforeProxyStarted(t *testing.T) {
+	g := New(Policy{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}})
+	defer g.Close()
+	g.CloseConns("early")
+	u, err := g.ProxyURL("next")
+	if err != nil || !strings.HasPrefix(u, "socks5://rnext:") {
+		t.Fatalf("ProxyURL after an early CloseConns = %q, %v; want a socks5 URL for rnext", u, err)
+	}
+}
