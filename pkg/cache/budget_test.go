@@ -23,6 +23,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // fakeHoldings are holdings whose candidates and protections a test sets:
@@ -35,7 +36,7 @@ type fakeHoldings struct {
 	protected map[string]bool
 	asked     []string // digests asked about just before removal
 	forgotten []string
-	log       *eventLog // when set, ForgetTree is logged
+	log       *storetest.EventLog // when set, ForgetTree is logged
 }
 
 func (f *fakeHoldings) CachedTrees() ([]state.CachedTree, error) {
@@ -76,7 +77,7 @@ func (f *fakeHoldings) ForgetTree(digest string) error {
 	defer f.mu.Unlock()
 	f.forgotten = append(f.forgotten, digest)
 	if f.log != nil {
-		f.log.add("forget " + digest)
+		f.log.Add("forget " + digest)
 	}
 	return nil
 }
@@ -85,24 +86,6 @@ func (f *fakeHoldings) forgottenList() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return slices.Clone(f.forgotten)
-}
-
-// eventLog records what happened, in order, across goroutines.
-type eventLog struct {
-	mu     sync.Mutex
-	events []string
-}
-
-func (l *eventLog) add(s string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.events = append(l.events, s)
-}
-
-func (l *eventLog) list() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.events)
 }
 
 // evictCall is one OnEvict call.
@@ -115,7 +98,7 @@ type evictCall struct {
 type evictRecorder struct {
 	mu    sync.Mutex
 	calls []evictCall
-	log   *eventLog
+	log   *storetest.EventLog
 }
 
 func (r *evictRecorder) onEvict(reason EvictReason, freed int64) {
@@ -123,7 +106,7 @@ func (r *evictRecorder) onEvict(reason EvictReason, freed int64) {
 	defer r.mu.Unlock()
 	r.calls = append(r.calls, evictCall{string(reason), freed})
 	if r.log != nil {
-		r.log.add("evict " + string(reason))
+		r.log.Add("evict " + string(reason))
 	}
 }
 
@@ -400,11 +383,11 @@ func TestMakeRoom(t *testing.T) {
 // loggingRemote logs each Open before delegating.
 type loggingRemote struct {
 	source.Remote
-	log *eventLog
+	log *storetest.EventLog
 }
 
 func (r loggingRemote) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
-	r.log.add("open " + e.Path)
+	r.log.Add("open " + e.Path)
 	return r.Remote.Open(ctx, e)
 }
 
@@ -430,7 +413,7 @@ func TestFetchMakesRoomFirst(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			log := &eventLog{}
+			log := &storetest.EventLog{}
 			hold := &fakeHoldings{protected: map[string]bool{}, log: log}
 			rec := &evictRecorder{log: log}
 			b := openBudgetCache(t, models, Options{Budget: Budget{MaxBytes: tt.maxBytes}, OnEvict: rec.onEvict}, hold)
@@ -462,7 +445,7 @@ func TestFetchMakesRoomFirst(t *testing.T) {
 			// Every eviction (ForgetTree, OnEvict) comes before the first Open.
 			var forgets, opened []string
 			evicts := 0
-			for _, ev := range log.list() {
+			for _, ev := range log.List() {
 				switch {
 				case strings.HasPrefix(ev, "open "):
 					opened = append(opened, ev)

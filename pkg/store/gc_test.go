@@ -23,24 +23,6 @@ import (
 	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
-// eventLog records what happened, in order, across goroutines.
-type eventLog struct {
-	mu     sync.Mutex
-	events []string
-}
-
-func (l *eventLog) add(s string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.events = append(l.events, s)
-}
-
-func (l *eventLog) list() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.events)
-}
-
 // openWith opens a store on dir with opt, closed at cleanup.
 func openWith(t *testing.T, dir string, idx store.Index, opt store.Options) *store.Store {
 	t.Helper()
@@ -254,11 +236,11 @@ func TestRemoveTreeRejectsInvalidDigest(t *testing.T) {
 // loggingFetcher logs each Open before delegating.
 type loggingFetcher struct {
 	*fakeFetcher
-	log *eventLog
+	log *storetest.EventLog
 }
 
 func (f loggingFetcher) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
-	f.log.add("open " + e.Path)
+	f.log.Add("open " + e.Path)
 	return f.fakeFetcher.Open(ctx, e)
 }
 
@@ -638,10 +620,10 @@ func TestRemoveTreeIf(t *testing.T) {
 			idx := newIndex()
 			tr := seedStore(t, dir, idx, map[string]map[string][]byte{"m": files})["m"]
 			s := openWith(t, dir, idx, store.Options{})
-			log := &eventLog{}
+			log := &storetest.EventLog{}
 			freed, removed, err := s.RemoveTreeIf(tr.Digest,
 				func() (bool, error) {
-					log.add("keep")
+					log.Add("keep")
 					// Under the tree lock: a publish mounting it waits.
 					done := make(chan struct{})
 					go func() {
@@ -660,7 +642,7 @@ func TestRemoveTreeIf(t *testing.T) {
 					if s.HasTree(tr.Digest) {
 						t.Error("forget ran before the tree was removed")
 					}
-					log.add("forget")
+					log.Add("forget")
 					return nil
 				})
 			if !errors.Is(err, tt.keepErr) {
@@ -679,7 +661,7 @@ func TestRemoveTreeIf(t *testing.T) {
 			} else {
 				checkTree(t, s, tr, files)
 			}
-			if got := log.list(); !slices.Equal(got, want) {
+			if got := log.List(); !slices.Equal(got, want) {
 				t.Errorf("calls %v, want %v", got, want)
 			}
 		})
@@ -705,7 +687,7 @@ func TestEnsureGatedGate(t *testing.T) {
 			dir := t.TempDir()
 			s := openWith(t, dir, newIndex(), store.Options{})
 			f := newFetcher(files)
-			log := &eventLog{}
+			log := &storetest.EventLog{}
 			gate := func() error {
 				bytes, inodes := s.Reservations()
 				// Two files, one directory, the tree's and the ingest directory's own.
@@ -715,7 +697,7 @@ func TestEnsureGatedGate(t *testing.T) {
 				if _, ok := s.Downloading("key"); !ok {
 					t.Error("the download is not registered when the gate runs")
 				}
-				log.add("gate")
+				log.Add("gate")
 				return tt.gateErr
 			}
 			e, err := s.EnsureGated(context.Background(), "key", m, loggingFetcher{f, log}, gate)
@@ -735,7 +717,7 @@ func TestEnsureGatedGate(t *testing.T) {
 			if !e.Fetched || e.Joined {
 				t.Errorf("Ensured = %+v, want Fetched and not Joined", e)
 			}
-			if got := log.list(); len(got) != 3 || got[0] != "gate" {
+			if got := log.List(); len(got) != 3 || got[0] != "gate" {
 				t.Errorf("calls %v, want the gate, then two opens", got)
 			}
 			again, err := s.EnsureGated(context.Background(), "key", m, f, func() error {

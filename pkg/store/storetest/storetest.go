@@ -2,7 +2,8 @@
 // cache relies on from any content store, run against the real one by
 // pkg/store's tests (as containerd runs content/testsuite against its
 // stores). TreeDigestOf gives the tests of every layer above the store the
-// digest it must give a model's files.
+// digest it must give a model's files; MakeWritable and EventLog are the
+// small helpers their tests share.
 package storetest
 
 import (
@@ -10,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -227,4 +229,25 @@ func MakeWritable(dir string) {
 		}
 		return nil
 	})
+}
+
+// EventLog records what happened, in order, across goroutines: the order
+// of hooks (an open, an eviction, a forgotten record) tests assert.
+type EventLog struct {
+	mu     sync.Mutex
+	events []string
+}
+
+// Add records one event.
+func (l *EventLog) Add(s string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.events = append(l.events, s)
+}
+
+// List returns the events so far, in order.
+func (l *EventLog) List() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.events)
 }
