@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/modelcache/modelcache/pkg/state"
+	"github.com/modelcache/modelcache/pkg/store"
 	"github.com/modelcache/modelcache/pkg/units"
 	"k8s.io/klog/v2"
 )
@@ -32,9 +33,17 @@ func (c *Cache) Trees() ([]Tree, error) {
 
 // Find resolves an operator's reference to one tree: a digest, a digest
 // prefix of at least 12 hex digits, or a model URI the tree was fetched as.
+// A whole digest is one lookup, whatever the number of trees; the others
+// read every tree record.
 func (c *Cache) Find(ref string) (Tree, error) {
 	if ref == "" {
 		return Tree{}, fmt.Errorf("%w: name a tree by digest (sha256:...) or by model URI", ErrNoTree)
+	}
+	if digest := "sha256:" + strings.TrimPrefix(ref, "sha256:"); store.ValidDigest(digest) {
+		t, ok, err := c.state.CachedTree(digest)
+		if err != nil || ok {
+			return Tree{CachedTree: t, Present: c.store.HasTree(digest)}, err
+		}
 	}
 	trees, err := c.Trees()
 	if err != nil {

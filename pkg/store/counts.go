@@ -153,21 +153,31 @@ func (s *Store) settleBlobs(sums []string) {
 // statBlob lstats one blob by its hex name, relative to blobs/.
 func (s *Store) statBlob(sum string) (unix.Stat_t, error) {
 	var st unix.Stat_t
+	err := s.atBlob(sum, func(fd int) error { return unix.Fstatat(fd, sum, &st, unix.AT_SYMLINK_NOFOLLOW) })
+	return st, err
+}
+
+// unlinkBlob removes blobs/<sum>: one unlinkat on the held blobs/
+// descriptor, where os.Root would open and close blobs/ around it.
+func (s *Store) unlinkBlob(sum string) error {
+	return s.atBlob(sum, func(fd int) error { return unix.Unlinkat(fd, sum, 0) })
+}
+
+// atBlob runs fn on the held blobs/ descriptor for a valid blob name.
+func (s *Store) atBlob(sum string, fn func(dirfd int) error) error {
 	if !isHex64(sum) {
-		return st, fmt.Errorf("invalid blob name %q", sum)
+		return fmt.Errorf("invalid blob name %q", sum)
 	}
 	rc, err := s.tally.blobsDir.SyscallConn()
 	if err != nil {
-		return st, err
+		return err
 	}
 	// Control keeps the descriptor open while it runs (Close waits).
-	cerr := rc.Control(func(fd uintptr) {
-		err = unix.Fstatat(int(fd), sum, &st, unix.AT_SYMLINK_NOFOLLOW)
-	})
+	cerr := rc.Control(func(fd uintptr) { err = fn(int(fd)) })
 	if cerr != nil {
-		return st, cerr
+		return cerr
 	}
-	return st, err
+	return err
 }
 
 // isHex64 is ValidDigest's test of the hex, without a regexp.
