@@ -138,7 +138,7 @@ func run(o options) error {
 	// dials for a tenant.
 	egress.GuardDefaultTransport(guard)
 	defer guard.Close()
-	resolver := source.NewRclone(key, source.WithEgress(guard), source.WithMaxFiles(o.maxFiles))
+	resolver := source.NewSources(key, source.WithEgress(guard), source.WithMaxFiles(o.maxFiles))
 
 	var node *csi.Node
 	if withNode {

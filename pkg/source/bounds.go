@@ -14,7 +14,7 @@ const DefaultMaxFiles = 100_000
 // there and fails with ErrTooLarge, before anything is downloaded (0:
 // DefaultMaxFiles).
 func WithMaxFiles(n int) Option {
-	return func(r *Rclone) { r.maxFiles = n }
+	return func(r *Sources) { r.maxFiles = n }
 }
 
 // errWalkStop ends a listing's walk from its callback.

@@ -40,14 +40,14 @@ func (e endpoint) display() string {
 	return (&url.URL{Scheme: e.URL.Scheme, Host: e.URL.Host}).String()
 }
 
-// Option configures an Rclone resolver.
-type Option func(*Rclone)
+// Option configures a Sources resolver.
+type Option func(*Sources)
 
 // WithEgress makes every connection of the resolver's remotes go through g
 // (the node plugin passes its one Guard). Without it a resolver builds its
 // own from WithAllowedEndpoints.
 func WithEgress(g *egress.Guard) Option {
-	return func(r *Rclone) { r.guard = g }
+	return func(r *Sources) { r.guard = g }
 }
 
 // WithAllowedEndpoints lets endpoints through the egress rules when every
@@ -55,7 +55,7 @@ func WithEgress(g *egress.Guard) Option {
 // prefixes (an in-cluster MinIO on the node's own address, say). It is
 // ignored when WithEgress gives a Guard.
 func WithAllowedEndpoints(prefixes []netip.Prefix) Option {
-	return func(r *Rclone) {
+	return func(r *Sources) {
 		r.allowed = append([]netip.Prefix(nil), prefixes...)
 	}
 }
@@ -125,7 +125,7 @@ func parseEndpointURL(key, value string, httpsOnly bool) (endpoint, error) {
 // checkEndpoints refuses any endpoint of cfg that is, or resolves to, an
 // address the node must not connect to for a tenant. It looks host names up
 // in DNS but never contacts the endpoints themselves.
-func (r *Rclone) checkEndpoints(ctx context.Context, eps []endpoint) error {
+func (r *Sources) checkEndpoints(ctx context.Context, eps []endpoint) error {
 	if len(eps) == 0 {
 		return nil
 	}

@@ -59,10 +59,10 @@ const nodeAddr = "10.0.0.7"
 // newTestRclone returns a resolver whose DNS answers come from hosts and
 // whose node has the interfaces lo (127.0.0.1, ::1) and eth0 (nodeAddr,
 // fe80::1): no test reaches real DNS through it.
-func newTestRclone(t *testing.T, hosts map[string][]string, opts ...Option) (*Rclone, *fakeDNS) {
+func newTestRclone(t *testing.T, hosts map[string][]string, opts ...Option) (*Sources, *fakeDNS) {
 	t.Helper()
 	dns := &fakeDNS{hosts: hosts}
-	r := NewRclone([]byte("node key"), opts...)
+	r := NewSources([]byte("node key"), opts...)
 	r.resolver = dns
 	r.interfaceAddrs = func() ([]net.Addr, error) {
 		var out []net.Addr
@@ -283,7 +283,7 @@ func TestResolveEndpointLookupFailures(t *testing.T) {
 // resolveAndList resolves a model behind endpoint and lists it. A failed
 // lookup does not fail Resolve (a cache hit contacts no remote and must not
 // fail because DNS is down); it fails the List, before any connection.
-func resolveAndList(r *Rclone, ctx context.Context, endpoint string) (Manifest, error) {
+func resolveAndList(r *Sources, ctx context.Context, endpoint string) (Manifest, error) {
 	remote, err := r.Resolve(ctx, "mys3:bucket/m", minioSecret(endpoint, secretKeyID, secretAccessKey))
 	if err != nil {
 		return nil, err
@@ -313,12 +313,12 @@ func TestResolveRefusesRealInterfaceAddress(t *testing.T) {
 		t.Skip("this machine has no address other than loopback and link-local")
 	}
 	ep := "http://" + netip.AddrPortFrom(own, 9000).String()
-	r := NewRclone([]byte("node key"))
+	r := NewSources([]byte("node key"))
 	_, err = r.Resolve(context.Background(), "mys3:bucket/m", minioSecret(ep, secretKeyID, secretAccessKey))
 	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), own.String()+", which the rule node-address refuses") {
 		t.Errorf("Resolve with endpoint %s (this machine) = %v, want ErrInvalid naming the node's address", ep, err)
 	}
-	r = NewRclone([]byte("node key"), WithAllowedEndpoints([]netip.Prefix{netip.PrefixFrom(own, own.BitLen())}))
+	r = NewSources([]byte("node key"), WithAllowedEndpoints([]netip.Prefix{netip.PrefixFrom(own, own.BitLen())}))
 	if _, err := r.Resolve(context.Background(), "mys3:bucket/m", minioSecret(ep, secretKeyID, secretAccessKey)); err != nil {
 		t.Errorf("Resolve with endpoint %s allowed: %v", ep, err)
 	}

@@ -21,6 +21,11 @@ type Entry struct {
 	// for an S3 object uploaded in parts (or any S3 ETag that is no MD5),
 	// "generation:<n>" for GCS. "" when the listing gave neither.
 	Version string
+	// SHA256 is the object's sha256 in lower-case hex when the source
+	// names it before the download (a Hub LFS oid, an OCI layer digest of
+	// a raw layer): the store checks the bytes against it and links a blob
+	// it already holds instead of fetching it again. "" for object stores.
+	SHA256 string
 }
 
 // Manifest is a model's listing, sorted by path. Two equal manifests from
@@ -43,7 +48,12 @@ func ContentKey(identity string, m Manifest) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "modelcache content key v1\x00%s\x00", identity)
 	for _, e := range m {
-		fmt.Fprintf(h, "%s\x00%d\x00%s\x00%d\n", e.Path, e.Size, e.Hash, e.ModTime.UnixNano())
+		fmt.Fprintf(h, "%s\x00%d\x00%s\x00%d", e.Path, e.Size, e.Hash, e.ModTime.UnixNano())
+		// Only when named, so that object-store keys stay what they were.
+		if e.SHA256 != "" {
+			fmt.Fprintf(h, "\x00sha256:%s", e.SHA256)
+		}
+		h.Write([]byte{'\n'})
 	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }

@@ -56,8 +56,11 @@ type Resolver interface {
 	Resolve(ctx context.Context, uri string, secrets map[string]string) (Remote, error)
 }
 
-// Rclone resolves models through rclone backends configured in memory.
-type Rclone struct {
+// Sources resolves a modelUri to its source: an rclone backend configured
+// in memory for object stores and HTTPS, the Hugging Face Hub for hf://
+// and an OCI registry for oci://. Every connection of every source goes
+// through one egress Guard.
+type Sources struct {
 	fingerprintKey []byte
 	maxFiles       int // files a model may have (WithMaxFiles)
 
@@ -73,7 +76,7 @@ type Rclone struct {
 
 // egress is the Guard every connection of this resolver's remotes goes
 // through.
-func (r *Rclone) egress() *egress.Guard {
+func (r *Sources) egress() *egress.Guard {
 	r.guardOnce.Do(func() {
 		if r.guard != nil {
 			return
@@ -90,10 +93,10 @@ func (r *Rclone) egress() *egress.Guard {
 	return r.guard
 }
 
-// NewRclone returns a Resolver. fingerprintKey is a node-local secret used to
+// NewSources returns a Resolver. fingerprintKey is a node-local secret used to
 // fingerprint credentials.
-func NewRclone(fingerprintKey []byte, opts ...Option) *Rclone {
-	r := &Rclone{fingerprintKey: fingerprintKey}
+func NewSources(fingerprintKey []byte, opts ...Option) *Sources {
+	r := &Sources{fingerprintKey: fingerprintKey}
 	for _, o := range opts {
 		o(r)
 	}
@@ -108,10 +111,16 @@ func NewRclone(fingerprintKey []byte, opts ...Option) *Rclone {
 // addresses) is refused with ErrInvalid before anything connects to it; a
 // lookup that fails is ErrUnavailable. The default AWS and Google endpoints
 // are not looked up. The backend is built on first List, Open or Verify.
-func (r *Rclone) Resolve(ctx context.Context, uri string, secrets map[string]string) (Remote, error) {
+func (r *Sources) Resolve(ctx context.Context, uri string, secrets map[string]string) (Remote, error) {
 	u, err := ParseURI(uri)
 	if err != nil {
 		return nil, err
+	}
+	switch u.Scheme {
+	case SchemeHF:
+		return r.resolveHF(ctx, u, secrets)
+	case SchemeOCI:
+		return r.resolveOCI(ctx, u, secrets)
 	}
 	cfg, err := buildConfig(u, secrets)
 	if err != nil {

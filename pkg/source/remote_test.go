@@ -14,7 +14,7 @@ import (
 	"github.com/rclone/rclone/fs/config/configmap"
 )
 
-var _ Resolver = (*Rclone)(nil)
+var _ Resolver = (*Sources)(nil)
 
 // countingServer stands in for a remote: Resolve must never call it.
 func countingServer(t *testing.T) (url string, hits *atomic.Int64) {
@@ -112,7 +112,7 @@ func TestResolve(t *testing.T) {
 		t.Errorf("Resolve made %d requests to the remote, want none", n)
 	}
 
-	resolve := func(r *Rclone, uri string, secrets map[string]string) Remote {
+	resolve := func(r *Sources, uri string, secrets map[string]string) Remote {
 		t.Helper()
 		rm, err := r.Resolve(ctx, uri, secrets)
 		if err != nil {
@@ -130,7 +130,7 @@ func TestResolve(t *testing.T) {
 		"RCLONE_CONFIG_MINIO_2_SECRET_ACCESS_KEY": secretAccessKey,
 	})
 	otherModel := resolve(r, "mys3:models/mnist", minioSecret(endpoint, secretKeyID, secretAccessKey))
-	otherNode := resolve(NewRclone([]byte("another node's key"), WithAllowedEndpoints(loopback)), "mys3:models/iris", minioSecret(endpoint, secretKeyID, secretAccessKey))
+	otherNode := resolve(NewSources([]byte("another node's key"), WithAllowedEndpoints(loopback)), "mys3:models/iris", minioSecret(endpoint, secretKeyID, secretAccessKey))
 	s3Form := resolve(r, "s3://models/iris", map[string]string{"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": secretKeyID, "AWS_SECRET_ACCESS_KEY": "SUPERSECRETVALUE125"})
 
 	t.Run("identity", func(t *testing.T) {

@@ -22,17 +22,30 @@ const (
 	SchemeS3     Scheme = "s3"     // s3://bucket/prefix with AWS_* secret keys
 	SchemeGCS    Scheme = "gs"     // gs://bucket/prefix with GOOGLE_APPLICATION_CREDENTIALS content
 	SchemeHTTPS  Scheme = "https"  // https://host/path, a plain HTTPS directory or file
+	SchemeHF     Scheme = "hf"     // hf://org/model[@revision], a Hugging Face Hub model (HF_TOKEN, HF_ENDPOINT keys)
+	SchemeOCI    Scheme = "oci"    // oci://registry/repository[:tag|@sha256:digest], a ModelPack artifact (.dockerconfigjson key)
+)
+
+// The revision and tag a reference without one means, as the Hub and
+// every OCI client read it.
+const (
+	DefaultHFRevision = "main"
+	DefaultOCITag     = "latest"
 )
 
 // formsHelp is appended to every modelUri error so the operator sees what is valid.
-const formsHelp = `valid forms are "remote:bucket/path" (an rclone remote defined by RCLONE_CONFIG_<REMOTE>_* keys in the node-publish secret), "s3://bucket/path", "gs://bucket/path" and "https://host/path"`
+const formsHelp = `valid forms are "remote:bucket/path" (an rclone remote defined by RCLONE_CONFIG_<REMOTE>_* keys in the node-publish secret), "s3://bucket/path", "gs://bucket/path", "https://host/path", "hf://org/model[@revision]" and "oci://registry/repository[:tag|@sha256:digest]"`
 
 // URI is a parsed modelUri.
 type URI struct {
 	Scheme Scheme
 	Remote string // rclone remote name, for SchemeRemote
-	Host   string // host[:port], for SchemeHTTPS
-	Path   string // bucket/prefix (object stores) or path (https), cleaned, no leading or trailing slash
+	Host   string // host[:port], for SchemeHTTPS and SchemeOCI (the registry)
+	Path   string // bucket/prefix (object stores), path (https), repository id (hf, oci); cleaned, no leading or trailing slash
+	// Ref is what names one version of an hf or oci model: a revision
+	// (branch, tag, refs/pr/N or commit) for hf, a tag or "sha256:<hex>"
+	// for oci. ParseURI fills in the default when the URI has none.
+	Ref string
 }
 
 // String gives the URI back in its canonical form.
@@ -42,6 +55,13 @@ func (u URI) String() string {
 		return u.Remote + ":" + u.Path
 	case SchemeHTTPS:
 		return "https://" + u.Host + "/" + u.Path
+	case SchemeHF:
+		return "hf://" + u.Path + "@" + u.Ref
+	case SchemeOCI:
+		if strings.HasPrefix(u.Ref, "sha256:") {
+			return "oci://" + u.Host + "/" + u.Path + "@" + u.Ref
+		}
+		return "oci://" + u.Host + "/" + u.Path + ":" + u.Ref
 	default:
 		return string(u.Scheme) + "://" + u.Path
 	}
@@ -52,7 +72,9 @@ func (u URI) String() string {
 // "mys3:models/ab"), compared as the node would reach them: remote names as
 // the secret keys they read ("my-s3" and "MY_S3" are one remote), hosts
 // without case or the default port. Both come from ParseURI, so neither
-// holds "..", empty segments or another spelling of the scheme.
+// holds "..", empty segments or another spelling of the scheme. Refs are
+// not compared: every version of an hf or oci model is within its
+// repository.
 func (u URI) Within(prefix URI) bool {
 	if u.Scheme != prefix.Scheme || u.reachKey() != prefix.reachKey() {
 		return false
@@ -65,7 +87,7 @@ func (u URI) reachKey() string {
 	switch u.Scheme {
 	case SchemeRemote:
 		return strings.ToUpper(strings.ReplaceAll(u.Remote, "-", "_"))
-	case SchemeHTTPS:
+	case SchemeHTTPS, SchemeOCI:
 		return strings.TrimSuffix(strings.ToLower(u.Host), ":443")
 	}
 	return ""
@@ -117,6 +139,10 @@ func ParseURI(s string) (URI, error) {
 				return URI{}, err
 			}
 			return URI{Scheme: SchemeHTTPS, Host: host, Path: p}, nil
+		case SchemeHF:
+			return parseHF(rest)
+		case SchemeOCI:
+			return parseOCI(rest)
 		default:
 			return URI{}, fmt.Errorf("%w: modelUri scheme %q is not supported; %s", ErrInvalid, scheme, formsHelp)
 		}

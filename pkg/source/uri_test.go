@@ -29,6 +29,14 @@ func TestParseURIAcceptsEveryForm(t *testing.T) {
 		{"https host and path", "https://models.example.com/m/model.bin", URI{Scheme: SchemeHTTPS, Host: "models.example.com", Path: "m/model.bin"}, "https://models.example.com/m/model.bin"},
 		{"https host with port", "https://models.example.com:8443/m/", URI{Scheme: SchemeHTTPS, Host: "models.example.com:8443", Path: "m"}, "https://models.example.com:8443/m"},
 		{"https ip address", "https://10.0.0.1/x", URI{Scheme: SchemeHTTPS, Host: "10.0.0.1", Path: "x"}, "https://10.0.0.1/x"},
+		{"hf org and model", "hf://meta-llama/Llama-3.1-8B", URI{Scheme: SchemeHF, Path: "meta-llama/Llama-3.1-8B", Ref: "main"}, "hf://meta-llama/Llama-3.1-8B@main"},
+		{"hf model without org", "hf://gpt2", URI{Scheme: SchemeHF, Path: "gpt2", Ref: "main"}, "hf://gpt2@main"},
+		{"hf commit", "hf://org/m@0123456789abcdef0123456789abcdef01234567", URI{Scheme: SchemeHF, Path: "org/m", Ref: "0123456789abcdef0123456789abcdef01234567"}, "hf://org/m@0123456789abcdef0123456789abcdef01234567"},
+		{"hf pull request", "hf://org/m@refs/pr/3", URI{Scheme: SchemeHF, Path: "org/m", Ref: "refs/pr/3"}, "hf://org/m@refs/pr/3"},
+		{"hf tag with dots", "hf://org/m.v2@v1.0", URI{Scheme: SchemeHF, Path: "org/m.v2", Ref: "v1.0"}, "hf://org/m.v2@v1.0"},
+		{"oci tag", "oci://registry.example.com/models/llama:v1", URI{Scheme: SchemeOCI, Host: "registry.example.com", Path: "models/llama", Ref: "v1"}, "oci://registry.example.com/models/llama:v1"},
+		{"oci without tag", "oci://registry.example.com:5000/m", URI{Scheme: SchemeOCI, Host: "registry.example.com:5000", Path: "m", Ref: "latest"}, "oci://registry.example.com:5000/m:latest"},
+		{"oci digest", "oci://127.0.0.1:5000/a/b@sha256:" + strings.Repeat("ab", 32), URI{Scheme: SchemeOCI, Host: "127.0.0.1:5000", Path: "a/b", Ref: "sha256:" + strings.Repeat("ab", 32)}, "oci://127.0.0.1:5000/a/b@sha256:" + strings.Repeat("ab", 32)},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -59,6 +67,20 @@ func TestParseURIRejects(t *testing.T) {
 	}{
 		{"empty", "", "empty"},
 		{"blank", "   ", "no remote or scheme"},
+		{"hf three segments", "hf://org/model/sub", "not a Hub repository id"},
+		{"hf empty", "hf://", "not a Hub repository id"},
+		{"hf double dash", "hf://org/a--b", "not a Hub repository id"},
+		{"hf dot dot", "hf://org/..", "not a Hub repository id"},
+		{"hf leading dash", "hf://-org/m", "not a Hub repository id"},
+		{"hf empty revision", "hf://org/m@", "is not a branch, tag"},
+		{"hf revision dot dot", "hf://org/m@refs/../x", "is not a branch, tag"},
+		{"hf revision trailing slash", "hf://org/m@refs/pr/", "is not a branch, tag"},
+		{"hf query", "hf://org/m?token=x", "query or fragment"},
+		{"oci no repository", "oci://registry.example.com", "not registry/repository"},
+		{"oci upper-case repository", "oci://r.example.com/Models/x:v1", "not registry/repository"},
+		{"oci user info", "oci://user:pw@r.example.com/m:v1", "user info"},
+		{"oci sha512 digest", "oci://r.example.com/m@sha512:" + strings.Repeat("ab", 64), "is not sha256"},
+		{"oci ipv6 registry", "oci://[::1]:5000/m:v1", "registry"},
 		{"bare path", "models/iris", "no remote or scheme"},
 		{"absolute local path", "/x", "no remote or scheme"},
 		{"relative local path", "./x", "no remote or scheme"},
@@ -214,6 +236,12 @@ func TestURIWithin(t *testing.T) {
 		{"https://models.example.com:8443/m/x", "https://models.example.com/m", false},
 		{"https://models.example.com.evil.io/m/x", "https://models.example.com/m", false},
 		{"https://models.example.com/mx", "https://models.example.com/m", false},
+		{"hf://org/m@v2", "hf://org/m", true},
+		{"hf://org/m", "hf://org", true},
+		{"hf://org2/m", "hf://org", false},
+		{"oci://R.example.com/models/a:v1", "oci://r.example.com/models", true},
+		{"oci://r.example.com/models/a:v1", "oci://q.example.com/models", false},
+		{"oci://r.example.com/models/a:v1", "hf://models/a", false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.uri+" in "+tc.prefix, func(t *testing.T) {

@@ -269,7 +269,7 @@ func provisionExample(t *testing.T, class *storagev1.StorageClass, claim *corev1
 		t.Fatal(err)
 	}
 	defer db.Close()
-	ctrl := &csi.Controller{Resolver: source.NewRclone(make([]byte, 32)), Volumes: db, Claims: kube.NewClaims(fake.NewClientset(claim))}
+	ctrl := &csi.Controller{Resolver: source.NewSources(make([]byte, 32)), Volumes: db, Claims: kube.NewClaims(fake.NewClientset(claim))}
 
 	// What the external-provisioner sends: class parameters without its own
 	// csi.storage.k8s.io/*-secret-* keys, plus the claim's metadata.
