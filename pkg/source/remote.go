@@ -51,6 +51,14 @@ type Remote interface {
 	Verify(ctx context.Context, m Manifest) error
 }
 
+// Pinned is a Remote whose modelUri names a movable version (a Hub
+// branch, an OCI tag) that List resolves once per publish: Revision is
+// what the last List pinned it to (the 40-hex commit, the manifest's
+// sha256 digest), for events, modelcachectl and CachedModel status.
+type Pinned interface {
+	Revision() string
+}
+
 // Resolver turns a modelUri and its secret into a Remote.
 type Resolver interface {
 	Resolve(ctx context.Context, uri string, secrets map[string]string) (Remote, error)
