@@ -46,6 +46,11 @@ const AskChecksumAbove = 64 << 20
 // MD5 or a large one; else the listing's MD5; else nothing. Each request
 // holds one of the node's connections (source.WithSlots).
 func (s *Store) expectedChecksum(ctx context.Context, f Fetcher, e source.Entry) (source.Checksum, error) {
+	if isHex64(e.SHA256) {
+		// The source named the file's sha256 (a Hub LFS oid, an OCI
+		// layer digest): the store's own digest checks it, at no cost.
+		return source.Checksum{Algorithm: "sha256", Value: e.SHA256, Name: "sha256 the source names"}, nil
+	}
 	listed := source.Checksum{}
 	if source.IsMD5Hex(e.Hash) {
 		listed = source.Checksum{Algorithm: "md5", Value: strings.ToLower(e.Hash), Name: "MD5"}
@@ -289,12 +294,19 @@ func (r *remoteSum) sum() string {
 }
 
 // encode writes a digest as the remote does: hex for an MD5 (listings and
-// ETags), base64 for S3's additional checksums.
+// ETags) and for a value the source gave in hex (a sha256 digest), base64
+// for S3's additional checksums (which never look like hex: base64 of
+// these sizes ends in '=' or differs in length).
 func (r *remoteSum) encode(b []byte) string {
-	if r.want.Algorithm == "md5" {
+	if v := r.want.Value; r.want.Algorithm == "md5" || len(v) == hex.EncodedLen(len(b)) && isHexString(v) {
 		return hex.EncodeToString(b)
 	}
 	return base64.StdEncoding.EncodeToString(b)
+}
+
+func isHexString(v string) bool {
+	_, err := hex.DecodeString(v)
+	return err == nil
 }
 
 // check compares the bytes that arrived with the remote's checksum. A
