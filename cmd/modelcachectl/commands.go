@@ -55,7 +55,7 @@ func (a *app) ls(cmd *command, args []string) error {
 			marks = append(marks, "MISSING")
 		}
 		fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", shortDigest(tr.Digest), units.Bytes(tr.Size), tr.Files,
-			orDash(quoteNames(tr.URIs), ","), orDash(usersOf(tr.Refs), ","), relTime(tr.LastUsed, a.now()), pinned, strings.Join(marks, " "))
+			orDash(quoteNames(tr.URIs), ",")+atRevisions(tr.Revisions), orDash(usersOf(tr.Refs), ","), relTime(tr.LastUsed, a.now()), pinned, strings.Join(marks, " "))
 	}
 	return t.Flush()
 }
@@ -94,6 +94,9 @@ func (a *app) inspect(cmd *command, args []string) error {
 	t := newTable(a.stdout)
 	fmt.Fprintf(t, "digest:\t%s\n", in.Digest)
 	fmt.Fprintf(t, "uris:\t%s\n", orDash(quoteNames(in.URIs), ", "))
+	if len(in.Revisions) > 0 {
+		fmt.Fprintf(t, "revisions:\t%s\n", strings.Join(quoteNames(in.Revisions), ", "))
+	}
 	fmt.Fprintf(t, "size:\t%s\n", units.Bytes(in.Size))
 	fmt.Fprintf(t, "files:\t%d\n", in.Files)
 	fmt.Fprintf(t, "pinned:\t%s\n", pinned)
@@ -447,4 +450,18 @@ func (a *app) parseListing(cmd *command, args []string, n int) (output string, p
 		return "", nil, err
 	}
 	return *out, pos, nil
+}
+
+// atRevisions is the short form of the Hub commits and OCI manifest
+// digests a tree's URIs resolved to, for ls: " @" and their first 12 hex
+// digits.
+func atRevisions(revs []string) string {
+	var out []string
+	for _, r := range revs {
+		out = append(out, shortDigest(r))
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return " @" + strings.Join(quoteNames(out), ",")
 }

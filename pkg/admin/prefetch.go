@@ -43,7 +43,7 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	klog.InfoS("prefetched", "model", req.URI, "tree", f.Tree.Digest, "fetched", !f.Hit, "took", time.Since(start))
-	lines.send(adminapi.PrefetchEvent{Event: "done", Done: f.Tree.Size, Total: f.Tree.Size, Tree: f.Tree.Digest, Files: f.Tree.Files,
+	lines.send(adminapi.PrefetchEvent{Event: "done", Done: f.Tree.Size, Total: f.Tree.Size, Tree: f.Tree.Digest, Revision: f.Revision, Files: f.Tree.Files,
 		Fetched: !f.Hit, Took: time.Since(start).Round(time.Millisecond).String()})
 }
 
@@ -73,6 +73,7 @@ func (p *progressLines) sent() bool {
 	return p.started
 }
 
+func (p *progressLines) Resolved(string)     {}
 func (p *progressLines) Hit(cache.ModelTree) {}
 func (p *progressLines) Started(total int64) {
 	p.send(adminapi.PrefetchEvent{Event: "progress", Total: total})

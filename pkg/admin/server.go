@@ -209,12 +209,12 @@ func (s *Server) verify(w http.ResponseWriter, _ *http.Request) {
 // wireTree is a cached tree as the API reports it.
 func wireTree(t cache.Tree) adminapi.Tree {
 	out := adminapi.Tree{
-		Digest: t.Digest, Size: t.Size, Files: t.Files, URIs: t.URIs, LastUsed: t.LastUsed,
+		Digest: t.Digest, Size: t.Size, Files: t.Files, URIs: t.URIs, Revisions: t.Revisions, LastUsed: t.LastUsed,
 		Pinned: t.Pinned, PinnedAt: t.PinnedAt, Doomed: t.Doomed, Present: t.Present,
 	}
 	for _, r := range t.Refs {
 		out.Refs = append(out.Refs, adminapi.Ref{
-			VolumeID: r.VolumeID, TargetPath: r.TargetPath, Tree: r.Tree, ArgsHash: r.ArgsHash, URI: r.URI,
+			VolumeID: r.VolumeID, TargetPath: r.TargetPath, Tree: r.Tree, ArgsHash: r.ArgsHash, URI: r.URI, Revision: r.Revision,
 			PodName: r.PodName, PodNS: r.PodNS, PodUID: r.PodUID, Published: r.Published,
 		})
 	}

@@ -16,6 +16,7 @@ type Ref struct {
 	Tree       string    `json:"tree"`
 	ArgsHash   string    `json:"argsHash"`
 	URI        string    `json:"uri"`
+	Revision   string    `json:"revision,omitempty"`
 	PodName    string    `json:"podName,omitempty"`
 	PodNS      string    `json:"podNamespace,omitempty"`
 	PodUID     string    `json:"podUID,omitempty"`
@@ -24,14 +25,17 @@ type Ref struct {
 
 // Tree is one cached model: GET /v1/trees returns a list of them.
 type Tree struct {
-	Digest   string    `json:"digest"`
-	Size     int64     `json:"size"`
-	Files    int       `json:"files"`
-	URIs     []string  `json:"uris"`
-	LastUsed time.Time `json:"lastUsed"`
-	Refs     []Ref     `json:"refs"`
-	Pinned   bool      `json:"pinned"`
-	PinnedAt time.Time `json:"pinnedAt,omitzero"`
+	Digest string   `json:"digest"`
+	Size   int64    `json:"size"`
+	Files  int      `json:"files"`
+	URIs   []string `json:"uris"`
+	// Revisions are the Hub commits and OCI manifest digests the URIs
+	// resolved to.
+	Revisions []string  `json:"revisions,omitempty"`
+	LastUsed  time.Time `json:"lastUsed"`
+	Refs      []Ref     `json:"refs"`
+	Pinned    bool      `json:"pinned"`
+	PinnedAt  time.Time `json:"pinnedAt,omitzero"`
 	// Doomed is why the tree goes when its last mount goes ("operator",
 	// "drain"), or "".
 	Doomed  string `json:"doomed,omitempty"`
@@ -129,14 +133,16 @@ type PrefetchRequest struct {
 // PrefetchEvent is one line of a prefetch's newline-delimited JSON reply:
 // "progress" lines while the download runs, then one "done" or "error".
 type PrefetchEvent struct {
-	Event   string `json:"event"`
-	Done    int64  `json:"done,omitempty"`
-	Total   int64  `json:"total,omitempty"`
-	Tree    string `json:"tree,omitempty"`
-	Files   int    `json:"files,omitempty"`
-	Fetched bool   `json:"fetched,omitempty"` // false: it was already cached
-	Took    string `json:"took,omitempty"`
-	Error   string `json:"error,omitempty"`
+	Event string `json:"event"`
+	Done  int64  `json:"done,omitempty"`
+	Total int64  `json:"total,omitempty"`
+	Tree  string `json:"tree,omitempty"`
+	// Revision is the Hub commit or OCI manifest digest the URI resolved to.
+	Revision string `json:"revision,omitempty"`
+	Files    int    `json:"files,omitempty"`
+	Fetched  bool   `json:"fetched,omitempty"` // false: it was already cached
+	Took     string `json:"took,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 // Error is the body of every failed call.

@@ -351,6 +351,7 @@ type recorder struct {
 	hits, started, finished int
 }
 
+func (r *recorder) Resolved(string)                {}
 func (r *recorder) Hit(cache.ModelTree)            { r.mu.Lock(); r.hits++; r.mu.Unlock() }
 func (r *recorder) Started(int64)                  { r.mu.Lock(); r.started++; r.mu.Unlock() }
 func (r *recorder) Progress(int64, int64, float64) {}
@@ -452,5 +453,65 @@ func TestFetch_JoiningADownloadIsNoHit(t *testing.T) {
 			t.Errorf("a fetch after the commit = hit %v, %d hits heard; want a hit", b.f.Hit, hits)
 		}
 		t.Log("the second fetch came after the commit; joining was not exercised")
+	}
+}
+
+// pinnedRemote is a source whose modelUri names a movable version, as a
+// Hub branch or an OCI tag does: List resolves it to rev.
+type pinnedRemote struct {
+	source.Remote
+	mu       sync.Mutex
+	rev      string
+	resolved string // what the last List resolved
+}
+
+func (p *pinnedRemote) List(ctx context.Context) (source.Manifest, error) {
+	m, err := p.Remote.List(ctx)
+	p.mu.Lock()
+	p.resolved = p.rev
+	p.mu.Unlock()
+	return m, err
+}
+
+func (p *pinnedRemote) Revision() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.resolved
+}
+
+// revisions is an Observer that keeps what Resolved heard.
+type revisions struct {
+	recorder
+	heard []string
+}
+
+func (r *revisions) Resolved(rev string) { r.mu.Lock(); r.heard = append(r.heard, rev); r.mu.Unlock() }
+
+// The revision a Hub or OCI modelUri resolved to reaches the observer
+// (the pod's events) and the tree's record (modelcachectl), on the
+// download and on a later hit through the source index, which lists
+// nothing and so names the revision it recorded.
+func TestFetch_RevisionReportedAndRecorded(t *testing.T) {
+	res := sourcetest.NewResolver()
+	res.SetModel(modelURI, files())
+	h := newHarness(t, t.TempDir(), res, mount.NewFake())
+	commit := "0123456789abcdef0123456789abcdef01234567"
+	for i, wantHit := range []bool{false, true} {
+		obs := &revisions{}
+		r := &pinnedRemote{Remote: h.remote(modelURI, secrets()), rev: commit}
+		f, err := h.cache.Prefetch(context.Background(), cache.FetchRequest{URI: modelURI, Remote: r, Observer: obs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Hit != wantHit || f.Revision != commit || len(obs.heard) != 1 || obs.heard[0] != commit {
+			t.Errorf("fetch %d: hit %v revision %q, observer heard %v; want hit %v and %q once", i, f.Hit, f.Revision, obs.heard, wantHit, commit)
+		}
+	}
+	trees, err := h.cache.Trees()
+	if err != nil || len(trees) != 1 {
+		t.Fatalf("Trees() = %v, %v; want one", trees, err)
+	}
+	if got := trees[0].Revisions; len(got) != 1 || got[0] != commit {
+		t.Errorf("tree record revisions %v, want [%s]", got, commit)
 	}
 }

@@ -16,6 +16,10 @@ import (
 // Observer hears what one Fetch does, for pod events or a prefetch's
 // progress lines. Its methods may be called from another goroutine.
 type Observer interface {
+	// Resolved: the modelUri's movable version (a Hub branch, an OCI tag)
+	// is this revision (a commit, a manifest digest). Called before Hit or
+	// Started when the source has one; never for object stores.
+	Resolved(revision string)
 	// Hit: the tree was served from the cache.
 	Hit(t store.Tree)
 	// Started: this fetch starts a download of total bytes.
@@ -49,6 +53,8 @@ type Fetched struct {
 	Hit bool
 	// Joined: the request waited for a download another request started.
 	Joined bool
+	// Revision is what a Hub or OCI modelUri resolved to (source.Pinned).
+	Revision string
 	// sourceKey names the request's credentials and model when they were
 	// checked by this fetch, so that the next fetch with them is a hit;
 	// "" when there is nothing new to record.
@@ -71,13 +77,18 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	}
 	sourceKey := source.SourceKey(req.Remote)
 	if req.Policy != PullAlways {
-		t, ok := c.checkedTree(sourceKey)
+		t, rev, ok := c.checkedTree(sourceKey)
 		switch {
 		case ok && (req.Digest == "" || req.Digest == t.Digest):
 			// These credentials were checked for this tree before; the
-			// record keeps the time of that check, not of this use.
+			// record keeps the time of that check, not of this use. A
+			// Hub or OCI model stays at the revision it resolved to then
+			// until a publish lists it again (pullPolicy Always).
+			if rev != "" {
+				obs.Resolved(rev)
+			}
 			obs.Hit(t)
-			return Fetched{Tree: t, Hit: true}, nil
+			return Fetched{Tree: t, Hit: true, Revision: rev}, nil
 		case ok && req.Policy == PullNever:
 			return Fetched{}, mismatch(req.Digest, t.Digest)
 		case req.Policy == PullNever:
@@ -87,6 +98,11 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	m, err := req.Remote.List(ctx)
 	if err != nil {
 		return Fetched{}, err
+	}
+	var rev string
+	if p, ok := req.Remote.(source.Pinned); ok && p.Revision() != "" {
+		rev = p.Revision()
+		obs.Resolved(rev)
 	}
 	key := source.ContentKey(req.Remote.Identity(), m)
 	stop := c.reportProgress(obs, key)
@@ -113,7 +129,7 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	if req.Digest != "" && t.Digest != req.Digest {
 		return Fetched{}, mismatch(req.Digest, t.Digest)
 	}
-	res := Fetched{Tree: t, Hit: !fetched && !ens.Joined, Joined: ens.Joined, uri: req.URI}
+	res := Fetched{Tree: t, Hit: !fetched && !ens.Joined, Joined: ens.Joined, Revision: rev, uri: req.URI}
 	switch {
 	case fetched && ens.Reused == 0:
 		res.sourceKey = sourceKey
@@ -163,29 +179,29 @@ func (c *Cache) Prefetch(ctx context.Context, req FetchRequest) (Fetched, error)
 	if err != nil || f.sourceKey == "" {
 		return f, err
 	}
-	return f, c.state.RecordSource(f.sourceKey, state.Source{Tree: f.Tree.Digest, URI: f.uri, Checked: time.Now()})
+	return f, c.state.RecordSource(f.sourceKey, state.Source{Tree: f.Tree.Digest, URI: f.uri, Revision: f.Revision, Checked: time.Now()})
 }
 
 // checkedTree returns the tree these credentials were checked for before,
 // if it is still on disk and the check is recent enough for the policy.
-func (c *Cache) checkedTree(sourceKey string) (store.Tree, bool) {
+func (c *Cache) checkedTree(sourceKey string) (t store.Tree, revision string, ok bool) {
 	if c.verifyCredentials == VerifyAlways {
-		return store.Tree{}, false
+		return store.Tree{}, "", false
 	}
 	src, rec, ok, err := c.state.CheckedTree(sourceKey)
 	if err != nil {
 		// A record that cannot be read counts as absent: the credentials
 		// are checked again.
 		klog.ErrorS(err, "reading source index; treating as not cached")
-		return store.Tree{}, false
+		return store.Tree{}, "", false
 	}
 	if !ok || !c.store.HasTree(src.Tree) {
-		return store.Tree{}, false
+		return store.Tree{}, "", false
 	}
 	if c.reverifyAfter > 0 && time.Since(src.Checked) > c.reverifyAfter {
-		return store.Tree{}, false
+		return store.Tree{}, "", false
 	}
-	return rec.Tree, true
+	return rec.Tree, src.Revision, true
 }
 
 // reportProgress tells obs the progress of the download of key every
@@ -219,6 +235,7 @@ func (c *Cache) reportProgress(obs Observer, key string) (stop func()) {
 
 type nopObserver struct{}
 
+func (nopObserver) Resolved(string)                                  {}
 func (nopObserver) Hit(store.Tree)                                   {}
 func (nopObserver) Started(int64)                                    {}
 func (nopObserver) Progress(int64, int64, float64)                   {}

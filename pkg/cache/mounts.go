@@ -93,7 +93,7 @@ func (c *Cache) published(target, volumeID, argsHash string) (bool, error) {
 // store's tree lock: no eviction can remove the tree between the lookup and
 // the reference that protects it. The caller holds the target's lock.
 func (c *Cache) acquire(f Fetched, ref state.Ref) error {
-	ref.Tree = f.Tree.Digest
+	ref.Tree, ref.Revision = f.Tree.Digest, f.Revision
 	err := c.store.UseTree(ref.Tree, func() error {
 		if err := c.mounter.BindReadOnly(c.store.TreePath(ref.Tree), ref.TargetPath); err != nil {
 			return fmt.Errorf("mounting tree %s at %s: %w", ref.Tree, ref.TargetPath, err)

@@ -160,12 +160,16 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 
 // podEvents reports a publish's fetch as events on its pod.
 type podEvents struct {
-	events *kube.Events
-	pod    kube.PodRef
-	uri    string
+	events   *kube.Events
+	pod      kube.PodRef
+	uri      string
+	revision string // set by Resolved before Hit or Started
 }
 
-func (p *podEvents) Hit(t cache.ModelTree) { p.events.CacheHit(p.pod, p.uri, t.Digest, t.Size) }
+func (p *podEvents) Resolved(revision string) { p.revision = revision }
+func (p *podEvents) Hit(t cache.ModelTree) {
+	p.events.CacheHit(p.pod, p.uri, p.revision, t.Digest, t.Size)
+}
 func (p *podEvents) Started(total int64) {
 	p.events.DownloadStarted(p.pod, p.uri, total)
 }
@@ -173,7 +177,7 @@ func (p *podEvents) Progress(done, total int64, rate float64) {
 	p.events.DownloadProgress(p.pod, p.uri, done, total, rate)
 }
 func (p *podEvents) Finished(t cache.ModelTree, took time.Duration, checks cache.Checks) {
-	p.events.DownloadFinished(p.pod, p.uri, t.Digest, t.Size, took, checksText(checks))
+	p.events.DownloadFinished(p.pod, p.uri, p.revision, t.Digest, t.Size, took, checksText(checks))
 }
 
 // checksText says, for a pod event, how a download's bytes were checked.

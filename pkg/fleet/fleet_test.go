@@ -235,6 +235,41 @@ func TestComputeStatus(t *testing.T) {
 	}
 }
 
+// An hf:// or oci:// model's status names the commit or manifest digest
+// of the newest tree a holder reported; an object store's names none.
+func TestComputeStatus_Revision(t *testing.T) {
+	cm := cachedModel("llama")
+	ds := holderDS(cm, 2, 2, 2)
+	digest := "sha256:" + strings.Repeat("c", 64)
+	withRev := func(rev string) map[string]string {
+		a := tree(digest, 1<<20)
+		if rev != "" {
+			a[kube.AnnotationRevision] = rev
+		}
+		return a
+	}
+	commitA, commitB := strings.Repeat("1", 40), strings.Repeat("2", 40)
+	tests := []struct {
+		name   string
+		events []corev1.Event
+		want   string
+	}{
+		{"object store", []corev1.Event{podEvent("a", "Normal", kube.ReasonDownloaded, "d", t0, withRev(""))}, ""},
+		{"newest commit wins", []corev1.Event{
+			podEvent("a", "Normal", kube.ReasonDownloaded, "d", t0, withRev(commitA)),
+			podEvent("b", "Normal", kube.ReasonCached, "c", t0.Add(time.Minute), withRev(commitB)),
+		}, commitB},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			st := ComputeStatus(cm, Observed{DaemonSet: ds, Pods: []corev1.Pod{holderPod(ds, "a", true), holderPod(ds, "b", true)}, Events: tt.events}, metav1.NewTime(t0))
+			if st.Revision != tt.want || st.Digest != digest {
+				t.Errorf("status revision %q digest %q, want %q and %q", st.Revision, st.Digest, tt.want, digest)
+			}
+		})
+	}
+}
+
 func TestComputeStatus_TransitionTimeKeptWhileStatusHolds(t *testing.T) {
 	cm := cachedModel("llama")
 	ds := holderDS(cm, 1, 1, 1)

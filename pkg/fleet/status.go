@@ -54,7 +54,7 @@ func ComputeStatus(cm *CachedModel, o Observed, now metav1.Time) Status {
 	ds := o.DaemonSet
 	st.DesiredNodes, st.ReadyNodes = ds.Status.DesiredNumberScheduled, ds.Status.NumberReady
 	st.Ready = fmt.Sprintf("%d/%d", st.ReadyNodes, st.DesiredNodes)
-	st.Digest, st.SizeBytes = latestTree(o)
+	st.Digest, st.Revision, st.SizeBytes = latestTree(o)
 	if st.SizeBytes > 0 {
 		st.Size = units.Bytes(st.SizeBytes)
 	}
@@ -87,8 +87,9 @@ func ComputeStatus(cm *CachedModel, o Observed, now metav1.Time) Status {
 }
 
 // latestTree is the tree of the newest ModelDownloaded or ModelCached event
-// on a holder: what the nodes hold (a pullPolicy Always model can change).
-func latestTree(o Observed) (string, int64) {
+// on a holder, and the revision its modelUri resolved to: what the nodes
+// hold (a pullPolicy Always model can change).
+func latestTree(o Observed) (tree, revision string, size int64) {
 	var newest *corev1.Event
 	for i := range o.Events {
 		ev := &o.Events[i]
@@ -100,10 +101,10 @@ func latestTree(o Observed) (string, int64) {
 		}
 	}
 	if newest == nil {
-		return "", 0
+		return "", "", 0
 	}
-	size, _ := strconv.ParseInt(newest.Annotations[kube.AnnotationSize], 10, 64)
-	return newest.Annotations[kube.AnnotationTree], size
+	size, _ = strconv.ParseInt(newest.Annotations[kube.AnnotationSize], 10, 64)
+	return newest.Annotations[kube.AnnotationTree], newest.Annotations[kube.AnnotationRevision], size
 }
 
 // failures counts the holders that are not ready and whose newest event is

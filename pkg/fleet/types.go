@@ -57,14 +57,17 @@ type SecretRef struct {
 
 // Status is what the reconciler observed.
 type Status struct {
-	ObservedGeneration int64              `json:"observedGeneration,omitempty"`
-	DesiredNodes       int32              `json:"desiredNodes"`
-	ReadyNodes         int32              `json:"readyNodes"`
-	Ready              string             `json:"ready,omitempty"` // "3/5", for kubectl get
-	Digest             string             `json:"digest,omitempty"`
-	Size               string             `json:"size,omitempty"` // "14.2 GiB", for kubectl get
-	SizeBytes          int64              `json:"sizeBytes,omitempty"`
-	Conditions         []metav1.Condition `json:"conditions,omitempty"`
+	ObservedGeneration int64  `json:"observedGeneration,omitempty"`
+	DesiredNodes       int32  `json:"desiredNodes"`
+	ReadyNodes         int32  `json:"readyNodes"`
+	Ready              string `json:"ready,omitempty"` // "3/5", for kubectl get
+	Digest             string `json:"digest,omitempty"`
+	// Revision is the Hub commit or OCI manifest digest the modelUri
+	// resolved to on the node that reported the tree.
+	Revision   string             `json:"revision,omitempty"`
+	Size       string             `json:"size,omitempty"` // "14.2 GiB", for kubectl get
+	SizeBytes  int64              `json:"sizeBytes,omitempty"`
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
 
 // Condition types.

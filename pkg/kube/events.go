@@ -60,6 +60,9 @@ const (
 const (
 	AnnotationTree = "modelcache.csi.dev/tree"
 	AnnotationSize = "modelcache.csi.dev/size"
+	// AnnotationRevision is the Hub commit or OCI manifest digest the
+	// modelUri resolved to, on models from those sources.
+	AnnotationRevision = "modelcache.csi.dev/revision"
 )
 
 // PodRef identifies the pod a publish is for (from podInfoOnMount volume context keys).
@@ -197,39 +200,57 @@ func (e *Events) DownloadProgress(pod PodRef, uri string, done, total int64, rat
 
 // DownloadFinished records a completed download of the tree (digest) of
 // size bytes that took took.
-func (e *Events) DownloadFinished(pod PodRef, uri, tree string, size int64, took time.Duration, checks string) {
+func (e *Events) DownloadFinished(pod PodRef, uri, revision, tree string, size int64, took time.Duration, checks string) {
 	if e == nil || !hasPod(pod) {
 		return
 	}
 	e.forgetProgress(newProgressKey(pod, uri))
-	msg := fmt.Sprintf("downloaded model %s (%s) in %s", displayURI(uri), units.Bytes(size), formatDuration(took))
+	msg := fmt.Sprintf("downloaded model %s%s (%s) in %s", displayURI(uri), atRevision(revision), units.Bytes(size), formatDuration(took))
 	if took > 0 && size > 0 {
 		msg += fmt.Sprintf(" (%s/s)", units.Bytes(int64(float64(size)/took.Seconds())))
 	}
 	if checks != "" {
 		msg += "; " + checks
 	}
-	e.emitTree(pod, ReasonDownloaded, msg, tree, size)
+	e.emitTree(pod, ReasonDownloaded, msg, revision, tree, size)
 }
 
 // CacheHit records that the model for pod was served from the node's cache
-// without a download; tree is its tree digest ("sha256:<hex>") of size bytes.
-func (e *Events) CacheHit(pod PodRef, uri, tree string, size int64) {
+// without a download; tree is its tree digest ("sha256:<hex>") of size
+// bytes, revision what a Hub or OCI modelUri resolved to ("" for others).
+func (e *Events) CacheHit(pod PodRef, uri, revision, tree string, size int64) {
 	if e == nil || !hasPod(pod) {
 		return
 	}
-	msg := fmt.Sprintf("model %s served from this node's cache", displayURI(uri))
+	msg := fmt.Sprintf("model %s%s served from this node's cache", displayURI(uri), atRevision(revision))
 	if tree != "" {
 		msg += fmt.Sprintf(" (tree %s)", tree)
 	}
-	e.emitTree(pod, ReasonCached, msg, tree, size)
+	e.emitTree(pod, ReasonCached, msg, revision, tree, size)
 }
 
-// emitTree emits a Normal event annotated with the tree the pod got.
-func (e *Events) emitTree(pod PodRef, reason, message, tree string, size int64) {
+// atRevision names, in a message, the commit or manifest digest a Hub or
+// OCI modelUri resolved to.
+func atRevision(revision string) string {
+	switch {
+	case revision == "":
+		return ""
+	case strings.HasPrefix(revision, "sha256:"):
+		return " at manifest " + revision
+	default:
+		return " at commit " + revision
+	}
+}
+
+// emitTree emits a Normal event annotated with the tree the pod got and
+// the revision its modelUri resolved to.
+func (e *Events) emitTree(pod PodRef, reason, message, revision, tree string, size int64) {
 	var annotations map[string]string
 	if tree != "" {
 		annotations = map[string]string{AnnotationTree: tree, AnnotationSize: strconv.FormatInt(size, 10)}
+		if revision != "" {
+			annotations[AnnotationRevision] = revision
+		}
 	}
 	e.emitAnnotated(pod, corev1.EventTypeNormal, reason, message, annotations)
 }

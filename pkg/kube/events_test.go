@@ -85,7 +85,7 @@ func waitEvents(t *testing.T, client *fake.Clientset, namespace string, n int) [
 func sentinel(t *testing.T, e *Events, client *fake.Clientset) {
 	t.Helper()
 	name := fmt.Sprintf("marker-%d", sentinels.Add(1))
-	e.CacheHit(PodRef{Namespace: "sentinel", Name: name, UID: name}, "x:y", "", 0)
+	e.CacheHit(PodRef{Namespace: "sentinel", Name: name, UID: name}, "x:y", "", "", 0)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		for _, ev := range waitEvents(t, client, "sentinel", 0) {
@@ -147,7 +147,7 @@ func TestEventsRecorded(t *testing.T) {
 		{
 			name: "download finished",
 			record: func(e *Events) {
-				e.DownloadFinished(podA, "mys3:bucket/m", "sha256:"+strings.Repeat("cd", 32), 1200*mib, 14*time.Second, "3 objects checked against the remote's MD5")
+				e.DownloadFinished(podA, "mys3:bucket/m", "", "sha256:"+strings.Repeat("cd", 32), 1200*mib, 14*time.Second, "3 objects checked against the remote's MD5")
 			},
 			wantType: corev1.EventTypeNormal,
 			reason:   "ModelDownloaded",
@@ -156,11 +156,33 @@ func TestEventsRecorded(t *testing.T) {
 		},
 		{
 			name:     "cache hit",
-			record:   func(e *Events) { e.CacheHit(podA, "mys3:bucket/m", "sha256:"+strings.Repeat("ab", 32), 1200*mib) },
+			record:   func(e *Events) { e.CacheHit(podA, "mys3:bucket/m", "", "sha256:"+strings.Repeat("ab", 32), 1200*mib) },
 			wantType: corev1.EventTypeNormal,
 			reason:   "ModelCached",
 			wantMsg:  []string{"model mys3:bucket/m served from this node's cache (tree sha256:" + strings.Repeat("ab", 32) + ")"},
 			wantAnn:  map[string]string{AnnotationTree: "sha256:" + strings.Repeat("ab", 32), AnnotationSize: "1258291200"},
+		},
+		{
+			name: "download of a Hub model names its commit",
+			record: func(e *Events) {
+				e.DownloadFinished(podA, "hf://org/m@main", strings.Repeat("1f", 20), "sha256:"+strings.Repeat("cd", 32), 1200*mib, 14*time.Second, "")
+			},
+			wantType: corev1.EventTypeNormal,
+			reason:   "ModelDownloaded",
+			wantMsg:  []string{"downloaded model hf://org/m@main at commit " + strings.Repeat("1f", 20) + " (1.2 GiB)"},
+			wantAnn: map[string]string{AnnotationTree: "sha256:" + strings.Repeat("cd", 32), AnnotationSize: "1258291200",
+				AnnotationRevision: strings.Repeat("1f", 20)},
+		},
+		{
+			name: "cache hit of an OCI model names its manifest",
+			record: func(e *Events) {
+				e.CacheHit(podA, "oci://r.example.com/m:v1", "sha256:"+strings.Repeat("ef", 32), "sha256:"+strings.Repeat("ab", 32), 1200*mib)
+			},
+			wantType: corev1.EventTypeNormal,
+			reason:   "ModelCached",
+			wantMsg:  []string{"model oci://r.example.com/m:v1 at manifest sha256:" + strings.Repeat("ef", 32) + " served from this node's cache"},
+			wantAnn: map[string]string{AnnotationTree: "sha256:" + strings.Repeat("ab", 32), AnnotationSize: "1258291200",
+				AnnotationRevision: "sha256:" + strings.Repeat("ef", 32)},
 		},
 		{
 			name:     "download failed",
@@ -264,10 +286,10 @@ func TestProgressRateLimited(t *testing.T) {
 
 	// Finished and failed forget the state: the next download of the same
 	// model reports progress at once, and the map does not grow.
-	e.DownloadFinished(podA, uri, "", 100*mib, time.Second, "")
+	e.DownloadFinished(podA, uri, "", "", 100*mib, time.Second, "")
 	e.DownloadFailed(podA, "mys3:bucket/n", "gone")
 	e.DownloadFailed(podB, uri, "gone")
-	e.DownloadFinished(podB, "mys3:bucket/z", "", 100*mib, time.Second, "")
+	e.DownloadFinished(podB, "mys3:bucket/z", "", "", 100*mib, time.Second, "")
 	e.progressMu.Lock()
 	left := len(e.lastProgress)
 	e.progressMu.Unlock()
@@ -312,8 +334,8 @@ func TestNoPodNoEvent(t *testing.T) {
 			e := newTestEvents(t, client)
 			e.DownloadStarted(tt.pod, "u:v", 1)
 			e.DownloadProgress(tt.pod, "u:v", 1, 2, 3)
-			e.DownloadFinished(tt.pod, "u:v", "", 1, time.Second, "")
-			e.CacheHit(tt.pod, "u:v", "sha256:00", 1)
+			e.DownloadFinished(tt.pod, "u:v", "", "", 1, time.Second, "")
+			e.CacheHit(tt.pod, "u:v", "", "sha256:00", 1)
 			e.DownloadFailed(tt.pod, "u:v", "r")
 			sentinel(t, e, client)
 			list, err := client.CoreV1().Events("").List(context.Background(), metav1.ListOptions{})
@@ -334,8 +356,8 @@ func TestNilEventsIsNoOp(t *testing.T) {
 	var e *Events
 	e.DownloadStarted(podA, "u:v", 1)
 	e.DownloadProgress(podA, "u:v", 1, 2, 3)
-	e.DownloadFinished(podA, "u:v", "", 1, time.Second, "")
-	e.CacheHit(podA, "u:v", "sha256:00", 1)
+	e.DownloadFinished(podA, "u:v", "", "", 1, time.Second, "")
+	e.CacheHit(podA, "u:v", "", "sha256:00", 1)
 	e.DownloadFailed(podA, "u:v", "r")
 	e.Shutdown()
 }
@@ -377,11 +399,11 @@ func TestUnreachableAPIServerDoesNotBlock(t *testing.T) {
 		case 1:
 			e.DownloadProgress(pod, "u:v", 1, 2, 3)
 		case 2:
-			e.CacheHit(pod, "u:v", "sha256:00", 1)
+			e.CacheHit(pod, "u:v", "", "sha256:00", 1)
 		case 3:
 			e.DownloadFailed(pod, "u:v", "r")
 		case 4:
-			e.DownloadFinished(pod, "u:v", "", 1, time.Second, "")
+			e.DownloadFinished(pod, "u:v", "", "", 1, time.Second, "")
 		}
 	}
 	if took := time.Since(start); took > time.Second {
@@ -444,7 +466,7 @@ func TestShutdownFlushes(t *testing.T) {
 	client := fake.NewClientset()
 	e := NewEvents(client, "modelcache-node", testNode)
 	for i := range 50 {
-		e.CacheHit(PodRef{Namespace: "serving", Name: "p", UID: string(rune('A' + i))}, "u:v", "", 0)
+		e.CacheHit(PodRef{Namespace: "serving", Name: "p", UID: string(rune('A' + i))}, "u:v", "", "", 0)
 	}
 	e.Shutdown()
 	list, err := client.CoreV1().Events("serving").List(context.Background(), metav1.ListOptions{})
@@ -466,8 +488,8 @@ func TestConcurrentUse(t *testing.T) {
 			for range 50 {
 				e.DownloadStarted(pod, "u:v", 10)
 				e.DownloadProgress(pod, "u:v", 5, 10, 1)
-				e.CacheHit(pod, "u:v", "sha256:00", 1)
-				e.DownloadFinished(pod, "u:v", "", 10, time.Second, "")
+				e.CacheHit(pod, "u:v", "", "sha256:00", 1)
+				e.DownloadFinished(pod, "u:v", "", "", 10, time.Second, "")
 				e.DownloadFailed(pod, "u:w", "r")
 			}
 		})

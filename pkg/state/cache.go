@@ -241,9 +241,7 @@ func (d *DB) RecordSource(sourceKey string, src Source) error {
 		}
 		rec.Digest = src.Tree
 		rec.LastUsed = time.Now()
-		if !slices.Contains(rec.URIs, src.URI) {
-			rec.URIs = append(rec.URIs, src.URI)
-		}
+		rec.note(src.URI, src.Revision)
 		return put(tx, bucketTrees, src.Tree, rec)
 	})
 }

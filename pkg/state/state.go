@@ -38,21 +38,27 @@ var (
 
 // Ref records that a volume is published at a target path from a tree.
 type Ref struct {
-	VolumeID   string    `json:"volumeID"`
-	TargetPath string    `json:"targetPath"`
-	Tree       string    `json:"tree"`
-	ArgsHash   string    `json:"argsHash"` // digest of the publish arguments, for ALREADY_EXISTS
-	URI        string    `json:"uri"`
-	PodName    string    `json:"podName,omitempty"`
-	PodNS      string    `json:"podNamespace,omitempty"`
-	PodUID     string    `json:"podUID,omitempty"`
-	Published  time.Time `json:"published"`
+	VolumeID   string `json:"volumeID"`
+	TargetPath string `json:"targetPath"`
+	Tree       string `json:"tree"`
+	ArgsHash   string `json:"argsHash"` // digest of the publish arguments, for ALREADY_EXISTS
+	URI        string `json:"uri"`
+	// Revision is what the URI's movable version resolved to (a Hub
+	// commit, an OCI manifest digest); "" for object stores.
+	Revision  string    `json:"revision,omitempty"`
+	PodName   string    `json:"podName,omitempty"`
+	PodNS     string    `json:"podNamespace,omitempty"`
+	PodUID    string    `json:"podUID,omitempty"`
+	Published time.Time `json:"published"`
 }
 
 // Source records the tree a model reference last resolved to with one set of credentials.
 type Source struct {
 	Tree string `json:"tree"`
 	URI  string `json:"uri"`
+	// Revision is what the URI resolved to when it was checked (a Hub
+	// commit, an OCI manifest digest); "" for object stores.
+	Revision string `json:"revision,omitempty"`
 	// Checked is when these credentials last read or verified the model.
 	Checked time.Time `json:"checked,omitzero"`
 }
@@ -60,8 +66,21 @@ type Source struct {
 // TreeRecord is what the node knows about a committed tree.
 type TreeRecord struct {
 	store.Tree
-	URIs     []string  `json:"uris"`
-	LastUsed time.Time `json:"lastUsed"`
+	URIs []string `json:"uris"`
+	// Revisions are the Hub commits and OCI manifest digests the URIs
+	// resolved to for this tree.
+	Revisions []string  `json:"revisions,omitempty"`
+	LastUsed  time.Time `json:"lastUsed"`
+}
+
+// note adds a use's URI and revision to the record's lists.
+func (rec *TreeRecord) note(uri, revision string) {
+	if !slices.Contains(rec.URIs, uri) {
+		rec.URIs = append(rec.URIs, uri)
+	}
+	if revision != "" && !slices.Contains(rec.Revisions, revision) {
+		rec.Revisions = append(rec.Revisions, revision)
+	}
 }
 
 // DB is the state database.
@@ -359,7 +378,7 @@ func (d *DB) AddRef(r Ref, sourceKey string) error {
 			return err
 		}
 		if sourceKey != "" {
-			if err := putSource(tx, sourceKey, Source{Tree: r.Tree, URI: r.URI, Checked: r.Published}); err != nil {
+			if err := putSource(tx, sourceKey, Source{Tree: r.Tree, URI: r.URI, Revision: r.Revision, Checked: r.Published}); err != nil {
 				return err
 			}
 		}
@@ -369,9 +388,7 @@ func (d *DB) AddRef(r Ref, sourceKey string) error {
 		}
 		rec.Digest = r.Tree
 		rec.LastUsed = r.Published
-		if !slices.Contains(rec.URIs, r.URI) {
-			rec.URIs = append(rec.URIs, r.URI)
-		}
+		rec.note(r.URI, r.Revision)
 		return put(tx, bucketTrees, r.Tree, rec)
 	})
 }

@@ -155,6 +155,10 @@ func TestCRD_ValidationRefusals(t *testing.T) {
 		{name: "modelUri ftp", spec: map[string]any{"modelUri": "ftp://x/y"}, field: "spec.modelUri"},
 		{name: "modelUri https with a query", spec: map[string]any{"modelUri": "https://h/p?x=1"}, field: "spec.modelUri"},
 		{name: "modelUri remote without a path", spec: map[string]any{"modelUri": "mys3:"}, field: "spec.modelUri"},
+		{name: "modelUri hf with a path in the repository", spec: map[string]any{"modelUri": "hf://org/model/sub"}, field: "spec.modelUri"},
+		{name: "modelUri hf with a query", spec: map[string]any{"modelUri": "hf://org/model?revision=x"}, field: "spec.modelUri"},
+		{name: "modelUri oci without a repository", spec: map[string]any{"modelUri": "oci://registry.example.com"}, field: "spec.modelUri"},
+		{name: "modelUri oci with a sha512 digest", spec: map[string]any{"modelUri": "oci://r.example.com/m@sha512:" + strings.Repeat("ab", 64)}, field: "spec.modelUri"},
 		{name: "digest not hex", spec: map[string]any{"modelUri": "mys3:models/llama", "digest": "sha256:XYZ"}, field: "spec.digest"},
 		{name: "digest md5", spec: map[string]any{"modelUri": "mys3:models/llama", "digest": "md5:d41d8cd98f00b204e9800998ecf8427e"}, field: "spec.digest"},
 		{name: "digest uppercase", spec: map[string]any{"modelUri": "mys3:models/llama", "digest": strings.ToUpper(digest)}, field: "spec.digest"},
@@ -190,7 +194,9 @@ func TestCRD_ValidationRefusals(t *testing.T) {
 	}
 
 	t.Run("valid forms accepted", func(t *testing.T) {
-		for i, uri := range []string{"mys3:models/llama", "s3://b/p", "gs://b/p", "https://h/p", "https://h.example:8443/org/model"} {
+		for i, uri := range []string{"mys3:models/llama", "s3://b/p", "gs://b/p", "https://h/p", "https://h.example:8443/org/model",
+			"hf://gpt2", "hf://meta-llama/Llama-3.1-8B@refs/pr/3", "oci://registry.example.com:5000/models/llama-3:v1.0",
+			"oci://r.example.com/m@" + digest} {
 			spec := map[string]any{"modelUri": uri, "pullPolicy": "Never", "digest": digest}
 			created, err := models.Create(ctx, cachedModel(ns, fmt.Sprintf("valid-%d", i), spec), metav1.CreateOptions{})
 			if err != nil {
