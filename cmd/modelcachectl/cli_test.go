@@ -335,6 +335,21 @@ func TestListAndInspect(t *testing.T) {
 		},
 		stderrNone: true,
 	}, {
+		name: "ls names the revision a Hub modelUri resolved to",
+		routes: map[string]http.HandlerFunc{
+			"GET /v1/trees": reply([]adminapi.Tree{func() adminapi.Tree {
+				t := cached(dOld, 1536, 1, []string{"hf://org/m@main"}, time.Hour)
+				t.Revisions, t.Present = []string{strings.Repeat("1f", 20)}, true
+				return t
+			}()}),
+		},
+		args: []string{"ls"},
+		stdout: []string{
+			"DIGEST         SIZE      FILES   URIS                            USED BY   LAST USE   PINNED",
+			"0123456789ab   1.5 KiB   1       hf://org/m@main @1f1f1f1f1f1f   -         1h ago",
+		},
+		stderrNone: true,
+	}, {
 		name:   "ls quotes URIs that could deceive",
 		routes: map[string]http.HandlerFunc{"GET /v1/trees": reply([]adminapi.Tree{cached(dOld, 1536, 1, []string{"mys3:m/a\u0085b"}, time.Hour)})},
 		args:   []string{"ls"},
