@@ -53,6 +53,12 @@ func ContentKey(identity string, m Manifest) string {
 		if e.SHA256 != "" {
 			fmt.Fprintf(h, "\x00sha256:%s", e.SHA256)
 		}
+		// An entry listed without a time (a Hub file, named by its git
+		// oid) has only its version to tell one content from another;
+		// object stores list a time, and their keys stay what they were.
+		if e.Version != "" && e.ModTime.IsZero() {
+			fmt.Fprintf(h, "\x00version:%s", e.Version)
+		}
 		h.Write([]byte{'\n'})
 	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))

@@ -162,8 +162,17 @@ func (r *Sources) Resolve(ctx context.Context, uri string, secrets map[string]st
 // SourceKey names a model reference together with the credentials used for
 // it: a cache hit through it needs no remote call, and credentials never
 // seen for a model must list the remote first (the "authorized cache hits" invariant).
+//
+// A Hub revision or an OCI tag is part of the reference but not of the
+// identity (two revisions of one model share its files), so it is added
+// here: hf://org/model@v1 is not a hit for hf://org/model@main. rclone
+// URIs have none, and their keys stay what they were.
 func SourceKey(r Remote) string {
-	h := sha256.Sum256([]byte("modelcache source v1\x00" + r.Identity() + "\x00" + r.CredentialID()))
+	ref := ""
+	if u := r.URI(); u.Ref != "" {
+		ref = "\x00ref:" + u.Ref
+	}
+	h := sha256.Sum256([]byte("modelcache source v1\x00" + r.Identity() + "\x00" + r.CredentialID() + ref))
 	return "sha256:" + hex.EncodeToString(h[:])
 }
 
