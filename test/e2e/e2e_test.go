@@ -527,4 +527,6 @@ func TestDeployHelm(t *testing.T) {
 		t.Errorf("the cold publish through the Helm install fetched nothing from the remote")
 	}
 	deleteModelPod(t, pod, "models")
+
+	t.Run("HubModel_ByteExact_EventsNameTheCommit", hubModel)
 }

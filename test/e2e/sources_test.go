@@ -1,0 +1,76 @@
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"testing"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/kube"
+	"github.com/modelcache/modelcache/pkg/source/hftest"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// createSecret creates a node-publish secret in the models namespace,
+// deleted when the test ends.
+func createSecret(t *testing.T, s *corev1.Secret) {
+	t.Helper()
+	s.Namespace = modelsNS
+	if _, err := suite.cluster.Client.CoreV1().Secrets(modelsNS).Create(context.Background(), s, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("creating secret %s: %v", s.Name, err)
+	}
+	t.Cleanup(func() {
+		_ = suite.cluster.Client.CoreV1().Secrets(modelsNS).Delete(context.Background(), s.Name, metav1.DeleteOptions{})
+	})
+}
+
+// randomFiles makes files of the given sizes and returns them with their
+// sha256s.
+func randomFiles(t *testing.T, sizes map[string]int) (map[string][]byte, map[string]string) {
+	t.Helper()
+	files, sums := map[string][]byte{}, map[string]string{}
+	for name, n := range sizes {
+		b := make([]byte, n)
+		_, _ = rand.Read(b)
+		files[name] = b
+		s := sha256.Sum256(b)
+		sums[name] = hex.EncodeToString(s[:])
+	}
+	return files, sums
+}
+
+// revisionEvent reports whether the pod has an event of reason annotated
+// with revision and naming it in its message.
+func revisionEvent(ns, pod, reason, revision string) bool {
+	for _, e := range events(ns, pod) {
+		if e.Reason == reason && e.Annotations[kube.AnnotationRevision] == revision {
+			return hasEvent(ns, pod, reason, revision)
+		}
+	}
+	return false
+}
+
+// hubModel publishes a gated hf:// model from a Hub stand-in on the node's
+// loopback (the overlays allow 127.0.0.1 as an endpoint) to a pod on the
+// real node: the pod sees it byte for byte, and its events name the
+// commit main resolved to.
+func hubModel(t *testing.T) {
+	hub := hftest.New(t, hftest.Options{})
+	const token = "hf_e2eTokenOfAnAccountThatAcceptedTheTerms"
+	hub.AddToken(token)
+	hub.CreateRepo("e2e-org/tiny-model", hftest.Repo{Gated: true, Access: []string{token}})
+	files, sums := randomFiles(t, map[string]int{"config.json": 300, "tokenizer.json": 40 << 10, "model.safetensors": 3 << 20})
+	commit := hub.Commit("e2e-org/tiny-model", "main", files)
+	createSecret(t, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "hf-token"},
+		StringData: map[string]string{"HF_TOKEN": token, "HF_ENDPOINT": hub.URL}})
+
+	pod, out := checkedPod(t, modelPod(t, "hf-model", inlineVolume("hf://e2e-org/tiny-model", "hf-token", ptr(true)), true), 2*time.Minute)
+	wantModel(t, pod, out, sums)
+	if !revisionEvent(modelsNS, pod.Name, kube.ReasonDownloaded, commit) {
+		t.Errorf("pod %s has no ModelDownloaded event naming commit %s; events: %s", pod.Name, commit, eventSummary(modelsNS, pod.Name))
+	}
+	deleteModelPod(t, pod, "models")
+}
