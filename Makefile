@@ -156,6 +156,21 @@ $(BIN)/.rclone-$(RCLONE_VERSION):
 
 MANIFEST_TOOLS := $(BIN)/.kustomize-$(KUSTOMIZE_VERSION) $(BIN)/.helm-$(HELM_VERSION)
 
+# The official JavaScript Hub client, from npm into bin/npm: test/hfclient
+# runs it against pkg/source/hftest, the Hub stand-in the hf:// source is
+# tested with, so that the stand-in answers as the Hub does.
+HF_HUB_VERSION := 2.17.5
+
+$(BIN)/.hfhub-$(HF_HUB_VERSION):
+	$(call begin,hfhub)
+	@mkdir -p $(BIN)/npm
+	npm install --prefix $(BIN)/npm --save-exact --no-audit --no-fund --loglevel=error @huggingface/hub@$(HF_HUB_VERSION)
+	@rm -f $(BIN)/.hfhub-* && touch $@
+	$(call end,hfhub)
+
+.PHONY: hfhub
+hfhub: $(BIN)/.hfhub-$(HF_HUB_VERSION)
+
 # The real node of make e2e. kube-apiserver, kubelet and etcd build from the
 # wrapper modules in test/e2e/tools (their go.mod and go.sum pin every
 # version; go install refuses the upstream modules for their replace lines).
@@ -195,8 +210,8 @@ tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION) $
 # make test runs its suites one after another: on two cores two suites only
 # slow each other, and the timing-sensitive tests among them flake. Beside
 # them, in a second make job, the tools build, each before the first suite
-# that needs it (helm and kustomize for unit, MinIO and rclone for
-# integration, csi-sanity, then Kubernetes and etcd for fleet), and then
+# that needs it (kustomize, the Hub client and helm for unit, MinIO and
+# rclone for integration, csi-sanity, then Kubernetes and etcd for fleet), and then
 # what make e2e compiles, so that a cold .ci/run builds nothing twice and
 # keeps both cores busy while the suites wait on sockets and mounts.
 TEST_PHASES := lint unit fuzz integration sanity fleet
@@ -219,7 +234,8 @@ fuzz: | unit
 integration: | fuzz
 sanity: | integration
 fleet: | sanity
-$(BIN)/.helm-$(HELM_VERSION): | $(BIN)/.kustomize-$(KUSTOMIZE_VERSION)
+$(BIN)/.hfhub-$(HF_HUB_VERSION): | $(BIN)/.kustomize-$(KUSTOMIZE_VERSION)
+$(BIN)/.helm-$(HELM_VERSION): | $(BIN)/.hfhub-$(HF_HUB_VERSION)
 $(BIN)/.minio-$(MINIO_VERSION): | $(BIN)/.helm-$(HELM_VERSION)
 $(BIN)/.rclone-$(RCLONE_VERSION): | $(BIN)/.minio-$(MINIO_VERSION)
 $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION): | $(BIN)/.rclone-$(RCLONE_VERSION)
@@ -256,9 +272,9 @@ lint:
 	$(call end,lint)
 
 .PHONY: unit
-unit: $(MANIFEST_TOOLS)
+unit: $(MANIFEST_TOOLS) $(BIN)/.hfhub-$(HF_HUB_VERSION)
 	$(call begin,unit)
-	$(GO) test -race -count=1 $(GOTEST_FLAGS) ./cmd/... ./pkg/... ./test/manifests/... ./test/testenv/...
+	$(GO) test -race -count=1 $(GOTEST_FLAGS) ./cmd/... ./pkg/... ./test/manifests/... ./test/testenv/... ./test/hfclient/...
 	$(call end,unit)
 
 .PHONY: require-root

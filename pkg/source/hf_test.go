@@ -46,6 +46,7 @@ func hfModel() map[string][]byte {
 	}
 	return map[string][]byte{
 		"config.json":             []byte(`{"architectures":["LlamaForCausalLM"],"hidden_size":64}`),
+		"__init__.py":             {},
 		"tokenizer/vocab.txt":     []byte("hello\nworld\n"),
 		"model.safetensors":       big,
 		"extra/weights-00001.bin": bytes.Repeat([]byte("w"), 5000),
@@ -203,12 +204,12 @@ func TestHFListPages(t *testing.T) {
 	if len(m) != len(f.files) {
 		t.Fatalf("listed %d files, want %d", len(m), len(f.files))
 	}
-	// 4 files and 2 directories in pages of 2.
-	if n := f.hub.CountRequests(func(q hftest.Request) bool { return strings.Contains(q.Path, "/tree/") }); n != 3 {
-		t.Fatalf("%d tree pages fetched, want 3", n)
+	// 5 files and 2 directories in pages of 2.
+	if n := f.hub.CountRequests(func(q hftest.Request) bool { return strings.Contains(q.Path, "/tree/") }); n != 4 {
+		t.Fatalf("%d tree pages fetched, want 4", n)
 	}
-	if n := f.hub.CountRequests(func(q hftest.Request) bool { return strings.Contains(q.Query, "cursor=") }); n != 2 {
-		t.Fatalf("%d pages followed, want 2", n)
+	if n := f.hub.CountRequests(func(q hftest.Request) bool { return strings.Contains(q.Query, "cursor=") }); n != 3 {
+		t.Fatalf("%d pages followed, want 3", n)
 	}
 
 	small, _ := newTestRclone(t, hfHosts, WithAllowedEndpoints(loopback), WithMaxFiles(3))
