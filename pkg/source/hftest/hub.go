@@ -69,8 +69,8 @@ type Request struct {
 	Method string
 	Path   string // escaped
 	Query  string
-	// Authorization is the header as received ("" when absent).
-	Authorization string
+	// Authorization and Range are the headers as received ("" when absent).
+	Authorization, Range string
 }
 
 // Repo says who may read a repository.
@@ -246,7 +246,7 @@ func (h *Hub) CountRequests(match func(Request) bool) int {
 func (h *Hub) record(server string, r *http.Request) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.requests = append(h.requests, Request{Server: server, Method: r.Method, Path: r.URL.EscapedPath(), Query: r.URL.RawQuery, Authorization: r.Header.Get("Authorization")})
+	h.requests = append(h.requests, Request{Server: server, Method: r.Method, Path: r.URL.EscapedPath(), Query: r.URL.RawQuery, Authorization: r.Header.Get("Authorization"), Range: r.Header.Get("Range")})
 }
 
 // sign returns the CDN's signed query for content sha expiring at exp.
