@@ -71,6 +71,9 @@ type Resolver interface {
 type Sources struct {
 	fingerprintKey []byte
 	maxFiles       int // files a model may have (WithMaxFiles)
+	// plainHTTP holds the registries oci:// reaches without TLS
+	// (WithPlainHTTPRegistries), by registryKey.
+	plainHTTP map[string]bool
 
 	guardOnce sync.Once
 	guard     *egress.Guard
