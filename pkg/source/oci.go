@@ -259,8 +259,11 @@ func isModel(artifactType, configType string) bool {
 func (r *ociRemote) pickModel(ctx context.Context, idx ocispec.Index) (ocispec.Descriptor, ocispec.Manifest, error) {
 	var models []ocispec.Descriptor
 	var unknown []ocispec.Descriptor
+	seen := map[string]bool{}
 	for _, d := range idx.Manifests {
 		switch {
+		case seen[d.Digest.String()]:
+			// Listed twice (for two platforms, say): one manifest.
 		case d.MediaType != ocispec.MediaTypeImageManifest && d.MediaType != dockerManifest:
 			// A nested index: not followed.
 		case isModel(d.ArtifactType, ""):
@@ -268,6 +271,7 @@ func (r *ociRemote) pickModel(ctx context.Context, idx ocispec.Index) (ocispec.D
 		case d.ArtifactType == "" && d.Platform == nil:
 			unknown = append(unknown, d)
 		}
+		seen[d.Digest.String()] = true
 	}
 	var man ocispec.Manifest
 	if len(models) == 0 {
