@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -62,10 +63,17 @@ func WithPlainHTTPRegistries(hosts ...string) Option {
 // resolveOCI prepares an oci:// model: the credential its
 // .dockerconfigjson holds for the registry, and a registry client whose
 // every connection (token service and blob redirects included) dials
-// through the egress Guard. Nothing is contacted.
-func (r *Sources) resolveOCI(_ context.Context, u URI, secrets map[string]string) (Remote, error) {
+// through the egress Guard. Nothing is contacted; a registry the egress
+// rules refuse is refused here, as other sources' endpoints are.
+func (r *Sources) resolveOCI(ctx context.Context, u URI, secrets map[string]string) (Remote, error) {
 	cred, err := ociCredentialFor(u.Host, secrets)
 	if err != nil {
+		return nil, err
+	}
+	ep := endpoint{Key: "modelUri", URL: &url.URL{Scheme: "https", Host: u.Host}}
+	if err := r.checkEndpoints(ctx, []endpoint{ep}); err != nil && !errors.Is(err, ErrUnavailable) {
+		// A failed lookup is left to the dial, which the Guard checks
+		// again: a cache hit must not fail for DNS.
 		return nil, err
 	}
 	transport := &http.Transport{

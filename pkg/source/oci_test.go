@@ -133,7 +133,7 @@ func TestOCIListAndOpen(t *testing.T) {
 // Two tags of one repository are two models: their source keys differ,
 // or a cache hit for one would serve the other.
 func TestOCIIdentityNamesTheReference(t *testing.T) {
-	s := NewSources([]byte("node key"))
+	s, _ := newTestRclone(t, map[string][]string{"registry.example": {"93.184.215.14"}})
 	key := func(uri string, secrets map[string]string) string {
 		r, err := s.Resolve(context.Background(), uri, secrets)
 		if err != nil {
@@ -238,6 +238,16 @@ func TestOCISecretParsing(t *testing.T) {
 				t.Fatalf("credential %+v, %v; want %+v", c.cred, err, tc.want)
 			}
 		})
+	}
+}
+
+func TestOCIRefusedRegistry(t *testing.T) {
+	for _, uri := range []string{"oci://169.254.169.254/m:v1", "oci://127.0.0.1:5000/m:v1"} {
+		s, _ := newTestRclone(t, nil)
+		_, err := s.Resolve(context.Background(), uri, nil)
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "--allow-endpoint") {
+			t.Errorf("Resolve(%s): %v, want ErrInvalid naming --allow-endpoint", uri, err)
+		}
 	}
 }
 
