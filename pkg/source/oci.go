@@ -104,7 +104,7 @@ func (r *Sources) resolveOCI(ctx context.Context, u URI, secrets map[string]stri
 	}
 	o := &ociRemote{
 		uri:      u,
-		identity: "oci\x00" + registryKey(u.Host) + "\x00" + u.Path + "\x00" + u.Ref,
+		identity: "oci\x00" + registryKey(u.Host) + "\x00" + u.Path,
 		credID:   ociCredentialID(r.fingerprintKey, u.Host, cred),
 		cred:     cred,
 		maxFiles: r.maxFiles,
@@ -140,10 +140,10 @@ type ociLayer struct {
 
 func (r *ociRemote) URI() URI { return r.uri }
 
-// Identity names the model as the modelUri does, tag or digest included:
-// SourceKey, under which a cache hit needs no listing, is built from it,
-// so two tags of one repository must not share it. Credentials are not in
-// it; the registry is written as the node reaches it.
+// Identity names the repository as the node reaches it (the registry
+// without case or default port), independent of credentials and of the
+// tag: SourceKey adds the reference, and the content key the layers'
+// digests.
 func (r *ociRemote) Identity() string { return r.identity }
 
 func (r *ociRemote) CredentialID() string { return r.credID }
@@ -381,9 +381,9 @@ func (r *ociRemote) layerEntry(i int, d ocispec.Descriptor) (ociLayer, Entry, er
 	if err != nil {
 		return l, Entry{}, err
 	}
-	// The layer's digest names the archive the file comes from: in the
-	// content key, a tag moved to other bytes is another key.
-	return l, Entry{Path: p, Size: size, Hash: d.Digest.String()}, nil
+	// The layer's digest names the archive the file comes from: the
+	// content key and the object key tell its versions apart by it.
+	return l, Entry{Path: p, Size: size, Version: "layer:" + d.Digest.String()}, nil
 }
 
 // metadataSize is the size model-spec's file metadata annotation gives
@@ -474,7 +474,7 @@ func (r *ociRemote) Verify(ctx context.Context, m Manifest) error {
 		switch {
 		case !ok:
 			return fmt.Errorf("%w: %s no longer holds %s", ErrChanged, r.uri, e.Path)
-		case e.SHA256 != "" && e.SHA256 != d.Digest.Encoded(), e.Hash != "" && e.Hash != d.Digest.String():
+		case e.SHA256 != "" && e.SHA256 != d.Digest.Encoded(), !strings.HasSuffix(e.Version, ":"+d.Digest.String()):
 			return fmt.Errorf("%w: %s/%s is layer %s at the registry, not the cached one", ErrChanged, r.uri, e.Path, d.Digest)
 		}
 		blobs[d.Digest.String()] = d

@@ -115,8 +115,8 @@ func TestOCIListAndOpen(t *testing.T) {
 					if e.SHA256 != layers[i].Digest.Encoded() || e.SHA256 != sha256Hex(f.Data) || e.Version != "digest:"+layers[i].Digest.String() {
 						t.Errorf("%s: SHA256 %q Version %q, want the layer digest %s", f.Path, e.SHA256, e.Version, layers[i].Digest)
 					}
-				} else if e.SHA256 != "" || e.Hash != layers[i].Digest.String() {
-					t.Errorf("%s: SHA256 %q Hash %q, want no SHA256 and the layer digest as Hash", f.Path, e.SHA256, e.Hash)
+				} else if e.SHA256 != "" || e.Version != "layer:"+layers[i].Digest.String() {
+					t.Errorf("%s: SHA256 %q Version %q, want no SHA256 and the layer digest as Version", f.Path, e.SHA256, e.Version)
 				}
 				got, err := readEntry(r, e)
 				if err != nil {
@@ -519,5 +519,25 @@ func TestOCIManifestTypeConfusion(t *testing.T) {
 	_, _, err := resolveOCIModel(t, ociSources(reg), "oci://"+reg.Host+"/m/confused:v1", dockerConfig(reg.Host, ociUser, ociPassword))
 	if !errors.Is(err, ErrInvalid) {
 		t.Fatalf("List: %v, want ErrInvalid", err)
+	}
+}
+
+// A tag moved to a model of the same paths and sizes is another content
+// key: tar entries carry their layer's digest.
+func TestOCIContentKeyFollowsLayers(t *testing.T) {
+	reg := newOCIRegistry(t)
+	s := ociSources(reg)
+	uri := "oci://" + reg.Host + "/m/moving:v1"
+	keys := map[string]bool{}
+	for _, data := range []string{"aaaa", "bbbb"} {
+		reg.PushModel(t, "m/moving", "v1", ocitest.File{Path: "w.bin", Data: []byte(data), Format: ocitest.Tar, Metadata: true})
+		r, m, err := resolveOCIModel(t, s, uri, dockerConfig(reg.Host, ociUser, ociPassword))
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys[ContentKey(r.Identity(), m)] = true
+	}
+	if len(keys) != 2 {
+		t.Fatal("two contents under one tag share a content key")
 	}
 }
