@@ -71,7 +71,7 @@ type hfRemote struct {
 // URL; default https://huggingface.co). A chosen endpoint is checked like
 // every endpoint a secret names; the Hub itself is not looked up.
 func (r *Sources) resolveHF(ctx context.Context, u URI, secrets map[string]string) (Remote, error) {
-	for k := range secrets {
+	for _, k := range sortedKeys(secrets) {
 		if k != hfTokenKey && k != hfEndpointKey {
 			return nil, fmt.Errorf("%w: secret key %q is not read for hf:// models; the accepted keys are %s (optional, a Hub access token) and %s (optional, a Hub mirror's URL)", ErrInvalid, k, hfTokenKey, hfEndpointKey)
 		}

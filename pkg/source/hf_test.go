@@ -275,6 +275,9 @@ func TestHFOpen(t *testing.T) {
 					}
 				case q.Server == "hub":
 					hub++
+					if strings.Contains(q.Accept, "xet") {
+						t.Errorf("%s asked for Xet file info (Accept %q)", q.Path, q.Accept)
+					}
 					if q.Authorization == "Bearer "+hfToken {
 						hubAuth++
 					}
@@ -748,5 +751,33 @@ func TestHFVerify(t *testing.T) {
 	}
 	if err := r.Verify(context.Background(), nil); !errors.Is(err, ErrInvalid) {
 		t.Errorf("empty manifest: %v, want ErrInvalid", err)
+	}
+}
+
+func TestHFCheckRedirect(t *testing.T) {
+	ep, err := hfEndpoint("https://hub.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &hfRemote{endpoint: ep}
+	for _, tc := range []struct {
+		from, to string
+		auth     bool
+		err      error
+	}{
+		{"https://hub.example/a", "https://hub.example/b", true, nil},
+		{"https://hub.example/a", "https://hub.example:443/b", true, nil},
+		{"https://hub.example/a", "https://cdn.hub.example/b", false, nil},
+		{"https://hub.example/a", "https://hub.example:8443/b", false, nil},
+		{"https://hub.example/a", "https://cdn.other.example/b", false, nil},
+		{"https://hub.example/a", "http://hub.example/b", false, errHFDowngrade},
+	} {
+		from, _ := http.NewRequest(http.MethodGet, tc.from, nil)
+		to, _ := http.NewRequest(http.MethodGet, tc.to, nil)
+		to.Header.Set("Authorization", "Bearer "+hfToken)
+		err := r.checkRedirect(to, []*http.Request{from})
+		if !errors.Is(err, tc.err) && (err != nil || tc.err != nil) || tc.err == nil && (to.Header.Get("Authorization") != "") != tc.auth {
+			t.Errorf("%s → %s: %v, Authorization kept %v; want %v, %v", tc.from, tc.to, err, to.Header.Get("Authorization") != "", tc.err, tc.auth)
+		}
 	}
 }

@@ -69,8 +69,9 @@ type Request struct {
 	Method string
 	Path   string // escaped
 	Query  string
-	// Authorization and Range are the headers as received ("" when absent).
-	Authorization, Range string
+	// Authorization, Range and Accept are the headers as received ("" when
+	// absent).
+	Authorization, Range, Accept string
 }
 
 // Repo says who may read a repository.
@@ -246,7 +247,7 @@ func (h *Hub) CountRequests(match func(Request) bool) int {
 func (h *Hub) record(server string, r *http.Request) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.requests = append(h.requests, Request{Server: server, Method: r.Method, Path: r.URL.EscapedPath(), Query: r.URL.RawQuery, Authorization: r.Header.Get("Authorization"), Range: r.Header.Get("Range")})
+	h.requests = append(h.requests, Request{Server: server, Method: r.Method, Path: r.URL.EscapedPath(), Query: r.URL.RawQuery, Authorization: r.Header.Get("Authorization"), Range: r.Header.Get("Range"), Accept: r.Header.Get("Accept")})
 }
 
 // sign returns the CDN's signed query for content sha expiring at exp.
