@@ -158,18 +158,19 @@ MANIFEST_TOOLS := $(BIN)/.kustomize-$(KUSTOMIZE_VERSION) $(BIN)/.helm-$(HELM_VER
 
 # The official JavaScript Hub client, from npm into bin/npm: test/hfclient
 # runs it against pkg/source/hftest, the Hub stand-in the hf:// source is
-# tested with, so that the stand-in answers as the Hub does.
+# tested with, so that the stand-in answers as the Hub does. The stamp
+# lives in bin/npm, so that removing the folder installs it again.
 HF_HUB_VERSION := 2.17.5
 
-$(BIN)/.hfhub-$(HF_HUB_VERSION):
+$(BIN)/npm/.hfhub-$(HF_HUB_VERSION):
 	$(call begin,hfhub)
 	@mkdir -p $(BIN)/npm
 	npm install --prefix $(BIN)/npm --save-exact --no-audit --no-fund --loglevel=error @huggingface/hub@$(HF_HUB_VERSION)
-	@rm -f $(BIN)/.hfhub-* && touch $@
+	@rm -f $(BIN)/npm/.hfhub-* && touch $@
 	$(call end,hfhub)
 
 .PHONY: hfhub
-hfhub: $(BIN)/.hfhub-$(HF_HUB_VERSION)
+hfhub: $(BIN)/npm/.hfhub-$(HF_HUB_VERSION)
 
 # The real node of make e2e. kube-apiserver, kubelet and etcd build from the
 # wrapper modules in test/e2e/tools (their go.mod and go.sum pin every
@@ -234,8 +235,8 @@ fuzz: | unit
 integration: | fuzz
 sanity: | integration
 fleet: | sanity
-$(BIN)/.hfhub-$(HF_HUB_VERSION): | $(BIN)/.kustomize-$(KUSTOMIZE_VERSION)
-$(BIN)/.helm-$(HELM_VERSION): | $(BIN)/.hfhub-$(HF_HUB_VERSION)
+$(BIN)/npm/.hfhub-$(HF_HUB_VERSION): | $(BIN)/.kustomize-$(KUSTOMIZE_VERSION)
+$(BIN)/.helm-$(HELM_VERSION): | $(BIN)/npm/.hfhub-$(HF_HUB_VERSION)
 $(BIN)/.minio-$(MINIO_VERSION): | $(BIN)/.helm-$(HELM_VERSION)
 $(BIN)/.rclone-$(RCLONE_VERSION): | $(BIN)/.minio-$(MINIO_VERSION)
 $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION): | $(BIN)/.rclone-$(RCLONE_VERSION)
@@ -272,7 +273,7 @@ lint:
 	$(call end,lint)
 
 .PHONY: unit
-unit: $(MANIFEST_TOOLS) $(BIN)/.hfhub-$(HF_HUB_VERSION)
+unit: $(MANIFEST_TOOLS) $(BIN)/npm/.hfhub-$(HF_HUB_VERSION)
 	$(call begin,unit)
 	$(GO) test -race -count=1 $(GOTEST_FLAGS) ./cmd/... ./pkg/... ./test/manifests/... ./test/testenv/... ./test/hfclient/...
 	$(call end,unit)
