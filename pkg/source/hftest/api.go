@@ -1,6 +1,7 @@
 package hftest
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -312,7 +313,7 @@ func (h *Hub) serveResolve(w http.ResponseWriter, r *http.Request, id, escRev st
 	}
 	w.Header().Set("ETag", `"`+f.oid+`"`)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	http.ServeContent(w, r, "", time.Time{}, strings.NewReader(string(data)))
+	http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
 }
 
 // signedURL is where the Hub sends a client for LFS content sha: the CDN

@@ -13,6 +13,7 @@
 package hftest
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/sha1"
 	"crypto/sha256"
@@ -279,7 +280,7 @@ func (h *Hub) serveCDN(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("ETag", `"`+sha+`"`)
 	w.Header().Set("Content-Type", "application/octet-stream")
-	http.ServeContent(w, r, "", time.Time{}, strings.NewReader(string(data)))
+	http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
 }
 
 func s3Error(w http.ResponseWriter, code int, c, msg string) {
