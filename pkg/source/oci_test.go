@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -539,5 +540,32 @@ func TestOCIContentKeyFollowsLayers(t *testing.T) {
 	}
 	if len(keys) != 2 {
 		t.Fatal("two contents under one tag share a content key")
+	}
+}
+
+// A blob redirected to object storage the egress rules allow is read
+// from there, without the registry's token.
+func TestOCIRedirectFollowed(t *testing.T) {
+	reg := newOCIRegistry(t)
+	data := []byte("weights from object storage")
+	_, layers := reg.PushModel(t, "m/redir", "v1", ocitest.File{Path: "w.bin", Data: data, Format: ocitest.Tar})
+	_, layer := ocitest.Layer(t, ocitest.File{Path: "w.bin", Data: data, Format: ocitest.Tar})
+	var authorization []string
+	store := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		authorization = append(authorization, req.Header.Get("Authorization"))
+		w.Write(layer)
+	}))
+	defer store.Close()
+	reg.RedirectBlob(layers[0].Digest, store.URL+"/blob?signature=abc")
+	r, m, err := resolveOCIModel(t, ociSources(reg), "oci://"+reg.Host+"/m/redir:v1", dockerConfig(reg.Host, ociUser, ociPassword))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := readEntry(r, m[0])
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("reading a redirected blob: %q, %v", got, err)
+	}
+	if len(authorization) == 0 || slices.ContainsFunc(authorization, func(a string) bool { return a != "" }) {
+		t.Fatalf("the object store got Authorization %q, want none", authorization)
 	}
 }
