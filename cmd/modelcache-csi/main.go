@@ -54,6 +54,7 @@ type options struct {
 	verifyCredentials                            string
 	reverifyAfter                                time.Duration
 	allowEndpoints                               string
+	plainHTTPRegistries                          string
 	denyEndpoints                                string
 	hostIPs                                      string
 	holderImage                                  string
@@ -89,6 +90,7 @@ func main() {
 	flag.StringVar(&o.verifyCredentials, "verify-credentials", cache.VerifyIfNotRecorded, "when a cache hit checks the request's credentials against the remote (metadata only): IfNotRecorded, Always or Never")
 	flag.DurationVar(&o.reverifyAfter, "reverify-after", 0, "re-check recorded credentials after this long (0: never expire)")
 	flag.StringVar(&o.allowEndpoints, "allow-endpoint", "", "comma-separated CIDRs or IPs the node may connect to for tenants although another rule refuses them (loopback, link-local, cloud metadata, the node's own, --deny-endpoint), e.g. an in-node MinIO")
+	flag.StringVar(&o.plainHTTPRegistries, "plain-http-registry", "", "comma-separated registries (host[:port]) whose oci:// models are pulled over plain HTTP instead of HTTPS, e.g. an in-cluster registry without TLS: their credentials cross the network in clear")
 	flag.StringVar(&o.denyEndpoints, "deny-endpoint", "", "comma-separated CIDRs or IPs the node never connects to for tenants, besides loopback, link-local, cloud metadata and its own addresses: e.g. the cluster's pod and service ranges")
 	flag.StringVar(&o.hostIPs, "host-ip", os.Getenv("HOST_IP"), "comma-separated addresses of this node (status.hostIP through the downward API, the default reads $HOST_IP) that tenants may not reach")
 	flag.StringVar(&o.minFree, "min-free", defaultMinFree, "space the cache filesystem keeps free: bytes or a percentage of its size; the default stays above kubelet's default eviction thresholds (nodefs.available<10%, imagefs.available<15%), so a full cache never puts the node into DiskPressure")
@@ -138,7 +140,7 @@ func run(o options) error {
 	// dials for a tenant.
 	egress.GuardDefaultTransport(guard)
 	defer guard.Close()
-	resolver := source.NewSources(key, source.WithEgress(guard), source.WithMaxFiles(o.maxFiles))
+	resolver := source.NewSources(key, source.WithEgress(guard), source.WithMaxFiles(o.maxFiles), source.WithPlainHTTPRegistries(listFlag(o.plainHTTPRegistries)...))
 
 	var node *csi.Node
 	if withNode {
@@ -489,4 +491,15 @@ func parseSize(flagName, v string) (int64, float64, error) {
 		return 0, 0, fmt.Errorf("%s %q: use bytes such as 200Gi or 500G, or a percentage such as 80%%", flagName, v)
 	}
 	return q.Value(), 0, nil
+}
+
+// listFlag splits a comma-separated flag, dropping empty items.
+func listFlag(v string) []string {
+	var out []string
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }
