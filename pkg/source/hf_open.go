@@ -305,3 +305,10 @@ func (r *hfRemote) verifyEntry(ctx context.Context, commit string, e Entry) erro
 func normalizeETag(v string) string {
 	return strings.Trim(strings.TrimPrefix(strings.TrimSpace(v), "W/"), `"`)
 }
+
+// ChecksWhileStreaming reports the files Open checks itself: those named by
+// their git blob id (not LFS), whose read fails before its end when the
+// bytes are not that blob's (store.StreamChecker).
+func (r *hfRemote) ChecksWhileStreaming(e Entry) bool {
+	return strings.HasPrefix(e.Version, "gitoid:")
+}

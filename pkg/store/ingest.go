@@ -112,10 +112,10 @@ func (s *Store) fetchObjects(ctx context.Context, dir string, m source.Manifest,
 				return err
 			}
 			p.files.Add(1)
-			switch how {
-			case byListedMD5:
+			switch {
+			case how == byListedMD5:
 				md5Checked.Add(1)
-			case byRemoteDigest:
+			case how == byRemoteDigest, checksWhileStreaming(f, e):
 				remoteChecked.Add(1)
 			default:
 				unchecked.Add(1)
@@ -129,6 +129,19 @@ func (s *Store) fetchObjects(ctx context.Context, dir string, m source.Manifest,
 	}
 	return ingested{sums: sums, reused: int(reused.Load()),
 		checks: Checks{MD5: int(md5Checked.Load()), Remote: int(remoteChecked.Load()), Unchecked: int(unchecked.Load())}}, nil
+}
+
+// StreamChecker is a Fetcher that checks some objects' bytes itself while
+// they stream and fails the read before its end when they are wrong (a Hub
+// file against its git blob id, an OCI tar layer against its digest): the
+// store counts them as checked against the remote.
+type StreamChecker interface {
+	ChecksWhileStreaming(e source.Entry) bool
+}
+
+func checksWhileStreaming(f Fetcher, e source.Entry) bool {
+	c, ok := f.(StreamChecker)
+	return ok && c.ChecksWhileStreaming(e)
 }
 
 // Verifier is a Fetcher that can show that its credentials read entries,

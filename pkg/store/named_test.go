@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/store"
+	"github.com/modelcache/modelcache/pkg/store/storetest"
 )
 
 // namingFetcher names each file's sha256 in its listing and records the
@@ -167,5 +169,36 @@ func TestEnsureLinksFilesTheNodeHoldsBySHA256(t *testing.T) {
 				t.Errorf("shared shard blob has %d links, want 3 (blob + two trees)", blob.Nlink)
 			}
 		})
+	}
+}
+
+// streamChecking checks the bytes of the files it names while they stream,
+// as the Hub's small files are checked against their git blob id.
+type streamChecking struct {
+	*fakeFetcher
+	checks map[string]bool
+}
+
+func (f streamChecking) ChecksWhileStreaming(e source.Entry) bool { return f.checks[e.Path] }
+
+// A file its source checks while it streams counts as checked against the
+// remote, not as accepted unchecked; the others still count as unchecked.
+func TestEnsureCountsFilesTheSourceChecksWhileStreaming(t *testing.T) {
+	files := map[string][]byte{"config.json": bytesOf("c", 100), "vocab.txt": bytesOf("v", 200)}
+	m := manifestOf(files) // no MD5 listed
+	var reported int
+	dir := t.TempDir()
+	s, err := store.Open(dir, newIndex(), store.Options{OnUnchecked: func(n int) { reported += n }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
+	f := streamChecking{fakeFetcher: newFetcher(files), checks: map[string]bool{"config.json": true}}
+	ens, err := s.EnsureGated(context.Background(), "key", m, f, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ens.Checks != (store.Checks{Remote: 1, Unchecked: 1}) || reported != 1 {
+		t.Fatalf("checks = %+v, reported %d unchecked; want 1 checked by the source, 1 unchecked, reported 1", ens.Checks, reported)
 	}
 }
