@@ -27,6 +27,11 @@ var (
 	ErrTooLarge    = errors.New("model exceeds the node's limits")               // more files than --max-files
 )
 
+// ErrNoRanges comes with ErrUnavailable from a ranged read the remote
+// answered with the whole object (a registry without Range support): the
+// store reads that file in one stream instead.
+var ErrNoRanges = errors.New("the remote serves no byte ranges")
+
 // kindError carries a message scrubbed of secrets and the kind it belongs to.
 // The original rclone error is dropped on purpose: its text may hold
 // credentials and callers only need the kind.

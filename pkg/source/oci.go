@@ -111,7 +111,9 @@ func (r *Sources) resolveOCI(ctx context.Context, u URI, secrets map[string]stri
 		repo:     repo,
 		conns:    &activity{close: transport.CloseIdleConnections},
 	}
-	return o, nil
+	// Raw layers read in ranged chunks; tar layers, and every layer of a
+	// registry that ignores Range, in one stream (CanRange, ErrNoRanges).
+	return newOCIRanged(o), nil
 }
 
 // ociRemote is one ModelPack artifact in an OCI registry: one file per

@@ -264,3 +264,11 @@ func (h *hashingReader) Read(p []byte) (int, error) {
 	h.n += int64(n)
 	return n, err
 }
+
+// ChecksWhileStreaming reports the files Open checks itself: those of tar
+// layers, whose read fails before its end when the layer's bytes do not
+// match its digest (store.StreamChecker). A raw layer's file is the
+// store's to check against Entry.SHA256.
+func (r *ociRemote) ChecksWhileStreaming(e Entry) bool {
+	return e.SHA256 == "" && strings.HasPrefix(e.Version, "digest:")
+}

@@ -18,9 +18,9 @@ type RangeChecker interface {
 // bytes and is checked only by reading the whole layer, so it has no
 // ranges; neither has a registry that ignores Range.
 //
-// Resolve does not return it yet: the store takes any RangeFetcher's
-// large entries in ranges, with no way to fall back to one stream for
-// entries CanRange refuses, and large weights are usually tar layers.
+// The store reads in one stream the entries CanRange refuses, and a file
+// whose ranged read finds the registry without Range support
+// (ErrNoRanges).
 type ociRanged struct {
 	*ociRemote
 	noRanges *atomic.Bool // the registry answered a Range with the whole blob
@@ -64,7 +64,7 @@ func (r ociRanged) OpenRange(ctx context.Context, e Entry, offset, length int64)
 	if !ok {
 		rc.Close()
 		r.noRanges.Store(true)
-		return nil, fmt.Errorf("%w: %s: the registry does not serve byte ranges", ErrUnavailable, op)
+		return nil, fmt.Errorf("%w: %w: %s: the registry does not serve byte ranges", ErrUnavailable, ErrNoRanges, op)
 	}
 	if _, err := s.Seek(offset, io.SeekStart); err != nil {
 		s.Close()

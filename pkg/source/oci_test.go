@@ -48,7 +48,7 @@ func resolveOCIModel(t *testing.T, s *Sources, uri string, secrets map[string]st
 	if err != nil {
 		t.Fatalf("Resolve(%s): %v", uri, err)
 	}
-	o := rem.(*ociRemote)
+	o := rem.(ociRanged).ociRemote
 	m, err := o.List(context.Background())
 	return o, m, err
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"hash"
 	"io"
 	"math"
@@ -131,6 +132,13 @@ func (s *Store) fetchObjects(ctx context.Context, dir string, m source.Manifest,
 		checks: Checks{MD5: int(md5Checked.Load()), Remote: int(remoteChecked.Load()), Unchecked: int(unchecked.Load())}}, nil
 }
 
+// canRange reports whether f can read e in ranges: a source.RangeChecker
+// says per entry (an OCI tar layer's file cannot be), others always can.
+func canRange(f Fetcher, e source.Entry) bool {
+	c, ok := f.(source.RangeChecker)
+	return !ok || c.CanRange(e)
+}
+
 // StreamChecker is a Fetcher that checks some objects' bytes itself while
 // they stream and fails the read before its end when they are wrong (a Hub
 // file against its git blob id, an OCI tar layer against its digest): the
@@ -230,8 +238,17 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err != nil {
 		return "", notChecked, err
 	}
-	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff {
-		return s.ingestRanged(ctx, name, e, rf, p, objectKey, want)
+	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff && canRange(f, e) {
+		sum, how, err := s.ingestRanged(ctx, name, e, rf, p, objectKey, want)
+		if !errors.Is(err, source.ErrNoRanges) {
+			return sum, how, err
+		}
+		// The remote answered a range with the whole object: one stream,
+		// into an ingest file of its own again.
+		klog.V(2).InfoS("remote serves no byte ranges; reading the file in one stream", "object", e.Path)
+		if err := s.root.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return "", notChecked, fmt.Errorf("removing the ranged attempt at %s: %w", e.Path, err)
+		}
 	}
 	sums, err := newObjectSums(want)
 	if err != nil {

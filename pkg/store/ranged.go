@@ -92,8 +92,13 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	<-ckptDone
 	rd.giveBack()
 	if err != nil {
-		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) {
+		if errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrNotFound) || errors.Is(err, source.ErrNoRanges) {
 			rd.pf.drop()
+			if errors.Is(err, source.ErrNoRanges) {
+				// Read again in one stream: what this attempt counted
+				// will be counted again.
+				rd.p.done.Add(-rd.counted.Load())
+			}
 			return "", notChecked, err
 		}
 		// What was written is recorded, chunks past the prefix too.
@@ -123,9 +128,10 @@ type rangedDownload struct {
 	chunks int
 	first  int // the first chunk not on disk from an earlier download
 
-	next atomic.Int64      // the next chunk a fetcher takes
-	done chan fetchedChunk // fetched chunks, to the hasher
-	ckpt chan int64        // hashed bytes to checkpoint
+	next    atomic.Int64      // the next chunk a fetcher takes
+	counted atomic.Int64      // bytes added to p
+	done    chan fetchedChunk // fetched chunks, to the hasher
+	ckpt    chan int64        // hashed bytes to checkpoint
 
 	// The hasher's: the first chunk not yet hashed, and the chunks fetched
 	// before their turn. Read after the download, to checkpoint a failed
@@ -157,8 +163,15 @@ func (rd *rangedDownload) open(name, objectKey string, want source.Checksum) err
 			klog.InfoS("resuming download", "object", rd.e.Path, "from", units.Bytes(int64(rd.first)*rd.chunk), "of", units.Bytes(rd.e.Size))
 		}
 	}
-	rd.p.done.Add(int64(rd.first) * rd.chunk)
+	rd.count(int64(rd.first) * rd.chunk)
 	return nil
+}
+
+// count adds n bytes to the download's progress, and to what this file
+// added, which a fall back to one stream takes off again.
+func (rd *rangedDownload) count(n int64) {
+	rd.p.done.Add(n)
+	rd.counted.Add(n)
 }
 
 // fetchChunks is one stream: it takes chunk numbers in turn and fetches
@@ -201,7 +214,7 @@ func (rd *rangedDownload) fetchChunks(ctx context.Context) error {
 			}
 			rd.pf.markWritten(i)
 		}
-		rd.p.done.Add(n)
+		rd.count(n)
 		// done holds as many chunks as there are buffers: never blocks.
 		rd.done <- fetchedChunk{i, buf}
 	}

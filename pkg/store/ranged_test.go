@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
@@ -124,5 +127,51 @@ func TestSingleStream_CutConnectionResumes(t *testing.T) {
 	res.Set(func(r *sourcetest.Resolver) { ranges = r.RangeOpens })
 	if ranges != 1 || res.OpenCount("mys3:models/w", "w.bin") != 2 {
 		t.Fatalf("%d ranged reads and %d opens in all, want the one Open and one ranged read from the cut", ranges, res.OpenCount("mys3:models/w", "w.bin"))
+	}
+}
+
+// noRanges is a remote that answers every range with ErrNoRanges, as the
+// oci:// source does for a registry that ignores Range, or that refuses
+// ranges of some files (CanRange), as it does for a tar layer's file.
+type noRanges struct {
+	*sourcetest.Remote
+	refuse    bool // CanRange says no
+	rangeAsks atomic.Int64
+}
+
+func (n *noRanges) CanRange(source.Entry) bool { return !n.refuse }
+
+func (n *noRanges) OpenRange(context.Context, source.Entry, int64, int64) (io.ReadCloser, error) {
+	n.rangeAsks.Add(1)
+	return nil, fmt.Errorf("%w: %w: the registry does not serve byte ranges", source.ErrUnavailable, source.ErrNoRanges)
+}
+
+// A large file the remote cannot serve in ranges arrives in one stream,
+// byte for byte, with its progress counted once: when the source says so
+// before (CanRange) and when the first ranged read finds out.
+func TestRanged_NoRangesFallsBackToOneStream(t *testing.T) {
+	for _, refuse := range []bool{true, false} {
+		t.Run(fmt.Sprintf("CanRange %v", !refuse), func(t *testing.T) {
+			s := openRanged(t)
+			files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 3*rangeCutoff), "config.json": []byte("{}")}
+			f := &noRanges{Remote: sourcetest.NewFetcher(files), refuse: refuse}
+			m := sourcetest.ManifestOf(files, time.Unix(1700000000, 0))
+			var progress *store.Progress
+			ens, err := s.EnsureGated(context.Background(), "key", m, f, func() error { progress, _ = s.Downloading("key"); return nil })
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkTree(t, s, ens.Tree, files)
+			if refuse && f.rangeAsks.Load() != 0 {
+				t.Errorf("%d ranged reads of a file the source said cannot be read in ranges", f.rangeAsks.Load())
+			}
+			if !refuse && f.rangeAsks.Load() == 0 {
+				t.Error("no ranged read was tried")
+			}
+			if progress != nil && progress.Done() != m.Size() {
+				t.Errorf("progress says %d bytes done of %d", progress.Done(), m.Size())
+			}
+			checkIngestEmpty(t, s.Dir())
+		})
 	}
 }
