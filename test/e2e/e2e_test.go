@@ -515,7 +515,8 @@ func staticPVPod(t *testing.T, r *remote, uri string) *corev1.Pod {
 // a cold publish, read-only everywhere and unpublish through it.
 func TestDeployHelm(t *testing.T) {
 	ensureNamespace(t, modelsNS)
-	installPlugin(t, "deploy/helm/modelcache", renderHelm(t))
+	reg := startRegistry(t)
+	installPlugin(t, "deploy/helm/modelcache", withPlainHTTPRegistry(t, renderHelm(t), reg.Host))
 	t.Cleanup(func() { deleteModelPods(t) })
 	r := newRemote(t)
 	r.secret(t, seldonSecret, nil)
@@ -529,4 +530,5 @@ func TestDeployHelm(t *testing.T) {
 	deleteModelPod(t, pod, "models")
 
 	t.Run("HubModel_ByteExact_EventsNameTheCommit", hubModel)
+	t.Run("RegistryModel_ByteExact_EventsNameTheManifest", registryModel(reg))
 }
