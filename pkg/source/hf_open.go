@@ -236,13 +236,8 @@ func (g *gitBlobReader) check() error {
 // the terms accepted, so the listing proves nothing; per file, because a
 // mirror may answer per file, and a file the commit lacks must fail.
 func (r *hfRemote) Verify(ctx context.Context, m Manifest) error {
-	if len(m) == 0 {
-		return fmt.Errorf("%w: cannot verify access to %s: the manifest is empty", ErrInvalid, r.uri)
-	}
-	for _, e := range m {
-		if err := ValidateKey(e.Path); err != nil {
-			return err
-		}
+	if err := verifiable(r.uri, m); err != nil {
+		return err
 	}
 	defer r.conns.begin()()
 	commit, err := r.pinned(ctx)

@@ -452,8 +452,8 @@ func (r *ociRemote) Open(ctx context.Context, e Entry) (_ io.ReadCloser, err err
 // manifest fetched by the digest List pinned, its layers compared with m,
 // and a HEAD of every layer's blob.
 func (r *ociRemote) Verify(ctx context.Context, m Manifest) error {
-	if len(m) == 0 {
-		return fmt.Errorf("%w: cannot verify access to %s: the manifest is empty", ErrInvalid, r.uri)
+	if err := verifiable(r.uri, m); err != nil {
+		return err
 	}
 	defer r.conns.begin()()
 	ref := r.Revision()

@@ -509,18 +509,26 @@ func (r *rcloneRemote) open(ctx context.Context, e Entry, options ...fs.OpenOpti
 	return &classifyingReader{rc: rc, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r, end: end}, nil
 }
 
-// verifyParallelism bounds the metadata requests one Verify has in flight.
-const verifyParallelism = 8
-
-func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
+// verifiable refuses a Verify of nothing (which must not read as
+// "allowed") and of a path no listing would have given.
+func verifiable(uri URI, m Manifest) error {
 	if len(m) == 0 {
-		// Nothing checked must not read as "allowed".
-		return fmt.Errorf("%w: cannot verify access to %s: the manifest is empty", ErrInvalid, r.uri)
+		return fmt.Errorf("%w: cannot verify access to %s: the manifest is empty", ErrInvalid, uri)
 	}
 	for _, e := range m {
 		if err := ValidateKey(e.Path); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// verifyParallelism bounds the metadata requests one Verify has in flight.
+const verifyParallelism = 8
+
+func (r *rcloneRemote) Verify(ctx context.Context, m Manifest) error {
+	if err := verifiable(r.uri, m); err != nil {
+		return err
 	}
 	defer r.conns.begin()()
 	ctx = r.requestConfig(ctx)

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
@@ -65,15 +64,7 @@ func (r *remote) secret(t *testing.T, name string, mutate func(map[string]string
 // sha256 of each file.
 func model(t *testing.T, prefix string, seed byte, sizes map[string]int) (string, map[string]string) {
 	t.Helper()
-	r := rand.NewChaCha8([32]byte{seed})
-	files, sums := map[string][]byte{}, map[string]string{}
-	for name, n := range sizes {
-		b := make([]byte, n)
-		_, _ = r.Read(b)
-		files[name] = b
-		s := sha256.Sum256(b)
-		sums[name] = hex.EncodeToString(s[:])
-	}
+	files, sums := randomFiles(seed, sizes)
 	if err := testenv.PutModel(context.Background(), testenv.Client(suite.minio.Endpoint), bucket, prefix, files); err != nil {
 		t.Fatal(err)
 	}

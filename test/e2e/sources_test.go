@@ -2,11 +2,11 @@ package e2e
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
+	"math/rand/v2"
 	"regexp"
 	"testing"
 	"time"
@@ -31,14 +31,14 @@ func createSecret(t *testing.T, s *corev1.Secret) {
 	})
 }
 
-// randomFiles makes files of the given sizes and returns them with their
-// sha256s.
-func randomFiles(t *testing.T, sizes map[string]int) (map[string][]byte, map[string]string) {
-	t.Helper()
+// randomFiles makes files of the given sizes from seed and returns them
+// with their sha256s.
+func randomFiles(seed byte, sizes map[string]int) (map[string][]byte, map[string]string) {
+	r := rand.NewChaCha8([32]byte{seed})
 	files, sums := map[string][]byte{}, map[string]string{}
 	for name, n := range sizes {
 		b := make([]byte, n)
-		_, _ = rand.Read(b)
+		_, _ = r.Read(b)
 		files[name] = b
 		s := sha256.Sum256(b)
 		sums[name] = hex.EncodeToString(s[:])
@@ -66,7 +66,7 @@ func hubModel(t *testing.T) {
 	const token = "hf_e2eTokenOfAnAccountThatAcceptedTheTerms"
 	hub.AddToken(token)
 	hub.CreateRepo("e2e-org/tiny-model", hftest.Repo{Gated: true, Access: []string{token}})
-	files, sums := randomFiles(t, map[string]int{"config.json": 300, "tokenizer.json": 40 << 10, "model.safetensors": 3 << 20})
+	files, sums := randomFiles(41, map[string]int{"config.json": 300, "tokenizer.json": 40 << 10, "model.safetensors": 3 << 20})
 	commit := hub.Commit("e2e-org/tiny-model", "main", files)
 	createSecret(t, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "hf-token"},
 		StringData: map[string]string{"HF_TOKEN": token, "HF_ENDPOINT": hub.URL}})
@@ -109,7 +109,7 @@ func withPlainHTTPRegistry(t *testing.T, rendered []byte, host string) []byte {
 // events name the manifest digest the tag resolved to.
 func registryModel(reg *ocitest.Registry) func(t *testing.T) {
 	return func(t *testing.T) {
-		files, sums := randomFiles(t, map[string]int{"config.json": 200, "model.safetensors": 3 << 20})
+		files, sums := randomFiles(42, map[string]int{"config.json": 200, "model.safetensors": 3 << 20})
 		manifest, _ := reg.PushModel(t, "models/tiny", "v1",
 			ocitest.File{Path: "config.json", Data: files["config.json"], Format: ocitest.Tar},
 			ocitest.File{Path: "model.safetensors", Data: files["model.safetensors"]})
