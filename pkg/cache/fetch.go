@@ -77,22 +77,8 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	}
 	sourceKey := source.SourceKey(req.Remote)
 	if req.Policy != PullAlways {
-		t, rev, ok := c.checkedTree(sourceKey)
-		switch {
-		case ok && (req.Digest == "" || req.Digest == t.Digest):
-			// These credentials were checked for this tree before; the
-			// record keeps the time of that check, not of this use. A
-			// Hub or OCI model stays at the revision it resolved to then
-			// until a publish lists it again (pullPolicy Always).
-			if rev != "" {
-				obs.Resolved(rev)
-			}
-			obs.Hit(t)
-			return Fetched{Tree: t, Hit: true, Revision: rev}, nil
-		case ok && req.Policy == PullNever:
-			return Fetched{}, mismatch(req.Digest, t.Digest)
-		case req.Policy == PullNever:
-			return Fetched{}, ErrNotCached
+		if f, done, err := c.fetchChecked(sourceKey, req, obs); done {
+			return f, err
 		}
 	}
 	m, err := req.Remote.List(ctx)
@@ -152,6 +138,29 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		obs.Hit(t)
 	}
 	return res, nil
+}
+
+// fetchChecked answers a request from the source index, without a call to
+// the remote, when these credentials were checked for the model before;
+// done is false when the remote must be listed.
+func (c *Cache) fetchChecked(sourceKey string, req FetchRequest, obs Observer) (f Fetched, done bool, err error) {
+	t, rev, ok := c.checkedTree(sourceKey)
+	switch {
+	case ok && (req.Digest == "" || req.Digest == t.Digest):
+		// The record keeps the time of that check, not of this use. A Hub
+		// or OCI model stays at the revision it resolved to then until a
+		// publish lists it again (pullPolicy Always).
+		if rev != "" {
+			obs.Resolved(rev)
+		}
+		obs.Hit(t)
+		return Fetched{Tree: t, Hit: true, Revision: rev}, true, nil
+	case ok && req.Policy == PullNever:
+		return Fetched{}, true, mismatch(req.Digest, t.Digest)
+	case req.Policy == PullNever:
+		return Fetched{}, true, ErrNotCached
+	}
+	return Fetched{}, false, nil
 }
 
 // gate runs in the flight of a new download, before anything is opened:
