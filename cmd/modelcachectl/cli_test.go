@@ -418,6 +418,13 @@ func TestPrefetch(t *testing.T) {
 		stdout:     []string{"already cached as " + dLlama + " (1 file, 2.0 GiB)"},
 		stderrNone: true,
 	}, {
+		name: "a Hub model names the commit its revision resolved to",
+		routes: map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
+			adminapi.PrefetchEvent{Event: "done", Done: mib, Total: mib, Tree: dLlama, Revision: strings.Repeat("7a", 20), Files: 2, Fetched: true, Took: "1.5s"})},
+		args:       []string{"prefetch", "hf://org/llama"},
+		stdout:     []string{"cached hf://org/llama at " + strings.Repeat("7a", 20) + " as " + dLlama + " (2 files, 1.0 MiB) in 1.5s"},
+		stderrNone: true,
+	}, {
 		name: "error event",
 		routes: map[string]http.HandlerFunc{"POST /v1/prefetch": stream(t,
 			adminapi.PrefetchEvent{Event: "progress", Done: 1 * mib, Total: 100 * mib},

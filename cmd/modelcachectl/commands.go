@@ -178,11 +178,15 @@ func (a *app) prefetch(cmd *command, args []string) error {
 		return err
 	}
 	size := units.Bytes(max(ev.Total, ev.Done))
+	at := ""
+	if ev.Revision != "" {
+		at = " at " + quoteName(ev.Revision)
+	}
 	if !ev.Fetched {
-		fmt.Fprintf(a.stdout, "already cached as %s (%s, %s)\n", ev.Tree, plural(ev.Files, "file"), size)
+		fmt.Fprintf(a.stdout, "already cached%s as %s (%s, %s)\n", at, ev.Tree, plural(ev.Files, "file"), size)
 		return nil
 	}
-	fmt.Fprintf(a.stdout, "cached %s as %s (%s, %s) in %s\n", uri, ev.Tree, plural(ev.Files, "file"), size, formatTook(ev.Took))
+	fmt.Fprintf(a.stdout, "cached %s%s as %s (%s, %s) in %s\n", uri, at, ev.Tree, plural(ev.Files, "file"), size, formatTook(ev.Took))
 	return nil
 }
 
