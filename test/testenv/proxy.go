@@ -16,11 +16,15 @@ import (
 	"time"
 )
 
-// Proxy sits between the driver and MinIO. It counts the object bytes the
-// remote served, can slow object downloads down, and can rewrite listings
-// to play a hostile remote.
+// Proxy sits between the driver and MinIO (or, started by StartProxyWith,
+// any HTTP server). It counts the object bytes the remote served, can slow
+// object downloads down, and can rewrite listings to play a hostile remote.
 type Proxy struct {
 	URL string
+
+	// objects tells object requests (counted, throttled, delayed) from
+	// the rest.
+	objects func(*http.Request) bool
 
 	objectGets  atomic.Int64
 	objectBytes atomic.Int64
@@ -68,8 +72,32 @@ type Proxy struct {
 	srv *http.Server
 }
 
-// StartProxy proxies loopback traffic to target (an http:// URL).
+// StartProxy proxies loopback traffic to target (an http:// URL of MinIO):
+// its object requests are S3's path-style ones, /bucket/key.
 func StartProxy(target string) (*Proxy, error) {
+	return StartProxyWith(target, ProxyOptions{})
+}
+
+// ProxyOptions adapt a proxy to the server behind it.
+type ProxyOptions struct {
+	// Objects tells the requests whose responses the proxy counts
+	// (ObjectBytes, ObjectGets, ObjectHeads), throttles (RateBytesPerSec)
+	// and delays (FirstByteDelay), by their method and path. nil: S3's
+	// path-style object requests (/bucket/key), as StartProxy has it.
+	// AllRequests makes every request one, as for a server whose every
+	// answer crosses the same network (a Hub's API, a registry's).
+	Objects func(*http.Request) bool
+}
+
+// AllRequests is a ProxyOptions.Objects for which every request is one.
+func AllRequests(*http.Request) bool { return true }
+
+// StartProxyWith proxies loopback traffic to target (an http:// URL) with
+// opt. URLs of target in the Location, Link and WWW-Authenticate headers
+// of its answers name the proxy instead, as a reverse proxy rewrites them
+// (Apache's ProxyPassReverse): a redirect, the next page of a listing or a
+// registry's token service is then reached through the proxy too.
+func StartProxyWith(target string, opt ProxyOptions) (*Proxy, error) {
 	u, err := url.Parse(target)
 	if err != nil {
 		return nil, err
@@ -78,13 +106,22 @@ func StartProxy(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{URL: "http://" + l.Addr().String()}
+	p := &Proxy{URL: "http://" + l.Addr().String(), objects: opt.Objects}
+	if p.objects == nil {
+		p.objects = isObjectPath
+	}
+	own := u.Scheme + "://" + u.Host
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.FlushInterval = -1
 	rp.ModifyResponse = func(resp *http.Response) error {
+		for _, h := range []string{"Location", "Link", "WWW-Authenticate"} {
+			if v := resp.Header.Get(h); strings.Contains(v, own) {
+				resp.Header.Set(h, strings.ReplaceAll(v, own, p.URL))
+			}
+		}
 		p.swapBody(resp)
 		p.hideChecksums(resp)
-		if (p.RateBytesPerSec.Load() > 0 || p.trickleRateOf(resp.Request) > 0) && isObjectGet(resp.Request) {
+		if (p.RateBytesPerSec.Load() > 0 || p.trickleRateOf(resp.Request) > 0) && p.isObjectGet(resp.Request) {
 			// Throttling plays a slow network between the driver and the
 			// remote; the remote itself answers at once. Reading its answer
 			// ahead keeps MinIO from cutting a connection its client drains
@@ -115,7 +152,7 @@ func StartProxy(target string) (*Proxy, error) {
 		return nil
 	}
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if isObjectHead(r) {
+		if p.isObjectHead(r) {
 			p.objectHeads.Add(1)
 			// Counted in flight as GETs are: a HEAD holds a connection too.
 			hw := &countingWriter{ResponseWriter: w, p: p, head: true}
@@ -125,7 +162,7 @@ func StartProxy(target string) (*Proxy, error) {
 				time.Sleep(d)
 			}
 		}
-		if isObjectGet(r) {
+		if p.isObjectGet(r) {
 			p.objectGets.Add(1)
 			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1, trickle: p.trickleRateOf(r)}
 			if cw.trickle > 0 {
@@ -206,7 +243,7 @@ func (p *Proxy) trickleRateOf(r *http.Request) int64 {
 	p.mu.Lock()
 	key, rate := p.trickleKey, p.trickleRate
 	p.mu.Unlock()
-	if key == "" || !isObjectGet(r) || !strings.HasSuffix(r.URL.Path, "/"+key) {
+	if key == "" || !p.isObjectGet(r) || !strings.HasSuffix(r.URL.Path, "/"+key) {
 		return 0
 	}
 	if rg := r.Header.Get("Range"); rg != "" && !strings.HasPrefix(rg, "bytes=0-") {
@@ -247,7 +284,7 @@ func (p *Proxy) swapBody(resp *http.Response) {
 	p.mu.Lock()
 	key, data := p.swapKey, p.swapData
 	p.mu.Unlock()
-	if key == "" || !isObjectGet(resp.Request) || !strings.HasSuffix(resp.Request.URL.Path, "/"+key) ||
+	if key == "" || !p.isObjectGet(resp.Request) || !strings.HasSuffix(resp.Request.URL.Path, "/"+key) ||
 		resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
 		return
 	}
@@ -317,20 +354,21 @@ func RenameKey(from, to string) func([]byte) []byte {
 	}
 }
 
-// isObjectGet tells object downloads from bucket-level requests in
-// path-style S3 URLs: /bucket/key versus /bucket?list-type=2.
-func isObjectGet(r *http.Request) bool {
-	return r.Method == http.MethodGet && isObjectPath(r)
+// isObjectGet tells object downloads from the other requests: for S3,
+// /bucket/key versus /bucket?list-type=2.
+func (p *Proxy) isObjectGet(r *http.Request) bool {
+	return r.Method == http.MethodGet && p.objects(r)
 }
 
-func isObjectHead(r *http.Request) bool {
-	return r.Method == http.MethodHead && isObjectPath(r)
+func (p *Proxy) isObjectHead(r *http.Request) bool {
+	return r.Method == http.MethodHead && p.objects(r)
 }
 
+// isObjectPath is S3's path-style object request: /bucket/key.
 func isObjectPath(r *http.Request) bool { return strings.Contains(strings.Trim(r.URL.Path, "/"), "/") }
 
 func isList(r *http.Request) bool {
-	return r.Method == http.MethodGet && !isObjectGet(r) && r.URL.Query().Has("list-type")
+	return r.Method == http.MethodGet && !isObjectPath(r) && r.URL.Query().Has("list-type")
 }
 
 // FlipByte makes the proxy corrupt one byte of every response for the
