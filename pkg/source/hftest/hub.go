@@ -108,6 +108,14 @@ type file struct {
 // New starts a Hub and its CDN; both stop when the test ends.
 func New(t testing.TB, opt Options) *Hub {
 	t.Helper()
+	h := Start(opt)
+	t.Cleanup(h.Close)
+	return h
+}
+
+// Start starts a Hub and its CDN outside a test (test/benchrun); Close
+// stops them.
+func Start(opt Options) *Hub {
 	if opt.PageSize <= 0 {
 		opt.PageSize = 1000
 	}
@@ -117,11 +125,15 @@ func New(t testing.TB, opt Options) *Hub {
 	h := &Hub{opt: opt, repos: map[string]*repo{}, tokens: map[string]bool{}, corrupt: map[string][]byte{}, signKey: []byte("hftest signing key")}
 	h.hub = httptest.NewServer(http.HandlerFunc(h.serveHub))
 	h.cdn = httptest.NewServer(http.HandlerFunc(h.serveCDN))
-	t.Cleanup(h.hub.Close)
-	t.Cleanup(h.cdn.Close)
 	h.URL = withHost(h.hub.URL, opt.HubHost)
 	h.CDNURL = withHost(h.cdn.URL, opt.CDNHost)
 	return h
+}
+
+// Close stops both servers.
+func (h *Hub) Close() {
+	h.cdn.Close()
+	h.hub.Close()
 }
 
 func withHost(u, host string) string {
