@@ -71,13 +71,22 @@ type Registry struct {
 // New starts a registry; it stops with the test.
 func New(t testing.TB, opts Options) *Registry {
 	t.Helper()
+	r := Start(opts)
+	t.Cleanup(r.Close)
+	return r
+}
+
+// Start starts a registry outside a test (test/benchrun); Close stops it.
+func Start(opts Options) *Registry {
 	r := &Registry{opts: opts, grants: map[string]map[string]bool{}, flip: map[string]int64{}, redirect: map[string]string{}}
 	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	r.srv = httptest.NewServer(r.handler(reg))
-	t.Cleanup(r.srv.Close)
 	r.Host = strings.TrimPrefix(r.srv.URL, "http://")
 	return r
 }
+
+// Close stops the registry.
+func (r *Registry) Close() { r.srv.Close() }
 
 // SetRanges makes blob GETs honour Range (and say so with Accept-Ranges),
 // or ignore it as some registries do.
