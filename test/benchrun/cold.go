@@ -87,14 +87,20 @@ type coldPublish struct {
 
 // coldCache is one publish by a new driver with an empty cache.
 func (b *bench) coldCache(ctx context.Context, endpoint string, m model, r int) (coldPublish, error) {
-	d, err := b.startDriver(fmt.Sprintf("cold-%s-%d", m.Prefix, r), "")
+	return b.coldWith(ctx, m, secret(endpoint), nil, r)
+}
+
+// coldWith is coldCache with the node-publish secret sec and more flags
+// for the driver.
+func (b *bench) coldWith(ctx context.Context, m model, sec map[string]string, args []string, r int) (coldPublish, error) {
+	d, err := b.startDriver(fmt.Sprintf("cold-%s-%d", m.Prefix, r), "", args...)
 	if err != nil {
 		return coldPublish{}, err
 	}
 	defer d.stop()
 	target := d.target("pod-0")
 	b.drop()
-	took, err := d.publish(ctx, "csi-cold", target, m, secret(endpoint))
+	took, err := d.publish(ctx, "csi-cold", target, m, sec)
 	if err != nil {
 		return coldPublish{}, err
 	}

@@ -28,6 +28,8 @@ import (
 // options are what one benchmark run measures and how much.
 type options struct {
 	Driver, Rclone, Out string
+	Oras                string // the oras CLI of section 9 ("": its oci:// models are published, not pulled by oras)
+	NpmDir              string // the npm prefix holding @huggingface/hub (section 9)
 	Work                string // scratch directory parent ("" is the system default)
 	Runs                int    // runs per figure
 	Sizes               []int64
@@ -56,9 +58,10 @@ const (
 	secRestart    = "restart"
 	secRemote     = "remote"
 	secScale      = "scale"
+	secSources    = "sources"
 )
 
-var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote, secScale}
+var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote, secScale, secSources}
 
 // runs says whether the run measures section name.
 func (o options) runs(name string) bool { return o.Only == nil || slices.Contains(o.Only, name) }
@@ -95,6 +98,8 @@ func smokeOptions() options {
 func main() {
 	driver := flag.String("driver", "bin/modelcache-csi", "modelcache-csi binary")
 	rclone := flag.String("rclone", "bin/rclone", "rclone CLI at the version the driver links (make bench builds it)")
+	oras := flag.String("oras", "bin/oras", "oras CLI that section 9 pulls oci:// models with (make bench builds it at the Makefile's pin)")
+	npmDir := flag.String("npm", "bin/npm", "npm prefix holding @huggingface/hub, which section 9 downloads hf:// models with (make bench installs it)")
 	out := flag.String("out", "docs/benchmarks.md", "Markdown report to write (\"\" for stdout only)")
 	runs := flag.Int("runs", 0, "runs per figure (default 5; 1 with --smoke)")
 	sizes := flag.String("sizes", "", "comma-separated model sizes for the cold and warm sections (default 100Mi,1Gi)")
@@ -103,10 +108,10 @@ func main() {
 	work := flag.String("work", "", "parent of the scratch directory (default the system temporary directory); the cache filesystem measured is this one")
 	only := flag.String("only", "", "comma-separated sections to run, of "+strings.Join(sectionNames, ", ")+" (default all); the report holds only those")
 	skipRemote := flag.Bool("skip-remote", false, "skip section 7, the side-by-side through a throttled proxy")
-	remoteRuns := flag.Int("remote-runs", 0, "runs per figure of section 7 (default 3; 1 with --smoke)")
-	remoteRate := flag.String("remote-stream-rate", "", "section 7's cap on each response stream, bytes per second: 64MB is 64×10⁶, 64MiB 64×2²⁰, 0 none (default 64MB; 8MB with --smoke)")
-	remoteFirstByte := flag.Duration("remote-first-byte", remoteDefaults().FirstByte, "section 7's delay before each object response's first byte (0 for none)")
-	remoteSize := flag.String("remote-size", "", "section 7's large file (default 1Gi): the shards are 8 of an eighth of it, the incremental model a quarter, the resumed file all of it")
+	remoteRuns := flag.Int("remote-runs", 0, "runs per figure of sections 7 and 9 (default 3; 1 with --smoke)")
+	remoteRate := flag.String("remote-stream-rate", "", "sections 7 and 9's cap on each response stream, bytes per second: 64MB is 64×10⁶, 64MiB 64×2²⁰, 0 none (default 64MB; 32MB with --smoke)")
+	remoteFirstByte := flag.Duration("remote-first-byte", remoteDefaults().FirstByte, "sections 7 and 9's delay before each object response's first byte (section 9: each response's) (0 for none)")
+	remoteSize := flag.String("remote-size", "", "sections 7 and 9's large file (default 1Gi): the shards are 8 of an eighth of it, section 7's incremental model a quarter, its resumed file all of it")
 	remoteFiles := flag.Int("remote-files", 0, "files of section 7's small-files model, 16 KiB each (default 1000)")
 	merge := flag.Bool("merge", false, "with --only: replace in the --out report only the sections run and their goals, keeping the rest as it was")
 	scaleSizes := flag.String("scale-sizes", "", "section 8's cache sizes, smallest first, as TREESxFILES per tree (default 10x100,1000x100; 2x10,4x10 with --smoke)")
@@ -117,6 +122,7 @@ func main() {
 		o = smokeOptions()
 	}
 	o.Driver, o.Rclone, o.Out, o.Work = *driver, *rclone, *out, *work
+	o.Oras, o.NpmDir = *oras, *npmDir
 	if *runs > 0 {
 		o.Runs = *runs
 	}

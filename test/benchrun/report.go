@@ -31,6 +31,7 @@ type Report struct {
 	Restart    RestartResult
 	Remote     RemoteResult
 	Scale      ScaleResult
+	Sources    SourcesResult
 	Took       time.Duration
 }
 
@@ -95,6 +96,9 @@ func (r *Report) Markdown() string {
 	}
 	if r.Options.runs(secScale) {
 		r.scaleSection(w)
+	}
+	if r.Options.runs(secSources) {
+		r.sourcesSection(w)
 	}
 
 	w("\n## Method\n\n")
@@ -381,6 +385,7 @@ func (r *Report) Goals() []Goal {
 
 	gs = append(gs, r.remoteGoals()...)
 	gs = append(gs, r.scaleGoals()...)
+	gs = append(gs, r.sourcesGoals()...)
 	// Goals of sections that were not run (--only) are left out.
 	return slices.DeleteFunc(gs, func(g Goal) bool {
 		return !slices.ContainsFunc(goalSections[g.Section], r.Options.runs)
@@ -391,7 +396,7 @@ func (r *Report) Goals() []Goal {
 // from: section 5's memory figures come from the cold and warm runs.
 var goalSections = map[string][]string{
 	"1": {secCold}, "2": {secWarm}, "3": {secPods}, "4": {secThroughput},
-	"5": {secCold, secWarm}, "6": {secRestart}, "7": {secRemote}, "8": {secScale},
+	"5": {secCold, secWarm}, "6": {secRestart}, "7": {secRemote}, "8": {secScale}, "9": {secSources},
 }
 
 func (r *Report) largestCold() (ColdRow, bool) {
@@ -411,15 +416,25 @@ func (r *Report) smallestCold() (ColdRow, bool) {
 // runsPhrase says how many runs each figure is over.
 func (r *Report) runsPhrase() string {
 	o := r.Options
+	var remote []string // the sections run with --remote-runs
+	for _, x := range []struct{ sec, num string }{{secRemote, "7"}, {secSources, "9"}} {
+		if o.runs(x.sec) {
+			remote = append(remote, x.num)
+		}
+	}
 	switch {
-	case !o.runs(secRemote):
+	case len(remote) == 0:
 		return plural(o.Runs, "run")
-	case len(o.Only) == 1:
+	case len(o.Only) == len(remote):
 		return plural(o.Remote.Runs, "run")
 	case o.Remote.Runs == o.Runs:
 		return plural(o.Runs, "run")
 	default:
-		return fmt.Sprintf("%s (section 7: %s)", plural(o.Runs, "run"), plural(o.Remote.Runs, "run"))
+		which := "section " + remote[0]
+		if len(remote) > 1 {
+			which = "sections " + strings.Join(remote, " and ")
+		}
+		return fmt.Sprintf("%s (%s: %s)", plural(o.Runs, "run"), which, plural(o.Remote.Runs, "run"))
 	}
 }
 

@@ -33,10 +33,16 @@ type model struct {
 	Bytes   int64  // all files
 	Files   int
 	Weights string // key of the largest object, for the raw read
+	Source  string // the modelUri of a model not in MinIO (section 9)
 }
 
 // URI is the modelUri a pod would declare, and the rclone source path.
-func (m model) URI() string { return "mys3:" + bucket + "/" + m.Prefix }
+func (m model) URI() string {
+	if m.Source != "" {
+		return m.Source
+	}
+	return "mys3:" + bucket + "/" + m.Prefix
+}
 
 // bench is the state one run shares across its sections.
 type bench struct {
@@ -60,6 +66,11 @@ func run(ctx context.Context, o options) (rep *Report, err error) {
 	for _, p := range []string{o.Driver, o.Rclone} {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("%s: %w (make bench builds bin/modelcache-csi and bin/rclone)", p, err)
+		}
+	}
+	if o.runs(secSources) && o.Oras != "" {
+		if _, err := os.Stat(o.Oras); err != nil {
+			return nil, fmt.Errorf("%s: %w (make bench builds bin/oras)", o.Oras, err)
 		}
 	}
 	started := time.Now()
@@ -115,6 +126,7 @@ func run(ctx context.Context, o options) (rep *Report, err error) {
 		{secRestart, "restart", b.restart},
 		{secRemote, "through a realistic remote", b.remote},
 		{secScale, "scale", b.scale},
+		{secSources, "the hf:// and oci:// sources", b.sources},
 	}
 	for _, s := range steps {
 		if !o.runs(s.section) {
@@ -229,8 +241,8 @@ type driver struct {
 }
 
 // startDriver starts a node plugin whose kubelet directory is new; cacheDir
-// "" gives it a new, empty cache too.
-func (b *bench) startDriver(name, cacheDir string) (*driver, error) {
+// "" gives it a new, empty cache too. args are more flags for it.
+func (b *bench) startDriver(name, cacheDir string, args ...string) (*driver, error) {
 	b.drivers++
 	runDir := filepath.Join(b.work, "drivers", fmt.Sprintf("%d-%s", b.drivers, name))
 	if cacheDir == "" {
@@ -239,7 +251,7 @@ func (b *bench) startDriver(name, cacheDir string) (*driver, error) {
 	if err := os.MkdirAll(runDir, 0o755); err != nil {
 		return nil, err
 	}
-	d, err := testenv.StartDriver(b.o.Driver, runDir, cacheDir, "-v=0")
+	d, err := testenv.StartDriver(b.o.Driver, runDir, cacheDir, append([]string{"-v=0"}, args...)...)
 	if err != nil {
 		return nil, err
 	}

@@ -41,6 +41,10 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 
 	o := smokeOptions()
 	o.Driver, o.Rclone, o.Log = driver, rclone, testLog{t}
+	// Section 9's hf:// client is the one make unit installs; its oci://
+	// models are published but not pulled with oras, which only make
+	// bench builds.
+	o.NpmDir = filepath.Join(testenv.RepoRoot(), "bin", "npm")
 	rep, err := run(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
@@ -94,9 +98,10 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 
 	checkRemote(t, rep.Remote, o.Remote)
 	checkScale(t, rep.Scale, o.Scale, o.Runs)
+	checkSources(t, rep.Sources, o.Remote)
 
 	md := rep.Markdown()
-	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## 7. ", "## 8. ", "## Method"} {
+	for _, h := range []string{"## Machine", "## Goals", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## 7. ", "## 8. ", "## 9. ", "## Method"} {
 		if !strings.Contains(md, h) {
 			t.Errorf("report lacks %q", h)
 		}
@@ -139,5 +144,38 @@ func checkRemote(t *testing.T, x RemoteResult, o remoteOptions) {
 		if len(rs.After) != 1 || rs.Killed[0] < 50 || rs.Killed[0] >= 100 || rs.After[0] <= 0 || rs.Took[0] <= 0 {
 			t.Errorf("resume of %s: %+v; the kill must land from half way to before the end, and the restarted publish fetch the rest", rs.Model.Name, rs)
 		}
+	}
+}
+
+// checkSources checks that section 9 produced every figure: both sources'
+// rows (the hf:// client's times too; no oras pull in a smoke run), each
+// publish through the throttled proxies, and the fine-tunes fetching at
+// least their own config.json but not the weights the base brought.
+func checkSources(t *testing.T, x SourcesResult, o remoteOptions) {
+	t.Helper()
+	if len(x.Rows) != 4 || len(x.FineTunes) != 2 {
+		t.Fatalf("section 9 has %d rows and %d fine-tunes, want the file and the shards, and a fine-tune, of each source", len(x.Rows), len(x.FineTunes))
+	}
+	for _, row := range x.Rows {
+		if len(row.Cache) != 1 || row.Cache[0] <= 0 {
+			t.Errorf("section 9 row %s %s has no cold publish: %+v", row.Scheme, row.Model.Name, row)
+		}
+		if want := map[string]int{"hf://": 1, "oci://": 0}[row.Scheme]; len(row.Client) != want || want == 1 && row.Client[0] <= 0 {
+			t.Errorf("section 9 row %s %s has %d client runs, want %d: %+v", row.Scheme, row.Model.Name, len(row.Client), want, row)
+		}
+		// Not a timing but a floor: the one file in at most 16 capped
+		// streams takes at least this long.
+		floor := time.Duration(float64(row.Model.Size) / float64(16*o.Rate) * float64(time.Second))
+		if o.Rate > 0 && len(row.Cache) == 1 && row.Cache[0] < floor {
+			t.Errorf("the cold publish of %s %s took %s, under the %s that 16 streams of %d B/s need: it did not go through the proxy", row.Scheme, row.Model.Name, row.Cache[0], floor, o.Rate)
+		}
+	}
+	for _, ft := range x.FineTunes {
+		if len(ft.Bytes) != 1 || ft.Bytes[0] < configBytes || ft.Bytes[0] >= float64(ft.Model.Size) || ft.Took[0] <= 0 || ft.Requests[0] < 1 {
+			t.Errorf("%s fine-tune: %+v; its publish must fetch its %d-byte config.json and not the %d bytes of weights its base brought", ft.Scheme, ft, configBytes, ft.Model.Size)
+		}
+	}
+	if x.HubClient == "" || x.Oras != "" {
+		t.Errorf("section 9 names the Hub client %q and the oras CLI %q; want the first only", x.HubClient, x.Oras)
 	}
 }
