@@ -172,6 +172,16 @@ $(BIN)/npm/.hfhub-$(HF_HUB_VERSION):
 .PHONY: hfhub
 hfhub: $(BIN)/npm/.hfhub-$(HF_HUB_VERSION)
 
+# The oras CLI, which test/benchrun's section 9 pulls oci:// models with
+# against the driver: make bench builds it, make test never does.
+ORAS_MODULE  := oras.land/oras/cmd/oras
+ORAS_VERSION := v1.3.6
+
+$(BIN)/.oras-$(ORAS_VERSION):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) $(GO) install $(ORAS_MODULE)@$(ORAS_VERSION)
+	@rm -f $(BIN)/.oras-* && touch $@
+
 # The real node of make e2e. kube-apiserver, kubelet and etcd build from the
 # wrapper modules in test/e2e/tools (their go.mod and go.sum pin every
 # version; go install refuses the upstream modules for their replace lines).
@@ -364,9 +374,9 @@ e2e-phases: require-root e2e-packages $(E2E_TOOLS)
 BENCH_FLAGS ?=
 
 .PHONY: bench
-bench: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION) build
+bench: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION) $(BIN)/.oras-$(ORAS_VERSION) $(BIN)/.hfhub-$(HF_HUB_VERSION) build
 	$(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./test/bench/...
-	$(GO) run ./test/benchrun --driver $(BIN)/modelcache-csi --rclone $(BIN)/rclone --out docs/benchmarks.md $(BENCH_FLAGS)
+	$(GO) run ./test/benchrun --driver $(BIN)/modelcache-csi --rclone $(BIN)/rclone --oras $(BIN)/oras --npm $(BIN)/npm --out docs/benchmarks.md $(BENCH_FLAGS)
 
 # --- demo ------------------------------------------------------------------
 
