@@ -280,7 +280,9 @@ func settledServed(s site) (n, requests int64) {
 // with its API and its CDN each behind a throttling proxy, the LFS
 // redirects sent to the CDN's proxy; the client is @huggingface/hub.
 func (b *bench) sourcesHF(ctx context.Context, res *SourcesResult) error {
-	hub := hftest.Start(hftest.Options{})
+	// LFS files: the weights (by their extension) and, as the Hub has
+	// it, any file over 10 MB; config.json is a plain git file.
+	hub := hftest.Start(hftest.Options{LFSAbove: 10_000_000})
 	defer hub.Close()
 	api, err := b.throttledProxy(hub.URL)
 	if err != nil {
