@@ -2,9 +2,15 @@ package source
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net/http"
+	"strings"
 	"sync/atomic"
+
+	"oras.land/oras-go/v2/registry/remote/auth"
+	"oras.land/oras-go/v2/registry/remote/errcode"
 )
 
 // RangeChecker is a store.RangeFetcher some of whose entries cannot be
@@ -56,23 +62,56 @@ func (r ociRanged) OpenRange(ctx context.Context, e Entry, offset, length int64)
 			end()
 		}
 	}()
-	rc, err := r.repo.Blobs().Fetch(ctx, l.desc)
-	if err != nil {
-		return nil, r.classify(op, err)
-	}
-	s, ok := rc.(io.ReadSeekCloser)
-	if !ok {
-		rc.Close()
+	// One bounded ranged GET per chunk: oras-go's seekable reader would
+	// GET the whole blob first and then again from offset, two requests
+	// and two first-byte waits per chunk.
+	body, err := r.getRange(ctx, l.desc.Digest.String(), offset, length)
+	if errors.Is(err, ErrNoRanges) {
 		r.noRanges.Store(true)
-		return nil, fmt.Errorf("%w: %w: %s: the registry does not serve byte ranges", ErrUnavailable, ErrNoRanges, op)
 	}
-	if _, err := s.Seek(offset, io.SeekStart); err != nil {
-		s.Close()
+	if err != nil {
 		return nil, r.classify(op, err)
 	}
 	limited := struct {
 		io.Reader
 		io.Closer
-	}{io.LimitReader(s, length), s}
+	}{io.LimitReader(body, length), body}
 	return &ociReader{rc: limited, op: fmt.Sprintf("reading %s/%s", r.uri, e.Path), remote: r.ociRemote, end: end}, nil
+}
+
+// getRange GETs bytes [offset, offset+length) of a blob through the
+// repository's client (its token flow, with the pull scope, and the egress
+// Guard's dialer for the registry and any redirect). A registry that
+// answers with the whole blob is ErrNoRanges.
+func (r ociRanged) getRange(ctx context.Context, dgst string, offset, length int64) (io.ReadCloser, error) {
+	ref := r.repo.Reference
+	scheme := "https"
+	if r.repo.PlainHTTP {
+		scheme = "http"
+	}
+	url := fmt.Sprintf("%s://%s/v2/%s/blobs/%s", scheme, ref.Host(), ref.Repository, dgst)
+	ctx = auth.AppendRepositoryScope(ctx, ref, auth.ActionPull)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", offset, offset+length-1))
+	resp, err := r.repo.Client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+		if !strings.HasPrefix(resp.Header.Get("Content-Range"), fmt.Sprintf("bytes %d-", offset)) {
+			resp.Body.Close()
+			return nil, fmt.Errorf("%w: the registry answered bytes %q for a range from %d", ErrChanged, resp.Header.Get("Content-Range"), offset)
+		}
+		return resp.Body, nil
+	case http.StatusOK:
+		resp.Body.Close()
+		return nil, fmt.Errorf("%w: %w: the registry does not serve byte ranges", ErrUnavailable, ErrNoRanges)
+	default:
+		resp.Body.Close()
+		return nil, &errcode.ErrorResponse{Method: req.Method, URL: req.URL, StatusCode: resp.StatusCode}
+	}
 }
