@@ -65,7 +65,10 @@ type Ensured struct {
 	// that found the tree committed has neither Fetched nor Joined.
 	Joined bool
 	// Reused is how many of the objects the download did not fetch because
-	// this node already held them, unchanged, from an earlier download.
+	// this node already held them, unchanged, from an earlier download, and
+	// that the request's credentials were not shown to read (files linked
+	// by their sha256 after Verify are not counted: the cache need not ask
+	// again).
 	Reused int
 	// Checks says how the downloaded objects were checked.
 	Checks Checks
@@ -263,7 +266,7 @@ type flight struct {
 	tree    Tree
 	fetched bool
 	by      *int // the starting caller's token: its credentials downloaded it
-	reused  int  // objects linked from blobs/ instead of downloaded
+	reused  int  // objects linked from blobs/ unchecked for these credentials (object index)
 	checks  Checks
 }
 

@@ -89,10 +89,11 @@ func (s *Store) fetchObjects(ctx context.Context, dir string, m source.Manifest,
 		name := path.Join(dir, fmt.Sprintf("blob-%d", i))
 		if held[i] {
 			if err := s.root.Link(path.Join(BlobsDir, e.SHA256), name); err == nil {
+				// Not counted as reused: Verify just showed these
+				// credentials read it, so the cache need not ask again.
 				sums[i] = e.SHA256
 				p.done.Add(e.Size)
 				p.files.Add(1)
-				reused.Add(1)
 				continue
 			}
 		}
@@ -555,7 +556,7 @@ func (s *Store) commitBlob(ctx context.Context, w *os.File, name string, e sourc
 // ingested is what ingest did besides committing the tree.
 type ingested struct {
 	sums   []string // sha256 hex of each entry, in manifest order
-	reused int      // entries linked from blobs/, not downloaded
+	reused int      // entries linked from blobs/ by the object index, not downloaded nor verified
 	checks Checks   // how the downloaded entries were checked
 }
 

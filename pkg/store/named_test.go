@@ -141,9 +141,15 @@ func TestEnsureLinksFilesTheNodeHoldsBySHA256(t *testing.T) {
 			if tt.plain {
 				fetcher = f.fakeFetcher
 			}
-			tr, _, err := s.Ensure(context.Background(), "tune", namedManifestOf(tune), fetcher)
+			ens, err := s.EnsureGated(context.Background(), "tune", namedManifestOf(tune), fetcher, nil)
+			tr := ens.Tree
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("Ensure = %v, want %v", err, tt.wantErr)
+			}
+			// Linked after Verify: nothing left for the cache to check
+			// again with these credentials.
+			if err == nil && ens.Reused != 0 {
+				t.Errorf("Ensured.Reused = %d, want 0: the linked files were verified", ens.Reused)
 			}
 			for p, n := range tt.wantOpens {
 				if got := f.openCount(p); got != n {
