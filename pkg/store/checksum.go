@@ -151,6 +151,39 @@ func (r *remoteSum) hashPart(i int, b []byte, last bool) {
 	}
 }
 
+// partLayout is the part size of a remote checksum whose parts are all of
+// one size but the last (as every S3 client uploads them), 0 when they are
+// not, or when the parts do not add up to size.
+func (r *remoteSum) partLayout(size int64) int64 {
+	parts := r.want.Parts
+	if len(parts) < 2 {
+		return 0
+	}
+	var sum int64
+	for i, n := range parts {
+		if n <= 0 || i < len(parts)-1 && n != parts[0] || n > parts[0] {
+			return 0
+		}
+		sum += n
+	}
+	if sum != size {
+		return 0
+	}
+	return parts[0]
+}
+
+// hashWhole hashes b, the next bytes of part i, on the caller's goroutine:
+// for a caller that brings each part's bytes in order itself (a ranged
+// stream reading whole parts), so that as many parts hash at once as
+// there are streams. It must not be mixed with start for one part once
+// start has handed that part's bytes out and not yet waited for them.
+func (r *remoteSum) hashWhole(i int, b []byte, last bool) {
+	if r.hashes[i] == nil && r.sums[i] == nil {
+		r.hashes[i] = r.partHash()
+	}
+	r.hashPart(i, b, last)
+}
+
 // freeHash gives an md5Lanes hash's lane back.
 func freeHash(h hash.Hash) {
 	if c, ok := h.(interface{ Close() }); ok {
@@ -259,7 +292,7 @@ func (r *remoteSum) close() {
 		close(ch)
 	}
 	r.workers = nil
-	for i, h := range r.hashes[:r.made] {
+	for i, h := range r.hashes {
 		if h != nil && !r.shared {
 			freeHash(h)
 			r.hashes[i] = nil

@@ -513,6 +513,10 @@ func (o *objectSums) writeThen(b []byte, release func()) {
 	done()
 }
 
+// shaOnly is a writer of o's sha256 alone, for bytes whose remote
+// checksum their reader computes (remoteSum.hashWhole).
+func (o *objectSums) shaOnly() *objectSums { return &objectSums{sha: o.sha} }
+
 // wait returns once every byte written is hashed and released.
 func (o *objectSums) wait() {
 	if o.remote != nil {

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"sync/atomic"
 
 	"github.com/modelcache/modelcache/pkg/source"
@@ -35,6 +37,19 @@ const (
 	DefaultRangeChunk   = 4 << 20
 )
 
+// DefaultRangeSpan is how much of a file one ranged read asks for: the
+// chunks of a span stream through one response, so a stream waits for a
+// first byte once per span rather than once per chunk (20 ms on every 4 MiB
+// at 64 MB/s is a quarter of the stream's time). A file uploaded in parts
+// of a multiple of the chunk (up to maxSpanChunks) is read a part per span
+// instead, so that each stream hashes its own part's checksum and the
+// parts of a multipart ETag hash at once (docs/design.md "Downloads").
+const DefaultRangeSpan = 16 << 20
+
+// maxSpanChunks bounds a part-sized span: a stream holds one connection
+// for its whole span.
+const maxSpanChunks = 16
+
 // DefaultRangeCheckpoint is how much of a ranged download is made durable
 // at a time, so that a restart loses at most that much of a large file.
 const DefaultRangeCheckpoint = 16 << 20
@@ -61,17 +76,18 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	if err := rd.open(name, objectKey, want); err != nil {
 		return "", notChecked, err
 	}
+	rd.planSpans()
 	defer func() { rd.sums.close() }()
 	defer rd.pf.close()
 	s.chunks.use(rd.d)
 	defer s.chunks.unuse(rd.d)
 	rd.done = make(chan fetchedChunk, s.chunks.size())
-	rd.next.Store(int64(rd.first))
+	rd.next.Store(int64(rd.first / rd.span))
 	rd.hashed, rd.pending = rd.first, map[int][]byte{}
 
 	g, gctx := errgroup.WithContext(ctx)
 	for range s.rangeStreams {
-		g.Go(func() error { return rd.fetchChunks(gctx) })
+		g.Go(func() error { return rd.fetchSpans(gctx) })
 	}
 	// Checkpoints run beside the hasher: an fsync takes a while, and the
 	// chunks should keep flowing meanwhile. One waits at most; a request
@@ -128,7 +144,15 @@ type rangedDownload struct {
 	chunks int
 	first  int // the first chunk not on disk from an earlier download
 
-	next    atomic.Int64      // the next chunk a fetcher takes
+	// span is how many chunks one ranged read asks for. part is the size
+	// of the remote checksum's parts when each span is one part and its
+	// stream hashes it (hashWhole); ordered is then what the hasher writes
+	// to (the sha256 alone), else sums.
+	span    int
+	part    int64
+	ordered *objectSums
+
+	next    atomic.Int64      // the next span a fetcher takes
 	counted atomic.Int64      // bytes added to p
 	done    chan fetchedChunk // fetched chunks, to the hasher
 	ckpt    chan int64        // hashed bytes to checkpoint
@@ -174,50 +198,188 @@ func (rd *rangedDownload) count(n int64) {
 	rd.counted.Add(n)
 }
 
-// fetchChunks is one stream: it takes chunk numbers in turn and fetches
-// each into a buffer and the file, or reads it back from an earlier
-// download's file, and hands it to the hasher.
-func (rd *rangedDownload) fetchChunks(ctx context.Context) error {
-	w := rd.pf.f
+// planSpans chooses the span: one part of the remote's checksum when the
+// parts are a multiple of the chunk, each then hashed by its stream;
+// else DefaultRangeSpan (rangeSpan) of chunks, hashed in order.
+func (rd *rangedDownload) planSpans() {
+	rd.span, rd.ordered = max(1, int(rd.s.rangeSpan/rd.chunk)), rd.sums
+	r := rd.sums.remote
+	if r == nil || r.shared {
+		return
+	}
+	if p := r.partLayout(rd.e.Size); p > 0 && p%rd.chunk == 0 && p/rd.chunk <= maxSpanChunks {
+		rd.span, rd.part, rd.ordered = int(p/rd.chunk), p, rd.sums.shaOnly()
+	}
+}
+
+// fetchSpans is one stream: it takes spans in turn, and the chunks of each
+// in order from one ranged read.
+func (rd *rangedDownload) fetchSpans(ctx context.Context) error {
 	for {
-		// The buffer comes before the chunk number: every chunk taken
-		// holds a buffer, so the lowest one not yet hashed of every
-		// file can always finish and no hasher waits on a chunk that
-		// cannot, even with the pool shared between files.
+		k := int(rd.next.Add(1) - 1)
+		lo, hi := max(k*rd.span, rd.first), min((k+1)*rd.span, rd.chunks)
+		if lo >= rd.chunks {
+			return nil
+		}
+		if err := rd.fetchSpan(ctx, lo, hi); err != nil {
+			return err
+		}
+	}
+}
+
+// fetchSpan fetches chunks lo to hi into buffers and the file, or reads
+// them back from an earlier download's file, hashes their part when the
+// stream does, and hands each to the hasher.
+func (rd *rangedDownload) fetchSpan(ctx context.Context, lo, hi int) error {
+	sr := &spanReader{rd: rd, spanEnd: min(int64(hi)*rd.chunk, rd.e.Size)}
+	defer sr.close(ctx)
+	for i := lo; i < hi; i++ {
+		// The wait for a buffer, with the response open, is not the
+		// remote's: the hasher gives buffers of later chunks back when
+		// this download's streams wait (await).
+		sr.guard.pause()
 		buf, err := rd.s.chunks.get(ctx, rd.d, rd.chunk, rd.chunk)
+		sr.guard.resume()
 		if err != nil {
 			return err
 		}
-		i := int(rd.next.Add(1) - 1)
-		if i >= rd.chunks {
-			rd.s.chunks.put(rd.d, buf)
-			return nil
-		}
 		off := int64(i) * rd.chunk
-		n := min(rd.chunk, rd.e.Size-off)
-		buf = buf[:n]
-		// A chunk an earlier download left on disk is read back (and
-		// hashed with the rest) instead of fetched.
-		onDisk := rd.pf.onDiskChunk(i)
-		if onDisk {
-			_, rerr := w.ReadAt(buf, off)
-			onDisk = rerr == nil
+		buf = buf[:min(rd.chunk, rd.e.Size-off)]
+		if err := rd.fill(ctx, sr, i, buf); err != nil {
+			rd.s.chunks.put(rd.d, buf)
+			return err
 		}
-		if !onDisk {
-			if err := rd.s.fetchChunk(ctx, rd.rf, rd.e, off, buf); err != nil {
-				rd.s.chunks.put(rd.d, buf)
-				return err
-			}
-			if _, err := w.WriteAt(buf, off); err != nil {
-				rd.s.chunks.put(rd.d, buf)
-				return noSpace(fmt.Errorf("writing %s: %w", rd.e.Path, err))
-			}
-			rd.pf.markWritten(i)
+		if rd.part > 0 {
+			end := off + int64(len(buf))
+			rd.sums.remote.hashWhole(int(off/rd.part), buf, end%rd.part == 0 || end == rd.e.Size)
 		}
-		rd.count(n)
+		rd.count(int64(len(buf)))
 		// done holds as many chunks as there are buffers: never blocks.
 		rd.done <- fetchedChunk{i, buf}
 	}
+	return nil
+}
+
+// fill puts chunk i into buf and the file: read back from the file when an
+// earlier download left it there, else from the span's response.
+func (rd *rangedDownload) fill(ctx context.Context, sr *spanReader, i int, buf []byte) error {
+	off := int64(i) * rd.chunk
+	if rd.pf.onDiskChunk(i) {
+		if _, err := rd.pf.f.ReadAt(buf, off); err == nil {
+			return nil
+		}
+	}
+	if err := sr.read(ctx, off, buf); err != nil {
+		return err
+	}
+	if _, err := rd.pf.f.WriteAt(buf, off); err != nil {
+		return noSpace(fmt.Errorf("writing %s: %w", rd.e.Path, err))
+	}
+	rd.pf.markWritten(i)
+	return nil
+}
+
+// spanReader is the ranged read of one span: opened at the first chunk it
+// must fetch, read chunk after chunk, and opened again from the chunk a
+// failure or a chunk read back from the file left it at. Each response
+// holds one of the node's connections and a stream guard while open.
+type spanReader struct {
+	rd      *rangedDownload
+	spanEnd int64 // where the span ends in the object
+	end     int64 // where the open response ends
+	body    io.ReadCloser
+	at      int64 // the offset body reads next
+	guard   *streamGuard
+	sctx    context.Context
+}
+
+// read fills buf with the bytes at off, retrying a chunk that fails or
+// comes short chunkAttempts times, each from a new ranged read, and
+// refusing a span that comes long (the object changed at the remote).
+func (sr *spanReader) read(ctx context.Context, off int64, buf []byte) error {
+	e := sr.rd.e
+	var err error
+	for range chunkAttempts {
+		if sr.body == nil || sr.at != off {
+			sr.close(ctx)
+			if err = sr.open(ctx, off); err != nil {
+				if stop(ctx, err) {
+					return err
+				}
+				continue
+			}
+		}
+		if _, err = io.ReadFull(guardedReader{sr.body, sr.guard}, buf); err == nil {
+			if sr.at += int64(len(buf)); sr.at < sr.end {
+				return nil
+			}
+			// The response's last chunk: the connection goes back.
+			err = sr.finish()
+			sr.close(ctx)
+			if err == nil {
+				return nil
+			}
+			return err
+		}
+		err = sr.guard.err(err)
+		sr.close(ctx)
+		if stop(ctx, err) {
+			return err
+		}
+	}
+	return fmt.Errorf("downloading bytes %d-%d of %s, %d attempts: %w", off, off+int64(len(buf))-1, e.Path, chunkAttempts, err)
+}
+
+// stop says whether a failed read ends the download rather than being
+// tried again.
+func stop(ctx context.Context, err error) bool {
+	return ctx.Err() != nil || errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrDenied) || errors.Is(err, source.ErrNotFound) || errors.Is(err, source.ErrNoRanges)
+}
+
+// open asks for the span's bytes from off up to the next chunk an earlier
+// download left in the file, holding a connection.
+func (sr *spanReader) open(ctx context.Context, off int64) error {
+	if err := sr.rd.s.acquireConn(ctx); err != nil {
+		return err
+	}
+	sr.end = off
+	for sr.end < sr.spanEnd && (sr.end == off || !sr.rd.pf.onDiskChunk(int(sr.end/sr.rd.chunk))) {
+		sr.end = min(sr.end+sr.rd.chunk, sr.spanEnd)
+	}
+	sr.sctx, sr.guard = sr.rd.s.guardStream(ctx)
+	rc, err := sr.rd.rf.OpenRange(sr.sctx, sr.rd.e, off, sr.end-off)
+	if err != nil {
+		err = sr.guard.err(err)
+		sr.close(ctx)
+		return err
+	}
+	sr.body, sr.at = rc, off
+	return nil
+}
+
+// finish checks that the response ends where the span does: one byte more
+// means the remote ignored the range or the object grew, and either way
+// these are not the listed bytes.
+func (sr *spanReader) finish() error {
+	var extra [1]byte
+	if k, _ := sr.body.Read(extra[:]); k > 0 {
+		return fmt.Errorf("%w: %s sent more than bytes up to %d", source.ErrChanged, sr.rd.e.Path, sr.end-1)
+	}
+	return nil
+}
+
+// close ends the response, if any, and gives its connection back.
+func (sr *spanReader) close(ctx context.Context) {
+	if sr.sctx == nil {
+		return
+	}
+	if sr.body != nil {
+		sr.body.Close()
+		sr.body = nil
+	}
+	sr.guard.stop()
+	sr.guard, sr.sctx = nil, nil
+	sr.rd.s.releaseConn(ctx)
 }
 
 // hashInOrder hashes the chunks in order as they come, from memory, or
@@ -236,10 +398,10 @@ func (rd *rangedDownload) hashInOrder(ctx context.Context) error {
 		switch {
 		case ok:
 			delete(rd.pending, k)
-			rd.sums.writeThen(buf, func() { rd.s.chunks.put(rd.d, buf) })
+			rd.ordered.writeThen(buf, func() { rd.s.chunks.put(rd.d, buf) })
 		case spilled[k]:
 			off := int64(k) * rd.chunk
-			if err := hashAt(rd.pf.f, off, min(rd.chunk, rd.e.Size-off), rd.sums); err != nil {
+			if err := hashAt(rd.pf.f, off, min(rd.chunk, rd.e.Size-off), rd.ordered); err != nil {
 				return fmt.Errorf("reading back bytes %d+ of %s: %w", off, rd.e.Path, err)
 			}
 			delete(spilled, k)
@@ -264,16 +426,21 @@ func (rd *rangedDownload) hashInOrder(ctx context.Context) error {
 // await waits for the next fetched chunk. A finished chunk waiting for an
 // earlier, slower one would pin its buffer for as long as that one takes:
 // when another download waits for a buffer, the finished chunks give
-// theirs back (spilled); they are in the file. This download's own streams
-// wait instead (a stream too slow is cut).
+// theirs back (spilled); they are in the file. This download's own
+// streams waiting take the latest of them, one at a time: a stream reads
+// its whole span before the next, so the chunk the hasher waits for may
+// be behind a buffer that a later chunk holds.
 func (rd *rangedDownload) await(ctx context.Context, spilled map[int]bool) error {
-	changed := rd.s.chunks.slots.changes()
-	if len(rd.pending) > 0 && rd.s.chunks.slots.pressed(rd.d) {
-		for i, b := range rd.pending {
-			spilled[i] = true
-			delete(rd.pending, i)
-			rd.s.chunks.put(rd.d, b)
+	slots := rd.s.chunks.slots
+	changed := slots.changes()
+	if len(rd.pending) > 0 && slots.pressed(rd.d) {
+		for i := range rd.pending {
+			rd.spill(i, spilled)
 		}
+		return nil
+	}
+	if len(rd.pending) > 0 && rd.span > 1 && slots.starved(rd.d) {
+		rd.spill(slices.Max(slices.Collect(maps.Keys(rd.pending))), spilled)
 		return nil
 	}
 	if len(rd.pending) == 0 {
@@ -287,6 +454,14 @@ func (rd *rangedDownload) await(ctx context.Context, spilled map[int]bool) error
 		return ctx.Err()
 	}
 	return nil
+}
+
+// spill gives back the buffer of pending chunk i, to be hashed from the
+// file in its turn.
+func (rd *rangedDownload) spill(i int, spilled map[int]bool) {
+	spilled[i] = true
+	rd.s.chunks.put(rd.d, rd.pending[i])
+	delete(rd.pending, i)
 }
 
 // giveBack returns every buffer the download still holds, once the
@@ -327,42 +502,4 @@ func hashAt(f *os.File, off, n int64, sums *objectSums) error {
 type fetchedChunk struct {
 	index int
 	data  []byte
-}
-
-// fetchChunk fills buf from offset with ranged reads, retrying a chunk that
-// fails or comes short, and refusing one that comes long (the object
-// changed at the remote). Each read holds one of the node's connections.
-func (s *Store) fetchChunk(ctx context.Context, rf RangeFetcher, e source.Entry, off int64, buf []byte) error {
-	var err error
-	for range chunkAttempts {
-		if err = s.acquireConn(ctx); err != nil {
-			return err
-		}
-		sctx, guard := s.guardStream(ctx)
-		err = guard.err(readChunk(sctx, rf, e, off, buf, guard))
-		guard.stop()
-		s.releaseConn(ctx)
-		if err == nil || ctx.Err() != nil || errors.Is(err, source.ErrChanged) || errors.Is(err, source.ErrDenied) || errors.Is(err, source.ErrNotFound) {
-			return err
-		}
-	}
-	return fmt.Errorf("downloading bytes %d-%d of %s, %d attempts: %w", off, off+int64(len(buf))-1, e.Path, chunkAttempts, err)
-}
-
-func readChunk(ctx context.Context, rf RangeFetcher, e source.Entry, off int64, buf []byte, guard *streamGuard) error {
-	rc, err := rf.OpenRange(ctx, e, off, int64(len(buf)))
-	if err != nil {
-		return err
-	}
-	defer rc.Close()
-	if _, err := io.ReadFull(guardedReader{rc, guard}, buf); err != nil {
-		return err
-	}
-	// One byte more than asked means the remote ignored the range or the
-	// object grew: either way these are not the listed bytes.
-	var extra [1]byte
-	if k, _ := rc.Read(extra[:]); k > 0 {
-		return fmt.Errorf("%w: %s sent more than bytes %d-%d", source.ErrChanged, e.Path, off, off+int64(len(buf))-1)
-	}
-	return nil
 }

@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"crypto/md5"
 	"errors"
 	"fmt"
 	"io"
@@ -18,13 +19,14 @@ import (
 const (
 	rangeCutoff  = 4096
 	rangeChunk   = 1000
+	rangeSpan    = 2 * rangeChunk
 	rangeStreams = 3
 )
 
 func openRanged(t *testing.T) *store.Store {
 	t.Helper()
 	dir := t.TempDir()
-	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeStreams: rangeStreams})
+	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeSpan: rangeSpan, RangeStreams: rangeStreams})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,12 +63,12 @@ func TestRanged_BytesExactAroundBoundaries(t *testing.T) {
 			res.Set(func(r *sourcetest.Resolver) { ranges, maxReaders = r.RangeOpens, r.MaxReaders })
 			wantRanges := 0
 			if size >= rangeCutoff {
-				wantRanges = (size + rangeChunk - 1) / rangeChunk
+				wantRanges = (size + rangeSpan - 1) / rangeSpan
 			}
 			if ranges != wantRanges {
 				t.Errorf("%d ranged reads, want %d", ranges, wantRanges)
 			}
-			// One stream per chunk of w.bin, and config.json beside it.
+			// One stream per span of w.bin, and config.json beside it.
 			if maxReaders > rangeStreams+1 {
 				t.Errorf("%d readers open at once, bound %d", maxReaders, rangeStreams+1)
 			}
@@ -174,4 +176,131 @@ func TestRanged_NoRangesFallsBackToOneStream(t *testing.T) {
 			checkIngestEmpty(t, s.Dir())
 		})
 	}
+}
+
+// partsRemote is a remote whose w.bin was uploaded in parts: listed with
+// a multipart ETag and no MD5, and checked against that ETag, which it
+// gives on request (source.Checksummer), as S3 does.
+type partsRemote struct {
+	*sourcetest.Remote
+	want source.Checksum
+}
+
+func (p *partsRemote) Checksum(context.Context, source.Entry) (source.Checksum, error) {
+	return p.want, nil
+}
+
+// multipartETag is S3's ETag of data uploaded in parts of the given sizes.
+func multipartETag(data []byte, parts []int64) string {
+	var of []byte
+	for _, n := range parts {
+		s := md5.Sum(data[:n])
+		of = append(of, s[:]...)
+		data = data[n:]
+	}
+	s := md5.Sum(of)
+	return fmt.Sprintf("%x-%d", s, len(parts))
+}
+
+// A file uploaded in parts of a whole number of chunks downloads a part
+// per ranged read, each part hashed by the stream that reads it: the
+// bytes and the ETag check as before, a byte flipped in transit refused,
+// and a download stopped in the middle of a part resumed with that part's
+// hash carried on from the bytes on disk.
+func TestRanged_PartsReadAndHashedByTheirStreams(t *testing.T) {
+	data := sourcetest.Bytes("w", 9500)
+	parts := []int64{3000, 3000, 3000, 500}
+	want := source.Checksum{Algorithm: "md5", Value: multipartETag(data, parts), Parts: parts, Name: "multipart ETag"}
+	for _, tt := range []struct {
+		name      string
+		served    []byte // what the remote sends, when not data
+		failFrom  int64  // the first attempt stops at this offset
+		wantErr   error
+		wantReads int // ranged reads of the download that succeeds
+	}{
+		{name: "intact", wantReads: 4},
+		{name: "a byte flipped in the third part", served: flipAt(data, 6500), wantErr: source.ErrCorrupt},
+		{name: "stopped in the middle of the second part", failFrom: 4000, wantReads: 3},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeSpan: rangeSpan,
+				RangeStreams: rangeStreams, RangeCheckpoint: rangeChunk})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
+			served := data
+			if tt.served != nil {
+				served = tt.served
+			}
+			f := &partsRemote{Remote: sourcetest.NewFetcher(map[string][]byte{"w.bin": served}), want: want}
+			m := sourcetest.ManifestOf(map[string][]byte{"w.bin": data}, time.Unix(1700000000, 0))
+			m[0].Hash = want.Value
+			res := f.Resolver()
+			if tt.failFrom > 0 {
+				res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = tt.failFrom })
+				if _, err := s.EnsureGated(context.Background(), "key", m, f, nil); !errors.Is(err, source.ErrUnavailable) {
+					t.Fatalf("first download = %v, want ErrUnavailable", err)
+				}
+				res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom, r.RangeOpens, r.RangeBytes = 0, 0, 0 })
+			}
+			ens, err := s.EnsureGated(context.Background(), "key", m, f, nil)
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("Ensure = %v, want %v", err, tt.wantErr)
+				}
+				checkNoTrees(t, dir)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkTree(t, s, ens.Tree, map[string][]byte{"w.bin": data})
+			if ens.Checks.Remote != 1 {
+				t.Errorf("checks %+v, want w.bin checked against its multipart ETag", ens.Checks)
+			}
+			var reads int
+			var fetched int64
+			res.Set(func(r *sourcetest.Resolver) { reads, fetched = r.RangeOpens, r.RangeBytes })
+			if reads != tt.wantReads {
+				t.Errorf("%d ranged reads, want %d (one per part from the first not on disk)", reads, tt.wantReads)
+			}
+			if wantBytes := int64(len(data)) - tt.failFrom; fetched != wantBytes {
+				t.Errorf("fetched %d bytes, want %d", fetched, wantBytes)
+			}
+		})
+	}
+}
+
+func flipAt(b []byte, at int) []byte {
+	c := append([]byte{}, b...)
+	c[at] ^= 1
+	return c
+}
+
+// Spans longer than the chunk buffers a download may hold: the streams
+// read far ahead of the hasher, which must give the buffers of later
+// chunks back for the stream of the chunk it waits for to go on.
+func TestRanged_SpansLongerThanTheBuffers(t *testing.T) {
+	dir := t.TempDir()
+	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeSpan: 10 * rangeChunk, RangeStreams: rangeStreams})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
+	files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 40*rangeChunk+7)}
+	res := sourcetest.NewResolver()
+	res.SetModel("mys3:models/long-spans", files)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r, err := res.Resolve(ctx, "mys3:models/long-spans", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, _, err := s.Ensure(ctx, "key", res.Manifest("mys3:models/long-spans"), r)
+	if err != nil {
+		t.Fatalf("Ensure = %v (a minute is far more than 40 KB take: the streams waited for each other)", err)
+	}
+	checkTree(t, s, tr, files)
 }

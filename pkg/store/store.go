@@ -65,8 +65,8 @@ type Store struct {
 	transfers int
 	// Ranged downloads: files of rangeCutoff bytes or more (0: never) in
 	// chunks of rangeChunk, rangeStreams at a time.
-	rangeCutoff, rangeChunk, rangeCheckpoint int64
-	rangeStreams                             int
+	rangeCutoff, rangeChunk, rangeSpan, rangeCheckpoint int64
+	rangeStreams                                        int
 	// chunks are the node's ranged-chunk buffers, conns bounds the node's
 	// requests to remotes; both are shared fairly by running downloads.
 	chunks *chunkPool
@@ -115,6 +115,9 @@ type Options struct {
 	RangeStreams int
 	// RangeChunk is the size of one chunk (default DefaultRangeChunk).
 	RangeChunk int64
+	// RangeSpan is how much one ranged read asks for, in whole chunks
+	// (default DefaultRangeSpan).
+	RangeSpan int64
 	// RangeCheckpoint is how many bytes of a ranged download are made
 	// durable at a time, for resuming (default DefaultRangeCheckpoint).
 	RangeCheckpoint int64
@@ -198,6 +201,9 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	if opt.RangeChunk <= 0 {
 		opt.RangeChunk = DefaultRangeChunk
 	}
+	if opt.RangeSpan <= 0 {
+		opt.RangeSpan = DefaultRangeSpan
+	}
 	opt.MinStreamRate = orDefault(opt.MinStreamRate, DefaultMinStreamRate)
 	opt.StallWindow = orDefault(opt.StallWindow, DefaultStallWindow)
 	opt.StallTimeout = orDefault(opt.StallTimeout, DefaultStallTimeout)
@@ -205,7 +211,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
 		dir: dir, root: root, index: index, transfers: opt.Transfers,
-		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk, rangeCheckpoint: opt.RangeCheckpoint,
+		rangeCutoff: opt.RangeCutoff, rangeStreams: opt.RangeStreams, rangeChunk: opt.RangeChunk, rangeSpan: opt.RangeSpan, rangeCheckpoint: opt.RangeCheckpoint,
 		chunks: newChunkPool(2 * opt.RangeStreams), conns: newFairSlots(opt.MaxConnections),
 		minStreamRate: opt.MinStreamRate, stallWindow: opt.StallWindow, stallTimeout: opt.StallTimeout, grace: opt.DownloadGrace,
 		partialBusy: map[string]bool{},

@@ -72,14 +72,15 @@ type Resolver struct {
 	// RangeOpens counts OpenRange calls; MaxReaders is the most readers
 	// open at once (Open and OpenRange).
 	RangeOpens, MaxReaders int
-	// RangeBytes counts the bytes OpenRange calls that succeeded asked for.
+	// RangeBytes counts the bytes ranged readers delivered.
 	RangeBytes int64
 	readers    int
 	// FailRanges makes the next FailRanges OpenRange calls fail with
 	// ErrUnavailable, as a dropped connection would.
 	FailRanges int
 	// FailRangesFrom, when positive, makes every OpenRange from that
-	// offset on fail with ErrUnavailable: a download that stops part way.
+	// offset on fail with ErrUnavailable, and a range across it deliver
+	// the bytes before it and then fail: a download that stops part way.
 	FailRangesFrom int64
 	// CutOpens makes the readers of the next CutOpens Open calls fail with
 	// io.ErrUnexpectedEOF after CutAfter bytes: a connection closed mid-object.
@@ -399,13 +400,17 @@ func (f *Remote) OpenRange(ctx context.Context, e source.Entry, offset, length i
 	if !ok || offset < 0 || offset+length > int64(len(data)) {
 		return nil, fmt.Errorf("opening %s/%s bytes %d+%d: %w", f.uri, e.Path, offset, length, source.ErrNotFound)
 	}
-	r.RangeBytes += length
-	return r.reader(ctx, data[offset:offset+length], e.Path), nil
+	g := r.reader(ctx, data[offset:offset+length], e.Path)
+	g.ranged = true
+	if from := r.FailRangesFrom; from > 0 && offset+length > from {
+		g.failAt, g.failErr = int(from-offset), fmt.Errorf("reading %s/%s: connection reset: %w", f.uri, e.Path, source.ErrUnavailable)
+	}
+	return g, nil
 }
 
 // reader serves data through the gate, counting open readers. The caller
 // holds r.mu.
-func (r *Resolver) reader(ctx context.Context, data []byte, path string) io.ReadCloser {
+func (r *Resolver) reader(ctx context.Context, data []byte, path string) *gatedReader {
 	r.readers++
 	r.ReadersOpened++
 	r.MaxReaders = max(r.MaxReaders, r.readers)
@@ -433,6 +438,7 @@ type gatedReader struct {
 	// failAt, when not negative, is where the reader fails with failErr.
 	failAt  int
 	failErr error
+	ranged  bool // an OpenRange's: what it delivers counts in RangeBytes
 }
 
 func (g *gatedReader) Read(p []byte) (int, error) {
@@ -468,6 +474,11 @@ func (g *gatedReader) Read(p []byte) (int, error) {
 	}
 	n := copy(p, g.data[g.off:end])
 	g.off += n
+	if g.ranged {
+		g.r.mu.Lock()
+		g.r.RangeBytes += int64(n)
+		g.r.mu.Unlock()
+	}
 	return n, nil
 }
 
