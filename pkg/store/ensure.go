@@ -98,6 +98,26 @@ type ObjectIndex interface {
 	RecordObject(object, blob string) error
 }
 
+// Router is a Fetcher that reads some objects from elsewhere than the
+// remote it lists: other nodes that hold them (docs/design.md "Peers").
+// Route returns the Fetcher one object is read from and the sha256 its
+// sender named ("" for the remote's own bytes); the store then checks the
+// bytes against both the remote's checksum and that sha256. checked says
+// whether the remote keeps a checksum of the object the store checks: an
+// object whose bytes nothing from the remote checks is read from it.
+type Router interface {
+	Fetcher
+	Route(e source.Entry, checked bool) (f Fetcher, sha256 string)
+}
+
+// route is the Fetcher of one object and the sha256 its sender named.
+func route(f Fetcher, e source.Entry, checked bool) (Fetcher, string) {
+	if r, ok := f.(Router); ok {
+		return r.Route(e, checked)
+	}
+	return f, ""
+}
+
 // identified is a Fetcher that names its backend (source.Remote does).
 type identified interface{ Identity() string }
 

@@ -239,8 +239,9 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err != nil {
 		return "", notChecked, err
 	}
+	f, named := route(f, e, !want.IsZero())
 	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff && canRange(f, e) {
-		sum, how, err := s.ingestRanged(ctx, name, e, rf, p, objectKey, want)
+		sum, how, err := s.ingestRanged(ctx, name, e, rf, p, objectKey, want, named)
 		if !errors.Is(err, source.ErrNoRanges) {
 			return sum, how, err
 		}
@@ -255,6 +256,7 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err != nil {
 		return "", notChecked, err
 	}
+	sums.named = named
 	defer sums.close()
 	st := &blobStream{s: s, f: f, e: e}
 	defer st.close(ctx)
@@ -471,6 +473,7 @@ func (hp *hashPipe) stop() {
 type objectSums struct {
 	sha    hash.Hash
 	remote *remoteSum // nil: the remote keeps no checksum we can get
+	named  string     // the sha256 the bytes' sender named, when not the remote (Router)
 }
 
 func newObjectSums(want source.Checksum) (*objectSums, error) {
@@ -549,6 +552,9 @@ func (s *Store) commitBlob(ctx context.Context, w *os.File, name string, e sourc
 		return "", how, fmt.Errorf("sealing %s: %w", e.Path, err)
 	}
 	sum := hex.EncodeToString(sums.sha.Sum(nil))
+	if sums.named != "" && sum != sums.named {
+		return "", how, fmt.Errorf("%w: %s came with sha256 %s named by its sender, and its bytes have sha256 %s", source.ErrCorrupt, e.Path, sums.named, sum)
+	}
 	// link, not rename: it never replaces a committed blob, so trees already
 	// linking it keep sharing one inode.
 	if err := s.linkNewBlob(name, sum); err != nil && !errors.Is(err, os.ErrExist) {

@@ -70,12 +70,13 @@ const chunkAttempts = 3
 // are recorded. A later download of the same object (after a failure, a
 // restart or kill -9) re-hashes the prefix from disk, reads the recorded
 // chunks back, and fetches the rest.
-func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string, want source.Checksum) (string, checkedBy, error) {
+func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, rf RangeFetcher, p *Progress, objectKey string, want source.Checksum, named string) (string, checkedBy, error) {
 	rd := &rangedDownload{s: s, e: e, rf: rf, p: p, chunk: s.rangeChunk, d: downloadOf(ctx)}
 	rd.chunks = int((e.Size + rd.chunk - 1) / rd.chunk)
 	if err := rd.open(name, objectKey, want); err != nil {
 		return "", notChecked, err
 	}
+	rd.sums.named = named
 	rd.planSpans()
 	defer func() { rd.sums.close() }()
 	defer rd.pf.close()
