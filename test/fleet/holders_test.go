@@ -9,8 +9,10 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/holders"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 )
 
 // Eight nodes that miss the same model at once, against a real
@@ -113,5 +115,56 @@ func TestHolders_OneOriginFetchPerCluster(t *testing.T) {
 	wg.Wait()
 	if _, err := env.kube.CoordinationV1().Leases(ns).Get(ctx, holders.LeaseName(key), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 		t.Fatalf("the Lease outlived every holder: %v", err)
+	}
+}
+
+// Members reads the node plugins' addresses from the EndpointSlices of the
+// peer Service, as the endpoint slice controller writes them: only ready
+// endpoints, by node, on the named port, and it follows changes.
+func TestHolders_MembersFromEndpointSlices(t *testing.T) {
+	ns := "members-test"
+	newNamespace(t, ns)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "modelcache-peers-x1", Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: "modelcache-peers"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("metrics"), Port: ptr.To[int32](9090)}, {Name: ptr.To("peer"), Port: ptr.To[int32](9443)}},
+		Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"10.0.0.1"}, NodeName: ptr.To("node-a"), Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}},
+			{Addresses: []string{"10.0.0.2"}, NodeName: ptr.To("node-b"), Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(false)}},
+		},
+	}
+	other := slice.DeepCopy()
+	other.Name, other.Labels = "another-service-x1", map[string]string{discoveryv1.LabelServiceName: "another"}
+	other.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{"10.0.0.9"}, NodeName: ptr.To("node-c"), Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}}
+	for _, s := range []*discoveryv1.EndpointSlice{slice, other} {
+		if _, err := env.kube.DiscoveryV1().EndpointSlices(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := holders.WatchMembers(ctx, env.kube, ns, "modelcache-peers", "peer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Stop()
+	for node, want := range map[string]string{"node-a": "10.0.0.1:9443", "node-b": "", "node-c": ""} {
+		if got, _ := m.Addr(node); got != want {
+			t.Errorf("Addr(%s) = %q, want %q", node, got, want)
+		}
+	}
+	slice.Endpoints[1].Conditions.Ready = ptr.To(true)
+	if _, err := env.kube.DiscoveryV1().EndpointSlices(ns).Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if got, _ := m.Addr("node-b"); got == "10.0.0.2:9443" {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("node-b never became a member after its endpoint turned ready")
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }
