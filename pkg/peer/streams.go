@@ -1,0 +1,106 @@
+package peer
+
+import (
+	"errors"
+	"net/http"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// takeStream takes one of the node's MaxStreams without waiting: a
+// requester refused here asks another holder sooner than it would get a
+// slot here.
+func (s *Server) takeStream() bool {
+	select {
+	case s.streams <- struct{}{}:
+		s.metrics.streams(1)
+		return true
+	default:
+		return false
+	}
+}
+
+func (s *Server) releaseStream() {
+	<-s.streams
+	s.metrics.streams(-1)
+}
+
+var errNoDeadline = errors.New("peer stream: cannot set a write deadline")
+
+// deadlineWriter writes a body with a deadline on every write, so that a
+// reader that stops reading loses its stream after timeout instead of
+// holding one of MaxStreams for as long as it likes, however long the
+// whole body takes at the pace the reader does read.
+type deadlineWriter struct {
+	http.ResponseWriter
+	rc      *http.ResponseController
+	timeout time.Duration
+	metrics *Metrics
+	failed  bool
+}
+
+func newDeadlineWriter(w http.ResponseWriter, timeout time.Duration, m *Metrics) *deadlineWriter {
+	return &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: timeout, metrics: m}
+}
+
+func (d *deadlineWriter) Write(p []byte) (int, error) {
+	if d.failed {
+		return 0, errNoDeadline
+	}
+	if err := d.rc.SetWriteDeadline(time.Now().Add(d.timeout)); err != nil {
+		// Without a deadline a stalled reader could pin the stream.
+		d.failed = true
+		klog.ErrorS(err, "Cannot bound a peer stream's writes; ending it")
+		return 0, errNoDeadline
+	}
+	n, err := d.ResponseWriter.Write(p)
+	d.metrics.served(n)
+	return n, err
+}
+
+// finish flushes what the server buffered under a deadline too, and then
+// lifts the deadline: the connection may serve the next request of a
+// keep-alive, which must not inherit a deadline long past.
+func (d *deadlineWriter) finish() {
+	if d.failed {
+		return
+	}
+	_ = d.rc.SetWriteDeadline(time.Now().Add(d.timeout))
+	if err := d.rc.Flush(); err != nil && !errors.Is(err, http.ErrNotSupported) {
+		klog.V(4).InfoS("Flushing a peer stream", "err", err)
+	}
+	_ = d.rc.SetWriteDeadline(time.Time{})
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter }
+
+// statusWriter remembers the status written, for the requests metric.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	if s.code == 0 {
+		s.code = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWriter) Write(p []byte) (int, error) {
+	if s.code == 0 {
+		s.code = http.StatusOK
+	}
+	return s.ResponseWriter.Write(p)
+}
+
+func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+func (s *statusWriter) status() int {
+	if s.code == 0 {
+		return http.StatusOK
+	}
+	return s.code
+}
