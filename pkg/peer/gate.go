@@ -118,7 +118,9 @@ func (g *gate) admit(r *http.Request) (code int, reason string) {
 		return http.StatusUnauthorized, reasonNoToken
 	}
 	key := sha256.Sum256([]byte(token))
-	if _, ok := g.accepted.Get(key); ok {
+	// The cache keeps an entry up to and including its expiry; a token is
+	// no longer valid at its exp, so the value says until when.
+	if until, ok := g.accepted.Get(key); ok && g.now().Before(until.(time.Time)) {
 		return 0, ""
 	}
 	// Concurrent requests with one token (a node's parallel ranges) share
@@ -145,7 +147,7 @@ func (g *gate) admit(r *http.Request) (code int, reason string) {
 		ttl = min(ttl, exp.Sub(g.now()))
 	}
 	if ttl > 0 {
-		g.accepted.Add(key, struct{}{}, ttl)
+		g.accepted.Add(key, g.now().Add(ttl), ttl)
 	}
 	return 0, ""
 }

@@ -178,9 +178,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		defer s.releaseStream()
-		dw := newDeadlineWriter(w, s.writeTimeout, s.metrics)
-		defer dw.finish()
-		w = dw
+		w = newDeadlineWriter(w, s.writeTimeout, s.metrics)
 	}
 	h := w.Header()
 	h.Set("Content-Type", "application/octet-stream") // no sniffing of the first 512 bytes

@@ -31,7 +31,9 @@ var errNoDeadline = errors.New("peer stream: cannot set a write deadline")
 // deadlineWriter writes a body with a deadline on every write, so that a
 // reader that stops reading loses its stream after timeout instead of
 // holding one of MaxStreams for as long as it likes, however long the
-// whole body takes at the pace the reader does read.
+// whole body takes at the pace the reader does read. The last deadline
+// also bounds net/http's flush after the handler, which then lifts it
+// for the connection's next request.
 type deadlineWriter struct {
 	http.ResponseWriter
 	rc      *http.ResponseController
@@ -57,20 +59,6 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 	n, err := d.ResponseWriter.Write(p)
 	d.metrics.served(n)
 	return n, err
-}
-
-// finish flushes what the server buffered under a deadline too, and then
-// lifts the deadline: the connection may serve the next request of a
-// keep-alive, which must not inherit a deadline long past.
-func (d *deadlineWriter) finish() {
-	if d.failed {
-		return
-	}
-	_ = d.rc.SetWriteDeadline(time.Now().Add(d.timeout))
-	if err := d.rc.Flush(); err != nil && !errors.Is(err, http.ErrNotSupported) {
-		klog.V(4).InfoS("Flushing a peer stream", "err", err)
-	}
-	_ = d.rc.SetWriteDeadline(time.Time{})
 }
 
 // Unwrap lets http.ResponseController reach the connection.

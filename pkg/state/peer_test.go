@@ -1,0 +1,36 @@
+package state_test
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestLookupObject: the blob recorded for one object key, as a peer asks
+// for it; unknown keys are not found, not an error.
+func TestLookupObject(t *testing.T) {
+	db := openDB(t, dbPath(t))
+	blob := strings.Repeat("ab", 32)
+	if err := db.RecordObject("sha256:"+strings.Repeat("01", 32), blob); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, key, want string
+		ok              bool
+	}{
+		{name: "recorded", key: "sha256:" + strings.Repeat("01", 32), want: blob, ok: true},
+		{name: "another object", key: "sha256:" + strings.Repeat("02", 32)},
+		{name: "empty key", key: ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			reads, writes := db.Transactions()
+			got, ok, err := db.LookupObject(tt.key)
+			if err != nil || ok != tt.ok || got != tt.want {
+				t.Fatalf("LookupObject(%q) = %q, %v, %v; want %q, %v", tt.key, got, ok, err, tt.want, tt.ok)
+			}
+			if r, w := db.Transactions(); r != reads+1 || w != writes {
+				t.Errorf("%d reads and %d writes, want one read", r-reads, w-writes)
+			}
+		})
+	}
+}
