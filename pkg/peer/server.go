@@ -254,6 +254,9 @@ func NewHTTPServer(h http.Handler, tlsConf *tls.Config) *http.Server {
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
+		// Failed handshakes (probes, a peer without the CA) to klog, not
+		// to the standard logger.
+		ErrorLog: klog.NewStandardLogger("INFO"),
 	}
 }
 
