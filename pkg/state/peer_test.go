@@ -3,7 +3,13 @@ package state_test
 import (
 	"strings"
 	"testing"
+
+	"github.com/modelcache/modelcache/pkg/peer"
+	"github.com/modelcache/modelcache/pkg/state"
 )
+
+// The state database is what the peer endpoint looks objects up in.
+var _ peer.Objects = (*state.DB)(nil)
 
 // TestLookupObject: the blob recorded for one object key, as a peer asks
 // for it; unknown keys are not found, not an error.

@@ -11,9 +11,13 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/modelcache/modelcache/pkg/peer"
 	"github.com/modelcache/modelcache/pkg/store"
 	"golang.org/x/sys/unix"
 )
+
+// The store is what the peer endpoint serves blobs from.
+var _ peer.Blobs = (*store.Store)(nil)
 
 // TestOpenBlob_RegularFilesOnly: OpenBlob (the peer endpoint's read of a
 // blob) opens a regular file in blobs/ and nothing else: no link, however
