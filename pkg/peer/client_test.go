@@ -87,6 +87,31 @@ func TestClient_AgainstServer(t *testing.T) {
 	})
 }
 
+// rangedReply answers a range with Content-Range cr and body, chunked or
+// with its length.
+func rangedReply(cr string, body string, chunked bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Range", cr)
+		if !chunked {
+			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+		}
+		w.WriteHeader(http.StatusPartialContent)
+		if chunked {
+			// Headers out before the body: no Content-Length.
+			w.(http.Flusher).Flush()
+		}
+		_, _ = io.WriteString(w, body)
+	}
+}
+
+func statusReply(code int) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(code) }
+}
+
+func bodyReply(body string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, body) }
+}
+
 // TestClient_BadReplies: a peer that answers outside the protocol (a
 // redirect, the wrong range, more bytes than asked, a bad lookup) is an
 // error, ErrBadReply where the caller should demote the peer.
@@ -97,26 +122,7 @@ func TestClient_BadReplies(t *testing.T) {
 	elsewhere := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { redirected.Add(1) }))
 	defer elsewhere.Close()
 
-	ranged := func(cr string, body string, chunked bool) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Range", cr)
-			if !chunked {
-				w.Header().Set("Content-Length", fmt.Sprint(len(body)))
-			}
-			w.WriteHeader(http.StatusPartialContent)
-			if chunked {
-				// Headers out before the body: no Content-Length.
-				w.(http.Flusher).Flush()
-			}
-			_, _ = io.WriteString(w, body)
-		}
-	}
-	status := func(code int) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(code) }
-	}
-	json := func(body string) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, body) }
-	}
+	ranged, status, json := rangedReply, statusReply, bodyReply
 	tests := []struct {
 		name    string
 		handler http.HandlerFunc

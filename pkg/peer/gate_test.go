@@ -13,20 +13,24 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
-// TestGate_Statuses: only a token the review shows is the node plugin's,
-// for the peer audience, is served: 401 for no or an invalid token, 403
-// for another account's, 503 when the API server cannot say. Every path
-// is gated, known or not.
-func TestGate_Statuses(t *testing.T) {
+// reviewedPeer is a test peer whose reviewer knows tokens of other
+// accounts and audiences; "invalid" it does not know: not authenticated.
+func reviewedPeer(t *testing.T) (*testPeer, string) {
 	p := startPeer(t, peer.Config{})
-	sum := p.blobs.put(t, []byte("bytes"))
 	p.rev.set("other-account", peer.Identity{Authenticated: true, Username: "system:serviceaccount:tenant:default", Audiences: []string{peer.Audience}})
 	p.rev.set("other-namespace", peer.Identity{Authenticated: true, Username: "system:serviceaccount:tenant:" + pluginSA, Audiences: []string{peer.Audience}})
 	p.rev.set("wrong-audience", peer.Identity{Authenticated: true, Username: pluginUser, Audiences: []string{"https://kubernetes.default.svc"}})
 	p.rev.set("no-audience", peer.Identity{Authenticated: true, Username: pluginUser})
 	p.rev.set("a-user", peer.Identity{Authenticated: true, Username: "alice", Audiences: []string{peer.Audience}})
-	// "invalid" is unknown to the reviewer: not authenticated.
+	return p, p.blobs.put(t, []byte("bytes"))
+}
 
+// TestGate_Statuses: only a token the review shows is the node plugin's,
+// for the peer audience, is served: 401 for no or an invalid token, 403
+// for another account's, 503 when the API server cannot say. Every path
+// is gated, known or not.
+func TestGate_Statuses(t *testing.T) {
+	p, sum := reviewedPeer(t)
 	failing := startPeer(t, peer.Config{})
 	failing.rev.err = errors.New("apiserver unreachable")
 	failing.blobs.put(t, []byte("bytes"))
