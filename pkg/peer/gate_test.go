@@ -1,8 +1,11 @@
 package peer_test
 
 import (
+	"context"
 	"errors"
 	"net/http"
+	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +14,10 @@ import (
 	"github.com/modelcache/modelcache/pkg/klogtest"
 	"github.com/modelcache/modelcache/pkg/peer"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 )
 
 // reviewedPeer is a test peer whose reviewer knows tokens of other
@@ -252,5 +259,48 @@ func TestGate_NeverLogsTokens(t *testing.T) {
 		if strings.Contains(out, tok) {
 			t.Errorf("the logs show token %q:\n%s", tok, out)
 		}
+	}
+}
+
+// TestTokenReviewer: the review asks for the peer audience alone and
+// reports what the API server said; its error does not show the token.
+func TestTokenReviewer(t *testing.T) {
+	tests := []struct {
+		name   string
+		status authenticationv1.TokenReviewStatus
+		err    error
+		want   peer.Identity
+	}{
+		{name: "authenticated", status: authenticationv1.TokenReviewStatus{Authenticated: true,
+			User: authenticationv1.UserInfo{Username: pluginUser}, Audiences: []string{peer.Audience}},
+			want: pluginIdentity()},
+		{name: "not authenticated", status: authenticationv1.TokenReviewStatus{Error: "invalid bearer token"}},
+		{name: "API server fails", err: errors.New("connection refused")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			kube := fake.NewClientset()
+			var sent *authenticationv1.TokenReview
+			kube.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+				sent = a.(k8stesting.CreateAction).GetObject().(*authenticationv1.TokenReview)
+				if tt.err != nil {
+					return true, nil, tt.err
+				}
+				return true, &authenticationv1.TokenReview{Spec: sent.Spec, Status: tt.status}, nil
+			})
+			got, err := peer.TokenReviewer{Kube: kube}.Review(context.Background(), "the-token-4c1d")
+			if sent == nil || sent.Spec.Token != "the-token-4c1d" || !slices.Equal(sent.Spec.Audiences, []string{peer.Audience}) {
+				t.Fatalf("sent %+v, want the token for audience %s alone", sent, peer.Audience)
+			}
+			if tt.err != nil {
+				if err == nil || strings.Contains(err.Error(), "the-token-4c1d") {
+					t.Fatalf("error %v: want one, without the token", err)
+				}
+				return
+			}
+			if err != nil || !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("Review = %+v, %v; want %+v", got, err, tt.want)
+			}
+		})
 	}
 }

@@ -25,6 +25,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 )
 
@@ -243,11 +244,26 @@ func TestPeer_TokenReviewGate(t *testing.T) {
 	}
 }
 
+// recordedAccount is asAccount with every request recorded.
+func recordedAccount(t *testing.T, namespace, account string, rec *recorder) kubernetes.Interface {
+	t.Helper()
+	token := mintToken(t, namespace, account)
+	cfg := &rest.Config{Host: env.admin.Host, BearerToken: token,
+		TLSClientConfig: rest.TLSClientConfig{CAData: env.admin.CAData, CAFile: env.admin.CAFile}}
+	cfg.Wrap(rec.wrap)
+	k, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
 // TestPeer_LoadOrCreateCAConcurrent: node plugins starting at once, each
 // finding no CA, end with one CA: the first Secret created.
 func TestPeer_LoadOrCreateCAConcurrent(t *testing.T) {
 	ensurePeerAccounts(t)
-	plugins := []kubernetes.Interface{asAccount(t, peerNS, peerSA), asAccount(t, peerNS, peerSA)}
+	rec := &recorder{}
+	plugins := []kubernetes.Interface{recordedAccount(t, peerNS, peerSA, rec), recordedAccount(t, peerNS, peerSA, rec)}
 	for round := range 3 {
 		name := fmt.Sprintf("peer-ca-race-%d", round)
 		cas := make([]*peer.CA, len(plugins))
@@ -278,6 +294,17 @@ func TestPeer_LoadOrCreateCAConcurrent(t *testing.T) {
 			t.Errorf("round %d: Secret of type %s", round, s.Type)
 		}
 	}
+	// Only reads and creates: no node overwrites another's CA.
+	raced := 0
+	for _, r := range rec.requests() {
+		if r.verb != "get" && r.verb != "create" {
+			t.Errorf("%s: LoadOrCreateCA only reads and creates", r)
+		}
+		if r.code == http.StatusConflict {
+			raced++
+		}
+	}
+	t.Logf("%d of 3 rounds ran into AlreadyExists", raced)
 	// The plugin's account may not read other Secrets than in its namespace.
 	_, err := plugins[0].CoreV1().Secrets("kube-system").Get(context.Background(), "any", metav1.GetOptions{})
 	if !apierrors.IsForbidden(err) {
