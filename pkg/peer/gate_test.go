@@ -95,6 +95,9 @@ func TestGate_Statuses(t *testing.T) {
 			if tt.status == 401 && !strings.HasPrefix(got.header.Get("WWW-Authenticate"), "Bearer") {
 				t.Errorf("401 without a Bearer challenge: %q", got.header.Get("WWW-Authenticate"))
 			}
+			if tt.status == 503 && got.header.Get("Retry-After") != "1" {
+				t.Errorf("503 with Retry-After %q, want 1", got.header.Get("Retry-After"))
+			}
 			if tt.reason != "" {
 				if d := testutil.ToFloat64(tp.metrics.RefusalsFor(tt.reason)) - refusedBefore; d != 1 {
 					t.Errorf("refusals{reason=%s} grew by %v, want 1", tt.reason, d)

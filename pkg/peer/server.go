@@ -140,8 +140,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer func() { s.metrics.request(sw.status()) }()
 	if code, reason := s.gate.admit(r); code != 0 {
 		s.metrics.refused(reason)
-		if code == http.StatusUnauthorized {
+		switch code {
+		case http.StatusUnauthorized:
 			sw.Header().Set("WWW-Authenticate", `Bearer realm="modelcache-peer"`)
+		case http.StatusServiceUnavailable:
+			sw.Header().Set("Retry-After", "1") // the review may work in a moment
 		}
 		http.Error(sw, http.StatusText(code), code)
 		return
