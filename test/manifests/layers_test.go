@@ -33,6 +33,10 @@ func TestLayers_PackagesLinkOnlyWhatTheirJobNeeds(t *testing.T) {
 		allowed []string
 	}{
 		{pkg: "./pkg/fleet", forbidden: nodeOnly},
+		// The peer endpoint serves the store through two small interfaces
+		// (Blobs, Objects), so that the store and the cache can use its
+		// client without an import cycle.
+		{pkg: "./pkg/peer", forbidden: nodeOnly},
 		// The in-memory remote is the source layer's: the layers above
 		// build on it, not it on them.
 		{pkg: "./pkg/source/sourcetest", forbidden: []string{
