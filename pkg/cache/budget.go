@@ -99,6 +99,7 @@ type holdings interface {
 	CachedTree(digest string) (state.CachedTree, bool, error)
 	Referenced(digest string) (bool, error)
 	ForgetTree(digest string) error
+	ContentKeys(digest string) ([]string, error)
 }
 
 // budget is the cache's eviction policy: which trees go, in what order,
@@ -108,8 +109,10 @@ type budget struct {
 	store   *store.Store
 	records holdings
 	onEvict func(reason EvictReason, freed int64)
-	stat    func() (store.FSStat, error) // tests: a filesystem of chosen numbers
-	mu      sync.Mutex                   // one enforcement at a time
+	// onForget is told the content keys of each tree removed (peers).
+	onForget func(keys []string)
+	stat     func() (store.FSStat, error) // tests: a filesystem of chosen numbers
+	mu       sync.Mutex                   // one enforcement at a time
 }
 
 // candidates are the trees no mount uses and no pin holds, least recently
@@ -150,11 +153,21 @@ func (b *budget) protected(digest string) (bool, error) {
 // store's tree lock, just before removal: a publish that mounted it since
 // it was chosen keeps it. Its records go under the same lock.
 func (b *budget) evict(digest string, reason EvictReason) (freed int64, removed bool, err error) {
+	var keys []string
 	freed, removed, err = b.store.RemoveTreeIf(digest,
 		func() (bool, error) { return b.protected(digest) },
-		func() error { return b.records.ForgetTree(digest) })
+		func() error {
+			var err error
+			if keys, err = b.records.ContentKeys(digest); err != nil {
+				return err
+			}
+			return b.records.ForgetTree(digest)
+		})
 	if err != nil || !removed {
 		return freed, removed, err
+	}
+	if b.onForget != nil && len(keys) > 0 {
+		b.onForget(keys)
 	}
 	if b.onEvict != nil {
 		b.onEvict(reason, freed)

@@ -72,6 +72,8 @@ func (f *fakeHoldings) CachedTree(digest string) (state.CachedTree, bool, error)
 
 func (f *fakeHoldings) Referenced(string) (bool, error) { return false, nil }
 
+func (f *fakeHoldings) ContentKeys(string) ([]string, error) { return nil, nil }
+
 func (f *fakeHoldings) ForgetTree(digest string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -67,6 +67,7 @@ type Cache struct {
 	progressEvery     time.Duration
 
 	targets keymutex.Map
+	peers   *Peers
 }
 
 // Options configure a Cache.
@@ -90,6 +91,9 @@ type Options struct {
 	ReverifyAfter time.Duration
 	// ProgressEvery is how often a fetch reports progress (default 1 s).
 	ProgressEvery time.Duration
+	// Peers, when set, reads models from other nodes that hold them
+	// (docs/design.md "Peers").
+	Peers *Peers
 	// Inspect, when set, is handed the state database and the store Open
 	// opened: for tests that arrange or check records the cache's methods
 	// do not reach. Nothing else may hold them.
@@ -128,8 +132,12 @@ func Open(dir string, opt Options) (*Cache, error) {
 	c := &Cache{
 		store: st, state: db, mounter: opt.Mounter,
 		verifyCredentials: opt.VerifyCredentials, reverifyAfter: opt.ReverifyAfter, progressEvery: opt.ProgressEvery,
+		peers: opt.Peers,
 	}
 	c.budget = &budget{limits: opt.Budget, store: st, records: db, onEvict: opt.OnEvict, stat: st.FSStat}
+	if opt.Peers != nil {
+		c.budget.onForget = opt.Peers.evicted
+	}
 	return c, nil
 }
 

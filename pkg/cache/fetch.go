@@ -93,7 +93,7 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 	key := source.ContentKey(req.Remote.Identity(), m)
 	stop := c.reportProgress(obs, key)
 	start := time.Now()
-	ens, err := c.store.EnsureGated(ctx, key, m, req.Remote, c.gate(obs, m))
+	ens, err := c.ensure(ctx, key, m, req.Remote, obs)
 	t, fetched := ens.Tree, ens.Fetched
 	stop()
 	switch {
@@ -138,6 +138,25 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		obs.Hit(t)
 	}
 	return res, nil
+}
+
+// ensure downloads or joins the download of a content key, through the
+// nodes that hold it when there are peers. Bytes a peer sent that fail
+// the remote's checksum fail the download; it runs again once from the
+// origin, its peers demoted.
+func (c *Cache) ensure(ctx context.Context, key string, m source.Manifest, r source.Remote, obs Observer) (store.Ensured, error) {
+	pf := c.peerFetch(r, key)
+	if pf == nil {
+		return c.store.EnsureGated(ctx, key, m, r, c.gate(obs, m))
+	}
+	ens, err := c.store.EnsureGated(ctx, key, m, pf, c.gate(obs, m))
+	if errors.Is(err, source.ErrCorrupt) && pf.servedByPeers() {
+		klog.InfoS("bytes from a peer failed the remote's checksum; downloading from the origin", "key", key, "err", err)
+		pf = c.peerFetch(r, key)
+		pf.origin = true
+		return c.store.EnsureGated(ctx, key, m, pf, c.gate(obs, m))
+	}
+	return ens, err
 }
 
 // fetchChecked answers a request from the source index, without a call to

@@ -31,6 +31,24 @@ func indexed(tx *bolt.Tx, index []byte, tree string) []string {
 	return out
 }
 
+// ContentKeys are the content keys whose tree is digest: what a removal
+// of the tree tells other nodes it no longer holds.
+func (d *DB) ContentKeys(digest string) ([]string, error) {
+	var keys []string
+	err := d.view(func(tx *bolt.Tx) error {
+		for _, key := range indexed(tx, bucketTreeKeys, digest) {
+			var t store.Tree
+			if ok, err := get(tx, bucketKeys, key, &t); err != nil {
+				return err
+			} else if ok && t.Digest == digest {
+				keys = append(keys, key)
+			}
+		}
+		return nil
+	})
+	return keys, err
+}
+
 // putKey records the tree a content key produced and its index entry,
 // dropping the entry of the tree it led to before.
 func putKey(tx *bolt.Tx, key string, t store.Tree) error {

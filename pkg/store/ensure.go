@@ -107,13 +107,13 @@ type ObjectIndex interface {
 // object whose bytes nothing from the remote checks is read from it.
 type Router interface {
 	Fetcher
-	Route(e source.Entry, checked bool) (f Fetcher, sha256 string)
+	Route(ctx context.Context, e source.Entry, checked bool) (f Fetcher, sha256 string)
 }
 
 // route is the Fetcher of one object and the sha256 its sender named.
-func route(f Fetcher, e source.Entry, checked bool) (Fetcher, string) {
+func route(ctx context.Context, f Fetcher, e source.Entry, checked bool) (Fetcher, string) {
 	if r, ok := f.(Router); ok {
-		return r.Route(e, checked)
+		return r.Route(ctx, e, checked)
 	}
 	return f, ""
 }
@@ -187,6 +187,22 @@ func (s *Store) fly(key string, m source.Manifest, f Fetcher, gate func() error,
 			return flight{}, err
 		}
 	}
+	fl, err := s.downloadAndRecord(key, m, f, p, objects, oi, reuse, caller)
+	if fin, ok := f.(Finisher); ok {
+		fin.DownloadFinished(err == nil)
+	}
+	return fl, err
+}
+
+// Finisher is a Fetcher told how the download it served ended, once its
+// tree is recorded or the download failed; the callers that started or
+// joined it may have returned long before.
+type Finisher interface {
+	DownloadFinished(committed bool)
+}
+
+// downloadAndRecord downloads a flight's tree and records it in the index.
+func (s *Store) downloadAndRecord(key string, m source.Manifest, f Fetcher, p *Progress, objects []string, oi ObjectIndex, reuse map[string]string, caller *int) (flight, error) {
 	t, in, err := s.download(key, m, f, p, objects, reuse)
 	if err != nil {
 		return flight{}, err

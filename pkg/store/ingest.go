@@ -239,7 +239,13 @@ func (s *Store) ingestBlob(ctx context.Context, name string, e source.Entry, f F
 	if err != nil {
 		return "", notChecked, err
 	}
-	f, named := route(f, e, !want.IsZero())
+	f, named := route(ctx, f, e, !want.IsZero())
+	if named != "" {
+		// Bytes from elsewhere than the remote are not kept for a resume:
+		// a peer's wrong bytes, cut before the check, would poison the
+		// download that resumes them from the remote.
+		objectKey = ""
+	}
 	if rf, ok := f.(RangeFetcher); ok && s.rangeCutoff > 0 && e.Size >= s.rangeCutoff && canRange(f, e) {
 		sum, how, err := s.ingestRanged(ctx, name, e, rf, p, objectKey, want, named)
 		if !errors.Is(err, source.ErrNoRanges) {

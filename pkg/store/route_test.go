@@ -23,7 +23,7 @@ type router struct {
 	asked              map[string]bool // Route's checked, by path
 }
 
-func (r *router) Route(e source.Entry, checked bool) (store.Fetcher, string) {
+func (r *router) Route(_ context.Context, e source.Entry, checked bool) (store.Fetcher, string) {
 	r.mu.Lock()
 	r.asked[e.Path] = checked
 	r.mu.Unlock()

@@ -1,0 +1,352 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/modelcache/modelcache/pkg/holders"
+	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/store"
+	"k8s.io/klog/v2"
+)
+
+// Peers is how the cache reads models from other nodes that hold them
+// instead of their origin (docs/design.md "Peers"): who fetches and holds
+// each content key, where each node plugin is, and the client of their
+// peer endpoint. A nil *Peers, or any failure to reach Kubernetes or a
+// peer, is a download from the origin as without peers.
+type Peers struct {
+	Registry PeerRegistry
+	Members  PeerMembers
+	Client   PeerClient
+	// RenewEvery is how often an origin fetch renews its lease (default
+	// a third of holders.DefaultLeaseDuration).
+	RenewEvery time.Duration
+	// PollEvery is how often a node waiting for an object another node
+	// fetches from the origin asks it again (default 1 s).
+	PollEvery time.Duration
+}
+
+// PeerRegistry records who fetches and holds each content key
+// (*holders.Registry).
+type PeerRegistry interface {
+	Claim(ctx context.Context, key string) (bool, holders.State, error)
+	Renew(ctx context.Context, key string) error
+	Release(ctx context.Context, key string) error
+	Committed(ctx context.Context, key string) error
+	Evicted(ctx context.Context, key string) error
+}
+
+// PeerMembers resolves a node to its node plugin's peer address
+// (*holders.Members).
+type PeerMembers interface {
+	Addr(node string) (string, bool)
+}
+
+// PeerClient reads another node's peer endpoint (pkg/peer). Lookup
+// answers which committed blob holds an object, named by its
+// source.ObjectKey; an error is a peer that cannot help now.
+type PeerClient interface {
+	Lookup(ctx context.Context, addr, objectKey string) (sha256 string, size int64, err error)
+	OpenRange(ctx context.Context, addr, sha256 string, off, n int64) (io.ReadCloser, error)
+}
+
+// peerFetch is one download's reader: a store.Router that reads each
+// object the remote's checksum checks from a node that holds it, and
+// everything else, and whatever a peer fails to send, from the remote. It
+// forwards the remote's optional interfaces the store asks for.
+type peerFetch struct {
+	source.Remote
+	peers *Peers
+	key   string
+
+	once     sync.Once
+	origin   bool     // read everything from the origin (a retry after a peer's bad bytes)
+	claimed  bool     // this node fetches from the origin
+	fetcher  string   // the node that does, when another
+	holders  []string // nodes that hold the tree
+	stopRenw func()
+
+	mu        sync.Mutex
+	demoted   map[string]bool // nodes that failed this download
+	fromPeers atomic.Int64    // bytes read from peers
+}
+
+// evicted tells the registry this node no longer holds the keys' tree,
+// beside the eviction: a registry slow to answer must not hold up the
+// download that made room.
+func (p *Peers) evicted(keys []string) {
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
+		defer cancel()
+		for _, k := range keys {
+			if err := p.Registry.Evicted(ctx, k); err != nil {
+				klog.InfoS("recording an eviction for peers; the next reader finds the tree gone", "key", k, "err", err)
+			}
+		}
+	}()
+}
+
+func (c *Cache) peerFetch(r source.Remote, key string) *peerFetch {
+	if c.peers == nil {
+		return nil
+	}
+	return &peerFetch{Remote: r, peers: c.peers, key: key, demoted: map[string]bool{}}
+}
+
+// prepare claims the origin fetch or learns who holds or fetches the tree,
+// once per download, at its first object.
+func (pf *peerFetch) prepare(ctx context.Context) {
+	pf.once.Do(func() {
+		if pf.origin {
+			return
+		}
+		claimed, st, err := pf.peers.Registry.Claim(ctx, pf.key)
+		if err != nil {
+			klog.InfoS("peers unreachable; fetching from the origin", "key", pf.key, "err", err)
+			return
+		}
+		pf.claimed, pf.fetcher, pf.holders = claimed, st.Fetcher, st.Holders
+		if claimed {
+			pf.stopRenw = pf.renew(ctx)
+		}
+	})
+}
+
+// renew keeps this node's origin fetch claimed until stop.
+func (pf *peerFetch) renew(ctx context.Context) (stop func()) {
+	every := pf.peers.RenewEvery
+	if every <= 0 {
+		every = holders.DefaultLeaseDuration / 3
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if err := pf.peers.Registry.Renew(ctx, pf.key); err != nil && ctx.Err() == nil {
+					klog.InfoS("renewing the origin fetch", "key", pf.key, "err", err)
+				}
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// DownloadFinished implements store.Finisher: this node now holds the
+// tree, or the origin fetch it claimed is free for another node at once.
+// The writes run even when the download's context ended.
+func (pf *peerFetch) DownloadFinished(committed bool) {
+	if pf.stopRenw != nil {
+		pf.stopRenw()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
+	defer cancel()
+	var err error
+	switch {
+	case committed:
+		err = pf.peers.Registry.Committed(ctx, pf.key)
+	case pf.claimed:
+		err = pf.peers.Registry.Release(ctx, pf.key)
+	}
+	if err != nil {
+		klog.InfoS("recording the download for peers", "key", pf.key, "err", err)
+	}
+}
+
+// registryTimeout bounds one write to the holders registry made outside
+// any request.
+const registryTimeout = 30 * time.Second
+
+// Route implements store.Router: an object the store checks against the
+// remote is read from the first node that holds it; the node fetching
+// from the origin is asked until the object commits there or its fetch
+// ends.
+func (pf *peerFetch) Route(ctx context.Context, e source.Entry, checked bool) (store.Fetcher, string) {
+	pf.prepare(ctx)
+	if !checked || pf.claimed || pf.origin {
+		return pf.Remote, ""
+	}
+	object := source.ObjectKey(pf.Identity(), e)
+	if object == "" {
+		return pf.Remote, ""
+	}
+	for _, node := range pf.candidates() {
+		if r, sum, ok := pf.lookup(ctx, node, object, e); ok {
+			return r, sum
+		}
+	}
+	if pf.fetcher == "" {
+		return pf.Remote, ""
+	}
+	return pf.await(ctx, object, e)
+}
+
+// candidates are the holders, then the fetching node, not demoted.
+func (pf *peerFetch) candidates() []string {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	var out []string
+	for _, n := range append(append([]string{}, pf.holders...), pf.fetcher) {
+		if n != "" && !pf.demoted[n] {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// await asks the fetching node for an object until it has it, stops
+// fetching (its lease ends: the object is then read from the origin) or
+// fails.
+func (pf *peerFetch) await(ctx context.Context, object string, e source.Entry) (store.Fetcher, string) {
+	every := pf.peers.PollEvery
+	if every <= 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return pf.Remote, ""
+		case <-t.C:
+		}
+		pf.mu.Lock()
+		gone := pf.demoted[pf.fetcher]
+		pf.mu.Unlock()
+		if gone {
+			return pf.Remote, ""
+		}
+		if r, sum, ok := pf.lookup(ctx, pf.fetcher, object, e); ok {
+			return r, sum
+		}
+	}
+}
+
+// lookup asks node for an object; a node that cannot answer is demoted
+// for the rest of the download, one that does not hold it is not.
+func (pf *peerFetch) lookup(ctx context.Context, node, object string, e source.Entry) (store.Fetcher, string, bool) {
+	addr, ok := pf.peers.Members.Addr(node)
+	if !ok {
+		pf.demote(node, "not a ready member")
+		return nil, "", false
+	}
+	sum, size, err := pf.peers.Client.Lookup(ctx, addr, object)
+	switch {
+	case errors.Is(err, ErrPeerNotHeld):
+		return nil, "", false
+	case err != nil:
+		pf.demote(node, err.Error())
+		return nil, "", false
+	case size != e.Size:
+		pf.demote(node, "named a blob of another size")
+		return nil, "", false
+	}
+	return &peerObject{pf: pf, node: node, addr: addr, sum: sum}, sum, true
+}
+
+// ErrPeerNotHeld is a PeerClient's error for a peer that answered that it
+// does not hold the object (404): no fault of the peer's.
+var ErrPeerNotHeld = errors.New("the peer does not hold it")
+
+func (pf *peerFetch) demote(node, why string) {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	if !pf.demoted[node] {
+		pf.demoted[node] = true
+		klog.InfoS("peer demoted for this download", "key", pf.key, "node", node, "reason", why)
+	}
+}
+
+// servedByPeers reports whether any byte came from a peer.
+func (pf *peerFetch) servedByPeers() bool { return pf.fromPeers.Load() > 0 }
+
+// The remote's optional interfaces, forwarded: the store asks the
+// download's fetcher for them, and a wrapper would hide them.
+
+func (pf *peerFetch) Checksum(ctx context.Context, e source.Entry) (source.Checksum, error) {
+	if c, ok := pf.Remote.(source.Checksummer); ok {
+		return c.Checksum(ctx, e)
+	}
+	return source.Checksum{}, nil
+}
+
+func (pf *peerFetch) CanRange(e source.Entry) bool {
+	if _, ok := pf.Remote.(store.RangeFetcher); !ok {
+		return false
+	}
+	c, ok := pf.Remote.(source.RangeChecker)
+	return !ok || c.CanRange(e)
+}
+
+func (pf *peerFetch) ChecksWhileStreaming(e source.Entry) bool {
+	c, ok := pf.Remote.(store.StreamChecker)
+	return ok && c.ChecksWhileStreaming(e)
+}
+
+// peerObject reads one object's blob from a peer, and from the remote
+// once that peer fails: a retried range goes on from where it stopped,
+// not from the start.
+type peerObject struct {
+	pf   *peerFetch
+	node string
+	addr string
+	sum  string
+}
+
+func (o *peerObject) Open(ctx context.Context, e source.Entry) (io.ReadCloser, error) {
+	return o.OpenRange(ctx, e, 0, e.Size)
+}
+
+func (o *peerObject) OpenRange(ctx context.Context, e source.Entry, off, n int64) (io.ReadCloser, error) {
+	o.pf.mu.Lock()
+	demoted := o.pf.demoted[o.node]
+	o.pf.mu.Unlock()
+	if !demoted {
+		rc, err := o.pf.peers.Client.OpenRange(ctx, o.addr, o.sum, off, n)
+		if err == nil {
+			return &peerReader{ReadCloser: rc, o: o}, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		o.pf.demote(o.node, err.Error())
+	}
+	if off == 0 && n == e.Size {
+		return o.pf.Remote.Open(ctx, e)
+	}
+	rf, ok := o.pf.Remote.(store.RangeFetcher)
+	if !ok {
+		return nil, source.ErrNoRanges
+	}
+	return rf.OpenRange(ctx, e, off, n)
+}
+
+// CanRange: a peer serves ranges of any blob.
+func (o *peerObject) CanRange(source.Entry) bool { return true }
+
+// peerReader counts what a peer sends, and demotes it when its stream
+// fails: the store's retry of the range then goes to the remote.
+type peerReader struct {
+	io.ReadCloser
+	o *peerObject
+}
+
+func (r *peerReader) Read(p []byte) (int, error) {
+	k, err := r.ReadCloser.Read(p)
+	r.o.pf.fromPeers.Add(int64(k))
+	if err != nil && err != io.EOF {
+		r.o.pf.demote(r.o.node, err.Error())
+	}
+	return k, err
+}
