@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/holders"
+	"github.com/modelcache/modelcache/pkg/peer"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
 	"k8s.io/klog/v2"
@@ -47,13 +48,21 @@ type PeerMembers interface {
 	Addr(node string) (string, bool)
 }
 
-// PeerClient reads another node's peer endpoint (pkg/peer). Lookup
+// PeerClient reads another node's peer endpoint (*peer.Client). Lookup
 // answers which committed blob holds an object, named by its
-// source.ObjectKey; an error is a peer that cannot help now.
+// source.ObjectKey: peer.ErrNotHeld when the peer does not hold it, any
+// other error a peer that cannot help now.
 type PeerClient interface {
 	Lookup(ctx context.Context, addr, objectKey string) (sha256 string, size int64, err error)
 	OpenRange(ctx context.Context, addr, sha256 string, off, n int64) (io.ReadCloser, error)
 }
+
+// The real ones.
+var (
+	_ PeerRegistry = (*holders.Registry)(nil)
+	_ PeerMembers  = (*holders.Members)(nil)
+	_ PeerClient   = (*peer.Client)(nil)
+)
 
 // peerFetch is one download's reader: a store.Router that reads each
 // object the remote's checksum checks from a node that holds it, and
@@ -243,7 +252,7 @@ func (pf *peerFetch) lookup(ctx context.Context, node, object string, e source.E
 	}
 	sum, size, err := pf.peers.Client.Lookup(ctx, addr, object)
 	switch {
-	case errors.Is(err, ErrPeerNotHeld):
+	case errors.Is(err, peer.ErrNotHeld):
 		return nil, "", false
 	case err != nil:
 		pf.demote(node, err.Error())
@@ -254,10 +263,6 @@ func (pf *peerFetch) lookup(ctx context.Context, node, object string, e source.E
 	}
 	return &peerObject{pf: pf, node: node, addr: addr, sum: sum}, sum, true
 }
-
-// ErrPeerNotHeld is a PeerClient's error for a peer that answered that it
-// does not hold the object (404): no fault of the peer's.
-var ErrPeerNotHeld = errors.New("the peer does not hold it")
 
 func (pf *peerFetch) demote(node, why string) {
 	pf.mu.Lock()

@@ -15,6 +15,7 @@ import (
 
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/holders"
+	"github.com/modelcache/modelcache/pkg/peer"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/source/sourcetest"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -124,11 +125,11 @@ func (c *peerClient) Lookup(_ context.Context, addr, object string) (string, int
 	}
 	sum, ok := blobs[object]
 	if !ok {
-		return "", 0, cache.ErrPeerNotHeld
+		return "", 0, peer.ErrNotHeld
 	}
 	fi, err := os.Stat(filepath.Join(h.dir, store.BlobsDir, sum))
 	if err != nil {
-		return "", 0, cache.ErrPeerNotHeld
+		return "", 0, peer.ErrNotHeld
 	}
 	return sum, fi.Size(), nil
 }
