@@ -17,12 +17,11 @@ type fairSlots struct {
 	held    map[*download]int // slots each download holds
 	users   map[*download]int // downloads using the bound (join/leave)
 	waiting map[*download]int // acquires within their share blocked by a full pool, per download
-	blocked map[*download]int // acquires blocked for any reason, per download
 	changed chan struct{}     // closed and replaced on every change
 }
 
 func newFairSlots(size int) *fairSlots {
-	return &fairSlots{size: size, held: map[*download]int{}, users: map[*download]int{}, waiting: map[*download]int{}, blocked: map[*download]int{}, changed: make(chan struct{})}
+	return &fairSlots{size: size, held: map[*download]int{}, users: map[*download]int{}, waiting: map[*download]int{}, changed: make(chan struct{})}
 }
 
 // join counts d among the downloads sharing the bound until leave.
@@ -59,16 +58,9 @@ func (f *fairSlots) share(d *download) int {
 func (f *fairSlots) acquire(ctx context.Context, d *download) error {
 	f.mu.Lock()
 	counted := false // in waiting
-	blocked := false // in blocked
 	defer func() {
 		if counted {
 			f.unwait(d)
-		}
-		if blocked {
-			if f.blocked[d]--; f.blocked[d] <= 0 {
-				delete(f.blocked, d)
-			}
-			f.notify()
 		}
 		f.mu.Unlock()
 	}()
@@ -76,11 +68,6 @@ func (f *fairSlots) acquire(ctx context.Context, d *download) error {
 		within := f.held[d] < f.share(d)
 		if within && f.used < f.size {
 			break
-		}
-		if !blocked {
-			blocked = true
-			f.blocked[d]++
-			f.notify()
 		}
 		// Only a wait a freed slot would end counts: holders then give
 		// back what they can spare (pressed).
@@ -132,16 +119,6 @@ func (f *fairSlots) pressed(d *download) bool {
 		}
 	}
 	return f.held[d] > f.share(d)
-}
-
-// starved reports whether one of d's own acquires waits, whatever for: a
-// download whose streams read ahead of its hasher (spans) gives back the
-// buffers of chunks it holds for later, or the stream that brings the
-// chunk the hasher waits for might never get one.
-func (f *fairSlots) starved(d *download) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.blocked[d] > 0
 }
 
 func (f *fairSlots) unwait(d *download) {

@@ -5,10 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"os"
-	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/units"
@@ -235,12 +234,7 @@ func (rd *rangedDownload) fetchSpan(ctx context.Context, lo, hi int) error {
 	sr := &spanReader{rd: rd, spanEnd: min(int64(hi)*rd.chunk, rd.e.Size)}
 	defer sr.close(ctx)
 	for i := lo; i < hi; i++ {
-		// The wait for a buffer, with the response open, is not the
-		// remote's: the hasher gives buffers of later chunks back when
-		// this download's streams wait (await).
-		sr.guard.pause()
-		buf, err := rd.s.chunks.get(ctx, rd.d, rd.chunk, rd.chunk)
-		sr.guard.resume()
+		buf, err := rd.buffer(ctx, sr)
 		if err != nil {
 			return err
 		}
@@ -260,6 +254,29 @@ func (rd *rangedDownload) fetchSpan(ctx context.Context, lo, hi int) error {
 	}
 	return nil
 }
+
+// buffer takes a chunk buffer for a stream. A stream waits for one with
+// its response open only briefly: it would hold a connection while another
+// stream holds the buffer it waits for and waits for a connection. This
+// download's own buffers come back at once (await); a longer wait is for
+// other downloads', and the response is closed meanwhile.
+func (rd *rangedDownload) buffer(ctx context.Context, sr *spanReader) ([]byte, error) {
+	if sr.body != nil {
+		wctx, cancel := context.WithTimeout(ctx, bufferWaitOpen)
+		buf, err := rd.s.chunks.get(wctx, rd.d, rd.chunk, rd.chunk)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return buf, err
+		}
+		sr.close(ctx)
+	}
+	return rd.s.chunks.get(ctx, rd.d, rd.chunk, rd.chunk)
+}
+
+// bufferWaitOpen is how long a stream waits for a chunk buffer with its
+// response open: far longer than a buffer on its way back from the hasher
+// takes, far shorter than a remote's patience.
+const bufferWaitOpen = 250 * time.Millisecond
 
 // fill puts chunk i into buf and the file: read back from the file when an
 // earlier download left it there, else from the span's response.
@@ -427,21 +444,16 @@ func (rd *rangedDownload) hashInOrder(ctx context.Context) error {
 // await waits for the next fetched chunk. A finished chunk waiting for an
 // earlier, slower one would pin its buffer for as long as that one takes:
 // when another download waits for a buffer, the finished chunks give
-// theirs back (spilled); they are in the file. This download's own
-// streams waiting take the latest of them, one at a time: a stream reads
-// its whole span before the next, so the chunk the hasher waits for may
-// be behind a buffer that a later chunk holds.
+// theirs back (spilled); they are in the file. Streams that read spans run
+// ahead of the hash by design (eight 16 MiB parts are twice the pool):
+// their chunks that come before their turn give their buffers back at
+// once, so the streams never wait for the hasher.
 func (rd *rangedDownload) await(ctx context.Context, spilled map[int]bool) error {
-	slots := rd.s.chunks.slots
-	changed := slots.changes()
-	if len(rd.pending) > 0 && slots.pressed(rd.d) {
+	changed := rd.s.chunks.slots.changes()
+	if len(rd.pending) > 0 && rd.s.chunks.slots.pressed(rd.d) {
 		for i := range rd.pending {
 			rd.spill(i, spilled)
 		}
-		return nil
-	}
-	if len(rd.pending) > 0 && rd.span > 1 && slots.starved(rd.d) {
-		rd.spill(slices.Max(slices.Collect(maps.Keys(rd.pending))), spilled)
 		return nil
 	}
 	if len(rd.pending) == 0 {
@@ -450,6 +462,9 @@ func (rd *rangedDownload) await(ctx context.Context, spilled map[int]bool) error
 	select {
 	case c := <-rd.done:
 		rd.pending[c.index] = c.data
+		if rd.span > 1 && c.index != rd.hashed {
+			rd.spill(c.index, spilled)
+		}
 	case <-changed:
 	case <-ctx.Done():
 		return ctx.Err()

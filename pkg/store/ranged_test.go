@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -279,9 +280,49 @@ func flipAt(b []byte, at int) []byte {
 	return c
 }
 
-// Spans longer than the chunk buffers a download may hold: the streams
-// read far ahead of the hasher, which must give the buffers of later
-// chunks back for the stream of the chunk it waits for to go on.
+// lateFirstSpan holds back the first span's response until the other
+// spans have delivered more chunks than the download has buffers, as a
+// slow first stream would.
+type lateFirstSpan struct {
+	*sourcetest.Remote
+	others atomic.Int64
+	want   int64
+	ready  chan struct{}
+	once   sync.Once
+}
+
+func (l *lateFirstSpan) OpenRange(ctx context.Context, e source.Entry, off, n int64) (io.ReadCloser, error) {
+	if off == 0 {
+		select {
+		case <-l.ready:
+		case <-time.After(10 * time.Second): // the others never got that far
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	rc, err := l.Remote.OpenRange(ctx, e, off, n)
+	if err != nil || off == 0 {
+		return rc, err
+	}
+	return &countedBody{ReadCloser: rc, l: l}, nil
+}
+
+type countedBody struct {
+	io.ReadCloser
+	l *lateFirstSpan
+}
+
+func (c *countedBody) Read(p []byte) (int, error) {
+	k, err := c.ReadCloser.Read(p)
+	if c.l.others.Add(int64(k)) >= c.l.want {
+		c.l.once.Do(func() { close(c.l.ready) })
+	}
+	return k, err
+}
+
+// Spans longer than the chunk buffers a download may hold: the other
+// streams read far ahead of the hasher while the first is late, and their
+// chunks must not keep the buffer the first stream needs.
 func TestRanged_SpansLongerThanTheBuffers(t *testing.T) {
 	dir := t.TempDir()
 	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeSpan: 10 * rangeChunk, RangeStreams: rangeStreams})
@@ -290,15 +331,11 @@ func TestRanged_SpansLongerThanTheBuffers(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
 	files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 40*rangeChunk+7)}
-	res := sourcetest.NewResolver()
-	res.SetModel("mys3:models/long-spans", files)
+	// Twice the pool (2 × streams buffers) in chunks of the other spans.
+	f := &lateFirstSpan{Remote: sourcetest.NewFetcher(files), want: 4 * rangeStreams * rangeChunk, ready: make(chan struct{})}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	r, err := res.Resolve(ctx, "mys3:models/long-spans", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr, _, err := s.Ensure(ctx, "key", res.Manifest("mys3:models/long-spans"), r)
+	tr, _, err := s.Ensure(ctx, "key", sourcetest.ManifestOf(files, time.Unix(1700000000, 0)), f)
 	if err != nil {
 		t.Fatalf("Ensure = %v (a minute is far more than 40 KB take: the streams waited for each other)", err)
 	}

@@ -49,7 +49,6 @@ type streamGuard struct {
 	timer  *time.Timer
 	cancel context.CancelCauseFunc
 	slow   atomic.Bool
-	idle   atomic.Bool // the reader waits for a buffer, not for the remote
 	mu     sync.Mutex
 	done   bool
 }
@@ -74,13 +73,6 @@ func (g *streamGuard) check() {
 		return
 	}
 	n := g.n.Load()
-	if g.idle.Load() {
-		// A window in which the stream's reader did not read says
-		// nothing about the remote: it starts again.
-		g.last = n
-		g.timer.Reset(g.window)
-		return
-	}
 	if n-g.last < g.min {
 		g.slow.Store(true)
 		g.cancel(errSlowStream)
@@ -95,27 +87,6 @@ func (g *streamGuard) add(n int) {
 	if g != nil {
 		g.n.Add(int64(n))
 	}
-}
-
-// pause and resume bracket a wait of the stream's reader for something
-// else than the remote (a chunk buffer), which the guard does not count.
-func (g *streamGuard) pause() {
-	if g != nil {
-		g.idle.Store(true)
-	}
-}
-
-func (g *streamGuard) resume() {
-	if g == nil {
-		return
-	}
-	g.mu.Lock()
-	g.idle.Store(false)
-	g.last = g.n.Load()
-	if !g.done {
-		g.timer.Reset(g.window)
-	}
-	g.mu.Unlock()
 }
 
 // stop ends the guard and releases its context.
