@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -119,9 +120,24 @@ func decode(t *testing.T, rendered []byte) []*unstructured.Unstructured {
 // installPlugin imports the images the rendered node DaemonSet names,
 // creates every object and waits until the DaemonSet is ready. Cleanup
 // deletes them again (model pods must be gone first; tests delete theirs).
+// withSmallMinFree lowers the node plugin's --min-free from its default,
+// a fifth of the cache filesystem, to 1Gi: the suite's models are a few
+// MiB, and the node's filesystem is the machine's, which the build caches
+// share (a cold CI run once left 38 GiB of 252 free, under the default's
+// 50 GiB, and every publish was RESOURCE_EXHAUSTED). The budget is tested
+// in pkg/cache and test/integration.
+func withSmallMinFree(t *testing.T, rendered []byte) []byte {
+	t.Helper()
+	re := regexp.MustCompile(`(?m)^(\s*- --min-free=)20%$`)
+	if len(re.FindAll(rendered, -1)) != 1 {
+		t.Fatalf("the rendered manifests do not pass --min-free=20%% to one container")
+	}
+	return re.ReplaceAll(rendered, []byte("${1}1Gi"))
+}
+
 func installPlugin(t *testing.T, name string, rendered []byte) *install {
 	t.Helper()
-	in := &install{name: name, objects: decode(t, rendered)}
+	in := &install{name: name, objects: decode(t, withSmallMinFree(t, rendered))}
 	var ds *appsv1.DaemonSet
 	var pods []corev1.PodSpec // of the DaemonSet and the controller Deployment
 	for _, o := range in.objects {
