@@ -3,6 +3,7 @@ package cache
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -352,6 +353,8 @@ func (r *peerReader) Read(p []byte) (int, error) {
 	r.o.pf.fromPeers.Add(int64(k))
 	if err != nil && err != io.EOF {
 		r.o.pf.demote(r.o.node, err.Error())
+		// Retryable, from the remote: the store goes on from here.
+		err = fmt.Errorf("%w: reading from node %s: %w", source.ErrUnavailable, r.o.node, err)
 	}
 	return k, err
 }

@@ -119,8 +119,8 @@ func TestFair_TricklingStream_CutRetriedThenUnavailable(t *testing.T) {
 		all   bool // every read trickles, not only those from offset 0
 		reads int64
 	}{
-		// The chunk at 0, and its two retries.
-		{"ranged", 10 * rangeChunk, false, 3},
+		// The chunk at 0, and its two retries from where each was cut.
+		{"ranged", 10 * rangeChunk, true, 3},
 		// The stream, and three resumes from where it was cut.
 		{"one stream", 900, true, 4},
 	} {

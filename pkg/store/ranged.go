@@ -240,11 +240,12 @@ func (rd *rangedDownload) fetchSpan(ctx context.Context, lo, hi int) error {
 		}
 		off := int64(i) * rd.chunk
 		buf = buf[:min(rd.chunk, rd.e.Size-off)]
-		if err := rd.fill(ctx, sr, i, buf); err != nil {
+		fromDisk, err := rd.fillChunk(ctx, sr, i, buf)
+		if err != nil {
 			rd.s.chunks.put(rd.d, buf)
 			return err
 		}
-		if rd.part > 0 {
+		if rd.part > 0 && fromDisk {
 			end := off + int64(len(buf))
 			rd.sums.remote.hashWhole(int(off/rd.part), buf, end%rd.part == 0 || end == rd.e.Size)
 		}
@@ -278,23 +279,24 @@ func (rd *rangedDownload) buffer(ctx context.Context, sr *spanReader) ([]byte, e
 // takes, far shorter than a remote's patience.
 const bufferWaitOpen = 250 * time.Millisecond
 
-// fill puts chunk i into buf and the file: read back from the file when an
-// earlier download left it there, else from the span's response.
-func (rd *rangedDownload) fill(ctx context.Context, sr *spanReader, i int, buf []byte) error {
+// fillChunk puts chunk i into buf and the file: read back from the file
+// when an earlier download left it there (fromDisk), else from the span's
+// response, which hashes its part as it comes.
+func (rd *rangedDownload) fillChunk(ctx context.Context, sr *spanReader, i int, buf []byte) (fromDisk bool, err error) {
 	off := int64(i) * rd.chunk
 	if rd.pf.onDiskChunk(i) {
 		if _, err := rd.pf.f.ReadAt(buf, off); err == nil {
-			return nil
+			return true, nil
 		}
 	}
 	if err := sr.read(ctx, off, buf); err != nil {
-		return err
+		return false, err
 	}
 	if _, err := rd.pf.f.WriteAt(buf, off); err != nil {
-		return noSpace(fmt.Errorf("writing %s: %w", rd.e.Path, err))
+		return false, noSpace(fmt.Errorf("writing %s: %w", rd.e.Path, err))
 	}
 	rd.pf.markWritten(i)
-	return nil
+	return false, nil
 }
 
 // spanReader is the ranged read of one span: opened at the first chunk it
@@ -311,32 +313,34 @@ type spanReader struct {
 	sctx    context.Context
 }
 
-// read fills buf with the bytes at off, retrying a chunk that fails or
-// comes short chunkAttempts times, each from a new ranged read, and
-// refusing a span that comes long (the object changed at the remote).
+// read fills buf with the bytes at off, going on from where a failed or
+// short response stopped with a new ranged read (chunkAttempts in all),
+// and refusing a span that comes long (the object changed at the remote).
+// A stream that hashes its part does so as the bytes come, piece by
+// piece: the streams' pieces then reach md5-simd together, which fills
+// its lanes only with three or more at once.
 func (sr *spanReader) read(ctx context.Context, off int64, buf []byte) error {
 	e := sr.rd.e
 	var err error
+	filled := 0
 	for range chunkAttempts {
-		if sr.body == nil || sr.at != off {
+		at := off + int64(filled)
+		if sr.body == nil || sr.at != at {
 			sr.close(ctx)
-			if err = sr.open(ctx, off); err != nil {
+			if err = sr.open(ctx, at); err != nil {
 				if stop(ctx, err) {
 					return err
 				}
 				continue
 			}
 		}
-		if _, err = io.ReadFull(guardedReader{sr.body, sr.guard}, buf); err == nil {
-			if sr.at += int64(len(buf)); sr.at < sr.end {
+		if err = sr.fill(off, buf, &filled); err == nil {
+			if sr.at < sr.end {
 				return nil
 			}
 			// The response's last chunk: the connection goes back.
 			err = sr.finish()
 			sr.close(ctx)
-			if err == nil {
-				return nil
-			}
 			return err
 		}
 		err = sr.guard.err(err)
@@ -346,6 +350,34 @@ func (sr *spanReader) read(ctx context.Context, off int64, buf []byte) error {
 		}
 	}
 	return fmt.Errorf("downloading bytes %d-%d of %s, %d attempts: %w", off, off+int64(len(buf))-1, e.Path, chunkAttempts, err)
+}
+
+// fill reads the open response into buf from *filled on, hashing each
+// piece into its part when the stream hashes parts.
+func (sr *spanReader) fill(off int64, buf []byte, filled *int) error {
+	r := guardedReader{sr.body, sr.guard}
+	rd := sr.rd
+	for *filled < len(buf) {
+		k, err := r.Read(buf[*filled:])
+		if k > 0 {
+			if rd.part > 0 {
+				end := off + int64(*filled+k)
+				last := *filled+k == len(buf) && (end%rd.part == 0 || end == rd.e.Size)
+				rd.sums.remote.hashWhole(int(off/rd.part), buf[*filled:*filled+k], last)
+			}
+			*filled += k
+			sr.at += int64(k)
+		}
+		switch {
+		case *filled == len(buf):
+			return nil
+		case err == io.EOF:
+			return io.ErrUnexpectedEOF
+		case err != nil:
+			return err
+		}
+	}
+	return nil
 }
 
 // stop says whether a failed read ends the download rather than being
@@ -360,9 +392,10 @@ func (sr *spanReader) open(ctx context.Context, off int64) error {
 	if err := sr.rd.s.acquireConn(ctx); err != nil {
 		return err
 	}
-	sr.end = off
-	for sr.end < sr.spanEnd && (sr.end == off || !sr.rd.pf.onDiskChunk(int(sr.end/sr.rd.chunk))) {
-		sr.end = min(sr.end+sr.rd.chunk, sr.spanEnd)
+	chunk := sr.rd.chunk
+	sr.end = min((off/chunk+1)*chunk, sr.spanEnd)
+	for sr.end < sr.spanEnd && !sr.rd.pf.onDiskChunk(int(sr.end/chunk)) {
+		sr.end = min(sr.end+chunk, sr.spanEnd)
 	}
 	sr.sctx, sr.guard = sr.rd.s.guardStream(ctx)
 	rc, err := sr.rd.rf.OpenRange(sr.sctx, sr.rd.e, off, sr.end-off)

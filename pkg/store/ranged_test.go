@@ -216,12 +216,17 @@ func TestRanged_PartsReadAndHashedByTheirStreams(t *testing.T) {
 		name      string
 		served    []byte // what the remote sends, when not data
 		failFrom  int64  // the first attempt stops at this offset
+		cutAfter  int    // every response fails after this many bytes
 		wantErr   error
 		wantReads int // ranged reads of the download that succeeds
 	}{
 		{name: "intact", wantReads: 4},
 		{name: "a byte flipped in the third part", served: flipAt(data, 6500), wantErr: source.ErrCorrupt},
 		{name: "stopped in the middle of the second part", failFrom: 4000, wantReads: 3},
+		// Every response breaks after 700 bytes: each read goes on where
+		// the last stopped, so no byte is fetched twice, and the parts'
+		// hashes see each byte once.
+		{name: "every response cut mid-chunk", cutAfter: 700, wantReads: 16},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -239,6 +244,11 @@ func TestRanged_PartsReadAndHashedByTheirStreams(t *testing.T) {
 			m := sourcetest.ManifestOf(map[string][]byte{"w.bin": data}, time.Unix(1700000000, 0))
 			m[0].Hash = want.Value
 			res := f.Resolver()
+			if tt.cutAfter > 0 {
+				res.Set(func(r *sourcetest.Resolver) {
+					r.FailPath, r.FailAt, r.FailErr = "w.bin", tt.cutAfter, fmt.Errorf("connection reset: %w", source.ErrUnavailable)
+				})
+			}
 			if tt.failFrom > 0 {
 				res.Set(func(r *sourcetest.Resolver) { r.FailRangesFrom = tt.failFrom })
 				if _, err := s.EnsureGated(context.Background(), "key", m, f, nil); !errors.Is(err, source.ErrUnavailable) {
