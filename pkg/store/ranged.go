@@ -209,6 +209,9 @@ func (rd *rangedDownload) planSpans() {
 	}
 	if p := r.partLayout(rd.e.Size); p > 0 && p%rd.chunk == 0 && p/rd.chunk <= maxSpanChunks {
 		rd.span, rd.part, rd.ordered = int(p/rd.chunk), p, rd.sums.shaOnly()
+		// Each stream hashes its own part on its own goroutine: md5-simd's
+		// one server would take every stream's pieces in turn.
+		r.lanes = false
 	}
 }
 
@@ -531,14 +534,30 @@ func (rd *rangedDownload) giveBack() {
 // covers what is on disk, not what was hashed before the restart.
 func rehash(f *os.File, n int64, sums *objectSums) error { return hashAt(f, 0, n, sums) }
 
-// hashAt feeds n bytes of f from off to sums.
+// hashAt feeds n bytes of f from off to sums: chunks hashed from the file,
+// which are most of a span's. Two buffers take turns, so that the
+// remote's checksum of one runs beside the read and the sha256 of the
+// next, as it does for chunks hashed from memory.
 func hashAt(f *os.File, off, n int64, sums *objectSums) error {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
+	free := make(chan *[]byte, 2)
+	for range cap(free) {
+		free <- bufPool.Get().(*[]byte)
+	}
+	defer func() {
+		sums.wait()
+		for range cap(free) {
+			bufPool.Put(<-free)
+		}
+	}()
 	r := io.NewSectionReader(f, off, n)
 	for {
+		bp := <-free
 		k, err := r.Read(*bp)
-		sums.write((*bp)[:k])
+		if k > 0 {
+			sums.writeThen((*bp)[:k], func() { free <- bp })
+		} else {
+			free <- bp
+		}
 		if err == io.EOF {
 			return nil
 		}
