@@ -84,6 +84,8 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	rd.done = make(chan fetchedChunk, s.chunks.size())
 	rd.next.Store(int64(rd.first / rd.span))
 	rd.hashed, rd.pending = rd.first, map[int][]byte{}
+	rd.prefix.Store(int64(rd.first) * rd.chunk)
+	rd.ckpt = make(chan int64, 1)
 
 	g, gctx := errgroup.WithContext(ctx)
 	for range s.rangeStreams {
@@ -92,7 +94,6 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	// Checkpoints run beside the hasher: an fsync takes a while, and the
 	// chunks should keep flowing meanwhile. One waits at most; a request
 	// while one waits is dropped, and a later one covers its bytes.
-	rd.ckpt = make(chan int64, 1)
 	ckptDone := make(chan struct{})
 	go func() {
 		defer close(ckptDone)
@@ -153,6 +154,8 @@ type rangedDownload struct {
 	ordered *objectSums
 
 	next    atomic.Int64      // the next span a fetcher takes
+	written atomic.Int64      // bytes the streams wrote, for checkpoints
+	prefix  atomic.Int64      // the hashed prefix, in bytes
 	counted atomic.Int64      // bytes added to p
 	done    chan fetchedChunk // fetched chunks, to the hasher
 	ckpt    chan int64        // hashed bytes to checkpoint
@@ -299,6 +302,16 @@ func (rd *rangedDownload) fillChunk(ctx context.Context, sr *spanReader, i int, 
 		return false, noSpace(fmt.Errorf("writing %s: %w", rd.e.Path, err))
 	}
 	rd.pf.markWritten(i)
+	// Chunks past the hashed prefix are recorded too: with spans, the
+	// prefix may lag far behind what the streams wrote, and a kill would
+	// lose all of that since the last checkpoint.
+	n := int64(len(buf))
+	if w := rd.written.Add(n); w/rd.s.rangeCheckpoint != (w-n)/rd.s.rangeCheckpoint {
+		select {
+		case rd.ckpt <- rd.prefix.Load():
+		default:
+		}
+	}
 	return false, nil
 }
 
@@ -466,6 +479,7 @@ func (rd *rangedDownload) hashInOrder(ctx context.Context) error {
 			continue
 		}
 		rd.hashed++
+		rd.prefix.Store(min(int64(rd.hashed)*rd.chunk, rd.e.Size))
 		if hashed := int64(rd.hashed) * rd.chunk; hashed-saved >= rd.s.rangeCheckpoint && hashed < rd.e.Size {
 			select {
 			case rd.ckpt <- hashed:

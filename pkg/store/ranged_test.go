@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -350,4 +353,110 @@ func TestRanged_SpansLongerThanTheBuffers(t *testing.T) {
 		t.Fatalf("Ensure = %v (a minute is far more than 40 KB take: the streams waited for each other)", err)
 	}
 	checkTree(t, s, tr, files)
+}
+
+// heldFirstSpan holds the first span's response until release is closed,
+// and says when the other spans have delivered want bytes.
+type heldFirstSpan struct {
+	*sourcetest.Remote
+	others  atomic.Int64
+	want    int64
+	reached chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (h *heldFirstSpan) OpenRange(ctx context.Context, e source.Entry, off, n int64) (io.ReadCloser, error) {
+	if off == 0 {
+		select {
+		case <-h.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return h.Remote.OpenRange(ctx, e, off, n)
+	}
+	rc, err := h.Remote.OpenRange(ctx, e, off, n)
+	if err != nil {
+		return rc, err
+	}
+	return &heldBody{ReadCloser: rc, h: h}, nil
+}
+
+type heldBody struct {
+	io.ReadCloser
+	h *heldFirstSpan
+}
+
+func (b *heldBody) Read(p []byte) (int, error) {
+	k, err := b.ReadCloser.Read(p)
+	if b.h.others.Add(int64(k)) >= b.h.want {
+		b.h.once.Do(func() { close(b.h.reached) })
+	}
+	return k, err
+}
+
+// While the first span is late, the hashed prefix does not move, but the
+// chunks the other streams write are recorded as they come: a kill -9 then
+// loses at most a checkpoint's worth of them, not everything past the
+// prefix.
+func TestRanged_ChunksPastALaggingPrefixRecorded(t *testing.T) {
+	dir := t.TempDir()
+	s, err := store.Open(dir, newIndex(), store.Options{RangeCutoff: rangeCutoff, RangeChunk: rangeChunk, RangeSpan: 10 * rangeChunk,
+		RangeStreams: rangeStreams, RangeCheckpoint: 2 * rangeChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(); storetest.MakeWritable(dir) })
+	files := map[string][]byte{"w.bin": sourcetest.Bytes("w", 40*rangeChunk)}
+	f := &heldFirstSpan{Remote: sourcetest.NewFetcher(files), want: 8 * rangeChunk, reached: make(chan struct{}), release: make(chan struct{})}
+	m := sourcetest.ManifestOf(files, time.Unix(1700000000, 0))
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := s.Ensure(context.Background(), "key", m, f)
+		done <- err
+	}()
+	select {
+	case <-f.reached:
+	case err := <-done:
+		t.Fatalf("Ensure ended before the other spans delivered: %v", err)
+	}
+	// The checkpoint after the 8th chunk written is asked for; its record
+	// appears once it has synced.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		past := recordedPast(t, dir)
+		if len(past) >= 6 {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(f.release)
+			t.Fatalf("chunks recorded past the prefix: %v, want at least 6 of the 8 written", past)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(f.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// recordedPast is the chunks past the prefix the one checkpoint record in
+// partial/ lists.
+func recordedPast(t *testing.T, dir string) []string {
+	t.Helper()
+	for _, n := range entries(t, dir, store.PartialDir) {
+		if !strings.HasSuffix(n, ".at") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, store.PartialDir, n))
+		if err != nil {
+			continue // being replaced
+		}
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		if len(lines) < 2 {
+			return nil
+		}
+		return strings.Fields(lines[1])[1:]
+	}
+	return nil
 }
