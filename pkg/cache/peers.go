@@ -74,12 +74,12 @@ type peerFetch struct {
 	peers *Peers
 	key   string
 
-	once     sync.Once
-	origin   bool     // read everything from the origin (a retry after a peer's bad bytes)
-	claimed  bool     // this node fetches from the origin
-	fetcher  string   // the node that does, when another
-	holders  []string // nodes that hold the tree
-	stopRenw func()
+	once      sync.Once
+	origin    bool     // read everything from the origin (a retry after a peer's bad bytes)
+	claimed   bool     // this node fetches from the origin
+	fetcher   string   // the node that does, when another
+	holders   []string // nodes that hold the tree
+	stopRenew func()
 
 	mu        sync.Mutex
 	demoted   map[string]bool // nodes that failed this download
@@ -122,7 +122,7 @@ func (pf *peerFetch) prepare(ctx context.Context) {
 		}
 		pf.claimed, pf.fetcher, pf.holders = claimed, st.Fetcher, st.Holders
 		if claimed {
-			pf.stopRenw = pf.renew(ctx)
+			pf.stopRenew = pf.renew(ctx)
 		}
 	})
 }
@@ -157,8 +157,8 @@ func (pf *peerFetch) renew(ctx context.Context) (stop func()) {
 // tree, or the origin fetch it claimed is free for another node at once.
 // The writes run even when the download's context ended.
 func (pf *peerFetch) DownloadFinished(committed bool) {
-	if pf.stopRenw != nil {
-		pf.stopRenw()
+	if pf.stopRenew != nil {
+		pf.stopRenew()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
 	defer cancel()
