@@ -24,6 +24,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/mount"
+	"github.com/modelcache/modelcache/pkg/peer"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/state"
 	"github.com/modelcache/modelcache/pkg/store"
@@ -43,6 +44,7 @@ type options struct {
 	cacheSize, minFree                           string
 	transfers, maxConnections                    int
 	multiThreadCutoff, resumeEvery               string
+	multiThreadSpan                              string
 	multiThreadStreams                           int
 	minStreamRate                                string
 	maxFiles                                     int
@@ -60,6 +62,10 @@ type options struct {
 	holderImage                                  string
 	fleetWorkers                                 int
 	fleetPriorityClasses                         string
+	peers                                        bool
+	peerPort, peerMaxStreams                     int
+	peerService, peerServiceAccount              string
+	peerCASecret, peerTokenFile                  string
 }
 
 func main() {
@@ -73,6 +79,7 @@ func main() {
 	flag.IntVar(&o.transfers, "transfers", store.DefaultTransfers, "files of one model downloaded in parallel (higher than rclone's 4: many small files are bound by each request's first-byte latency)")
 	flag.IntVar(&o.maxConnections, "max-connections", store.DefaultMaxConnections, "requests to remotes open at once on this node, over all downloads and ranged streams")
 	flag.StringVar(&o.multiThreadCutoff, "multi-thread-cutoff", "256Mi", "files this large or larger download in parallel ranged chunks, as rclone's --multi-thread-cutoff (a quantity, e.g. 256Mi; 0 turns it off)")
+	flag.StringVar(&o.multiThreadSpan, "multi-thread-span", "16Mi", "bytes of a large file one ranged request asks for, in whole 4Mi chunks: each request waits for the remote's first byte, and each GET may be billed (as rclone's --multi-thread-chunk-size)")
 	flag.IntVar(&o.multiThreadStreams, "multi-thread-streams", store.DefaultRangeStreams, "ranged streams per large file, as rclone's --multi-thread-streams")
 	flag.StringVar(&o.minStreamRate, "min-stream-rate", "64Ki", "a stream from a remote that delivers less than this many bytes a second over --stall-window is cut and retried (0 turns it off): a remote that trickles cannot hold the node's connections and chunk buffers")
 	flag.IntVar(&o.maxFiles, "max-files", source.DefaultMaxFiles, "most files a model may have: a listing that finds more stops there and the publish (or provisioning) fails with RESOURCE_EXHAUSTED before anything is downloaded")
@@ -97,6 +104,13 @@ func main() {
 	flag.StringVar(&o.holderImage, "holder-image", "", "image of CachedModel holder pods (default: the controller's own, read from its pod through POD_NAMESPACE and POD_NAME)")
 	flag.IntVar(&o.fleetWorkers, "cachedmodel-workers", 2, "CachedModels reconciled at once")
 	flag.StringVar(&o.fleetPriorityClasses, "cachedmodel-priority-classes", "", "comma-separated priority classes a CachedModel's holders may run at, outside namespaces labelled modelcache.csi.dev/trusted=true (empty: none)")
+	flag.BoolVar(&o.peers, "peers", false, "read models from other nodes that hold them and serve this node's to them (docs/design.md \"Peers\"); needs POD_NAMESPACE and POD_IP, the peer Service and a projected token")
+	flag.IntVar(&o.peerPort, "peer-port", 9443, "port the peer endpoint serves on the pod's address, named \"peer\" in the peer Service")
+	flag.IntVar(&o.peerMaxStreams, "peer-max-streams", peer.DefaultMaxStreams, "bodies served to peers at once; more get 503 and go to another node")
+	flag.StringVar(&o.peerService, "peer-service", "modelcache-peers", "headless Service over the node plugins whose EndpointSlices say where peers are")
+	flag.StringVar(&o.peerServiceAccount, "peer-service-account", "modelcache-node", "the node plugin's service account: the only one whose tokens the peer endpoint serves")
+	flag.StringVar(&o.peerCASecret, "peer-ca-secret", "modelcache-peer-ca", "Secret in the plugin's namespace holding the CA of peer TLS (created by the first plugin that finds none)")
+	flag.StringVar(&o.peerTokenFile, "peer-token-file", "/var/run/secrets/modelcache/peer/token", "projected service-account token with the audience modelcache-peer, presented to peers")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if *showVersion {
@@ -123,11 +137,23 @@ func run(o options) error {
 	if withNode && o.metricsAddress != "" {
 		m = metrics.New()
 	}
-	records, closeRecords, err := openRecords(o, withNode, m)
+	var peers *peerSetup
+	if withNode && o.peers {
+		if peers, err = setupPeers(ctx, o); err != nil {
+			return err
+		}
+		defer peers.stop()
+	}
+	records, closeRecords, err := openRecords(o, withNode, m, peers.cachePeers())
 	if err != nil {
 		return err
 	}
 	defer closeRecords()
+	if peers != nil {
+		if err := peers.serve(ctx, records.cache, m); err != nil {
+			return err
+		}
+	}
 	key, err := records.NodeKey()
 	if err != nil {
 		return err
@@ -197,7 +223,7 @@ type records struct {
 
 // openRecords opens the node's cache, or only the state database when this
 // process serves the controller alone.
-func openRecords(o options, withNode bool, m *metrics.Metrics) (records, func(), error) {
+func openRecords(o options, withNode bool, m *metrics.Metrics, peers *cache.Peers) (records, func(), error) {
 	if !withNode {
 		db, err := state.Open(filepath.Join(o.cacheDir, cache.StateFile))
 		if err != nil {
@@ -205,7 +231,7 @@ func openRecords(o options, withNode bool, m *metrics.Metrics) (records, func(),
 		}
 		return records{volumes: db, NodeKey: db.NodeKey}, func() { db.Close() }, nil
 	}
-	c, err := openCache(o, m)
+	c, err := openCache(o, m, peers)
 	if err != nil {
 		return records{}, nil, err
 	}
@@ -323,7 +349,7 @@ func startFleet(ctx context.Context, o options, cfg *rest.Config, client kuberne
 
 // openCache opens the node's cache with the budget and download options
 // of the flags.
-func openCache(o options, m *metrics.Metrics) (*cache.Cache, error) {
+func openCache(o options, m *metrics.Metrics, peers *cache.Peers) (*cache.Cache, error) {
 	// Remote checksums depend on finding rclone's API clients: a build
 	// whose rclone moved them must not start and check nothing silently.
 	if err := source.CheckClients(); err != nil {
@@ -343,7 +369,7 @@ func openCache(o options, m *metrics.Metrics) (*cache.Cache, error) {
 	downloads.OnDownload, downloads.OnUnchecked = m.DownloadStarted, m.UncheckedObjects
 	c, err := cache.Open(o.cacheDir, cache.Options{
 		Store: downloads, Budget: budget, OnEvict: m.Evicted,
-		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter,
+		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter, Peers: peers,
 	})
 	if err != nil {
 		return nil, err
@@ -362,6 +388,10 @@ func downloadOptions(o options) (store.Options, error) {
 	if err != nil || cutoff.Value() < 0 {
 		return store.Options{}, fmt.Errorf("--multi-thread-cutoff %q is not a size such as 256Mi (or 0 to turn ranged downloads off)", o.multiThreadCutoff)
 	}
+	span, err := resource.ParseQuantity(o.multiThreadSpan)
+	if err != nil || span.Value() < store.DefaultRangeChunk {
+		return store.Options{}, fmt.Errorf("--multi-thread-span %q is not a size of at least 4Mi such as 16Mi", o.multiThreadSpan)
+	}
 	resumeEvery, err := resource.ParseQuantity(o.resumeEvery)
 	if err != nil || resumeEvery.Value() <= 0 {
 		return store.Options{}, fmt.Errorf("--resume-every %q is not a size such as 64Mi", o.resumeEvery)
@@ -372,7 +402,7 @@ func downloadOptions(o options) (store.Options, error) {
 	}
 	return store.Options{
 		Transfers: o.transfers, MaxConnections: o.maxConnections,
-		RangeCutoff: offIfZero(cutoff.Value()), RangeStreams: o.multiThreadStreams, RangeCheckpoint: resumeEvery.Value(),
+		RangeCutoff: offIfZero(cutoff.Value()), RangeStreams: o.multiThreadStreams, RangeSpan: span.Value(), RangeCheckpoint: resumeEvery.Value(),
 		MinStreamRate: offIfZero(minRate.Value()), StallWindow: offIfZero(o.stallWindow), StallTimeout: offIfZero(o.stallTimeout), DownloadGrace: offIfZero(o.downloadGrace),
 	}, nil
 }

@@ -101,6 +101,10 @@ func (p *Peers) evicted(keys []string) {
 	}()
 }
 
+// PeerContent is what this node serves its peers: committed blobs and the
+// object index that names them (pkg/peer's Blobs and Objects).
+func (c *Cache) PeerContent() (peer.Blobs, peer.Objects) { return c.store, c.state }
+
 func (c *Cache) peerFetch(r source.Remote, key string) *peerFetch {
 	if c.peers == nil {
 		return nil

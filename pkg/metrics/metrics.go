@@ -221,3 +221,13 @@ func (m *Metrics) Evicted(reason cache.EvictReason, bytes int64) {
 		m.evictedBytes.WithLabelValues(label).Add(float64(bytes))
 	}
 }
+
+// Register adds collectors another package keeps (the peer endpoint's) to
+// the node plugin's registry. A nil *Metrics (no --metrics-address)
+// registers nothing.
+func (m *Metrics) Register(c prometheus.Collector) error {
+	if m == nil {
+		return nil
+	}
+	return m.registry.Register(c)
+}

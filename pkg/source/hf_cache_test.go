@@ -73,7 +73,7 @@ func TestHFThroughTheCache(t *testing.T) {
 	}
 	first := hub.Commit("org/model", "main", files)
 
-	h := cachetest.Open(t, t.TempDir(), cache.Options{Store: store.Options{RangeCutoff: 1 << 20, RangeChunk: 256 << 10}})
+	h := cachetest.Open(t, t.TempDir(), cache.Options{Store: store.Options{RangeCutoff: 1 << 20, RangeChunk: 256 << 10, RangeSpan: 512 << 10}})
 	src := source.NewSources([]byte("node key"), source.WithAllowedEndpoints([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}))
 	prefetch := func(uri, token, policy string) (cache.Fetched, source.Remote, error) {
 		r, err := src.Resolve(context.Background(), uri, map[string]string{"HF_ENDPOINT": hub.URL, "HF_TOKEN": token})

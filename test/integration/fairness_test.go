@@ -14,7 +14,7 @@ import (
 // fairFlags make the bounds on slow remotes short enough for a test: a
 // stream below 64 KiB/s over 2 s is cut, and ranged downloads start at
 // 16 MiB so the trickling tenant's file is fetched in chunks.
-var fairFlags = []string{"--min-stream-rate=64Ki", "--stall-window=2s", "--download-stall-timeout=30s", "--multi-thread-cutoff=16Mi"}
+var fairFlags = []string{"--min-stream-rate=64Ki", "--stall-window=2s", "--download-stall-timeout=30s", "--multi-thread-cutoff=16Mi", "--multi-thread-span=4Mi"}
 
 // One tenant's remote trickles the first range of its large file (a byte
 // now and then, which never trips rclone's idle timeout) and serves every

@@ -106,7 +106,7 @@ func configVersion(v int) []byte {
 // whole object.
 func TestMultipart_Kill9DuringRangedDownload_ResumesFromCheckpoint_RealMinIO(t *testing.T) {
 	const size = 48<<20 + 5
-	flags := []string{"--multi-thread-cutoff=4Mi", "--multi-thread-streams=2", "--resume-every=8Mi"}
+	flags := []string{"--multi-thread-cutoff=4Mi", "--multi-thread-span=4Mi", "--multi-thread-streams=2", "--resume-every=8Mi"}
 	for i, u := range []testenv.Upload{testenv.UploadParts, testenv.UploadPartsCRC32C.WithPartSize(16 << 20)} {
 		t.Run(u.Name, func(t *testing.T) {
 			e := newEnv(t)

@@ -662,10 +662,11 @@ func TestPublish_LargeFileInRangedChunks_RealMinIO(t *testing.T) {
 	target := e.target("pod")
 	e.mustPublish("vol", target, e.model("m"))
 	sameFiles(t, target, files)
-	// One ranged GET per chunk of the 20 MiB, and one for the config.
-	chunks := int64((20<<20 + store.DefaultRangeChunk - 1) / store.DefaultRangeChunk)
-	if gets, bytes := e.proxy.ObjectGets(), e.proxy.ObjectBytes(); gets != chunks+1 || bytes != total(files) {
-		t.Fatalf("the remote served %d GETs and %d bytes, want %d GETs (%d ranged) and %d bytes", gets, bytes, chunks+1, chunks, total(files))
+	// One ranged GET per 16 MiB span of the 20 MiB (the default
+	// --multi-thread-span), and one for the config.
+	spans := int64((20<<20 + store.DefaultRangeSpan - 1) / store.DefaultRangeSpan)
+	if gets, bytes := e.proxy.ObjectGets(), e.proxy.ObjectBytes(); gets != spans+1 || bytes != total(files) {
+		t.Fatalf("the remote served %d GETs and %d bytes, want %d GETs (%d ranged) and %d bytes", gets, bytes, spans+1, spans, total(files))
 	}
 	e.mustUnpublish("vol", target)
 }
@@ -727,7 +728,7 @@ func (e *env) killMidPublish(volumeID, target string, attrs map[string]string, w
 func TestPublish_Kill9DuringRangedDownload_ResumesFromCheckpoint_RealMinIO(t *testing.T) {
 	const size = 48 << 20
 	const chunk = store.DefaultRangeChunk
-	flags := []string{"--multi-thread-cutoff=4Mi", "--multi-thread-streams=2", "--resume-every=8Mi"}
+	flags := []string{"--multi-thread-cutoff=4Mi", "--multi-thread-span=4Mi", "--multi-thread-streams=2", "--resume-every=8Mi"}
 	for i, at := range []float64{0.3, 0.6, 0.9} {
 		t.Run(fmt.Sprintf("killed at %d%%", int(at*100)), func(t *testing.T) {
 			e := newEnv(t)
