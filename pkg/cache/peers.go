@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,10 +76,10 @@ type peerFetch struct {
 	key   string
 
 	once      sync.Once
-	origin    bool     // read everything from the origin (a retry after a peer's bad bytes)
-	claimed   bool     // this node fetches from the origin
-	fetcher   string   // the node that does, when another
-	holders   []string // nodes that hold the tree
+	origin    bool        // read everything from the origin (a retry after a peer's bad bytes)
+	claimed   atomic.Bool // this node fetches from the origin
+	fetcher   string      // the node that does, when another
+	holders   []string    // nodes that hold the tree
 	stopRenew func()
 
 	mu        sync.Mutex
@@ -124,11 +125,21 @@ func (pf *peerFetch) prepare(ctx context.Context) {
 			klog.InfoS("peers unreachable; fetching from the origin", "key", pf.key, "err", err)
 			return
 		}
-		pf.claimed, pf.fetcher, pf.holders = claimed, st.Fetcher, st.Holders
+		pf.fetcher, pf.holders = st.Fetcher, st.Holders
 		if claimed {
-			pf.stopRenew = pf.renew(ctx)
+			pf.claim(ctx)
 		}
 	})
+}
+
+// claim makes this node the download's origin fetcher, once, and keeps
+// its lease renewed until the download finishes.
+func (pf *peerFetch) claim(ctx context.Context) {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	if !pf.claimed.Swap(true) {
+		pf.stopRenew = pf.renew(ctx)
+	}
 }
 
 // renew keeps this node's origin fetch claimed until stop.
@@ -161,8 +172,11 @@ func (pf *peerFetch) renew(ctx context.Context) (stop func()) {
 // tree, or the origin fetch it claimed is free for another node at once.
 // The writes run even when the download's context ended.
 func (pf *peerFetch) DownloadFinished(committed bool) {
-	if pf.stopRenew != nil {
-		pf.stopRenew()
+	pf.mu.Lock()
+	stop := pf.stopRenew
+	pf.mu.Unlock()
+	if stop != nil {
+		stop()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), registryTimeout)
 	defer cancel()
@@ -170,7 +184,7 @@ func (pf *peerFetch) DownloadFinished(committed bool) {
 	switch {
 	case committed:
 		err = pf.peers.Registry.Committed(ctx, pf.key)
-	case pf.claimed:
+	case pf.claimed.Load():
 		err = pf.peers.Registry.Release(ctx, pf.key)
 	}
 	if err != nil {
@@ -188,7 +202,7 @@ const registryTimeout = 30 * time.Second
 // ends.
 func (pf *peerFetch) Route(ctx context.Context, e source.Entry, checked bool) (store.Fetcher, string) {
 	pf.prepare(ctx)
-	if !checked || pf.claimed || pf.origin {
+	if !checked || pf.claimed.Load() || pf.origin {
 		return pf.Remote, ""
 	}
 	object := source.ObjectKey(pf.Identity(), e)
@@ -219,9 +233,9 @@ func (pf *peerFetch) candidates() []string {
 	return out
 }
 
-// await asks the fetching node for an object until it has it, stops
-// fetching (its lease ends: the object is then read from the origin) or
-// fails.
+// await asks the fetching node (and any holder learnt meanwhile) for an
+// object until one has it; when the fetch fails or lapses, this node
+// claims it and reads the object from the origin.
 func (pf *peerFetch) await(ctx context.Context, object string, e source.Entry) (store.Fetcher, string) {
 	every := pf.peers.PollEvery
 	if every <= 0 {
@@ -229,22 +243,54 @@ func (pf *peerFetch) await(ctx context.Context, object string, e source.Entry) (
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
+	polls := 0
 	for {
 		select {
 		case <-ctx.Done():
 			return pf.Remote, ""
 		case <-t.C:
 		}
-		pf.mu.Lock()
-		gone := pf.demoted[pf.fetcher]
-		pf.mu.Unlock()
-		if gone {
+		nodes := pf.candidates()
+		if len(nodes) == 0 || pf.claimed.Load() {
 			return pf.Remote, ""
 		}
-		if r, sum, ok := pf.lookup(ctx, pf.fetcher, object, e); ok {
-			return r, sum
+		for _, node := range nodes {
+			if r, sum, ok := pf.lookup(ctx, node, object, e); ok {
+				return r, sum
+			}
+		}
+		// A fetch that failed, or whose node stopped renewing, leaves the
+		// object to this node: it claims the fetch, or learns of a node
+		// that holds the tree now.
+		if polls++; polls%claimEvery == 0 && pf.reclaim(ctx) {
+			return pf.Remote, ""
 		}
 	}
+}
+
+// claimEvery is how many polls of the fetching node go by between two
+// looks at the Lease.
+const claimEvery = 5
+
+// reclaim asks for the origin fetch again; it reports whether this node
+// now holds it. Holders it learns of join the candidates.
+func (pf *peerFetch) reclaim(ctx context.Context) bool {
+	claimed, st, err := pf.peers.Registry.Claim(ctx, pf.key)
+	if err != nil {
+		return false
+	}
+	if claimed {
+		pf.claim(ctx)
+		return true
+	}
+	pf.mu.Lock()
+	for _, h := range st.Holders {
+		if !slices.Contains(pf.holders, h) {
+			pf.holders = append(pf.holders, h)
+		}
+	}
+	pf.mu.Unlock()
+	return false
 }
 
 // lookup asks node for an object; a node that cannot answer is demoted

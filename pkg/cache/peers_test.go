@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/holders"
@@ -185,7 +186,7 @@ func twoNodes(t *testing.T, client *peerClient) (a, b *harness, leases *fakeLeas
 	open := func(node string) *harness {
 		return newHarnessWith(t, t.TempDir(), res, cache.Options{
 			Store: store.Options{RangeCutoff: 1 << 20, RangeChunk: 256 << 10, RangeSpan: 512 << 10},
-			Peers: &cache.Peers{Registry: nodeRegistry{leases, node}, Members: nodeAddrs{}, Client: client},
+			Peers: &cache.Peers{Registry: nodeRegistry{leases, node}, Members: nodeAddrs{}, Client: client, PollEvery: 5 * time.Millisecond},
 		})
 	}
 	a, b = open("node-a"), open("node-b")
@@ -308,5 +309,36 @@ func TestPeers_RefusedTenantGetsNothingFromPeers(t *testing.T) {
 	}
 	if client.lookups.Load() != 0 || client.served.Load() != 0 {
 		t.Fatalf("peers were asked %d times and served %d bytes", client.lookups.Load(), client.served.Load())
+	}
+}
+
+// A node that finds another fetching the model waits for it; when that
+// fetch fails and gives its claim back, the waiting node claims the fetch
+// and reads the model from the origin itself.
+func TestPeers_FailedFetchTakenOver(t *testing.T) {
+	client := &peerClient{}
+	_, b, leases := twoNodes(t, client)
+	key := source.ContentKey(b.remote(modelURI, secrets()).Identity(), b.res.Manifest(modelURI))
+	a := nodeRegistry{leases, "node-a"}
+	if claimed, _, _ := a.Claim(context.Background(), key); !claimed {
+		t.Fatal("node-a could not claim the fetch")
+	}
+	go func() {
+		// node-a answers "not held" a few times, then its fetch fails.
+		for client.lookups.Load() < 10 {
+			time.Sleep(time.Millisecond)
+		}
+		_ = a.Release(context.Background(), key)
+	}()
+	fb, err := b.fetch(secrets())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.checkModel(fb.Tree)
+	if client.served.Load() != 0 {
+		t.Errorf("peers served %d bytes; node-a held nothing", client.served.Load())
+	}
+	if got := leases.holdersOf(key); !slices.Equal(got, []string{"node-b"}) {
+		t.Fatalf("holders %v, want node-b", got)
 	}
 }
