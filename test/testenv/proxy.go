@@ -225,10 +225,11 @@ func (p *Proxy) MaxInFlight() int64 { return p.maxInFlight.Load() }
 func (p *Proxy) Truncations() int64 { return p.truncations.Load() }
 
 // Trickle makes the proxy serve object GETs of the object whose key ends in
-// key that start at its first byte (a whole GET, or the first range of a
-// ranged download) at bytesPerSec, in small writes, as a remote would that
-// holds a client's connection open by sending a byte now and then; every
-// other range of it comes at once. Trickle("", 0) stops it.
+// key that start in its first TrickleSpan bytes (a whole GET, the first
+// chunk of a ranged download, and every resume of either from where it was
+// cut) at bytesPerSec, in small writes, as a remote would that holds a
+// client's connection open by sending a byte now and then; every other
+// range of it comes at once. Trickle("", 0) stops it.
 func (p *Proxy) Trickle(key string, bytesPerSec int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -246,11 +247,18 @@ func (p *Proxy) trickleRateOf(r *http.Request) int64 {
 	if key == "" || !p.isObjectGet(r) || !strings.HasSuffix(r.URL.Path, "/"+key) {
 		return 0
 	}
-	if rg := r.Header.Get("Range"); rg != "" && !strings.HasPrefix(rg, "bytes=0-") {
-		return 0
+	if rg := r.Header.Get("Range"); rg != "" {
+		first, _, _ := strings.Cut(strings.TrimPrefix(rg, "bytes="), "-")
+		if n, err := strconv.ParseInt(first, 10, 64); err != nil || n >= TrickleSpan {
+			return 0
+		}
 	}
 	return rate
 }
+
+// TrickleSpan is how much of the start of an object Trickle slows: one
+// ranged chunk of the driver's.
+const TrickleSpan = 4 << 20
 
 // Truncate makes the proxy cut responses for the object whose key ends in
 // key: each of the next times object GETs of it (every one while times is
