@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -126,18 +125,35 @@ func decode(t *testing.T, rendered []byte) []*unstructured.Unstructured {
 // share (a cold CI run once left 38 GiB of 252 free, under the default's
 // 50 GiB, and every publish was RESOURCE_EXHAUSTED). The budget is tested
 // in pkg/cache and test/integration.
-func withSmallMinFree(t *testing.T, rendered []byte) []byte {
+func withSmallMinFree(t *testing.T, objects []*unstructured.Unstructured) {
 	t.Helper()
-	re := regexp.MustCompile(`(?m)^(\s*- --min-free=)20%$`)
-	if len(re.FindAll(rendered, -1)) != 1 {
-		t.Fatalf("the rendered manifests do not pass --min-free=20%% to one container")
+	found := 0
+	for _, o := range objects {
+		if o.GetKind() != "DaemonSet" {
+			continue
+		}
+		containers, _, _ := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "containers")
+		for _, c := range containers {
+			args, _ := c.(map[string]any)["args"].([]any)
+			for i, a := range args {
+				if a == "--min-free=20%" {
+					args[i], found = "--min-free=1Gi", found+1
+				}
+			}
+		}
+		if err := unstructured.SetNestedSlice(o.Object, containers, "spec", "template", "spec", "containers"); err != nil {
+			t.Fatal(err)
+		}
 	}
-	return re.ReplaceAll(rendered, []byte("${1}1Gi"))
+	if found != 1 {
+		t.Fatalf("the rendered manifests pass --min-free=20%% to %d containers, want one", found)
+	}
 }
 
 func installPlugin(t *testing.T, name string, rendered []byte) *install {
 	t.Helper()
-	in := &install{name: name, objects: decode(t, withSmallMinFree(t, rendered))}
+	in := &install{name: name, objects: decode(t, rendered)}
+	withSmallMinFree(t, in.objects)
 	var ds *appsv1.DaemonSet
 	var pods []corev1.PodSpec // of the DaemonSet and the controller Deployment
 	for _, o := range in.objects {
