@@ -3,13 +3,10 @@ package peer_test
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,6 +16,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/peer"
+	"github.com/modelcache/modelcache/pkg/peer/peertest"
 )
 
 // The node plugin's account in these tests, and its tokens.
@@ -158,27 +156,8 @@ func startPeer(t *testing.T, cfg peer.Config) *testPeer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.addr = serveTLS(t, srv, tlsConf)
+	p.addr = peertest.ServeTLS(t, srv, tlsConf)
 	return p
-}
-
-// serveTLS serves h on a loopback port until the test ends.
-func serveTLS(t *testing.T, h http.Handler, tlsConf *tls.Config) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := peer.NewHTTPServer(h, tlsConf)
-	done := make(chan error, 1)
-	go func() { done <- hs.ServeTLS(ln, "", "") }()
-	t.Cleanup(func() {
-		_ = hs.Close()
-		if err := <-done; !errors.Is(err, http.ErrServerClosed) {
-			t.Errorf("serving: %v", err)
-		}
-	})
-	return ln.Addr().String()
 }
 
 // httpClient is a plain HTTPS client trusting the test peer's CA, for

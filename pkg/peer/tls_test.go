@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/modelcache/modelcache/pkg/peer"
+	"github.com/modelcache/modelcache/pkg/peer/peertest"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -145,7 +146,7 @@ func TestTLS_TrustOnlyTheCA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wrongIP := serveTLS(t, srv, elsewhere)
+	wrongIP := peertest.ServeTLS(t, srv, elsewhere)
 
 	mine, _ := peer.ClientConfig(p.ca)
 	theirs, _ := peer.ClientConfig(other)

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -18,6 +17,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/peer"
+	"github.com/modelcache/modelcache/pkg/peer/peertest"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -170,20 +170,7 @@ func startPeerEndpoint(t *testing.T, plugin kubernetes.Interface, blobs string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := peer.NewHTTPServer(srv, conf)
-	done := make(chan error, 1)
-	go func() { done <- hs.ServeTLS(ln, "", "") }()
-	t.Cleanup(func() {
-		_ = hs.Close()
-		if err := <-done; !errors.Is(err, http.ErrServerClosed) {
-			t.Errorf("serving the peer endpoint: %v", err)
-		}
-	})
-	return ln.Addr().String(), ca
+	return peertest.ServeTLS(t, srv, conf), ca
 }
 
 // TestPeer_TokenReviewGate: a peer endpoint with the real TokenReview
