@@ -389,8 +389,8 @@ func downloadOptions(o options) (store.Options, error) {
 		return store.Options{}, fmt.Errorf("--multi-thread-cutoff %q is not a size such as 256Mi (or 0 to turn ranged downloads off)", o.multiThreadCutoff)
 	}
 	span, err := resource.ParseQuantity(o.multiThreadSpan)
-	if err != nil || span.Value() < store.DefaultRangeChunk {
-		return store.Options{}, fmt.Errorf("--multi-thread-span %q is not a size of at least 4Mi such as 16Mi", o.multiThreadSpan)
+	if err != nil || span.Value() < store.DefaultRangeChunk || span.Value()%store.DefaultRangeChunk != 0 {
+		return store.Options{}, fmt.Errorf("--multi-thread-span %q is not a whole number of 4Mi chunks such as 16Mi", o.multiThreadSpan)
 	}
 	resumeEvery, err := resource.ParseQuantity(o.resumeEvery)
 	if err != nil || resumeEvery.Value() <= 0 {
