@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -41,8 +42,8 @@ const (
 // first byte once per span rather than once per chunk (20 ms on every 4 MiB
 // at 64 MB/s is a quarter of the stream's time). A file uploaded in parts
 // of a multiple of the chunk (up to maxSpanChunks) is read a part per span
-// instead, so that each stream hashes its own part's checksum and the
-// parts of a multipart ETag hash at once (docs/design.md "Downloads").
+// instead, so that parts finish whole, to be checked beside the download
+// (docs/design.md "Downloads").
 const DefaultRangeSpan = 16 << 20
 
 // maxSpanChunks bounds a part-sized span: a stream holds one connection
@@ -88,8 +89,20 @@ func (s *Store) ingestRanged(ctx context.Context, name string, e source.Entry, r
 	rd.ckpt = make(chan int64, 1)
 
 	g, gctx := errgroup.WithContext(ctx)
+	var streams sync.WaitGroup
 	for range s.rangeStreams {
-		g.Go(func() error { return rd.fetchSpans(gctx) })
+		streams.Add(1)
+		g.Go(func() error {
+			defer streams.Done()
+			return rd.fetchSpans(gctx)
+		})
+	}
+	if rd.batchesParts() {
+		go func() {
+			streams.Wait()
+			close(rd.parts)
+		}()
+		g.Go(func() error { return rd.hashParts(gctx) })
 	}
 	// Checkpoints run beside the hasher: an fsync takes a while, and the
 	// chunks should keep flowing meanwhile. One waits at most; a request
@@ -146,11 +159,13 @@ type rangedDownload struct {
 	first  int // the first chunk not on disk from an earlier download
 
 	// span is how many chunks one ranged read asks for. part is the size
-	// of the remote checksum's parts when each span is one part and its
-	// stream hashes it (hashWhole); ordered is then what the hasher writes
-	// to (the sha256 alone), else sums.
+	// of the remote checksum's parts when each span is one part, hashed by
+	// its stream (hashWhole) or, for MD5s, in batches from the file once
+	// the stream hands it to parts (parthash.go); ordered is then what the
+	// hasher writes to (the sha256 alone), else sums.
 	span    int
 	part    int64
+	parts   chan int
 	ordered *objectSums
 
 	next    atomic.Int64      // the next span a fetcher takes
@@ -212,9 +227,12 @@ func (rd *rangedDownload) planSpans() {
 	}
 	if p := r.partLayout(rd.e.Size); p > 0 && p%rd.chunk == 0 && p/rd.chunk <= maxSpanChunks {
 		rd.span, rd.part, rd.ordered = int(p/rd.chunk), p, rd.sums.shaOnly()
-		// Each stream hashes its own part on its own goroutine: md5-simd's
-		// one server would take every stream's pieces in turn.
-		r.lanes = false
+		if r.lanes {
+			rd.parts = make(chan int, partBatch)
+			return
+		}
+		// A CRC is cheap enough to compute as the bytes come, on each
+		// stream's goroutine.
 	}
 }
 
@@ -251,13 +269,16 @@ func (rd *rangedDownload) fetchSpan(ctx context.Context, lo, hi int) error {
 			rd.s.chunks.put(rd.d, buf)
 			return err
 		}
-		if rd.part > 0 && fromDisk {
+		if rd.part > 0 && fromDisk && !rd.batchesParts() {
 			end := off + int64(len(buf))
 			rd.sums.remote.hashWhole(int(off/rd.part), buf, end%rd.part == 0 || end == rd.e.Size)
 		}
 		rd.count(int64(len(buf)))
 		// done holds as many chunks as there are buffers: never blocks.
 		rd.done <- fetchedChunk{i, buf}
+	}
+	if rd.batchesParts() {
+		return rd.partDone(ctx, int(int64(lo)*rd.chunk/rd.part))
 	}
 	return nil
 }
@@ -332,9 +353,8 @@ type spanReader struct {
 // read fills buf with the bytes at off, going on from where a failed or
 // short response stopped with a new ranged read (chunkAttempts in all),
 // and refusing a span that comes long (the object changed at the remote).
-// A stream that hashes its part does so as the bytes come, piece by
-// piece: the streams' pieces then reach md5-simd together, which fills
-// its lanes only with three or more at once.
+// A stream that hashes its part's CRC does so as the bytes come, piece by
+// piece.
 func (sr *spanReader) read(ctx context.Context, off int64, buf []byte) error {
 	e := sr.rd.e
 	var err error
@@ -376,7 +396,7 @@ func (sr *spanReader) fill(off int64, buf []byte, filled *int) error {
 	for *filled < len(buf) {
 		k, err := r.Read(buf[*filled:])
 		if k > 0 {
-			if rd.part > 0 {
+			if rd.part > 0 && !rd.batchesParts() {
 				end := off + int64(*filled+k)
 				last := *filled+k == len(buf) && (end%rd.part == 0 || end == rd.e.Size)
 				rd.sums.remote.hashWhole(int(off/rd.part), buf[*filled:*filled+k], last)

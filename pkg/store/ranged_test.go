@@ -207,11 +207,11 @@ func multipartETag(data []byte, parts []int64) string {
 }
 
 // A file uploaded in parts of a whole number of chunks downloads a part
-// per ranged read, each part hashed by the stream that reads it: the
-// bytes and the ETag check as before, a byte flipped in transit refused,
-// and a download stopped in the middle of a part resumed with that part's
-// hash carried on from the bytes on disk.
-func TestRanged_PartsReadAndHashedByTheirStreams(t *testing.T) {
+// per ranged read, each part's MD5 hashed from the file once its stream
+// has read it, in batches: the bytes and the ETag check as before, a byte
+// flipped in transit refused, and a download stopped in the middle of a
+// part resumed with that part's hash carried on from the bytes on disk.
+func TestRanged_PartsReadAndHashed(t *testing.T) {
 	data := sourcetest.Bytes("w", 9500)
 	parts := []int64{3000, 3000, 3000, 500}
 	want := source.Checksum{Algorithm: "md5", Value: multipartETag(data, parts), Parts: parts, Name: "multipart ETag"}
