@@ -17,6 +17,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
 	"github.com/rclone/rclone/lib/encoder"
@@ -72,7 +73,7 @@ type Checksummer interface {
 // backends keep nothing more than the listing gives. An object the
 // request cannot find is left to its GET to report.
 func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) {
-	if r.cfg.Type != backendS3 && r.cfg.Type != backendGCS || r.cfg.Options["sse_customer_algorithm"] != "" {
+	if r.cfg.Type != remotespec.BackendS3 && r.cfg.Type != remotespec.BackendGCS || r.cfg.Options["sse_customer_algorithm"] != "" {
 		// SSE-C: a HEAD needs the customer key, and neither the ETag nor
 		// the checksum of such an object says anything checkable.
 		return Checksum{}, nil
@@ -86,7 +87,7 @@ func (r *rcloneRemote) Checksum(ctx context.Context, e Entry) (Checksum, error) 
 	bucket, key := r.objectName(f, e)
 	op := fmt.Sprintf("reading the checksum of %s/%s", r.uri, e.Path)
 	var ck Checksum
-	if r.cfg.Type == backendGCS {
+	if r.cfg.Type == remotespec.BackendGCS {
 		ck, err = r.gcsChecksum(ctx, f, bucket, key, e)
 	} else {
 		ck, err = r.s3Checksum(ctx, f, bucket, key, e)
@@ -114,9 +115,9 @@ var hiddenClient sync.Once
 // silently go unchecked. The node plugin calls it at start.
 func CheckClients() error {
 	return checkClients([]clientProbe{
-		{backendS3, configmap.Simple{"provider": "Other", "endpoint": "http://127.0.0.1:9", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example", "region": "us-east-1"},
+		{remotespec.BackendS3, configmap.Simple{"provider": "Other", "endpoint": "http://127.0.0.1:9", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example", "region": "us-east-1"},
 			func(f fs.Fs) bool { return clientOf[*s3.Client](f, "c") != nil }},
-		{backendGCS, configmap.Simple{"anonymous": "true", "endpoint": "http://127.0.0.1:9/storage/v1/"},
+		{remotespec.BackendGCS, configmap.Simple{"anonymous": "true", "endpoint": "http://127.0.0.1:9/storage/v1/"},
 			func(f fs.Fs) bool { return clientOf[*storage.Service](f, "svc") != nil }},
 	})
 }

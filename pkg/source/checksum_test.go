@@ -15,6 +15,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
 	"google.golang.org/api/storage/v1"
@@ -224,7 +225,7 @@ func TestCheckClients(t *testing.T) {
 	if err := CheckClients(); err != nil {
 		t.Fatalf("CheckClients: %v", err)
 	}
-	err := checkClients([]clientProbe{{backendS3, configmap.Simple{"provider": "Other", "endpoint": "http://127.0.0.1:9", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example"},
+	err := checkClients([]clientProbe{{remotespec.BackendS3, configmap.Simple{"provider": "Other", "endpoint": "http://127.0.0.1:9", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example"},
 		func(f fs.Fs) bool { return clientOf[*s3.Client](f, "client") != nil }}})
 	if err == nil || !strings.Contains(err.Error(), "s3") || !strings.Contains(err.Error(), "unchecked") {
 		t.Fatalf("a client moved elsewhere: err %v, want one naming s3 and what goes unchecked", err)

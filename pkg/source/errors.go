@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/modelcache/modelcache/pkg/egress"
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	"github.com/rclone/rclone/fs"
 	"google.golang.org/api/googleapi"
 )
@@ -16,11 +17,11 @@ import (
 // Error kinds callers branch on with errors.Is. Every error this package
 // returns wraps exactly one of them.
 var (
-	ErrInvalid     = errors.New("invalid model reference")              // bad modelUri, secret or option
-	ErrNotFound    = errors.New("model not found at the remote")        // no such bucket, prefix or object
-	ErrDenied      = errors.New("remote refused the credentials")       // 401/403
-	ErrUnavailable = errors.New("remote unavailable")                   // network, 5xx, timeouts: retryable
-	ErrUnsafePath  = errors.New("remote object key is not a safe path") // would escape the tree
+	ErrInvalid     = remotespec.ErrInvalid                        // bad modelUri, secret or option
+	ErrNotFound    = errors.New("model not found at the remote")  // no such bucket, prefix or object
+	ErrDenied      = errors.New("remote refused the credentials") // 401/403
+	ErrUnavailable = errors.New("remote unavailable")             // network, 5xx, timeouts: retryable
+	ErrUnsafePath  = remotespec.ErrUnsafePath                     // would escape the tree
 	ErrChanged     = errors.New("remote object changed during download")
 	ErrCorrupt     = errors.New("object corrupted in transfer")                  // bytes differ from the remote's checksum: retryable
 	ErrRefused     = errors.New("connection refused by the node's egress rules") // a redirect or DNS answer led to an address tenants may not reach

@@ -9,11 +9,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
+
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 )
 
 // The hf:// source reads models from the Hugging Face Hub (or a mirror of
@@ -71,7 +75,7 @@ type hfRemote struct {
 // URL; default https://huggingface.co). A chosen endpoint is checked like
 // every endpoint a secret names; the Hub itself is not looked up.
 func (r *Sources) resolveHF(ctx context.Context, u URI, secrets map[string]string) (Remote, error) {
-	for _, k := range sortedKeys(secrets) {
+	for _, k := range slices.Sorted(maps.Keys(secrets)) {
 		if k != hfTokenKey && k != hfEndpointKey {
 			return nil, fmt.Errorf("%w: secret key %q is not read for hf:// models; the accepted keys are %s (optional, a Hub access token) and %s (optional, a Hub mirror's URL)", ErrInvalid, k, hfTokenKey, hfEndpointKey)
 		}
@@ -91,7 +95,7 @@ func (r *Sources) resolveHF(ctx context.Context, u URI, secrets map[string]strin
 	}
 	remote.initClients(r.egress())
 	if v := secrets[hfEndpointKey]; v != "" {
-		eps := []endpoint{{Key: hfEndpointKey, URL: ep}}
+		eps := []remotespec.Endpoint{{Key: hfEndpointKey, URL: ep}}
 		if err := r.checkEndpoints(ctx, eps); err != nil {
 			if !errors.Is(err, ErrUnavailable) {
 				return nil, err
@@ -112,7 +116,7 @@ func hfEndpoint(v string) (*url.URL, error) {
 	if v == "" {
 		v = hfDefaultEndpoint
 	}
-	ep, err := parseEndpointURL(hfEndpointKey, strings.TrimSpace(v), false)
+	ep, err := remotespec.ParseEndpointURL(hfEndpointKey, strings.TrimSpace(v), false)
 	if err != nil {
 		return nil, err
 	}
@@ -172,7 +176,7 @@ func (r *hfRemote) List(ctx context.Context) (Manifest, error) {
 	if len(m) == 0 {
 		return nil, fmt.Errorf("%w: %s (commit %s) holds no files", ErrNotFound, r.uri, commit)
 	}
-	if m, err = checkManifest(m); err != nil {
+	if m, err = remotespec.CheckManifest(m); err != nil {
 		return nil, err
 	}
 	r.mu.Lock()

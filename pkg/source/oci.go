@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/egress"
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	modelspec "github.com/modelpack/model-spec/specs-go/v1"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
@@ -70,8 +71,8 @@ func (r *Sources) resolveOCI(ctx context.Context, u URI, secrets map[string]stri
 	if err != nil {
 		return nil, err
 	}
-	ep := endpoint{Key: "modelUri", URL: &url.URL{Scheme: "https", Host: u.Host}}
-	if err := r.checkEndpoints(ctx, []endpoint{ep}); err != nil && !errors.Is(err, ErrUnavailable) {
+	ep := remotespec.Endpoint{Key: "modelUri", URL: &url.URL{Scheme: "https", Host: u.Host}}
+	if err := r.checkEndpoints(ctx, []remotespec.Endpoint{ep}); err != nil && !errors.Is(err, ErrUnavailable) {
 		// A failed lookup is left to the dial, which the Guard checks
 		// again: a cache hit must not fail for DNS.
 		return nil, err
@@ -173,7 +174,7 @@ func (r *ociRemote) List(ctx context.Context) (Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
-	if m, err = checkManifest(m); err != nil {
+	if m, err = remotespec.CheckManifest(m); err != nil {
 		return nil, err
 	}
 	r.mu.Lock()

@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 
 	"oras.land/oras-go/v2/registry/remote/auth"
@@ -118,7 +120,7 @@ func pickAuth(registry string, auths map[string]dockerAuth) (string, dockerAuth,
 	want := registryKey(registry)
 	// Sorted, so that two spellings of one registry pick the same entry
 	// on every node.
-	for _, k := range sortedKeys(auths) {
+	for _, k := range slices.Sorted(maps.Keys(auths)) {
 		if registryKey(authHost(k)) == want {
 			return k, auths[k], true
 		}
@@ -145,7 +147,7 @@ func registryKey(hostport string) string {
 }
 
 // ociCredentialID fingerprints the credential a request uses, as
-// credentialID does an rclone configuration: an HMAC under the node's
+// remotespec.CredentialID does an rclone configuration: an HMAC under the node's
 // key, so equal credentials give equal ids and nothing reveals them.
 func ociCredentialID(key []byte, registry string, c ociCredential) string {
 	mac := hmac.New(sha256.New, key)

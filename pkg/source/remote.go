@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/modelcache/modelcache/pkg/egress"
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
 	"github.com/rclone/rclone/fs/hash"
@@ -36,7 +37,7 @@ type Remote interface {
 	URI() URI
 	// Identity names the bytes independent of alias and credentials.
 	Identity() string
-	// CredentialID fingerprints the credentials used (HMAC, never the secret).
+	// remotespec.CredentialID fingerprints the credentials used (HMAC, never the secret).
 	CredentialID() string
 	// List returns the model's manifest, validated and sorted.
 	List(ctx context.Context) (Manifest, error)
@@ -133,7 +134,7 @@ func (r *Sources) Resolve(ctx context.Context, uri string, secrets map[string]st
 	case SchemeOCI:
 		return r.resolveOCI(ctx, u, secrets)
 	}
-	cfg, err := buildConfig(u, secrets)
+	cfg, err := remotespec.BuildConfig(u, secrets)
 	if err != nil {
 		return nil, err
 	}
@@ -143,7 +144,7 @@ func (r *Sources) Resolve(ctx context.Context, uri string, secrets map[string]st
 	}
 	remote := &rcloneRemote{
 		uri: u, cfg: cfg, info: info, secrets: secrets, maxFiles: r.maxFiles,
-		credID: credentialID(r.fingerprintKey, cfg),
+		credID: remotespec.CredentialID(r.fingerprintKey, cfg),
 		guard:  r.egress(), egressID: newEgressID(),
 	}
 	remote.conns = &activity{close: func() { remote.guard.CloseConns(remote.egressID) }}
@@ -223,7 +224,7 @@ func (r *rcloneRemote) classify(op string, err error) error {
 
 type rcloneRemote struct {
 	uri     URI
-	cfg     backendConfig
+	cfg     remotespec.BackendConfig
 	info    *fs.RegInfo
 	secrets map[string]string
 	credID  string
@@ -378,7 +379,7 @@ func (r *rcloneRemote) List(ctx context.Context) (Manifest, error) {
 	if len(m) == 0 {
 		return nil, fmt.Errorf("%w: %s holds no objects", ErrNotFound, r.uri)
 	}
-	m, err = checkManifest(m)
+	m, err = remotespec.CheckManifest(m)
 	if err != nil {
 		return nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	"github.com/rclone/rclone/fs"
 	"github.com/rclone/rclone/fs/config/configmap"
 )
@@ -96,12 +97,12 @@ func TestResolve(t *testing.T) {
 	if got, want := remote.URI(), (URI{Scheme: SchemeRemote, Remote: "mys3", Path: "models/iris"}); got != want {
 		t.Errorf("URI() = %+v, want %+v", got, want)
 	}
-	if got, want := remote.Identity(), identityVersion+"|s3|"+strings.ToLower(endpoint)+"|models/iris"; got != want {
+	if got, want := remote.Identity(), remotespec.IdentityVersion+"|s3|"+strings.ToLower(endpoint)+"|models/iris"; got != want {
 		t.Errorf("Identity() = %q, want %q", got, want)
 	}
 	id := remote.CredentialID()
 	if !hexSHA256.MatchString(id) {
-		t.Errorf("CredentialID() = %q, want 64 hex digits", id)
+		t.Errorf("remotespec.CredentialID() = %q, want 64 hex digits", id)
 	}
 	for _, v := range []string{secretKeyID, secretAccessKey} {
 		if strings.Contains(id, v) || strings.Contains(remote.Identity(), v) || strings.Contains(remote.URI().String(), v) {
@@ -171,7 +172,7 @@ func TestResolve(t *testing.T) {
 	})
 
 	if n := hits.Load(); n != 0 {
-		t.Errorf("Resolve, Identity, CredentialID and SourceKey made %d requests, want none", n)
+		t.Errorf("Resolve, Identity, remotespec.CredentialID and SourceKey made %d requests, want none", n)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/modelcache/modelcache/pkg/source/remotespec"
 	"github.com/rclone/rclone/fs"
 	"google.golang.org/api/storage/v1"
 	"k8s.io/klog/v2"
@@ -28,7 +29,7 @@ import (
 // as before.
 func (r *rcloneRemote) addVersions(ctx context.Context, f fs.Fs, m Manifest) {
 	list := map[string]func(ctx context.Context, f fs.Fs, bucket, prefix string, m Manifest, want map[string]int) error{
-		backendS3: r.s3Versions, backendGCS: r.gcsVersions,
+		remotespec.BackendS3: r.s3Versions, remotespec.BackendGCS: r.gcsVersions,
 	}[r.cfg.Type]
 	if list == nil {
 		return

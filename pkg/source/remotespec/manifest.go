@@ -1,4 +1,4 @@
-package source
+package remotespec
 
 import (
 	"crypto/sha256"
@@ -64,11 +64,11 @@ func ContentKey(identity string, m Manifest) string {
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }
 
-// checkManifest sorts m and rejects keys that cannot all exist in one tree:
+// CheckManifest sorts m and rejects keys that cannot all exist in one tree:
 // unsafe paths, duplicates, keys equal under case folding (one file on a
 // case-insensitive filesystem, and a way to confuse a reader), a file that
 // is also a directory (exactly or under case folding), unknown sizes.
-func checkManifest(m Manifest) (Manifest, error) {
+func CheckManifest(m Manifest) (Manifest, error) {
 	slices.SortFunc(m, func(a, b Entry) int { return strings.Compare(a.Path, b.Path) })
 	files := make(map[string]string, len(m)) // folded path → path
 	dirs := map[string]string{}              // folded directory → directory

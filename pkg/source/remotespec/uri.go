@@ -1,9 +1,9 @@
-// Package source owns everything about remotes: parsing a modelUri, turning a
-// node-publish secret into an in-memory rclone backend configuration,
-// listing a model into a Manifest and opening its objects. Nothing here
-// touches the process environment or an rclone config file, so requests with
-// different credentials can run at the same time.
-package source
+// Package remotespec checks what a tenant writes: a modelUri, the keys of a
+// node-publish secret, and the in-memory rclone backend configuration they
+// make. It does no I/O and links no backend: package source resolves and
+// downloads with its results, and fuzzing it (make fuzz) builds only this
+// and the standard library, not every backend source links.
+package remotespec
 
 import (
 	"fmt"

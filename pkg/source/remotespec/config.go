@@ -1,4 +1,4 @@
-package source
+package remotespec
 
 import (
 	"cmp"
@@ -24,7 +24,7 @@ import (
 // behaviour is absent, so a volume attribute cannot reach the node
 // (the "tenant configuration cannot reach the node" invariant).
 var allowedOptions = map[string][]string{
-	backendS3: {
+	BackendS3: {
 		"provider", "access_key_id", "secret_access_key", "session_token", "region", "endpoint",
 		"location_constraint", "force_path_style", "v2_auth", "list_chunk", "list_version",
 		"list_url_encode", "no_check_bucket", "no_head", "no_head_object", "requester_pays",
@@ -33,35 +33,35 @@ var allowedOptions = map[string][]string{
 		"use_arn_region", "disable_http2", "directory_markers", "use_x_id", "sign_accept_encoding",
 		"decompress", "might_gzip", "use_accept_encoding_gzip",
 	},
-	backendGCS: {
+	BackendGCS: {
 		"service_account_credentials", "anonymous", "project_number", "bucket_policy_only",
 		"location", "endpoint", "access_token", "directory_markers", "decompress",
 	},
-	backendAzure: {
+	BackendAzure: {
 		"account", "key", "sas_url", "endpoint", "tenant", "client_id", "client_secret",
 		"list_chunk", "public_access", "directory_markers", "disable_checksum",
 	},
-	backendHTTP: {"url", "headers", "no_slash", "no_head", "no_escape"},
+	BackendHTTP: {"url", "headers", "no_slash", "no_head", "no_escape"},
 }
 
 // typeAliases maps the type names users write onto rclone's registered names.
 var typeAliases = map[string]string{
-	"s3": backendS3, "gcs": backendGCS, "google cloud storage": backendGCS,
-	"azureblob": backendAzure, "http": backendHTTP,
+	"s3": BackendS3, "gcs": BackendGCS, "google cloud storage": BackendGCS,
+	"azureblob": BackendAzure, "http": BackendHTTP,
 }
 
 // forbiddenSecretKeys can never appear in a node-publish secret: each would
 // make rclone read a file or run a command on the node.
 var forbiddenSecretKeys = []string{"RCLONE_CONFIG", "RCLONE_PASSWORD_COMMAND", "RCLONE_CONFIG_PASS"}
 
-// backendConfig is everything needed to build one rclone Fs, held in memory
+// BackendConfig is everything needed to build one rclone Fs, held in memory
 // for one request.
-type backendConfig struct {
+type BackendConfig struct {
 	Type      string           // rclone registry name
 	Options   configmap.Simple // allow-listed options
 	Root      string           // bucket/prefix or path under the backend
 	Identity  string           // what the bytes are, independent of aliases and credentials
-	Endpoints []endpoint       // URLs the tenant chose for the backend to connect to; Resolve checks where they lead
+	Endpoints []Endpoint       // URLs the tenant chose for the backend to connect to; Resolve checks where they lead
 }
 
 var (
@@ -108,11 +108,11 @@ func globalOrOverride(opt string) bool {
 	return false
 }
 
-// buildConfig maps a parsed URI and its secret onto a backend configuration.
+// BuildConfig maps a parsed URI and its secret onto a backend configuration.
 // It does no I/O.
-func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
+func BuildConfig(u URI, secrets map[string]string) (BackendConfig, error) {
 	if err := checkSecretKeys(secrets); err != nil {
-		return backendConfig{}, err
+		return BackendConfig{}, err
 	}
 	var d draft
 	var err error
@@ -127,23 +127,23 @@ func buildConfig(u URI, secrets map[string]string) (backendConfig, error) {
 		d = httpsURIDraft(u)
 	}
 	if err != nil {
-		return backendConfig{}, err
+		return BackendConfig{}, err
 	}
 	// Every option that names a place to connect to becomes an endpoint the
 	// resolver checks before anything is contacted.
 	eps, err := backendChecks[d.typ](d)
 	if err != nil {
-		return backendConfig{}, err
+		return BackendConfig{}, err
 	}
-	return backendConfig{Type: d.typ, Options: d.opts, Root: u.Path, Identity: identity(d.typ, d.opts, u.Path), Endpoints: eps}, nil
+	return BackendConfig{Type: d.typ, Options: d.opts, Root: u.Path, Identity: identity(d.typ, d.opts, u.Path), Endpoints: eps}, nil
 }
 
 // rclone backend types a tenant may use: object stores and HTTPS only.
 const (
-	backendS3    = "s3"
-	backendGCS   = "google cloud storage"
-	backendAzure = "azureblob"
-	backendHTTP  = "http"
+	BackendS3    = "s3"
+	BackendGCS   = "google cloud storage"
+	BackendAzure = "azureblob"
+	BackendHTTP  = "http"
 )
 
 // draft is a backend's options as the secret gave them, before the checks.
@@ -204,7 +204,7 @@ func remoteDraft(u URI, secrets map[string]string) (draft, error) {
 			return d, fmt.Errorf("%w: secret key %s is not an allowed option for a %s remote", ErrInvalid, d.keyOf[k], t)
 		}
 	}
-	if d.typ == backendGCS && d.opts["service_account_credentials"] == "" && d.opts["access_token"] == "" {
+	if d.typ == BackendGCS && d.opts["service_account_credentials"] == "" && d.opts["access_token"] == "" {
 		// Without credentials rclone falls back to the node's own Google
 		// credentials (metadata server); a remote without any is public.
 		d.opts["anonymous"] = "true"
@@ -214,7 +214,7 @@ func remoteDraft(u URI, secrets map[string]string) (draft, error) {
 
 // s3URIDraft maps the storage initializer's AWS_* keys for s3://.
 func s3URIDraft(secrets map[string]string) (draft, error) {
-	d := newDraft(backendS3)
+	d := newDraft(BackendS3)
 	d.opts["access_key_id"] = secrets["AWS_ACCESS_KEY_ID"]
 	d.opts["secret_access_key"] = secrets["AWS_SECRET_ACCESS_KEY"]
 	if v := secrets["AWS_SESSION_TOKEN"]; v != "" {
@@ -246,7 +246,7 @@ func s3URIDraft(secrets map[string]string) (draft, error) {
 
 // gcsURIDraft maps GOOGLE_APPLICATION_CREDENTIALS (the JSON itself) for gs://.
 func gcsURIDraft(secrets map[string]string) (draft, error) {
-	d := newDraft(backendGCS)
+	d := newDraft(BackendGCS)
 	if c := secrets["GOOGLE_APPLICATION_CREDENTIALS"]; c != "" {
 		if !strings.HasPrefix(strings.TrimSpace(c), "{") {
 			return d, fmt.Errorf("%w: GOOGLE_APPLICATION_CREDENTIALS must hold the service-account JSON itself, not a file path", ErrInvalid)
@@ -261,7 +261,7 @@ func gcsURIDraft(secrets map[string]string) (draft, error) {
 
 // httpsURIDraft serves https://host/path with rclone's http backend.
 func httpsURIDraft(u URI) draft {
-	d := newDraft(backendHTTP)
+	d := newDraft(BackendHTTP)
 	d.opts["url"] = "https://" + u.Host + "/"
 	d.keyOf["url"] = "modelUri"
 	return d
@@ -269,14 +269,14 @@ func httpsURIDraft(u URI) draft {
 
 // backendChecks validates each backend's options and returns the
 // endpoints they name, one function per backend as rclone registers them.
-var backendChecks = map[string]func(d draft) ([]endpoint, error){
-	backendS3: func(d draft) ([]endpoint, error) {
+var backendChecks = map[string]func(d draft) ([]Endpoint, error){
+	BackendS3: func(d draft) ([]Endpoint, error) {
 		if r := d.opts["region"]; r != "" && !s3Region.MatchString(r) {
 			return nil, fmt.Errorf("%w: region in %s is not a region name (letters, digits, '.', '-' and '_')", ErrInvalid, d.keyOf["region"])
 		}
 		return d.endpoints(false, "endpoint")
 	},
-	backendGCS: func(d draft) ([]endpoint, error) {
+	BackendGCS: func(d draft) ([]Endpoint, error) {
 		eps, err := d.endpoints(false, "endpoint")
 		if err != nil {
 			return nil, err
@@ -287,24 +287,24 @@ var backendChecks = map[string]func(d draft) ([]endpoint, error){
 		}
 		return eps, err
 	},
-	backendAzure: func(d draft) ([]endpoint, error) {
+	BackendAzure: func(d draft) ([]Endpoint, error) {
 		if a := d.opts["account"]; a != "" && !azureAccount.MatchString(a) {
 			return nil, fmt.Errorf("%w: account in %s is not a storage account name (letters and digits only)", ErrInvalid, d.keyOf["account"])
 		}
 		return d.endpoints(false, "endpoint", "sas_url")
 	},
-	backendHTTP: func(d draft) ([]endpoint, error) { return d.endpoints(true, "url") },
+	BackendHTTP: func(d draft) ([]Endpoint, error) { return d.endpoints(true, "url") },
 }
 
 // endpoints parses the options that name places to connect to.
-func (d draft) endpoints(httpsOnly bool, opts ...string) ([]endpoint, error) {
-	var eps []endpoint
+func (d draft) endpoints(httpsOnly bool, opts ...string) ([]Endpoint, error) {
+	var eps []Endpoint
 	for _, opt := range opts {
 		v := d.opts[opt]
 		if v == "" {
 			continue
 		}
-		ep, err := parseEndpointURL(d.keyOf[opt], v, httpsOnly)
+		ep, err := ParseEndpointURL(d.keyOf[opt], v, httpsOnly)
 		if err != nil {
 			return nil, err
 		}
@@ -315,7 +315,7 @@ func (d draft) endpoints(httpsOnly bool, opts ...string) ([]endpoint, error) {
 
 // gcsTokenEndpoint reads the token_uri a service-account key sends its
 // token exchange to: a key written by the tenant can point it anywhere.
-func gcsTokenEndpoint(key, creds string) (*endpoint, error) {
+func gcsTokenEndpoint(key, creds string) (*Endpoint, error) {
 	if creds == "" {
 		return nil, nil
 	}
@@ -329,7 +329,7 @@ func gcsTokenEndpoint(key, creds string) (*endpoint, error) {
 	if f.TokenURI == "" {
 		return nil, nil
 	}
-	ep, err := parseEndpointURL(key+" (token_uri)", f.TokenURI, true)
+	ep, err := ParseEndpointURL(key+" (token_uri)", f.TokenURI, true)
 	if err != nil {
 		return nil, err
 	}
@@ -365,11 +365,11 @@ func sortedKeys[V any](m map[string]V) []string {
 	return keys
 }
 
-// identityVersion starts every identity. Identities enter content, object
+// IdentityVersion starts every identity. Identities enter content, object
 // and source keys; a change to what they name changes the version, so a key
 // of one version never equals a key of another. Identities before it
 // ("type|endpoint|region|root") had no version.
-const identityVersion = "v2"
+const IdentityVersion = "v2"
 
 // identity names the bytes a config reaches: the backend type, the
 // endpoint rclone really contacts for it (contactedEndpoint) and the root.
@@ -377,7 +377,7 @@ const identityVersion = "v2"
 // at the same place share a content key, and never names a place from an
 // option the backend then ignores.
 func identity(typ string, opts configmap.Simple, root string) string {
-	return strings.Join([]string{identityVersion, typ, contactedEndpoint(typ, opts), root}, "|")
+	return strings.Join([]string{IdentityVersion, typ, contactedEndpoint(typ, opts), root}, "|")
 }
 
 // Where rclone v1.76's backends connect when no endpoint option is set.
@@ -407,7 +407,7 @@ const (
 // a config fails when rclone builds it.
 func contactedEndpoint(typ string, opts configmap.Simple) string {
 	switch typ {
-	case backendS3:
+	case BackendS3:
 		if ep := opts["endpoint"]; ep != "" {
 			if !strings.HasPrefix(ep, "http") {
 				ep = "https://" + ep
@@ -416,9 +416,9 @@ func contactedEndpoint(typ string, opts configmap.Simple) string {
 		}
 		region := cmp.Or(opts["region"], s3DefaultRegion)
 		return canonicalURL(fmt.Sprintf(s3AWSEndpointPattern, region))
-	case backendGCS:
+	case BackendGCS:
 		return canonicalURL(cmp.Or(opts["endpoint"], gcsDefaultEndpoint))
-	case backendAzure:
+	case BackendAzure:
 		account, key, sasURL := opts["account"], opts["key"], opts["sas_url"]
 		if sasURL != "" && (account == "" || key == "") {
 			return azureSASService(sasURL)
@@ -430,7 +430,7 @@ func contactedEndpoint(typ string, opts configmap.Simple) string {
 			return canonicalURL("https://" + account + "." + azureBlobDomain)
 		}
 		return ""
-	case backendHTTP:
+	case BackendHTTP:
 		return canonicalURL(opts["url"])
 	}
 	return ""
@@ -482,10 +482,10 @@ func canonicalURL(raw string) string {
 	return scheme + "://" + hostPort + strings.TrimRight(u.EscapedPath(), "/")
 }
 
-// credentialID fingerprints the whole effective config with a node-local key:
+// CredentialID fingerprints the whole effective config with a node-local key:
 // equal for equal credentials, useless to anyone without the key, and never
 // the credential itself.
-func credentialID(key []byte, cfg backendConfig) string {
+func CredentialID(key []byte, cfg BackendConfig) string {
 	keys := make([]string, 0, len(cfg.Options))
 	for k := range cfg.Options {
 		keys = append(keys, k)

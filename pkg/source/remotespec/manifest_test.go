@@ -1,4 +1,4 @@
-package source
+package remotespec
 
 import (
 	"errors"
@@ -49,7 +49,7 @@ func TestCheckManifest(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := checkManifest(slices.Clone(tc.in))
+			got, err := CheckManifest(slices.Clone(tc.in))
 			if tc.wantErr != nil {
 				if !errors.Is(err, tc.wantErr) {
 					t.Fatalf("checkManifest = %v, %v; want error %v", got, err, tc.wantErr)
