@@ -303,12 +303,21 @@ require-root:
 # driver's -race does (20,000 uploads in TestBounds took twice as long).
 DRIVER_RACE := MODELCACHE_DRIVER_BUILDFLAGS=-race
 
+# The harnesses that run without -race (integration, bench smoke runs, e2e)
+# build as the driver's images and the rclone CLI do: static, -trimpath.
+# They link most of what the driver links, and built any other way that
+# was a third compilation of its 1,200 packages (beside -race's and the
+# images'); testenv.RepoRoot finds the repository from the working
+# directory for it.
+HARNESS       := CGO_ENABLED=0
+HARNESS_FLAGS := -trimpath
+
 .PHONY: integration
 integration: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION)
 	$(call begin,integration)
-	$(DRIVER_RACE) $(GO) test -count=1 -timeout 30m $(GOTEST_FLAGS) ./test/integration/... ./test/benchrun/...
+	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 30m $(GOTEST_FLAGS) ./test/integration/... ./test/benchrun/...
 	@echo "smoke run of every Go benchmark (one iteration, -short); timings are not checked"
-	$(DRIVER_RACE) $(GO) test -run '^$$' -bench . -benchtime 1x -short -count=1 ./test/bench/...
+	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -run '^$$' -bench . -benchtime 1x -short -count=1 ./test/bench/...
 	$(call end,integration)
 
 .PHONY: sanity
@@ -353,7 +362,7 @@ E2E_TOOLS := $(BIN)/.minio-$(MINIO_VERSION) $(MANIFEST_TOOLS) $(BIN)/.kubernetes
 .PHONY: e2e-build
 e2e-build:
 	$(call begin,e2e-build)
-	$(GO) test -c -o /dev/null ./test/e2e/
+	$(HARNESS) $(GO) test $(HARNESS_FLAGS) -c -o /dev/null ./test/e2e/
 	CGO_ENABLED=0 $(GO) build -trimpath -o /dev/null ./cmd/modelcache-csi ./cmd/modelcachectl ./test/e2e/standins/...
 	$(call end,e2e-build)
 
@@ -370,7 +379,7 @@ e2e:
 .PHONY: e2e-phases
 e2e-phases: require-root e2e-packages $(E2E_TOOLS)
 	$(call begin,e2e)
-	$(GO) test -count=1 -timeout 45m -v ./test/e2e/
+	$(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 45m -v ./test/e2e/
 	$(call end,e2e)
 
 # BENCH_FLAGS go to test/benchrun, e.g. BENCH_FLAGS=--with-4g or --runs=7.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,6 +31,10 @@ func BuildDriver(dir string) (string, error) {
 	args := append(append([]string{"build"}, strings.Fields(os.Getenv(DriverBuildFlagsEnv))...), "-o", out, "./cmd/modelcache-csi")
 	cmd := exec.Command("go", args...)
 	cmd.Dir = RepoRoot()
+	// Not the harness's own CGO_ENABLED=0 (make integration builds it
+	// static): -race needs cgo, and the driver then shares the build of
+	// its packages with go vet -race and the unit tests.
+	cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "CGO_ENABLED=") })
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building modelcache-csi: %v\n%s", err, b)
 	}

@@ -14,7 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
+	"strings"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -28,10 +28,41 @@ const (
 	SecretKey = "modelcache-test-secret"
 )
 
-// RepoRoot is the repository root, found from this file's location.
+// RepoRoot is the repository root: the nearest directory up from the
+// working directory whose go.mod declares this module. A test runs in its
+// package's directory, go run where it was called. Not this file's
+// compiled-in path: the harnesses build with -trimpath (as the driver's
+// images do, so that the two share one build of the packages they both
+// link), which leaves none.
 func RepoRoot() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+	dir, err := os.Getwd()
+	if err != nil {
+		panic(fmt.Sprintf("finding the repository root: %v", err))
+	}
+	for {
+		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && declaresModule(b) {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			panic("finding the repository root: no go.mod of " + modulePath + " above the working directory; run from inside the repository")
+		}
+		dir = parent
+	}
+}
+
+// modulePath is this repository's module.
+const modulePath = "github.com/modelcache/modelcache"
+
+// declaresModule says whether a go.mod is this repository's, not that of
+// a tool module inside it (test/e2e/tools).
+func declaresModule(gomod []byte) bool {
+	for line := range strings.Lines(string(gomod)) {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "module "); ok {
+			return strings.Trim(strings.TrimSpace(rest), `"`) == modulePath
+		}
+	}
+	return false
 }
 
 // Binary returns the path of a tool the Makefile installs into bin/, or an
