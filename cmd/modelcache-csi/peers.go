@@ -120,6 +120,13 @@ func (p *peerSetup) serve(ctx context.Context, c *cache.Cache, m *metrics.Metric
 		}
 	}()
 	klog.InfoS("serving peers", "address", addr, "service", p.o.peerService)
+	go func() {
+		r, err := c.RegisterHeld(ctx)
+		if err != nil {
+			klog.InfoS("registering the trees this node holds for peers; each registers again when it commits", "err", err)
+		}
+		klog.InfoS("registered the trees this node holds for peers", "listed", r.Listed, "unlisted", r.Unlisted)
+	}()
 	return nil
 }
 

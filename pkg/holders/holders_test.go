@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"testing"
@@ -261,5 +262,46 @@ func TestWaitSeesALapse(t *testing.T) {
 	})
 	if err != nil || st.Fetcher != "" {
 		t.Fatalf("Wait = %+v, %v; want the lapsed fetch seen", st, err)
+	}
+}
+
+// List reads, in one request, which trees the Leases list a node as
+// holding and which lists are full without it; Leases written by anyone
+// else are not read as ours.
+func TestList(t *testing.T) {
+	ctx := context.Background()
+	kube, c := fake.NewClientset(), &clock{t: time.Unix(1800000000, 0)}
+	for _, nk := range [][2]string{{"node-a", "one"}, {"node-b", "two"}, {"node-c", "two"}, {"node-a", "three"}} {
+		if err := registry(t, kube, c, nk[0], 2).Committed(ctx, nk[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: "someone-else", Namespace: ns,
+		Annotations: map[string]string{holders.KeyAnnotation: "four", holders.HoldersAnnotation: `["node-a"]`}}}
+	if _, err := kube.CoordinationV1().Leases(ns).Create(ctx, other, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		node       string
+		mine, full []string
+	}{
+		{node: "node-a", mine: []string{"one", "three"}, full: []string{"two"}},
+		{node: "node-b", mine: []string{"two"}},
+		{node: "node-d", full: []string{"two"}},
+	} {
+		t.Run(tt.node, func(t *testing.T) {
+			kube.ClearActions()
+			got, err := registry(t, kube, c, tt.node, 2).List(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			keys := func(m map[string]bool) []string { return slices.Sorted(maps.Keys(m)) }
+			if !slices.Equal(keys(got.Mine), tt.mine) || !slices.Equal(keys(got.Full), tt.full) {
+				t.Errorf("List = mine %q, full %q; want %q, %q", keys(got.Mine), keys(got.Full), tt.mine, tt.full)
+			}
+			if n := len(kube.Actions()); n != 1 {
+				t.Errorf("%d requests, want one list", n)
+			}
+		})
 	}
 }
