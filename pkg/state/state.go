@@ -71,6 +71,12 @@ type TreeRecord struct {
 	// resolved to for this tree.
 	Revisions []string  `json:"revisions,omitempty"`
 	LastUsed  time.Time `json:"lastUsed"`
+	// From is where this node's downloads of the tree read its bytes: the
+	// origin, and peers by node (at most store.MaxFromNodes named). Zero
+	// for a tree recorded before it was kept, or whose every object was
+	// linked from earlier downloads. A new field of a JSON record: older
+	// records read as zero, and no migration is needed.
+	From store.BytesFrom `json:"from,omitzero"`
 }
 
 // note adds a use's URI and revision to the record's lists.
@@ -279,16 +285,18 @@ func (d *DB) LookupObjects(key string, objects []string) (store.Tree, bool, map[
 	return t, ok, blobs, err
 }
 
-// RecordTreeObjects implements store.ObjectIndex: RecordTree, and what
-// each object's bytes became, in one transaction.
-func (d *DB) RecordTreeObjects(key string, t store.Tree, blobs map[string]string) error {
+// RecordTreeObjects implements store.ObjectIndex: RecordTree, what each
+// object's bytes became and where they came from, in one transaction.
+// Bytes from another download of the same tree (another content key with
+// the same files, a repair) add to what is recorded.
+func (d *DB) RecordTreeObjects(key string, t store.Tree, blobs map[string]string, from store.BytesFrom) error {
 	return d.update(func(tx *bolt.Tx) error {
 		for k, v := range blobs {
 			if err := tx.Bucket(bucketObjects).Put([]byte(k), []byte(v)); err != nil {
 				return err
 			}
 		}
-		return recordTree(tx, key, t)
+		return recordTree(tx, key, t, from)
 	})
 }
 
@@ -338,10 +346,10 @@ func (d *DB) PruneObjects(keep func(blob string) bool) (int, error) {
 
 // RecordTree implements store.Index.
 func (d *DB) RecordTree(key string, t store.Tree) error {
-	return d.update(func(tx *bolt.Tx) error { return recordTree(tx, key, t) })
+	return d.update(func(tx *bolt.Tx) error { return recordTree(tx, key, t, store.BytesFrom{}) })
 }
 
-func recordTree(tx *bolt.Tx, key string, t store.Tree) error {
+func recordTree(tx *bolt.Tx, key string, t store.Tree, from store.BytesFrom) error {
 	if err := putKey(tx, key, t); err != nil {
 		return err
 	}
@@ -350,6 +358,9 @@ func recordTree(tx *bolt.Tx, key string, t store.Tree) error {
 		return err
 	}
 	rec.Tree = t
+	if !from.IsZero() {
+		rec.From = rec.From.Add(from)
+	}
 	if rec.LastUsed.IsZero() {
 		rec.LastUsed = time.Now()
 	}

@@ -72,6 +72,8 @@ type Ensured struct {
 	Reused int
 	// Checks says how the downloaded objects were checked.
 	Checks Checks
+	// From says where the download's bytes came from (the origin, peers).
+	From BytesFrom
 }
 
 // Checks counts how a download's objects were checked against the remote
@@ -91,8 +93,9 @@ type ObjectIndex interface {
 	// there is none, the blobs recorded for the given object keys, in one
 	// read.
 	LookupObjects(key string, objects []string) (t Tree, ok bool, blobs map[string]string, err error)
-	// RecordTreeObjects records a tree and the blob each object became.
-	RecordTreeObjects(key string, t Tree, blobs map[string]string) error
+	// RecordTreeObjects records a tree, the blob each object became and
+	// where the download's bytes came from.
+	RecordTreeObjects(key string, t Tree, blobs map[string]string, from BytesFrom) error
 	// RecordObject records the blob one object became, before its tree
 	// exists (a large object, so that an interrupted download resumes).
 	RecordObject(object, blob string) error
@@ -145,7 +148,7 @@ func (s *Store) EnsureGated(ctx context.Context, key string, m source.Manifest, 
 		fl := r.Val.(flight)
 		// Joiners did not fetch: their credentials proved nothing.
 		mine := fl.by == caller
-		return Ensured{Tree: fl.tree, Fetched: fl.fetched && mine, Joined: fl.fetched && !mine, Reused: fl.reused, Checks: fl.checks}, nil
+		return Ensured{Tree: fl.tree, Fetched: fl.fetched && mine, Joined: fl.fetched && !mine, Reused: fl.reused, Checks: fl.checks, From: fl.from}, nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		p := s.running[key]
@@ -217,14 +220,14 @@ func (s *Store) downloadAndRecord(key string, m source.Manifest, f Fetcher, p *P
 				blobs[k] = in.sums[i]
 			}
 		}
-		err = oi.RecordTreeObjects(key, t, blobs)
+		err = oi.RecordTreeObjects(key, t, blobs, in.from)
 	} else {
 		err = s.index.RecordTree(key, t)
 	}
 	if err != nil {
 		return flight{}, fmt.Errorf("recording tree %s: %w", t.Digest, err)
 	}
-	return flight{tree: t, fetched: true, by: caller, reused: in.reused, checks: in.checks}, nil
+	return flight{tree: t, fetched: true, by: caller, reused: in.reused, checks: in.checks, from: in.from}, nil
 }
 
 // objectKeys names a manifest's objects (source.ObjectKey) and returns the
@@ -284,6 +287,7 @@ func (s *Store) download(key string, m source.Manifest, f Fetcher, p *Progress, 
 	defer s.conns.leave(d)
 	defer s.watch(d, cancel)()
 	t, in, err := s.ingest(dctx, m, f, p, objects, reuse)
+	in.from = d.from.snapshot()
 	if err != nil {
 		if cause := context.Cause(dctx); cause != nil && s.ctx.Err() == nil {
 			// Cut by the watchdog: say why, not "context canceled".
@@ -304,6 +308,7 @@ type flight struct {
 	by      *int // the starting caller's token: its credentials downloaded it
 	reused  int  // objects linked from blobs/ unchecked for these credentials (object index)
 	checks  Checks
+	from    BytesFrom
 }
 
 // lookup finds a committed tree for key; an index error or a missing tree

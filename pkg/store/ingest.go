@@ -314,7 +314,7 @@ func (st *blobStream) open(ctx context.Context) error {
 		}
 		return err
 	}
-	st.rc, st.guard = rc, guard
+	st.rc, st.guard = st.s.counted(downloadOf(ctx), rc), guard
 	return nil
 }
 
@@ -400,7 +400,7 @@ func (st *blobStream) resume(ctx context.Context, n int64, rerr error) error {
 	if err != nil {
 		return fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(err))
 	}
-	st.rc = rc
+	st.rc = st.s.counted(downloadOf(ctx), rc)
 	return nil
 }
 
@@ -571,9 +571,10 @@ func (s *Store) commitBlob(ctx context.Context, w *os.File, name string, e sourc
 
 // ingested is what ingest did besides committing the tree.
 type ingested struct {
-	sums   []string // sha256 hex of each entry, in manifest order
-	reused int      // entries linked from blobs/ by the object index, not downloaded nor verified
-	checks Checks   // how the downloaded entries were checked
+	sums   []string  // sha256 hex of each entry, in manifest order
+	reused int       // entries linked from blobs/ by the object index, not downloaded nor verified
+	checks Checks    // how the downloaded entries were checked
+	from   BytesFrom // where the downloaded bytes came from
 }
 
 // resumeAbove is the size from which a downloaded object is recorded in the

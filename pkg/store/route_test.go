@@ -19,6 +19,7 @@ type router struct {
 	*sourcetest.Remote // the remote (origin)
 	peer               *sourcetest.Remote
 	named              string
+	sending            *sendingFetcher // when set, the peer's bodies name their node
 	mu                 sync.Mutex
 	asked              map[string]bool // Route's checked, by path
 }
@@ -29,6 +30,9 @@ func (r *router) Route(_ context.Context, e source.Entry, checked bool) (store.F
 	r.mu.Unlock()
 	if e.Path != "w.bin" || !checked {
 		return r.Remote, ""
+	}
+	if r.sending != nil {
+		return r.sending, r.named
 	}
 	return r.peer, r.named
 }

@@ -32,8 +32,9 @@ const (
 // connections and chunk buffers are shared out to, and what the
 // watchdog cancels.
 type download struct {
-	key string
-	p   *Progress
+	key  string
+	p    *Progress
+	from fromCounts // where its bytes came from
 }
 
 // streamGuard cuts one remote stream that delivers less than the minimum

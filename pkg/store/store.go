@@ -83,6 +83,7 @@ type Store struct {
 	tally       tally // running counts (counts.go)
 	onUnchecked func(objects int)
 	onDownload  func() func(int64, error)
+	onBytes     func(source string, n int64)
 
 	flights singleflight.Group
 	mu      sync.Mutex
@@ -138,6 +139,10 @@ type Options struct {
 	// OnDownload is called as a download starts; the function it returns
 	// is called with the bytes transferred when it ends (metrics).
 	OnDownload func() (done func(bytes int64, err error))
+	// OnBytes is told of every read of a download's bytes, by where they
+	// came from (FromOrigin, FromPeer), as they arrive (metrics). It runs
+	// on the download's hot path: it must be cheap.
+	OnBytes func(source string, n int64)
 }
 
 // Defaults of Options.
@@ -215,7 +220,7 @@ func Open(dir string, index Index, opt Options) (*Store, error) {
 		chunks: newChunkPool(2 * opt.RangeStreams), conns: newFairSlots(opt.MaxConnections),
 		minStreamRate: opt.MinStreamRate, stallWindow: opt.StallWindow, stallTimeout: opt.StallTimeout, grace: opt.DownloadGrace,
 		partialBusy: map[string]bool{},
-		onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload,
+		onUnchecked: opt.OnUnchecked, onDownload: opt.OnDownload, onBytes: opt.OnBytes,
 		running: map[string]*Progress{}, wants: map[string]*wanted{}, ctx: ctx, cancel: cancel,
 	}
 	if _, err := s.DropPartials(partialMaxAge); err != nil {
