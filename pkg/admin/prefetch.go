@@ -81,8 +81,8 @@ func (p *progressLines) Started(total int64) {
 func (p *progressLines) Progress(done, total int64, _ float64) {
 	p.send(adminapi.PrefetchEvent{Event: "progress", Done: done, Total: total})
 }
-func (p *progressLines) Finished(cache.ModelTree, time.Duration, cache.Checks) {}
-func (p *progressLines) Failed(error)                                          {}
+func (p *progressLines) Finished(cache.ModelTree, time.Duration, cache.Checks, cache.BytesFrom) {}
+func (p *progressLines) Failed(error)                                                           {}
 
 // sourceStatus turns an error of resolving or fetching a model into the
 // HTTP status of the reply.

@@ -175,6 +175,11 @@ type (
 	ModelTree = store.Tree
 	// Checks says how a download's objects were checked.
 	Checks = store.Checks
+	// BytesFrom says where a download's bytes came from: the origin, and
+	// peers by node.
+	BytesFrom = store.BytesFrom
+	// NodeBytes is what one peer node sent.
+	NodeBytes = store.NodeBytes
 	// Ref is a published volume's record.
 	Ref = state.Ref
 	// TreeFile is one file of a cached tree.

@@ -349,15 +349,17 @@ func TestFetch_NewVersion_OnlyChangedObjectsFetched(t *testing.T) {
 type recorder struct {
 	mu                      sync.Mutex
 	hits, started, finished int
+	from                    cache.BytesFrom // of the last download finished
 }
 
 func (r *recorder) Resolved(string)                {}
 func (r *recorder) Hit(cache.ModelTree)            { r.mu.Lock(); r.hits++; r.mu.Unlock() }
 func (r *recorder) Started(int64)                  { r.mu.Lock(); r.started++; r.mu.Unlock() }
 func (r *recorder) Progress(int64, int64, float64) {}
-func (r *recorder) Finished(cache.ModelTree, time.Duration, cache.Checks) {
+func (r *recorder) Finished(_ cache.ModelTree, _ time.Duration, _ cache.Checks, from cache.BytesFrom) {
 	r.mu.Lock()
 	r.finished++
+	r.from = from
 	r.mu.Unlock()
 }
 func (r *recorder) Failed(error) {}

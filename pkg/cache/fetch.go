@@ -27,8 +27,9 @@ type Observer interface {
 	// Progress of the download this fetch waits for (its own or joined).
 	Progress(done, total int64, rate float64)
 	// Finished: the download this fetch started, or waited for, committed
-	// t, its objects checked as checks says.
-	Finished(t store.Tree, took time.Duration, checks store.Checks)
+	// t, its objects checked as checks says, its bytes read from where
+	// from says.
+	Finished(t store.Tree, took time.Duration, checks store.Checks, from store.BytesFrom)
 	// Failed: the download failed (not "still running").
 	Failed(err error)
 }
@@ -107,10 +108,10 @@ func (c *Cache) Fetch(ctx context.Context, req FetchRequest) (Fetched, error) {
 		if ens.Checks.Unchecked > 0 {
 			klog.InfoS("objects the remote keeps no checksum for were accepted unchecked", "model", req.URI, "objects", ens.Checks.Unchecked, "checkedMD5", ens.Checks.MD5, "checkedRemote", ens.Checks.Remote)
 		}
-		obs.Finished(t, time.Since(start), ens.Checks)
+		obs.Finished(t, time.Since(start), ens.Checks, ens.From)
 	case ens.Joined:
 		// It waited for another's download: a download all the same.
-		obs.Finished(t, time.Since(start), ens.Checks)
+		obs.Finished(t, time.Since(start), ens.Checks, ens.From)
 	}
 	if req.Digest != "" && t.Digest != req.Digest {
 		return Fetched{}, mismatch(req.Digest, t.Digest)
@@ -263,9 +264,9 @@ func (c *Cache) reportProgress(obs Observer, key string) (stop func()) {
 
 type nopObserver struct{}
 
-func (nopObserver) Resolved(string)                                  {}
-func (nopObserver) Hit(store.Tree)                                   {}
-func (nopObserver) Started(int64)                                    {}
-func (nopObserver) Progress(int64, int64, float64)                   {}
-func (nopObserver) Finished(store.Tree, time.Duration, store.Checks) {}
-func (nopObserver) Failed(error)                                     {}
+func (nopObserver) Resolved(string)                                                   {}
+func (nopObserver) Hit(store.Tree)                                                    {}
+func (nopObserver) Started(int64)                                                     {}
+func (nopObserver) Progress(int64, int64, float64)                                    {}
+func (nopObserver) Finished(store.Tree, time.Duration, store.Checks, store.BytesFrom) {}
+func (nopObserver) Failed(error)                                                      {}

@@ -408,3 +408,7 @@ func (r *peerReader) Read(p []byte) (int, error) {
 	}
 	return k, err
 }
+
+// Sender implements store.Sender: the store counts these bytes for the
+// node, and a range the origin resumes for the origin.
+func (r *peerReader) Sender() string { return r.o.node }

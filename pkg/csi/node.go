@@ -15,6 +15,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/names"
 	"github.com/modelcache/modelcache/pkg/source"
+	"github.com/modelcache/modelcache/pkg/units"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -176,8 +177,31 @@ func (p *podEvents) Started(total int64) {
 func (p *podEvents) Progress(done, total int64, rate float64) {
 	p.events.DownloadProgress(p.pod, p.uri, done, total, rate)
 }
-func (p *podEvents) Finished(t cache.ModelTree, took time.Duration, checks cache.Checks) {
-	p.events.DownloadFinished(p.pod, p.uri, p.revision, t.Digest, t.Size, took, checksText(checks))
+func (p *podEvents) Finished(t cache.ModelTree, took time.Duration, checks cache.Checks, from cache.BytesFrom) {
+	detail := checksText(checks)
+	if f := fromText(from); f != "" {
+		detail = f + "; " + detail
+	}
+	p.events.DownloadFinished(p.pod, p.uri, p.revision, t.Digest, t.Size, took, detail)
+}
+
+// fromText says, for a pod event, where a download's bytes came from when
+// peers sent any ("" when the origin sent them all, as without peers): the
+// origin's bytes, then the peers', by node.
+func fromText(f cache.BytesFrom) string {
+	if f.Peers == 0 {
+		return ""
+	}
+	var nodes []string
+	named := int64(0)
+	for _, n := range f.Nodes {
+		nodes = append(nodes, fmt.Sprintf("%s %s", n.Node, units.Bytes(n.Bytes)))
+		named += n.Bytes
+	}
+	if others := f.Peers - named; others > 0 {
+		nodes = append(nodes, fmt.Sprintf("other nodes %s", units.Bytes(others)))
+	}
+	return fmt.Sprintf("%s from the origin, %s from peers (%s)", units.Bytes(f.Origin), units.Bytes(f.Peers), strings.Join(nodes, ", "))
 }
 
 // checksText says, for a pod event, how a download's bytes were checked.

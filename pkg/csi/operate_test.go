@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/modelcache/modelcache/pkg/cache"
 	"github.com/modelcache/modelcache/pkg/kube"
 	"github.com/modelcache/modelcache/pkg/metrics"
 	"github.com/modelcache/modelcache/pkg/source"
@@ -313,5 +314,33 @@ func TestUnpublishCountsAsUse(t *testing.T) {
 	}
 	if len(trees) != 2 || trees[0].Digest != resnet || trees[1].Digest != iris {
 		t.Errorf("eviction order %v; want resnet (unused longer) before iris (mounted until now)", trees)
+	}
+}
+
+// The ModelDownloaded event says where the bytes came from when peers
+// sent any, before how they were checked; without peers it reads as before.
+func TestDownloadedEventSaysWhereBytesCameFrom(t *testing.T) {
+	const mib = 1 << 20
+	tree := cache.ModelTree{Digest: storetest.TreeDigestOf(irisFiles()), Size: 4 * mib, Files: 2}
+	for _, tt := range []struct {
+		name string
+		from cache.BytesFrom
+		want string
+	}{
+		{"origin only", cache.BytesFrom{Origin: 4 * mib},
+			"; 2 objects checked against the remote's MD5"},
+		{"peers and the origin", cache.BytesFrom{Origin: mib, Peers: 3 * mib, Nodes: []cache.NodeBytes{{Node: "node-a", Bytes: 3 * mib}}},
+			"; 1.0 MiB from the origin, 3.0 MiB from peers (node-a 3.0 MiB); 2 objects checked against the remote's MD5"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cs := fake.NewClientset()
+			ev := kube.NewEvents(cs, "modelcache-node", "node-1")
+			t.Cleanup(ev.Shutdown)
+			p := &podEvents{events: ev, pod: kube.PodRef{Namespace: "seldon", Name: "model-server-0", UID: "u"}, uri: testURI}
+			p.Finished(tree, time.Second, cache.Checks{MD5: 2}, tt.from)
+			if got := waitPodEvent(t, cs, kube.ReasonDownloaded); !strings.HasSuffix(got.Message, tt.want) {
+				t.Errorf("event %q, want it to end %q", got.Message, tt.want)
+			}
+		})
 	}
 }
