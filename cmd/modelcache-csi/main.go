@@ -366,7 +366,7 @@ func openCache(o options, m *metrics.Metrics, peers *cache.Peers) (*cache.Cache,
 	if err != nil {
 		return nil, err
 	}
-	downloads.OnDownload, downloads.OnUnchecked = m.DownloadStarted, m.UncheckedObjects
+	downloads.OnDownload, downloads.OnUnchecked, downloads.OnBytes = m.DownloadStarted, m.UncheckedObjects, m.DownloadBytes
 	c, err := cache.Open(o.cacheDir, cache.Options{
 		Store: downloads, Budget: budget, OnEvict: m.Evicted,
 		VerifyCredentials: o.verifyCredentials, ReverifyAfter: o.reverifyAfter, Peers: peers,

@@ -193,6 +193,16 @@ type (
 	InProgressError = store.InProgressError
 )
 
+// Where a download's bytes came from, as store.Options.OnBytes names it
+// (metrics label values).
+const (
+	FromOrigin = store.FromOrigin
+	FromPeer   = store.FromPeer
+)
+
+// ByteSources lists every place OnBytes names.
+var ByteSources = []string{FromOrigin, FromPeer}
+
 // mismatch formats a digest pin failure.
 func mismatch(want, got string) error {
 	return fmt.Errorf("%w: the digest attribute pins %s but the model's content digest is %s", ErrDigestMismatch, want, got)

@@ -57,6 +57,7 @@ type Metrics struct {
 	downloadsInFlight prometheus.Gauge
 	downloadDuration  *prometheus.HistogramVec
 	downloadedBytes   prometheus.Counter
+	downloadBytes     map[string]prometheus.Counter // by cache.ByteSources, resolved once: counted on every read
 	uncheckedObjects  prometheus.Counter
 	evictions         *prometheus.CounterVec
 	evictedBytes      *prometheus.CounterVec
@@ -124,6 +125,21 @@ func New() *Metrics {
 	for _, r := range []string{"ok", "error"} {
 		m.downloadDuration.WithLabelValues(r)
 	}
+	// Origin or peer, and no label naming the peer node: a cluster's nodes
+	// are unbounded, and a series per peer on every node would grow with
+	// the square of the cluster. Which nodes sent a tree's bytes is in the
+	// state database (modelcachectl inspect) and in the pod event; what a
+	// node sent its peers is its own modelcache_peer_served_bytes_total.
+	downloadBytes := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace,
+		Name:      "download_bytes_total",
+		Help: "Bytes model downloads read, as they arrive, by where they came from: source=\"origin\" the model's remote, " +
+			"source=\"peer\" another node's peer endpoint (--peers). Failed downloads and bytes read again after a cut count too.",
+	}, []string{"source"})
+	m.downloadBytes = map[string]prometheus.Counter{}
+	for _, s := range cache.ByteSources {
+		m.downloadBytes[s] = downloadBytes.WithLabelValues(s)
+	}
 	for _, r := range evictionReasons {
 		m.evictions.WithLabelValues(string(r))
 		m.evictedBytes.WithLabelValues(string(r))
@@ -137,6 +153,7 @@ func New() *Metrics {
 		m.downloadsInFlight,
 		m.downloadDuration,
 		m.downloadedBytes,
+		downloadBytes,
 		m.uncheckedObjects,
 		m.evictions,
 		m.evictedBytes,
@@ -194,6 +211,18 @@ func (m *Metrics) DownloadStarted() (done func(bytes int64, err error)) {
 				m.downloadedBytes.Add(float64(bytes))
 			}
 		})
+	}
+}
+
+// DownloadBytes counts n bytes a download read from source (cache.FromOrigin
+// or cache.FromPeer; any other is not counted). It runs on every read of a
+// download: one map lookup and one atomic add.
+func (m *Metrics) DownloadBytes(source string, n int64) {
+	if m == nil {
+		return
+	}
+	if c, ok := m.downloadBytes[source]; ok {
+		c.Add(float64(n))
 	}
 }
 

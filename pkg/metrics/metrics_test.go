@@ -175,6 +175,7 @@ func TestNilMetricsIsNoOp(t *testing.T) {
 			done(100, errors.New("twice"))
 		}},
 		{"Evicted", func() { m.Evicted("budget", 10) }},
+		{"DownloadBytes", func() { m.DownloadBytes(cache.FromPeer, 10) }},
 		{"SetCacheStats", func() {
 			m.SetCacheStats(func() (CacheStats, error) { return CacheStats{}, nil })
 			m.SetCacheStats(nil)
@@ -216,6 +217,10 @@ func TestScrapeAfterKnownSequence(t *testing.T) {
 	m.Evicted("budget", 10)
 	m.Evicted("budget", 10)
 	m.Evicted("s3://bucket/secret-model", 7) // unknown reason: counted as other
+	m.DownloadBytes(cache.FromOrigin, 30)
+	m.DownloadBytes(cache.FromPeer, 100)
+	m.DownloadBytes(cache.FromOrigin, 20)
+	m.DownloadBytes("node-7", 5) // not a source: never a label
 
 	fams := scrape(t, startServer(t, m.Handler()))
 
@@ -229,6 +234,8 @@ func TestScrapeAfterKnownSequence(t *testing.T) {
 		{"modelcache_download_duration_seconds", "result=ok", 1},
 		{"modelcache_download_duration_seconds", "result=error", 1},
 		{"modelcache_downloaded_bytes_total", "", 150},
+		{"modelcache_download_bytes_total", "source=origin", 50},
+		{"modelcache_download_bytes_total", "source=peer", 100},
 		{"modelcache_evictions_total", "reason=budget", 2},
 		{"modelcache_evicted_bytes_total", "reason=budget", 20},
 		{"modelcache_evictions_total", "reason=other", 1},
@@ -243,6 +250,7 @@ func TestScrapeAfterKnownSequence(t *testing.T) {
 		"modelcache_publishes_total":           {"code=OK": true, "code=Aborted": true, "code=Unknown": true},
 		"modelcache_cache_lookups_total":       {"result=hit": true, "result=miss": true},
 		"modelcache_download_duration_seconds": {"result=ok": true, "result=error": true},
+		"modelcache_download_bytes_total":      {"source=origin": true, "source=peer": true},
 	}
 	for _, name := range []string{"modelcache_evictions_total", "modelcache_evicted_bytes_total"} {
 		allowed[name] = map[string]bool{"reason=other": true}
@@ -541,6 +549,8 @@ func TestConcurrentUse(t *testing.T) {
 				})
 				done(3, nil)
 				done(3, nil)
+				m.DownloadBytes(cache.FromOrigin, 2)
+				m.DownloadBytes(cache.FromPeer, 1)
 			}
 		})
 	}
@@ -557,6 +567,8 @@ func TestConcurrentUse(t *testing.T) {
 		{"modelcache_downloads_in_flight", "", 0},
 		{"modelcache_download_duration_seconds", "result=ok", n},
 		{"modelcache_downloaded_bytes_total", "", 3 * n},
+		{"modelcache_download_bytes_total", "source=origin", 2 * n},
+		{"modelcache_download_bytes_total", "source=peer", n},
 		{"modelcache_evictions_total", "reason=drain", n},
 		{"modelcache_evicted_bytes_total", "reason=drain", n},
 	})
@@ -576,4 +588,14 @@ func ExampleMetrics() {
 		}
 	}
 	// Output: modelcache_publishes_total{code="OK"} 1
+}
+
+// Both sources are exported as 0 before the first byte, so that rate()
+// sees the first increase of either.
+func TestDownloadBytesSeriesStartAtZero(t *testing.T) {
+	fams := gather(t, New())
+	checkSeries(t, fams, []series{
+		{"modelcache_download_bytes_total", "source=origin", 0},
+		{"modelcache_download_bytes_total", "source=peer", 0},
+	})
 }
