@@ -164,8 +164,11 @@ func testTrees() []adminapi.Tree {
 		adminapi.Ref{VolumeID: "csi-2", Tree: dLlama, PodName: "llama-0", PodNS: "serving"},
 		adminapi.Ref{VolumeID: "csi-3", Tree: dLlama, PodName: "llama-0", PodNS: "serving"})
 	llama.Pinned, llama.PinnedAt = true, testNow.Add(-2*time.Hour)
+	llama.From = adminapi.BytesFrom{Origin: 600 * mib, Peers: 2000 * mib,
+		Nodes: []adminapi.NodeBytes{{Node: "node-b", Bytes: 1500 * mib}, {Node: "node-c", Bytes: 500 * mib}}}
 	bert := cached(dBert, 512*mib, 2, []string{"gs://m/bert"}, 5*time.Hour, adminapi.Ref{VolumeID: "pv-bert", Tree: dBert})
 	bert.Doomed = "operator"
+	bert.From = adminapi.BytesFrom{Origin: 512 * mib}
 	old := cached(dOld, 1536, 1, nil, 72*time.Hour)
 	llama.Present, bert.Present = true, true
 	return []adminapi.Tree{llama, bert, old}
@@ -238,10 +241,10 @@ func TestListAndInspect(t *testing.T) {
 		routes: map[string]http.HandlerFunc{"GET /v1/trees": reply(testTrees())},
 		args:   []string{"ls"},
 		stdout: []string{
-			"DIGEST         SIZE        FILES   URIS                                  USED BY                           LAST USE   PINNED",
-			"3f9a1c0d7e2b   2.5 GiB     3       mys3:models/llama,s3://models/llama   serving/llama-0,serving/llama-1   3m ago     yes",
-			"77c0ffee1234   512.0 MiB   2       gs://m/bert                           pv-bert                           5h ago              DOOMED (operator)",
-			"0123456789ab   1.5 KiB     1       -                                     -                                 3d ago              MISSING",
+			"DIGEST         SIZE        FILES   FROM                    URIS                                  USED BY                           LAST USE   PINNED",
+			"3f9a1c0d7e2b   2.5 GiB     3       origin 23%, peers 77%   mys3:models/llama,s3://models/llama   serving/llama-0,serving/llama-1   3m ago     yes",
+			"77c0ffee1234   512.0 MiB   2       origin                  gs://m/bert                           pv-bert                           5h ago              DOOMED (operator)",
+			"0123456789ab   1.5 KiB     1       -                       -                                     -                                 3d ago              MISSING",
 		},
 		stderrNone: true,
 	}, {
@@ -271,6 +274,7 @@ func TestListAndInspect(t *testing.T) {
 			"uris:       mys3:models/llama, s3://models/llama",
 			"size:       2.5 GiB",
 			"files:      3",
+			"from:       600.0 MiB from the origin, 2.0 GiB from peers (node-b 1.5 GiB, node-c 500.0 MiB)",
 			"pinned:     yes (since 2h ago)",
 			"last use:   3m ago",
 			"used by:    serving/llama-0, serving/llama-1",
@@ -324,6 +328,7 @@ func TestListAndInspect(t *testing.T) {
 			`uris:       "mys3:m/\u202eevil", mys3:m/ok`,
 			"size:       3 B",
 			"files:      3",
+			"from:       not recorded",
 			"pinned:     no",
 			"last use:   just now",
 			"used by:    -",
@@ -345,8 +350,8 @@ func TestListAndInspect(t *testing.T) {
 		},
 		args: []string{"ls"},
 		stdout: []string{
-			"DIGEST         SIZE      FILES   URIS                            USED BY   LAST USE   PINNED",
-			"0123456789ab   1.5 KiB   1       hf://org/m@main @1f1f1f1f1f1f   -         1h ago",
+			"DIGEST         SIZE      FILES   FROM   URIS                            USED BY   LAST USE   PINNED",
+			"0123456789ab   1.5 KiB   1       -      hf://org/m@main @1f1f1f1f1f1f   -         1h ago",
 		},
 		stderrNone: true,
 	}, {
@@ -354,8 +359,8 @@ func TestListAndInspect(t *testing.T) {
 		routes: map[string]http.HandlerFunc{"GET /v1/trees": reply([]adminapi.Tree{cached(dOld, 1536, 1, []string{"mys3:m/a\u0085b"}, time.Hour)})},
 		args:   []string{"ls"},
 		stdout: []string{
-			"DIGEST         SIZE      FILES   URIS                USED BY   LAST USE   PINNED",
-			`0123456789ab   1.5 KiB   1       "mys3:m/a\u0085b"   -         1h ago              MISSING`,
+			"DIGEST         SIZE      FILES   FROM   URIS                USED BY   LAST USE   PINNED",
+			`0123456789ab   1.5 KiB   1       -      "mys3:m/a\u0085b"   -         1h ago              MISSING`,
 		},
 		stderrNone: true,
 	}, {

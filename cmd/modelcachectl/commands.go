@@ -17,7 +17,10 @@ var cmdLs = &command{
 	help: `
 List the models cached on this node, least recently used first: the tree
 digest (its first 12 hex digits, accepted wherever a tree is named), size,
-number of files, the model URIs it was fetched as, the pods using it
+number of files, where its bytes came from (FROM: the origin, peers, or
+each one's share of the bytes read; "-" when nothing was recorded, as for
+a tree cached by an older driver or linked entirely from earlier
+downloads), the model URIs it was fetched as, the pods using it
 (volume IDs when the pod is unknown), when it was last used and whether it
 is pinned. DOOMED marks a tree that is removed when its last mount goes;
 MISSING a recorded tree whose directory is gone from the store.`,
@@ -41,7 +44,7 @@ func (a *app) ls(cmd *command, args []string) error {
 		return nil
 	}
 	t := newTable(a.stdout)
-	fmt.Fprintln(t, "DIGEST\tSIZE\tFILES\tURIS\tUSED BY\tLAST USE\tPINNED\t")
+	fmt.Fprintln(t, "DIGEST\tSIZE\tFILES\tFROM\tURIS\tUSED BY\tLAST USE\tPINNED\t")
 	for _, tr := range trees {
 		pinned := ""
 		if tr.Pinned {
@@ -54,7 +57,7 @@ func (a *app) ls(cmd *command, args []string) error {
 		if !tr.Present {
 			marks = append(marks, "MISSING")
 		}
-		fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", shortDigest(tr.Digest), units.Bytes(tr.Size), tr.Files,
+		fmt.Fprintf(t, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", shortDigest(tr.Digest), units.Bytes(tr.Size), tr.Files, fromShare(tr.From),
 			orDash(quoteNames(tr.URIs), ",")+atRevisions(tr.Revisions), orDash(usersOf(tr.Refs), ","), relTime(tr.LastUsed, a.now()), pinned, strings.Join(marks, " "))
 	}
 	return t.Flush()
@@ -66,6 +69,7 @@ var cmdInspect = &command{
 	summary:  "show one cached model and its files",
 	help: `
 Show one cached model: its digest, the URIs it was fetched as, size, files,
+how many bytes its downloads read from the origin and from which peers,
 pin, last use and the pods using it, then every file with its size and
 sha256. Name the model by digest (sha256:..., or at least its first 12 hex
 digits) or by a model URI it was fetched as.`,
@@ -99,6 +103,7 @@ func (a *app) inspect(cmd *command, args []string) error {
 	}
 	fmt.Fprintf(t, "size:\t%s\n", units.Bytes(in.Size))
 	fmt.Fprintf(t, "files:\t%d\n", in.Files)
+	fmt.Fprintf(t, "from:\t%s\n", fromDetail(in.From))
 	fmt.Fprintf(t, "pinned:\t%s\n", pinned)
 	fmt.Fprintf(t, "last use:\t%s\n", relTime(in.LastUsed, a.now()))
 	fmt.Fprintf(t, "used by:\t%s\n", orDash(usersOf(in.Refs), ", "))

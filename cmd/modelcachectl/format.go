@@ -130,6 +130,45 @@ func shortDigest(d string) string {
 	return h
 }
 
+// fromShare says, in a column of ls, where a tree's bytes came from:
+// "origin", "peers", both with their shares ("origin 25%, peers 75%"), or
+// "-" when nothing was recorded. A share that is not nothing never shows
+// as 0%.
+func fromShare(f adminapi.BytesFrom) string {
+	switch {
+	case f.IsZero():
+		return "-"
+	case f.Peers == 0:
+		return "origin"
+	case f.Origin == 0:
+		return "peers"
+	}
+	peers := int(math.Round(100 * float64(f.Peers) / float64(f.Origin+f.Peers)))
+	peers = min(max(peers, 1), 99)
+	return fmt.Sprintf("origin %d%%, peers %d%%", 100-peers, peers)
+}
+
+// fromDetail says, for inspect, how many bytes came from the origin and
+// how many from which peers.
+func fromDetail(f adminapi.BytesFrom) string {
+	switch {
+	case f.IsZero():
+		return "not recorded"
+	case f.Peers == 0:
+		return units.Bytes(f.Origin) + " from the origin"
+	}
+	var nodes []string
+	named := int64(0)
+	for _, n := range f.Nodes {
+		nodes = append(nodes, quoteName(n.Node)+" "+units.Bytes(n.Bytes))
+		named += n.Bytes
+	}
+	if others := f.Peers - named; others > 0 {
+		nodes = append(nodes, "other nodes "+units.Bytes(others))
+	}
+	return fmt.Sprintf("%s from the origin, %s from peers (%s)", units.Bytes(f.Origin), units.Bytes(f.Peers), strings.Join(nodes, ", "))
+}
+
 // usersOf names who mounts a tree: "namespace/pod" when the pod is known,
 // else the volume ID; sorted, without repeats.
 func usersOf(refs []adminapi.Ref) []string {

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/modelcache/modelcache/pkg/adminapi"
 )
 
 func TestDurations(t *testing.T) {
@@ -153,6 +155,36 @@ func TestEscapeInvisible(t *testing.T) {
 	} {
 		if got := escapeInvisible(in); got != want {
 			t.Errorf("escapeInvisible(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// Where a tree's bytes came from, as ls's column and inspect's line say it.
+func TestFromShareAndDetail(t *testing.T) {
+	nodes := func(n ...adminapi.NodeBytes) []adminapi.NodeBytes { return n }
+	for _, tc := range []struct {
+		name          string
+		f             adminapi.BytesFrom
+		share, detail string
+	}{
+		{"nothing recorded", adminapi.BytesFrom{}, "-", "not recorded"},
+		{"origin only", adminapi.BytesFrom{Origin: 3 * mib}, "origin", "3.0 MiB from the origin"},
+		{"peers only", adminapi.BytesFrom{Peers: 3 * mib, Nodes: nodes(adminapi.NodeBytes{Node: "node-a", Bytes: 3 * mib})},
+			"peers", "0 B from the origin, 3.0 MiB from peers (node-a 3.0 MiB)"},
+		{"half and half", adminapi.BytesFrom{Origin: mib, Peers: mib, Nodes: nodes(adminapi.NodeBytes{Node: "node-a", Bytes: mib})},
+			"origin 50%, peers 50%", "1.0 MiB from the origin, 1.0 MiB from peers (node-a 1.0 MiB)"},
+		{"a byte from a peer is not 0%", adminapi.BytesFrom{Origin: gib, Peers: 1, Nodes: nodes(adminapi.NodeBytes{Node: "node-a", Bytes: 1})},
+			"origin 99%, peers 1%", "1.0 GiB from the origin, 1 B from peers (node-a 1 B)"},
+		{"a byte from the origin is not 0%", adminapi.BytesFrom{Origin: 1, Peers: gib, Nodes: nodes(adminapi.NodeBytes{Node: "node-a", Bytes: gib})},
+			"origin 1%, peers 99%", "1 B from the origin, 1.0 GiB from peers (node-a 1.0 GiB)"},
+		{"more peers than named, a name quoted", adminapi.BytesFrom{Peers: 3 * mib, Nodes: nodes(adminapi.NodeBytes{Node: "node\u202ea", Bytes: 2 * mib})},
+			"peers", `0 B from the origin, 3.0 MiB from peers ("node\u202ea" 2.0 MiB, other nodes 1.0 MiB)`},
+	} {
+		if got := fromShare(tc.f); got != tc.share {
+			t.Errorf("%s: fromShare = %q, want %q", tc.name, got, tc.share)
+		}
+		if got := fromDetail(tc.f); got != tc.detail {
+			t.Errorf("%s: fromDetail = %q, want %q", tc.name, got, tc.detail)
 		}
 	}
 }

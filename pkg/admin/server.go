@@ -211,6 +211,10 @@ func wireTree(t cache.Tree) adminapi.Tree {
 	out := adminapi.Tree{
 		Digest: t.Digest, Size: t.Size, Files: t.Files, URIs: t.URIs, Revisions: t.Revisions, LastUsed: t.LastUsed,
 		Pinned: t.Pinned, PinnedAt: t.PinnedAt, Doomed: t.Doomed, Present: t.Present,
+		From: adminapi.BytesFrom{Origin: t.From.Origin, Peers: t.From.Peers},
+	}
+	for _, n := range t.From.Nodes {
+		out.From.Nodes = append(out.From.Nodes, adminapi.NodeBytes{Node: n.Node, Bytes: n.Bytes})
 	}
 	for _, r := range t.Refs {
 		out.Refs = append(out.Refs, adminapi.Ref{

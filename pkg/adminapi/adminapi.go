@@ -40,6 +40,31 @@ type Tree struct {
 	// "drain"), or "".
 	Doomed  string `json:"doomed,omitempty"`
 	Present bool   `json:"present"` // the tree directory exists
+	// From is where this node's downloads of the tree read its bytes;
+	// absent when nothing was recorded (a tree cached before this was
+	// kept, or every object linked from earlier downloads).
+	From BytesFrom `json:"from,omitzero"`
+}
+
+// BytesFrom says where downloads read a tree's bytes: from its origin (the
+// model's remote) and from peers (other nodes). A range read again after a
+// cut counts again, and objects linked from earlier downloads count
+// nowhere, so the sum need not be the tree's size.
+type BytesFrom struct {
+	Origin int64 `json:"origin"`
+	Peers  int64 `json:"peers"`
+	// Nodes are the peers that sent most, most first (at most eight);
+	// Peers counts every peer.
+	Nodes []NodeBytes `json:"nodes,omitempty"`
+}
+
+// IsZero reports whether nothing was recorded.
+func (b BytesFrom) IsZero() bool { return b.Origin == 0 && b.Peers == 0 }
+
+// NodeBytes is what one peer node sent.
+type NodeBytes struct {
+	Node  string `json:"node"`
+	Bytes int64  `json:"bytes"`
 }
 
 // File is one file of a tree.
