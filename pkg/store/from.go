@@ -113,9 +113,9 @@ func (c *fromCounts) snapshot() BytesFrom {
 	return b
 }
 
-// counted wraps a body a download opened so that what it reads counts
+// countFrom wraps a body a download opened so that what it reads counts
 // for its sender, in the download's record and in the OnBytes hook.
-func (s *Store) counted(d *download, rc io.ReadCloser) io.ReadCloser {
+func (s *Store) countFrom(d *download, rc io.ReadCloser) io.ReadCloser {
 	node := ""
 	if sn, ok := rc.(Sender); ok {
 		node = sn.Sender()
@@ -124,22 +124,22 @@ func (s *Store) counted(d *download, rc io.ReadCloser) io.ReadCloser {
 	if node != "" {
 		source = FromPeer
 	}
-	cb := &countedBody{ReadCloser: rc, source: source, hook: s.onBytes}
+	cb := &sourcedBody{ReadCloser: rc, source: source, hook: s.onBytes}
 	if d != nil {
 		cb.n = d.from.of(node)
 	}
 	return cb
 }
 
-// countedBody is a body whose reads are counted.
-type countedBody struct {
+// sourcedBody is a body whose reads count for where it came from.
+type sourcedBody struct {
 	io.ReadCloser
 	n      *atomic.Int64 // nil outside a download
 	source string
 	hook   func(source string, n int64)
 }
 
-func (b *countedBody) Read(p []byte) (int, error) {
+func (b *sourcedBody) Read(p []byte) (int, error) {
 	k, err := b.ReadCloser.Read(p)
 	if k > 0 {
 		if b.n != nil {

@@ -314,7 +314,7 @@ func (st *blobStream) open(ctx context.Context) error {
 		}
 		return err
 	}
-	st.rc, st.guard = st.s.counted(downloadOf(ctx), rc), guard
+	st.rc, st.guard = st.s.countFrom(downloadOf(ctx), rc), guard
 	return nil
 }
 
@@ -400,7 +400,7 @@ func (st *blobStream) resume(ctx context.Context, n int64, rerr error) error {
 	if err != nil {
 		return fmt.Errorf("resuming %s at byte %d after %v: %w", e.Path, n, rerr, guard.err(err))
 	}
-	st.rc = st.s.counted(downloadOf(ctx), rc)
+	st.rc = st.s.countFrom(downloadOf(ctx), rc)
 	return nil
 }
 

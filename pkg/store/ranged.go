@@ -440,7 +440,7 @@ func (sr *spanReader) open(ctx context.Context, off int64) error {
 		sr.close(ctx)
 		return err
 	}
-	sr.body, sr.at = sr.rd.s.counted(sr.rd.d, rc), off
+	sr.body, sr.at = sr.rd.s.countFrom(sr.rd.d, rc), off
 	return nil
 }
 

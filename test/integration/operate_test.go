@@ -796,6 +796,8 @@ func TestMetrics_KnownSequence_ExactValues_RealMinIO(t *testing.T) {
 		"modelcache_cache_lookups_total result hit":         2,
 		"modelcache_cache_lookups_total result miss":        1,
 		"modelcache_downloaded_bytes_total":                 size,
+		"modelcache_download_bytes_total source origin":     size,
+		"modelcache_download_bytes_total source peer":       0,
 		"modelcache_download_duration_seconds result ok":    1,
 		"modelcache_download_duration_seconds result error": 0,
 		"modelcache_downloads_in_flight":                    0,
