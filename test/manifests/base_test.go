@@ -394,6 +394,61 @@ func rulesOf(t *testing.T, docs []document, namespace, account string) []rbacv1.
 	return rules
 }
 
+// boundRole is a (Cluster)Role bound to an account, with its rules; the
+// namespace is the RoleBinding's, "" for a ClusterRoleBinding.
+type boundRole struct {
+	role      string // kind/name
+	namespace string
+	rules     []rbacv1.PolicyRule
+}
+
+// boundRules returns the (Cluster)Roles bound to a service account, each
+// with where it applies: a ClusterRole bound by a RoleBinding applies in
+// that binding's namespace only.
+func boundRules(t *testing.T, docs []document, namespace, account string) []boundRole {
+	t.Helper()
+	isSubject := func(subjects []rbacv1.Subject, bindingNS string) bool {
+		return slices.ContainsFunc(subjects, func(s rbacv1.Subject) bool {
+			ns := s.Namespace
+			if ns == "" {
+				ns = bindingNS
+			}
+			return s.Kind == rbacv1.ServiceAccountKind && s.Name == account && ns == namespace
+		})
+	}
+	find := func(ref rbacv1.RoleRef, ns string) []rbacv1.PolicyRule {
+		if ref.Kind == "ClusterRole" {
+			for _, cr := range objectsOf[*rbacv1.ClusterRole](docs) {
+				if cr.Name == ref.Name {
+					return cr.Rules
+				}
+			}
+		}
+		for _, ro := range objectsOf[*rbacv1.Role](docs) {
+			if ref.Kind == "Role" && ro.Name == ref.Name && ro.Namespace == ns {
+				return ro.Rules
+			}
+		}
+		t.Fatalf("a binding of %s/%s refers to %s %s, which the manifests do not define", namespace, account, ref.Kind, ref.Name)
+		return nil
+	}
+	var out []boundRole
+	for _, b := range objectsOf[*rbacv1.ClusterRoleBinding](docs) {
+		if isSubject(b.Subjects, "") {
+			out = append(out, boundRole{b.RoleRef.Kind + "/" + b.RoleRef.Name, "", find(b.RoleRef, "")})
+		}
+	}
+	for _, b := range objectsOf[*rbacv1.RoleBinding](docs) {
+		if isSubject(b.Subjects, b.Namespace) {
+			out = append(out, boundRole{b.RoleRef.Kind + "/" + b.RoleRef.Name, b.Namespace, find(b.RoleRef, b.Namespace)})
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no binding names the ServiceAccount %s/%s", namespace, account)
+	}
+	return out
+}
+
 // grantsOnSecrets returns the verbs rules grant on core secrets.
 func grantsOnSecrets(rules []rbacv1.PolicyRule) []string {
 	var verbs []string
@@ -408,13 +463,32 @@ func grantsOnSecrets(rules []rbacv1.PolicyRule) []string {
 }
 
 // The node plugin gets each volume's secret from kubelet: its own account
-// can read none. The controller may only get the provisioner secret a
-// StorageClass names, never list or watch all of them.
+// can read one Secret, the peers' CA its --peer-ca-secret names, in its
+// own namespace, and create Secrets there (RBAC cannot narrow create by
+// name); nothing else on any Secret. The controller may only get the
+// provisioner secret a StorageClass names, never list or watch all of
+// them.
 func TestBase_RBAC_NoSecretsForTheNode(t *testing.T) {
 	docs := baseDocs(t)
 	n := nodeDaemonSet(t)
-	if verbs := grantsOnSecrets(rulesOf(t, docs, n.ds.Namespace, n.spec.ServiceAccountName)); len(verbs) != 0 {
-		t.Errorf("the node plugin's ServiceAccount %s may %v secrets; it must not read any", n.spec.ServiceAccountName, verbs)
+	ca := theArg(t, n.plugin, "--peer-ca-secret")
+	for _, b := range boundRules(t, docs, n.ds.Namespace, n.spec.ServiceAccountName) {
+		for _, r := range b.rules {
+			core := slices.Contains(r.APIGroups, "") || slices.Contains(r.APIGroups, "*")
+			if !core || !slices.Contains(r.Resources, "secrets") && !slices.Contains(r.Resources, "*") {
+				continue
+			}
+			switch {
+			case !slices.Equal(r.APIGroups, []string{""}) || !slices.Equal(r.Resources, []string{"secrets"}):
+				t.Errorf("%s grants %v on secrets in a rule with other groups or resources (%+v): keep the Secret rules apart, each as narrow as it can be", b.role, r.Verbs, r)
+			case b.namespace != n.ds.Namespace:
+				t.Errorf("%s grants %v on secrets beyond the plugin's namespace %s", b.role, r.Verbs, n.ds.Namespace)
+			case slices.Equal(r.Verbs, []string{"get"}) && slices.Equal(r.ResourceNames, []string{ca}):
+			case slices.Equal(r.Verbs, []string{"create"}) && len(r.ResourceNames) == 0:
+			default:
+				t.Errorf("%s grants %v on secrets %v; the plugin may get only %s (--peer-ca-secret) and create", b.role, r.Verbs, r.ResourceNames, ca)
+			}
+		}
 	}
 	for _, dep := range objectsOf[*appsv1.Deployment](docs) {
 		sa := dep.Spec.Template.Spec.ServiceAccountName

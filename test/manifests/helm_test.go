@@ -14,6 +14,7 @@ import (
 	"github.com/modelcache/modelcache/test/testenv"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -144,6 +145,7 @@ func TestHelm_LintPasses(t *testing.T) {
 		nil,
 		{"--set", "createNamespace=false,controller.enabled=false,metrics.enabled=false"},
 		{"--set", "kubeletDir=/var/lib/k0s/kubelet,cache.size=,image.pullPolicy=Always"},
+		{"--set", "peers.enabled=false"},
 	} {
 		if _, err := helmRun(t, "helm", append([]string{"lint", "--strict", helmChartDir}, args...)...); err != nil {
 			t.Errorf("helm lint %v: %v", args, err)
@@ -164,6 +166,9 @@ func TestHelm_BadValuesAreRefused(t *testing.T) {
 		{"image.pullPolicy=Sometimes", "/image/pullPolicy"},        // not a policy
 		{"controller.replicas=one", "/controller/replicas"},        // not a number
 		{"sidecars.registrar.image=", "/sidecars/registrar/image"}, // no image
+		{"peers.enable=false", "'enable' not allowed"},             // misspelt key
+		{"peers.port=65536", "/peers/port"},                        // out of range
+		{"peers.maxStreams=0", "/peers/maxStreams"},                // no stream at all
 	}
 	for _, tc := range tests {
 		t.Run(tc.set, func(t *testing.T) {
@@ -200,7 +205,7 @@ func TestHelm_ValuesReachTheObjects(t *testing.T) {
 			},
 		},
 		{
-			name: "metrics disabled: no address, no port, no POD_IP",
+			name: "metrics disabled: no address, no port, POD_IP for the peer endpoint",
 			args: []string{"--set", "metrics.enabled=false"},
 			check: func(t *testing.T, objs map[string]runtime.Object) {
 				c := helmContainer(t, &helmDaemonSet(t, objs).Spec.Template.Spec, "modelcache")
@@ -212,10 +217,57 @@ func TestHelm_ValuesReachTheObjects(t *testing.T) {
 						t.Errorf("port %s/%d is still declared", p.Name, p.ContainerPort)
 					}
 				}
-				for _, e := range c.Env {
-					if e.Name == "POD_IP" {
-						t.Error("POD_IP is still set; only --metrics-address uses it")
+				if helmEnv(c, "POD_IP") == nil {
+					t.Error("POD_IP is gone; the peer endpoint serves on it")
+				}
+				np, ok := objs["NetworkPolicy/modelcache/modelcache-peers"].(*networkingv1.NetworkPolicy)
+				if !ok {
+					t.Fatal("no ingress NetworkPolicy modelcache-peers")
+				}
+				for _, r := range np.Spec.Ingress {
+					for _, p := range r.Ports {
+						if p.Port != nil && p.Port.String() == "metrics" {
+							t.Error("the ingress NetworkPolicy still admits the metrics port")
+						}
 					}
+				}
+			},
+		},
+		{
+			name: "metrics and peers disabled: no POD_IP",
+			args: []string{"--set", "metrics.enabled=false,peers.enabled=false"},
+			check: func(t *testing.T, objs map[string]runtime.Object) {
+				c := helmContainer(t, &helmDaemonSet(t, objs).Spec.Template.Spec, "modelcache")
+				if helmEnv(c, "POD_IP") != nil {
+					t.Error("POD_IP is still set; only --metrics-address and the peer endpoint use it")
+				}
+			},
+		},
+		{
+			name: "peers port and streams",
+			args: []string{"--set", "peers.port=9555,peers.maxStreams=8"},
+			check: func(t *testing.T, objs map[string]runtime.Object) {
+				c := helmContainer(t, &helmDaemonSet(t, objs).Spec.Template.Spec, "modelcache")
+				helmCheckFlag(t, c, "--peer-port", "9555")
+				helmCheckFlag(t, c, "--peer-max-streams", "8")
+				if p := helmPort(c, "peer"); p == nil || p.ContainerPort != 9555 {
+					t.Errorf("peer port is %+v, want 9555", p)
+				}
+				svc, ok := objs["Service/modelcache/modelcache-peers"].(*corev1.Service)
+				if !ok || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 9555 || svc.Spec.Ports[0].TargetPort.String() != "peer" {
+					t.Errorf("peer Service %+v, want port 9555 to the pod's port named peer", svc)
+				}
+			},
+		},
+		{
+			name: "peers' ingress policy off, peers on",
+			args: []string{"--set", "peers.networkPolicy.enabled=false"},
+			check: func(t *testing.T, objs map[string]runtime.Object) {
+				if objs["NetworkPolicy/modelcache/modelcache-peers"] != nil {
+					t.Error("the ingress NetworkPolicy modelcache-peers is still rendered")
+				}
+				if objs["Service/modelcache/modelcache-peers"] == nil || objs["Role/modelcache/modelcache-node-peers"] == nil {
+					t.Error("peers' Service or Role went with their NetworkPolicy")
 				}
 			},
 		},
@@ -513,6 +565,16 @@ func helmCheckFlag(t *testing.T, c *corev1.Container, flag, want string) {
 	if got := helmFlagValues(c, flag); len(got) != 1 || got[0] != want {
 		t.Errorf("container %s: %s values %q, want exactly %q (args %q)", c.Name, flag, got, want, c.Args)
 	}
+}
+
+// helmEnv returns c's environment variable name, or nil.
+func helmEnv(c *corev1.Container, name string) *corev1.EnvVar {
+	for i := range c.Env {
+		if c.Env[i].Name == name {
+			return &c.Env[i]
+		}
+	}
+	return nil
 }
 
 func helmPort(c *corev1.Container, name string) *corev1.ContainerPort {

@@ -100,18 +100,21 @@ func TestBase_ControllerTokens_OnePerContainer(t *testing.T) {
 	}
 }
 
-// egressPolicy is the NetworkPolicy that selects the pods of both
+// egressPolicy is the NetworkPolicy that restricts the egress of both
 // workloads, with the address blocks it excepts from egress.
 func egressPolicy(t *testing.T, objs []runtime.Object) (*networkingv1.NetworkPolicy, []string) {
 	t.Helper()
 	var found *networkingv1.NetworkPolicy
 	for _, o := range objs {
-		if np, ok := o.(*networkingv1.NetworkPolicy); ok {
+		if np, ok := o.(*networkingv1.NetworkPolicy); ok && slices.Contains(np.Spec.PolicyTypes, networkingv1.PolicyTypeEgress) {
+			if found != nil {
+				t.Fatalf("NetworkPolicies %s and %s both restrict egress", found.Name, np.Name)
+			}
 			found = np
 		}
 	}
 	if found == nil {
-		t.Fatal("no NetworkPolicy")
+		t.Fatal("no egress NetworkPolicy")
 	}
 	var except []string
 	for _, r := range found.Spec.Egress {
@@ -140,7 +143,7 @@ func TestBase_EgressNetworkPolicy(t *testing.T) {
 	docs := baseDocs(t)
 	np, except := egressPolicy(t, runtimeObjects(docs))
 	if !slices.Equal(np.Spec.PolicyTypes, []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}) {
-		t.Errorf("policyTypes %v, want Egress only (ingress stays as it was: metrics, probes)", np.Spec.PolicyTypes)
+		t.Errorf("policyTypes %v, want Egress only (ingress of the controller stays as it was; the node plugin's peer port has a policy of its own)", np.Spec.PolicyTypes)
 	}
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
@@ -291,7 +294,7 @@ func TestHelm_EgressAndPolicyValues(t *testing.T) {
 		t.Errorf("admission policy parameters %v, want priorityClasses model-warm,batch", cm.Data)
 	}
 
-	off := helmTemplate(t, "--set", "egress.networkPolicy.enabled=false,cachedModelPolicy.enabled=false")
+	off := helmTemplate(t, "--set", "egress.networkPolicy.enabled=false,peers.networkPolicy.enabled=false,cachedModelPolicy.enabled=false")
 	for k := range off {
 		for _, kind := range []string{"NetworkPolicy/", "ValidatingAdmissionPolicy", "ConfigMap/"} {
 			if strings.HasPrefix(k, kind) {
