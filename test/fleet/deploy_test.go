@@ -21,10 +21,10 @@ import (
 )
 
 // TestDeploy_RenderedObjectsValidateOnTheAPIServer applies (server-side,
-// dry run) every object the kustomize base, the make e2e overlay and the
-// Helm chart with its egress and CachedModel policy values set render: the
-// API server's own validation accepts each of them, CEL of the admission
-// policy and NetworkPolicy included.
+// dry run) every object the kustomize base, the make e2e overlay, the base
+// with peers off and the Helm chart with its egress, CachedModel policy
+// and peers values set render: the API server's own validation accepts
+// each of them, CEL of the admission policy and NetworkPolicy included.
 func TestDeploy_RenderedObjectsValidateOnTheAPIServer(t *testing.T) {
 	ensureCRD(t)
 	ensureRBAC(t) // the modelcache namespace
@@ -38,7 +38,11 @@ func TestDeploy_RenderedObjectsValidateOnTheAPIServer(t *testing.T) {
 		"e2e overlay":    {"kustomize", "build", "test/e2e/overlay/kustomize"},
 		"helm with values": {"helm", "template", "modelcache", "deploy/helm/modelcache", "--namespace", controllerNamespace, "--include-crds",
 			"--set", "egress.denyCIDRs={10.96.0.0/12,fd00:10::/64}", "--set", "cachedModelPolicy.priorityClasses={model-warm}",
-			"--set", "egress.networkPolicy.extraEgress[0].ports[0].port=53,egress.networkPolicy.extraEgress[0].to[0].ipBlock.cidr=169.254.20.10/32"},
+			"--set", "egress.networkPolicy.extraEgress[0].ports[0].port=53,egress.networkPolicy.extraEgress[0].to[0].ipBlock.cidr=169.254.20.10/32",
+			"--set", "peers.port=9555,peers.maxStreams=8,metrics.enabled=false"},
+		"kustomize without peers": {"kustomize", "build", "test/manifests/testdata/no-peers"},
+		"helm without peers": {"helm", "template", "modelcache", "deploy/helm/modelcache", "--namespace", controllerNamespace, "--include-crds",
+			"--set", "peers.enabled=false"},
 	}
 	ctx := context.Background()
 	for name, args := range renders {
