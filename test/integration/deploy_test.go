@@ -110,9 +110,11 @@ func nodePluginContainer(t *testing.T) (*appsv1.DaemonSet, corev1.Container) {
 
 // The node DaemonSet's plugin arguments, with only the downward-API
 // variables filled in (the node name, 127.0.0.1 for the pod IP), the
-// metrics port moved to a free one, and the host paths (--endpoint's
-// socket, --cache-dir and --kubelet-dir if given) moved to temporary
-// directories, start the built
+// metrics port moved to a free one, the host paths (--endpoint's socket,
+// --cache-dir, --kubelet-dir and --peer-token-file if given) moved to
+// temporary directories, and --peers turned off (it needs the API server
+// that test/fleet and make e2e run it against; the other --peer* flags
+// are still parsed), start the built
 // driver: it answers Probe as the driver named in the manifests, serves
 // metrics where --metrics-address says, creates its admin socket (0600) at
 // <cache-dir>/admin.sock, makes the cache directory 0700, and exits on
@@ -130,7 +132,7 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 	}
 	// HOST_IP (status.hostIP) is an address of TEST-NET-1: refused to
 	// tenants like the node's own, and nothing here connects to it.
-	env := map[string]string{"NODE_NAME": "test-node", "POD_IP": "127.0.0.1", "HOST_IP": "192.0.2.1"}
+	env := map[string]string{"NODE_NAME": "test-node", "POD_IP": "127.0.0.1", "HOST_IP": "192.0.2.1", "POD_NAMESPACE": "modelcache"}
 	for _, e := range plugin.Env {
 		if _, ok := env[e.Name]; !ok {
 			t.Fatalf("the plugin's env %s is new: decide what this test substitutes for it", e.Name)
@@ -158,6 +160,13 @@ func TestDeploy_NodeDaemonSetArgs_StartTheDriver_RealBinary(t *testing.T) {
 			a = "--cache-dir=" + cacheDir
 		case "kubelet-dir":
 			a = "--kubelet-dir=" + filepath.Join(dir, "kubelet")
+		case "peers":
+			if value != "" {
+				t.Fatalf("the DaemonSet passes %q; this test expects a bare --peers to turn off", a)
+			}
+			a = "--peers=false"
+		case "peer-token-file":
+			a = "--peer-token-file=" + filepath.Join(dir, "peer-token")
 		case "metrics-address":
 			host, _, ok := strings.Cut(value, ":")
 			if !ok || host != "127.0.0.1" {
