@@ -291,6 +291,7 @@ func TestDeployKustomize(t *testing.T) {
 	if seed == nil {
 		t.FailNow()
 	}
+	t.Run("Peers_PublishRecordedForOtherNodes", wantPeerRecords)
 
 	t.Run("SecondPod_FetchesNothing_ModelCached", func(t *testing.T) {
 		r.proxy.Reset()
