@@ -318,6 +318,10 @@ func peerLeases(ctx context.Context, t *testing.T, plugin kubernetes.Interface, 
 	if err := <-waited; err != nil {
 		t.Fatalf("Wait: %v", err)
 	}
+	// What a plugin reads at start-up (Cache.RegisterHeld).
+	if l, err := regs[0].List(ctx); err != nil || !l.Mine[key] {
+		t.Fatalf("List: %+v, %v; want the key among node-a's", l, err)
+	}
 	for _, step := range []func(context.Context, string) error{regs[1].Committed, regs[0].Evicted, regs[1].Evicted} {
 		if err := step(ctx, key); err != nil {
 			t.Fatal(err)
