@@ -273,6 +273,7 @@ func TestDeployKustomize(t *testing.T) {
 	r := newRemote(t)
 	r.secret(t, seldonSecret, nil)
 	uri, sums := model(t, "seed", 1, map[string]int{"config.json": 512, "tokenizer.json": 64 << 10, "weights/model.bin": 4 << 20})
+	leases := leasesAtStart(t)
 
 	var seed *corev1.Pod
 	t.Run("SeldonInlineVolume_ReadyByteExact_Events", func(t *testing.T) {
@@ -291,7 +292,7 @@ func TestDeployKustomize(t *testing.T) {
 	if seed == nil {
 		t.FailNow()
 	}
-	t.Run("Peers_PublishRecordedForOtherNodes", wantPeerRecords)
+	t.Run("Peers_PublishRecordedForOtherNodes", func(t *testing.T) { wantPeerRecords(t, leases) })
 
 	t.Run("SecondPod_FetchesNothing_ModelCached", func(t *testing.T) {
 		r.proxy.Reset()
