@@ -32,6 +32,14 @@ type Proxy struct {
 	// RateBytesPerSec, when positive, throttles each object response: a
 	// per-stream cap, as one S3 or GCS stream has.
 	RateBytesPerSec atomic.Int64
+	// TotalBytesPerSec, when positive, caps the object bytes of all
+	// responses together: the origin's egress, which every stream shares
+	// (one token bucket), as a bucket's or a link's total bandwidth is.
+	TotalBytesPerSec atomic.Int64
+	egress           pacer
+
+	// served counts object bytes by object path and by client host.
+	served served
 	// FirstByteDelay, in nanoseconds, delays each object response's first
 	// byte, as a real object store's time to first byte does, and each
 	// object HEAD's answer.
@@ -87,6 +95,10 @@ type ProxyOptions struct {
 	// AllRequests makes every request one, as for a server whose every
 	// answer crosses the same network (a Hub's API, a registry's).
 	Objects func(*http.Request) bool
+	// Listener, when set, is where the proxy serves (one opened in a
+	// test's network namespace, say); nil: a new loopback port. The proxy
+	// closes it on Stop.
+	Listener net.Listener
 }
 
 // AllRequests is a ProxyOptions.Objects for which every request is one.
@@ -102,9 +114,11 @@ func StartProxyWith(target string, opt ProxyOptions) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
+	l := opt.Listener
+	if l == nil {
+		if l, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			return nil, err
+		}
 	}
 	p := &Proxy{URL: "http://" + l.Addr().String(), objects: opt.Objects}
 	if p.objects == nil {
@@ -121,7 +135,7 @@ func StartProxyWith(target string, opt ProxyOptions) (*Proxy, error) {
 		}
 		p.swapBody(resp)
 		p.hideChecksums(resp)
-		if (p.RateBytesPerSec.Load() > 0 || p.trickleRateOf(resp.Request) > 0) && p.isObjectGet(resp.Request) {
+		if (p.RateBytesPerSec.Load() > 0 || p.TotalBytesPerSec.Load() > 0 || p.trickleRateOf(resp.Request) > 0) && p.isObjectGet(resp.Request) {
 			// Throttling plays a slow network between the driver and the
 			// remote; the remote itself answers at once. Reading its answer
 			// ahead keeps MinIO from cutting a connection its client drains
@@ -164,7 +178,8 @@ func StartProxyWith(target string, opt ProxyOptions) (*Proxy, error) {
 		}
 		if p.isObjectGet(r) {
 			p.objectGets.Add(1)
-			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1, trickle: p.trickleRateOf(r)}
+			cw := &countingWriter{ResponseWriter: w, p: p, start: time.Now(), flipAt: -1, truncAt: -1, length: -1, trickle: p.trickleRateOf(r),
+				object: r.URL.Path, client: clientHost(r)}
 			if cw.trickle > 0 {
 				p.trickles.Add(1)
 			}
@@ -201,9 +216,19 @@ func (p *Proxy) ObjectGets() int64 { return p.objectGets.Load() }
 // ObjectHeads is the number of object HEAD requests so far.
 func (p *Proxy) ObjectHeads() int64 { return p.objectHeads.Load() }
 
+// ObjectBytesOf is the number of bytes served so far of the object whose
+// path (/bucket/key for S3) is path.
+func (p *Proxy) ObjectBytesOf(path string) int64 { return p.served.get(&p.served.byObject, path) }
+
+// ObjectBytesTo is the number of object bytes served so far to clients
+// connecting from host (an IP address): what one node fetched from the
+// origin, when each node has its own address.
+func (p *Proxy) ObjectBytesTo(host string) int64 { return p.served.get(&p.served.byClient, host) }
+
 // Reset zeroes the counters, and sets the high-water mark of MaxInFlight
 // to the number of object GETs in flight now (0 when idle).
 func (p *Proxy) Reset() {
+	p.served.reset()
 	p.objectBytes.Store(0)
 	p.objectGets.Store(0)
 	p.objectHeads.Store(0)
@@ -399,6 +424,15 @@ type countingWriter struct {
 	trickle int64 // bytes a second; 0: as fast as the remote
 	head    bool  // a HEAD, counted in flight only
 	left    bool  // no longer counted in flight
+	object  string
+	client  string
+}
+
+// count adds n bytes written to the proxy's counters.
+func (c *countingWriter) count(n int) {
+	c.n += int64(n)
+	c.p.objectBytes.Add(int64(n))
+	c.p.served.add(c.object, c.client, int64(n))
 }
 
 // enter counts the response in flight and raises the high-water mark.
@@ -444,9 +478,11 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 	if c.trickle > 0 {
 		return c.trickleWrite(b)
 	}
+	if total := c.p.TotalBytesPerSec.Load(); total > 0 {
+		c.p.egress.take(int64(len(b)), total)
+	}
 	n, err := c.ResponseWriter.Write(b)
-	c.n += int64(n)
-	c.p.objectBytes.Add(int64(n))
+	c.count(n)
 	if rate := c.p.RateBytesPerSec.Load(); rate > 0 {
 		want := time.Duration(float64(c.n) / float64(rate) * float64(time.Second))
 		if d := want - time.Since(c.start); d > 0 {
@@ -465,8 +501,7 @@ func (c *countingWriter) trickleWrite(b []byte) (int, error) {
 		k := min(int64(len(b)-sent), step)
 		n, err := c.ResponseWriter.Write(b[sent : sent+int(k)])
 		sent += n
-		c.n += int64(n)
-		c.p.objectBytes.Add(int64(n))
+		c.count(n)
 		c.Flush()
 		if err != nil {
 			return sent, err
@@ -481,8 +516,7 @@ func (c *countingWriter) trickleWrite(b []byte) (int, error) {
 func (c *countingWriter) cut(b []byte) {
 	if len(b) > 0 {
 		n, _ := c.ResponseWriter.Write(b)
-		c.n += int64(n)
-		c.p.objectBytes.Add(int64(n))
+		c.count(n)
 	}
 	c.Flush()
 	c.p.truncations.Add(1)
@@ -555,4 +589,64 @@ func (r *readAhead) Close() error {
 	r.done = true
 	r.mu.Unlock()
 	return nil
+}
+
+// pacer is a token bucket shared by every stream, without a burst: each
+// write books its bytes' time after the writes booked before it and waits
+// until then.
+type pacer struct {
+	mu   sync.Mutex
+	next time.Time
+}
+
+// take waits until n bytes fit under rate bytes a second.
+func (p *pacer) take(n, rate int64) {
+	d := time.Duration(float64(n) / float64(rate) * float64(time.Second))
+	p.mu.Lock()
+	now := time.Now()
+	if p.next.Before(now) {
+		p.next = now
+	}
+	p.next = p.next.Add(d)
+	until := p.next
+	p.mu.Unlock()
+	time.Sleep(time.Until(until))
+}
+
+// served counts object bytes by object and by client.
+type served struct {
+	mu       sync.Mutex
+	byObject map[string]int64
+	byClient map[string]int64
+}
+
+func (s *served) add(object, client string, n int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.byObject == nil {
+		s.byObject, s.byClient = map[string]int64{}, map[string]int64{}
+	}
+	s.byObject[object] += n
+	s.byClient[client] += n
+}
+
+func (s *served) get(m *map[string]int64, k string) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return (*m)[k]
+}
+
+func (s *served) reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.byObject, s.byClient = nil, nil
+}
+
+// clientHost is the address a request came from, without its port.
+func clientHost(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
 }
