@@ -14,6 +14,7 @@ import (
 	"github.com/modelcache/modelcache/pkg/peer"
 	"github.com/modelcache/modelcache/pkg/source"
 	"github.com/modelcache/modelcache/pkg/store"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
 )
 
@@ -32,6 +33,14 @@ type Peers struct {
 	// PollEvery is how often a node waiting for an object another node
 	// fetches from the origin asks it again (default 1 s).
 	PollEvery time.Duration
+	// BusyRetry is the first wait before a range a peer answered busy
+	// (503: it serves its most streams) is asked of it again (default
+	// 250 ms), doubled up to the second its Retry-After says, jittered.
+	BusyRetry time.Duration
+	// BusyWait bounds how long one range waits for a busy peer before it
+	// is read from the origin, the peer not demoted (default 15 s: well
+	// inside the store's stall window, so waiting never cuts a stream).
+	BusyWait time.Duration
 }
 
 // PeerRegistry records who fetches and holds each content key
@@ -365,18 +374,9 @@ func (o *peerObject) Open(ctx context.Context, e source.Entry) (io.ReadCloser, e
 }
 
 func (o *peerObject) OpenRange(ctx context.Context, e source.Entry, off, n int64) (io.ReadCloser, error) {
-	o.pf.mu.Lock()
-	demoted := o.pf.demoted[o.node]
-	o.pf.mu.Unlock()
-	if !demoted {
-		rc, err := o.pf.peers.Client.OpenRange(ctx, o.addr, o.sum, off, n)
-		if err == nil {
-			return &peerReader{ReadCloser: rc, o: o}, nil
-		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		o.pf.demote(o.node, err.Error())
+	rc, err := o.openFromPeer(ctx, off, n)
+	if rc != nil || err != nil {
+		return rc, err
 	}
 	if off == 0 && n == e.Size {
 		return o.pf.Remote.Open(ctx, e)
@@ -386,6 +386,61 @@ func (o *peerObject) OpenRange(ctx context.Context, e source.Entry, off, n int64
 		return nil, source.ErrNoRanges
 	}
 	return rf.OpenRange(ctx, e, off, n)
+}
+
+// openFromPeer opens a range at the peer unless it was demoted: nil and
+// no error send the range to the origin. A peer that fails is demoted;
+// one that is busy is asked again for a while, and then the range goes to
+// the origin with the peer kept: every node reading a model from the node
+// that fetched it finds that node busy more often than not, and giving
+// up on it would read the model from the origin once per node.
+func (o *peerObject) openFromPeer(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	retry, limit := o.pf.peers.busyTimes()
+	deadline := time.Now().Add(limit)
+	for {
+		o.pf.mu.Lock()
+		demoted := o.pf.demoted[o.node]
+		o.pf.mu.Unlock()
+		if demoted {
+			return nil, nil
+		}
+		rc, err := o.pf.peers.Client.OpenRange(ctx, o.addr, o.sum, off, n)
+		switch {
+		case err == nil:
+			return &peerReader{ReadCloser: rc, o: o}, nil
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case !errors.Is(err, peer.ErrBusy):
+			o.pf.demote(o.node, err.Error())
+			return nil, nil
+		case time.Now().Add(retry).After(deadline):
+			klog.V(2).InfoS("peer busy; reading a range from the origin", "key", o.pf.key, "node", o.node, "offset", off)
+			return nil, nil
+		}
+		t := time.NewTimer(wait.Jitter(retry, 1))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		retry = min(2*retry, busyRetryMax)
+	}
+}
+
+// busyRetryMax is the Retry-After of a busy peer.
+const busyRetryMax = time.Second
+
+// busyTimes are BusyRetry and BusyWait with their defaults.
+func (p *Peers) busyTimes() (retry, limit time.Duration) {
+	retry, limit = p.BusyRetry, p.BusyWait
+	if retry <= 0 {
+		retry = 250 * time.Millisecond
+	}
+	if limit <= 0 {
+		limit = 15 * time.Second
+	}
+	return retry, limit
 }
 
 // CanRange: a peer serves ranges of any blob.

@@ -110,6 +110,7 @@ type peerClient struct {
 	nodes   map[string]*harness
 	flip    bool  // flip the first byte of every range
 	killAt  int64 // when positive, the peer dies once it served this many bytes
+	busy    atomic.Int64 // this many more ranges are answered 503, as by a peer serving its most streams
 	served  atomic.Int64
 	lookups atomic.Int64
 }
@@ -146,6 +147,9 @@ func (c *peerClient) OpenRange(_ context.Context, addr, sum string, off, n int64
 	}
 	if c.killAt > 0 && c.served.Load() >= c.killAt {
 		return nil, fmt.Errorf("dial %s: connection refused", addr)
+	}
+	if c.busy.Add(-1) >= 0 {
+		return nil, &peer.StatusError{Addr: addr, Status: 503}
 	}
 	return io.NopCloser(&servedReader{bytes.NewReader(b), c}), nil
 }
@@ -186,7 +190,7 @@ func twoNodes(t *testing.T, client *peerClient) (a, b *harness, leases *fakeLeas
 	open := func(node string) *harness {
 		return newHarnessWith(t, t.TempDir(), res, cache.Options{
 			Store: store.Options{RangeCutoff: 1 << 20, RangeChunk: 256 << 10, RangeSpan: 512 << 10},
-			Peers: &cache.Peers{Registry: nodeRegistry{leases, node}, Members: nodeAddrs{}, Client: client, PollEvery: 5 * time.Millisecond},
+			Peers: &cache.Peers{Registry: nodeRegistry{leases, node}, Members: nodeAddrs{}, Client: client, PollEvery: 5 * time.Millisecond, BusyRetry: time.Millisecond},
 		})
 	}
 	a, b = open("node-a"), open("node-b")
@@ -292,6 +296,34 @@ func TestPeers_PeerFailsMidFile(t *testing.T) {
 	size := int64(len(peerFiles()["model.bin"]))
 	if got := after - before; got <= 0 || got >= size {
 		t.Fatalf("the origin served %d bytes of model.bin in ranges, want some and less than its %d", got, size)
+	}
+}
+
+// A peer that answers busy (503: it serves its most streams) is asked
+// again, not demoted: every byte still comes from it, none from the
+// origin. Eight nodes reading from the one node that fetched a model are
+// busy answers more often than not.
+func TestPeers_BusyPeerAskedAgain(t *testing.T) {
+	client := &peerClient{}
+	a, b, _ := twoNodes(t, client)
+	if _, err := a.fetch(secrets()); err != nil {
+		t.Fatal(err)
+	}
+	client.busy.Store(5)
+	opens := a.res.OpenTotal()
+	fb, err := b.fetch(secrets())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.checkModel(fb.Tree)
+	if got := a.res.OpenTotal() - opens; got != 0 {
+		t.Errorf("node-b opened %d objects at the origin after busy answers, want none", got)
+	}
+	if want := sourcetest.SizeOf(peerFiles()); client.served.Load() != want {
+		t.Errorf("peers served %d bytes, want the model's %d", client.served.Load(), want)
+	}
+	if client.busy.Load() >= 0 {
+		t.Errorf("the peer was not asked through its busy answers")
 	}
 }
 
