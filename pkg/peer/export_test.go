@@ -15,3 +15,5 @@ func (m *Metrics) RefusalsFor(reason string) prometheus.Collector {
 func (m *Metrics) ServedBytes() prometheus.Collector { return m.servedBytes }
 
 func (m *Metrics) Streams() prometheus.Collector { return m.active }
+
+func (m *Metrics) Queued() prometheus.Collector { return m.queued }

@@ -15,6 +15,7 @@ type Metrics struct {
 	requests    *prometheus.CounterVec
 	refusals    *prometheus.CounterVec
 	active      prometheus.Gauge
+	queued      prometheus.Gauge
 }
 
 // statusCodes are the statuses the requests metric names; any other is
@@ -36,11 +37,15 @@ func NewMetrics() *Metrics {
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "modelcache", Subsystem: "peer", Name: "refusals_total",
 			Help: "Peer requests refused, by reason: no_token and invalid_token (401), other_account (403), " +
-				"review_failed (503, TokenReview failed), busy (503, as many streams as allowed already).",
+				"review_failed (503, TokenReview failed), busy (503, as many streams as allowed already and none came free in time, or the queue full).",
 		}, []string{"reason"}),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "modelcache", Subsystem: "peer", Name: "streams",
 			Help: "Blob bodies this node is serving to other nodes right now.",
+		}),
+		queued: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "modelcache", Subsystem: "peer", Name: "queued",
+			Help: "Blob bodies asked of this node that wait for one of its streams right now.",
 		}),
 	}
 	for _, c := range statusCodes {
@@ -59,6 +64,7 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.requests.Describe(ch)
 	m.refusals.Describe(ch)
 	m.active.Describe(ch)
+	m.queued.Describe(ch)
 }
 
 // Collect implements prometheus.Collector.
@@ -67,6 +73,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	m.requests.Collect(ch)
 	m.refusals.Collect(ch)
 	m.active.Collect(ch)
+	m.queued.Collect(ch)
 }
 
 func (m *Metrics) served(n int) {
@@ -97,5 +104,11 @@ func (m *Metrics) refused(reason string) {
 func (m *Metrics) streams(delta float64) {
 	if m != nil {
 		m.active.Add(delta)
+	}
+}
+
+func (m *Metrics) waiting(delta float64) {
+	if m != nil {
+		m.queued.Add(delta)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -67,8 +68,15 @@ type Config struct {
 	// only one whose tokens are served.
 	Namespace, ServiceAccount string
 	// MaxStreams bounds the bodies served at once (default
-	// DefaultMaxStreams); more get 503 and go to another peer.
+	// DefaultMaxStreams).
 	MaxStreams int
+	// QueueWait is how long a body asked while MaxStreams are served
+	// waits for one, in the order they were asked (default
+	// DefaultQueueWait; negative: none waits). MaxQueued bounds how many
+	// wait (default DefaultMaxQueued). One that waits in vain, or finds
+	// the queue full, gets 503 and asks again later or elsewhere.
+	QueueWait time.Duration
+	MaxQueued int
 	// WriteTimeout is how long one write of a body may wait for the
 	// reader (default DefaultWriteTimeout).
 	WriteTimeout time.Duration
@@ -87,7 +95,17 @@ type Config struct {
 const (
 	// DefaultMaxStreams keeps a GPU node's CPU for its workload: a TLS
 	// stream costs about a quarter of a core at full speed.
-	DefaultMaxStreams   = 4
+	DefaultMaxStreams = 4
+	// DefaultQueueWait: every node reading a model from the one node that
+	// fetched it asks for several ranges at once, many more than
+	// MaxStreams. Waiting in order serves each range in turn; refused
+	// at once, they would ask again at random and some would lose every
+	// time, until they gave up and read from the origin. It stays well
+	// inside a requester's stall window (30 s, first byte included).
+	DefaultQueueWait = 10 * time.Second
+	// DefaultMaxQueued bounds what a waiting body holds (a connection
+	// and a goroutine each): eight nodes' ranged streams.
+	DefaultMaxQueued    = 64
 	DefaultWriteTimeout = 30 * time.Second
 	DefaultCacheTTL     = time.Minute
 	DefaultCacheSize    = 1024
@@ -100,6 +118,9 @@ type Server struct {
 	objects      Objects
 	gate         *gate
 	streams      chan struct{}
+	queueWait    time.Duration
+	maxQueued    int64
+	queued       atomic.Int64
 	writeTimeout time.Duration
 	metrics      *Metrics
 	mux          *http.ServeMux
@@ -116,6 +137,12 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.MaxStreams <= 0 {
 		cfg.MaxStreams = DefaultMaxStreams
 	}
+	if cfg.QueueWait == 0 {
+		cfg.QueueWait = DefaultQueueWait
+	}
+	if cfg.MaxQueued <= 0 {
+		cfg.MaxQueued = DefaultMaxQueued
+	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = DefaultWriteTimeout
 	}
@@ -123,6 +150,8 @@ func NewServer(cfg Config) (*Server, error) {
 		blobs: cfg.Blobs, objects: cfg.Objects,
 		gate:         newGate(cfg),
 		streams:      make(chan struct{}, cfg.MaxStreams),
+		queueWait:    cfg.QueueWait,
+		maxQueued:    int64(cfg.MaxQueued),
 		writeTimeout: cfg.WriteTimeout,
 		metrics:      cfg.Metrics,
 		mux:          http.NewServeMux(),
@@ -174,7 +203,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request) {
 	}
 	defer f.Close()
 	if r.Method != http.MethodHead {
-		if !s.takeStream() {
+		if !s.takeStream(r.Context()) {
 			s.metrics.refused(reasonBusy)
 			w.Header().Set("Retry-After", "1")
 			http.Error(w, "this node serves as many streams as it may; ask another", http.StatusServiceUnavailable)

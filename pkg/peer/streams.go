@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"time"
@@ -8,15 +9,35 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// takeStream takes one of the node's MaxStreams without waiting: a
-// requester refused here asks another holder sooner than it would get a
-// slot here.
-func (s *Server) takeStream() bool {
+// takeStream takes one of the node's MaxStreams, waiting for one at most
+// QueueWait behind at most MaxQueued others (a channel's waiting senders
+// go in the order they came); false when none came, or the requester went
+// away meanwhile.
+func (s *Server) takeStream(ctx context.Context) bool {
 	select {
 	case s.streams <- struct{}{}:
 		s.metrics.streams(1)
 		return true
 	default:
+	}
+	if s.queueWait < 0 {
+		return false
+	}
+	if s.queued.Add(1) > s.maxQueued {
+		s.queued.Add(-1)
+		return false
+	}
+	s.metrics.waiting(1)
+	defer func() { s.queued.Add(-1); s.metrics.waiting(-1) }()
+	t := time.NewTimer(s.queueWait)
+	defer t.Stop()
+	select {
+	case s.streams <- struct{}{}:
+		s.metrics.streams(1)
+		return true
+	case <-t.C:
+		return false
+	case <-ctx.Done():
 		return false
 	}
 }

@@ -33,13 +33,13 @@ func openBody(t *testing.T, c *http.Client, addr, sum string) *http.Response {
 }
 
 // TestServer_MaxStreams: while MaxStreams bodies are being served, the
-// next body is refused at once with 503 and Retry-After; HEADs and object
-// lookups, which stream nothing, still work; a stream that ends frees its
-// slot.
+// next body is refused at once with 503 and Retry-After when the server
+// queues none (QueueWait < 0); HEADs and object lookups, which stream
+// nothing, still work; a stream that ends frees its slot.
 func TestServer_MaxStreams(t *testing.T) {
 	for _, max := range []int{1, 3} {
 		t.Run(fmt.Sprintf("MaxStreams=%d", max), func(t *testing.T) {
-			p := startPeer(t, peer.Config{MaxStreams: max})
+			p := startPeer(t, peer.Config{MaxStreams: max, QueueWait: -1})
 			sum := strings.Repeat("b", 64)
 			p.blobs.putSparse(t, sum, bigBlob)
 			small := p.blobs.put(t, []byte("small"))
@@ -108,5 +108,46 @@ func TestServer_StalledReaderLosesItsStream(t *testing.T) {
 	n, err := io.Copy(io.Discard, stalled.Body)
 	if err == nil || n >= bigBlob {
 		t.Errorf("the stalled reader read %d bytes, %v: want the stream cut short", n, err)
+	}
+}
+
+// TestServer_QueuedBodies: a body asked while MaxStreams are served waits
+// for a stream, in order, and is served when one ends; one that finds
+// MaxQueued waiting is refused at once, and one that waits QueueWait in
+// vain is refused then, with Retry-After.
+func TestServer_QueuedBodies(t *testing.T) {
+	p := startPeer(t, peer.Config{MaxStreams: 1, MaxQueued: 1, QueueWait: time.Minute})
+	sum := strings.Repeat("d", 64)
+	p.blobs.putSparse(t, sum, bigBlob)
+	small := p.blobs.put(t, []byte("small"))
+	held := openBody(t, p.httpClient(t), p.addr, sum)
+	if held.StatusCode != 200 {
+		t.Fatalf("status %d", held.StatusCode)
+	}
+	queued := make(chan reply, 1)
+	go func() { queued <- p.do(t, http.MethodGet, peer.BlobsPath+small, pluginToken, nil) }()
+	eventually(t, 30*time.Second, "a body queued", func() error {
+		if got := testutil.ToFloat64(p.metrics.Queued()); got != 1 {
+			return fmt.Errorf("queued gauge %v", got)
+		}
+		return nil
+	})
+	if got := p.do(t, http.MethodGet, peer.BlobsPath+small, pluginToken, nil); got.status != 503 || got.header.Get("Retry-After") != "1" {
+		t.Errorf("a body beyond MaxQueued: status %d, Retry-After %q; want 503 at once", got.status, got.header.Get("Retry-After"))
+	}
+	held.Body.Close()
+	if got := <-queued; got.status != 200 || got.body != "small" {
+		t.Errorf("the queued body: status %d %q, want 200 once the stream ended", got.status, got.body)
+	}
+
+	short := startPeer(t, peer.Config{MaxStreams: 1, QueueWait: 50 * time.Millisecond})
+	short.blobs.putSparse(t, sum, bigBlob)
+	held = openBody(t, short.httpClient(t), short.addr, sum)
+	defer held.Body.Close()
+	if got := short.do(t, http.MethodGet, peer.BlobsPath+sum, pluginToken, nil); got.status != 503 || got.header.Get("Retry-After") != "1" {
+		t.Errorf("a body that waited QueueWait in vain: status %d, want 503", got.status)
+	}
+	if got := testutil.ToFloat64(short.metrics.RefusalsFor("busy")); got != 1 {
+		t.Errorf("refusals{reason=busy} = %v, want 1", got)
 	}
 }
