@@ -2,8 +2,9 @@
 #
 #   make demo    the main job end to end on this machine (needs root)
 #   make test    lint, unit, fuzz, integration (root, MinIO, real mounts),
-#                csi-sanity and the CachedModel reconciler against a real
-#                kube-apiserver and etcd (built into bin/ the first time)
+#                csi-sanity, the CachedModel reconciler against a real
+#                kube-apiserver and etcd (built into bin/ the first time),
+#                and node plugins serving each other in network namespaces
 #   make e2e     the DaemonSet on a real single-node Kubernetes (root; builds
 #                kube-apiserver, kubelet and etcd into bin/ the first time)
 #   make bench   benchmarks (never part of make test)
@@ -104,7 +105,7 @@ times:
 .PHONY: help
 help:
 	@echo "make demo     cold then warm publish of a generated model from a loopback MinIO (root)"
-	@echo "make test     lint, unit, integration, csi-sanity and fleet (apiserver) tests (root)"
+	@echo "make test     lint, unit, integration, csi-sanity, fleet (apiserver) and nodes (peers) tests (root)"
 	@echo "make e2e      the node plugin's image as a DaemonSet on a real single-node Kubernetes (root)"
 	@echo "make bench    benchmarks"
 	@echo "make build    bin/modelcache-csi and bin/modelcachectl"
@@ -225,7 +226,7 @@ tools: $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.csi-sanity-$(CSI_SANITY_VERSION) $
 # rclone for integration, csi-sanity, then Kubernetes and etcd for fleet), and then
 # what make e2e compiles, so that a cold .ci/run builds nothing twice and
 # keeps both cores busy while the suites wait on sockets and mounts.
-TEST_PHASES := lint unit fuzz integration sanity fleet
+TEST_PHASES := lint unit fuzz integration sanity fleet nodes
 TEST_JOBS   ?= 2
 
 .PHONY: test
@@ -245,6 +246,7 @@ fuzz: | unit
 integration: | fuzz
 sanity: | integration
 fleet: | sanity
+nodes: | fleet
 $(BIN)/npm/.hfhub-$(HF_HUB_VERSION): | $(BIN)/.kustomize-$(KUSTOMIZE_VERSION)
 $(BIN)/.helm-$(HELM_VERSION): | $(BIN)/npm/.hfhub-$(HF_HUB_VERSION)
 $(BIN)/.minio-$(MINIO_VERSION): | $(BIN)/.helm-$(HELM_VERSION)
@@ -334,6 +336,16 @@ fleet: $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION)
 	$(call begin,fleet)
 	$(GO) test -race -count=1 -timeout 10m $(GOTEST_FLAGS) ./test/fleet/...
 	$(call end,fleet)
+
+# Node plugins serving each other (docs/design.md "Peers"): several real
+# plugins, built -race, each in its own network namespace, against a real
+# etcd and kube-apiserver and MinIO behind a capped origin proxy
+# (test/testenv/nodes). Root for the namespaces and the mounts.
+.PHONY: nodes
+nodes: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION)
+	$(call begin,nodes)
+	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 20m -v $(GOTEST_FLAGS) ./test/nodes/...
+	$(call end,nodes)
 
 # The real node's runtime comes from Debian's packages (bookworm: containerd
 # 1.6.20, runc 1.1.5, CNI plugins 1.1.1, busybox for the test pods' image).
