@@ -108,8 +108,8 @@ func (nodeAddrs) Addr(node string) (string, bool) { return node, true }
 // peer endpoints serve them; it can flip a byte or cut a read.
 type peerClient struct {
 	nodes   map[string]*harness
-	flip    bool  // flip the first byte of every range
-	killAt  int64 // when positive, the peer dies once it served this many bytes
+	flip    bool         // flip the first byte of every range
+	killAt  int64        // when positive, the peer dies once it served this many bytes
 	busy    atomic.Int64 // this many more ranges are answered 503, as by a peer serving its most streams
 	served  atomic.Int64
 	lookups atomic.Int64
