@@ -90,8 +90,10 @@ func (n *Node) Target(volumeID string) string {
 }
 
 // Publish publishes modelURI as volume id as kubelet does, asking again
-// while the plugin answers that the download still runs, until it
-// succeeds, fails for good or ctx ends; it returns the target path.
+// while the plugin answers that the download still runs or that the
+// remote is unavailable (kubelet asks again after any error; these are
+// the ones another try can change), until it succeeds, fails otherwise
+// or ctx ends; it returns the target path.
 func (n *Node) Publish(ctx context.Context, volumeID, modelURI string, secrets map[string]string) (string, error) {
 	target := n.Target(volumeID)
 	req := testenv.PublishRequest(volumeID, target, map[string]string{"modelUri": modelURI}, secrets)
@@ -106,7 +108,7 @@ func (n *Node) Publish(ctx context.Context, volumeID, modelURI string, secrets m
 		switch status.Code(err) {
 		case codes.OK:
 			return target, nil
-		case codes.Aborted, codes.DeadlineExceeded:
+		case codes.Aborted, codes.DeadlineExceeded, codes.Unavailable:
 			if ctx.Err() != nil {
 				return "", fmt.Errorf("publishing %s on %s: %w", volumeID, n.Name, err)
 			}
