@@ -41,18 +41,7 @@ type Peers struct {
 	// is read from the origin, the peer not demoted (default 15 s: well
 	// inside the store's stall window, so waiting never cuts a stream).
 	BusyWait time.Duration
-	// StreamsPerPeer bounds the ranges one download reads from one peer
-	// at once (default DefaultStreamsPerPeer); the download's other
-	// streams wait their turn, within BusyWait. A peer serves a few
-	// streams at a time to every node: a download asking it for all of
-	// its ranged streams would only lengthen the peer's queue, and the
-	// nodes that read from the node that fetched a model would wait
-	// longer than BusyWait on a slow machine.
-	StreamsPerPeer int
 }
-
-// DefaultStreamsPerPeer is half a peer endpoint's peer.DefaultMaxStreams.
-const DefaultStreamsPerPeer = 2
 
 // PeerRegistry records who fetches and holds each content key
 // (*holders.Registry).
@@ -103,9 +92,8 @@ type peerFetch struct {
 	stopRenew func()
 
 	mu        sync.Mutex
-	demoted   map[string]bool          // nodes that failed this download
-	streams   map[string]chan struct{} // ranges open at each node
-	fromPeers atomic.Int64             // bytes read from peers
+	demoted   map[string]bool // nodes that failed this download
+	fromPeers atomic.Int64    // bytes read from peers
 }
 
 // evicted tells the registry this node no longer holds the keys' tree,
@@ -409,52 +397,6 @@ func (o *peerObject) OpenRange(ctx context.Context, e source.Entry, off, n int64
 func (o *peerObject) openFromPeer(ctx context.Context, off, n int64) (io.ReadCloser, error) {
 	retry, limit := o.pf.peers.busyTimes()
 	deadline := time.Now().Add(limit)
-	slot, err := o.pf.takeStream(ctx, o.node, deadline)
-	if slot == nil {
-		return nil, err
-	}
-	rc, err := o.askPeer(ctx, off, n, retry, deadline)
-	if rc == nil {
-		slot()
-		return nil, err
-	}
-	return &peerReader{ReadCloser: rc, o: o, release: slot}, nil
-}
-
-// takeStream waits for one of StreamsPerPeer at node until deadline; it
-// returns the function that gives it back, nil when none came in time.
-func (pf *peerFetch) takeStream(ctx context.Context, node string, deadline time.Time) (release func(), err error) {
-	pf.mu.Lock()
-	if pf.streams == nil {
-		pf.streams = map[string]chan struct{}{}
-	}
-	sem := pf.streams[node]
-	if sem == nil {
-		k := pf.peers.StreamsPerPeer
-		if k <= 0 {
-			k = DefaultStreamsPerPeer
-		}
-		sem = make(chan struct{}, k)
-		pf.streams[node] = sem
-	}
-	pf.mu.Unlock()
-	t := time.NewTimer(time.Until(deadline))
-	defer t.Stop()
-	select {
-	case sem <- struct{}{}:
-		var once sync.Once
-		return func() { once.Do(func() { <-sem }) }, nil
-	case <-t.C:
-		klog.V(2).InfoS("this download's streams to a peer stayed busy; reading a range from the origin", "key", pf.key, "node", node)
-		return nil, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// askPeer opens a range at the peer, asking again while it is busy, until
-// deadline.
-func (o *peerObject) askPeer(ctx context.Context, off, n int64, retry time.Duration, deadline time.Time) (io.ReadCloser, error) {
 	for {
 		o.pf.mu.Lock()
 		demoted := o.pf.demoted[o.node]
@@ -465,7 +407,7 @@ func (o *peerObject) askPeer(ctx context.Context, off, n int64, retry time.Durat
 		rc, err := o.pf.peers.Client.OpenRange(ctx, o.addr, o.sum, off, n)
 		switch {
 		case err == nil:
-			return rc, nil
+			return &peerReader{ReadCloser: rc, o: o}, nil
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
 		case !errors.Is(err, peer.ErrBusy):
@@ -508,13 +450,7 @@ func (o *peerObject) CanRange(source.Entry) bool { return true }
 // fails: the store's retry of the range then goes to the remote.
 type peerReader struct {
 	io.ReadCloser
-	o       *peerObject
-	release func() // gives the stream to the peer back
-}
-
-func (r *peerReader) Close() error {
-	defer r.release()
-	return r.ReadCloser.Close()
+	o *peerObject
 }
 
 func (r *peerReader) Read(p []byte) (int, error) {

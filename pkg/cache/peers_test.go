@@ -113,9 +113,6 @@ type peerClient struct {
 	busy    atomic.Int64 // this many more ranges are answered 503, as by a peer serving its most streams
 	served  atomic.Int64
 	lookups atomic.Int64
-	open    atomic.Int64 // bodies open now
-	maxOpen atomic.Int64 // the most open at once
-	slow    time.Duration
 }
 
 func (c *peerClient) Lookup(_ context.Context, addr, object string) (string, int64, error) {
@@ -154,23 +151,7 @@ func (c *peerClient) OpenRange(_ context.Context, addr, sum string, off, n int64
 	if c.busy.Add(-1) >= 0 {
 		return nil, &peer.StatusError{Addr: addr, Status: 503}
 	}
-	if n := c.open.Add(1); n > c.maxOpen.Load() {
-		c.maxOpen.Store(n)
-	}
-	time.Sleep(c.slow)
-	return &openBody{Reader: &servedReader{bytes.NewReader(b), c}, c: c}, nil
-}
-
-// openBody counts the bodies open at once.
-type openBody struct {
-	io.Reader
-	c    *peerClient
-	once sync.Once
-}
-
-func (b *openBody) Close() error {
-	b.once.Do(func() { b.c.open.Add(-1) })
-	return nil
+	return io.NopCloser(&servedReader{bytes.NewReader(b), c}), nil
 }
 
 // servedReader counts what the peer sent, and fails once it died.
@@ -343,28 +324,6 @@ func TestPeers_BusyPeerAskedAgain(t *testing.T) {
 	}
 	if client.busy.Load() >= 0 {
 		t.Errorf("the peer was not asked through its busy answers")
-	}
-}
-
-// A node reads at most StreamsPerPeer ranges from one peer at once,
-// however many ranged streams its download runs: more would only wait in
-// the peer's queue beside every other node's.
-func TestPeers_StreamsPerPeer(t *testing.T) {
-	client := &peerClient{slow: 5 * time.Millisecond}
-	a, b, _ := twoNodes(t, client)
-	if _, err := a.fetch(secrets()); err != nil {
-		t.Fatal(err)
-	}
-	fb, err := b.fetch(secrets())
-	if err != nil {
-		t.Fatal(err)
-	}
-	b.checkModel(fb.Tree)
-	if want := sourcetest.SizeOf(peerFiles()); client.served.Load() != want {
-		t.Errorf("peers served %d bytes, want the model's %d", client.served.Load(), want)
-	}
-	if got := client.maxOpen.Load(); got != cache.DefaultStreamsPerPeer {
-		t.Errorf("at most %d ranges open at the peer at once, want %d", got, cache.DefaultStreamsPerPeer)
 	}
 }
 
