@@ -317,7 +317,7 @@ HARNESS_FLAGS := -trimpath
 .PHONY: integration
 integration: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION)
 	$(call begin,integration)
-	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 30m $(GOTEST_FLAGS) ./test/integration/... ./test/benchrun/...
+	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 30m -skip '^TestBenchrunFleetSmoke$$' $(GOTEST_FLAGS) ./test/integration/... ./test/benchrun/...
 	@echo "smoke run of every Go benchmark (one iteration, -short); timings are not checked"
 	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -run '^$$' -bench . -benchtime 1x -short -count=1 ./test/bench/...
 	$(call end,integration)
@@ -345,6 +345,8 @@ fleet: $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION)
 nodes: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION)
 	$(call begin,nodes)
 	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 20m -v $(GOTEST_FLAGS) ./test/nodes/...
+	@echo "smoke run of make bench's fleet section (test/benchrun), which needs the same binaries"
+	$(DRIVER_RACE) $(HARNESS) $(GO) test $(HARNESS_FLAGS) -count=1 -timeout 10m -run '^TestBenchrunFleetSmoke$$' ./test/benchrun/
 	$(call end,nodes)
 
 # The real node's runtime comes from Debian's packages (bookworm: containerd
@@ -398,7 +400,7 @@ e2e-phases: require-root e2e-packages $(E2E_TOOLS)
 BENCH_FLAGS ?=
 
 .PHONY: bench
-bench: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION) $(BIN)/.oras-$(ORAS_VERSION) $(BIN)/.hfhub-$(HF_HUB_VERSION) build
+bench: require-root $(BIN)/.minio-$(MINIO_VERSION) $(BIN)/.rclone-$(RCLONE_VERSION) $(BIN)/.kubernetes-$(KUBERNETES_VERSION) $(BIN)/.etcd-$(ETCD_VERSION) $(BIN)/.oras-$(ORAS_VERSION) $(BIN)/.hfhub-$(HF_HUB_VERSION) build
 	$(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./test/bench/...
 	$(GO) run ./test/benchrun --driver $(BIN)/modelcache-csi --rclone $(BIN)/rclone --oras $(BIN)/oras --npm $(BIN)/npm --out docs/benchmarks.md $(BENCH_FLAGS)
 

@@ -43,6 +43,7 @@ type options struct {
 	RestartRefs         int
 	Remote              remoteOptions // section 7
 	Scale               scaleOptions  // section 8
+	Fleet               fleetOptions  // section 10
 	Only                []string      // sections to run (nil: all of them)
 	DropCaches          bool
 	Smoke               bool
@@ -59,9 +60,10 @@ const (
 	secRemote     = "remote"
 	secScale      = "scale"
 	secSources    = "sources"
+	secFleet      = "fleet"
 )
 
-var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote, secScale, secSources}
+var sectionNames = []string{secCold, secThroughput, secWarm, secPods, secRestart, secRemote, secScale, secSources, secFleet}
 
 // runs says whether the run measures section name.
 func (o options) runs(name string) bool { return o.Only == nil || slices.Contains(o.Only, name) }
@@ -75,6 +77,7 @@ func defaults() options {
 		RestartTrees: 1000, RestartRefs: 200, DropCaches: true,
 		Remote: remoteDefaults(),
 		Scale:  scaleDefaults(),
+		Fleet:  fleetDefaults(),
 		Log:    os.Stderr,
 	}
 }
@@ -88,7 +91,7 @@ func smokeOptions() options {
 	o.WarmPublishes, o.ManyFiles = 20, 200
 	o.Pods, o.MemPublishes, o.WriteBytes = 3, 5, 16<<20
 	o.RestartTrees, o.RestartRefs = 20, 5
-	o.Remote, o.Scale = remoteSmoke(), scaleSmoke()
+	o.Remote, o.Scale, o.Fleet = remoteSmoke(), scaleSmoke(), fleetSmoke()
 	// Smoke runs beside other test packages: dropping their page cache
 	// would only slow them down.
 	o.DropCaches = false

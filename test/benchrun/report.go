@@ -32,6 +32,7 @@ type Report struct {
 	Remote     RemoteResult
 	Scale      ScaleResult
 	Sources    SourcesResult
+	Fleet      FleetResult
 	Took       time.Duration
 }
 
@@ -99,6 +100,9 @@ func (r *Report) Markdown() string {
 	}
 	if r.Options.runs(secSources) {
 		r.sourcesSection(w)
+	}
+	if r.Options.runs(secFleet) {
+		r.fleetSection(w)
 	}
 
 	w("\n## Method\n\n")
@@ -386,6 +390,7 @@ func (r *Report) Goals() []Goal {
 	gs = append(gs, r.remoteGoals()...)
 	gs = append(gs, r.scaleGoals()...)
 	gs = append(gs, r.sourcesGoals()...)
+	gs = append(gs, r.fleetGoals()...)
 	// Goals of sections that were not run (--only) are left out.
 	return slices.DeleteFunc(gs, func(g Goal) bool {
 		return !slices.ContainsFunc(goalSections[g.Section], r.Options.runs)
@@ -396,7 +401,7 @@ func (r *Report) Goals() []Goal {
 // from: section 5's memory figures come from the cold and warm runs.
 var goalSections = map[string][]string{
 	"1": {secCold}, "2": {secWarm}, "3": {secPods}, "4": {secThroughput},
-	"5": {secCold, secWarm}, "6": {secRestart}, "7": {secRemote}, "8": {secScale}, "9": {secSources},
+	"5": {secCold, secWarm}, "6": {secRestart}, "7": {secRemote}, "8": {secScale}, "9": {secSources}, "10": {secFleet},
 }
 
 func (r *Report) largestCold() (ColdRow, bool) {

@@ -127,6 +127,7 @@ func run(ctx context.Context, o options) (rep *Report, err error) {
 		{secRemote, "through a realistic remote", b.remote},
 		{secScale, "scale", b.scale},
 		{secSources, "the hf:// and oci:// sources", b.sources},
+		{secFleet, "a fleet of nodes", b.fleet},
 	}
 	for _, s := range steps {
 		if !o.runs(s.section) {

@@ -9,6 +9,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -41,6 +42,9 @@ func TestBenchrunSmokeIntegration(t *testing.T) {
 
 	o := smokeOptions()
 	o.Driver, o.Rclone, o.Log = driver, rclone, testLog{t}
+	// Section 10 needs kube-apiserver and etcd, which make test builds
+	// for a later phase: TestBenchrunFleetSmoke runs it there.
+	o.Only = slices.DeleteFunc(slices.Clone(sectionNames), func(s string) bool { return s == secFleet })
 	// Section 9's hf:// client is the one make unit installs; its oci://
 	// models are published but not pulled with oras, which only make
 	// bench builds.
@@ -178,4 +182,49 @@ func checkSources(t *testing.T, x SourcesResult, o remoteOptions) {
 	if x.HubClient == "" || x.Oras != "" {
 		t.Errorf("section 9 names the Hub client %q and the oras CLI %q; want the first only", x.HubClient, x.Oras)
 	}
+}
+
+// TestBenchrunFleetSmoke runs section 10 small (make nodes runs it, with
+// the Kubernetes binaries it needs): every node ends with the model's
+// bytes and the report has the section and its goals.
+func TestBenchrunFleetSmoke(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the fleet smoke test needs root (network namespaces, bind mounts): run it through `make nodes` as root")
+	}
+	for _, b := range []string{"minio", "kube-apiserver", "etcd"} {
+		if _, err := testenv.Binary(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rclone, err := testenv.Binary("rclone") // the machine section names its version
+	if err != nil {
+		t.Fatal(err)
+	}
+	driver, err := testenv.BuildDriver(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := smokeOptions()
+	o.Driver, o.Rclone, o.Log, o.Only = driver, rclone, testLog{t}, []string{secFleet}
+	rep, err := run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := rep.Fleet
+	for _, fr := range []FleetRun{s.One, s.All, s.Off} {
+		if len(fr.Took) != o.Fleet.Runs || fr.Took[0] <= 0 || fr.Origin[0] < float64(s.Model.Bytes) && !fr.Peers {
+			t.Errorf("fleet run of %d nodes (peers %v) lacks figures: %+v", fr.Nodes, fr.Peers, fr)
+		}
+	}
+	// Not timings: peers off, every node fetched the model from the origin.
+	if got, want := s.Off.Origin[0], float64(s.Model.Bytes)*float64(o.Fleet.Nodes); got != want {
+		t.Errorf("peers off, the origin served %.0f bytes to %d nodes, want %.0f", got, o.Fleet.Nodes, want)
+	}
+	md := rep.Markdown()
+	for _, h := range []string{"## 10. Fleet", "| 10 | origin bytes", "| 10 | 2 nodes warm"} {
+		if !strings.Contains(md, h) {
+			t.Errorf("report lacks %q", h)
+		}
+	}
+	t.Logf("report:\n%s", md)
 }
