@@ -137,7 +137,7 @@ func (b *bench) fleetRun(ctx context.Context, admin *rest.Config, m model, fr *F
 	origin := f.Origin.ObjectBytes()
 	fr.Took, fr.Origin, fr.Peer = append(fr.Took, took), append(fr.Origin, float64(origin)), append(fr.Peer, float64(peer))
 	b.logf("%d node(s), peers %v, run %d: all warm in %s; the origin served %s, the nodes each other %s",
-		fr.Nodes, fr.Peers, r+1, fmtDur(took), sizeName(origin), sizeName(peer))
+		fr.Nodes, fr.Peers, r+1, fmtDur(took), mibName(float64(origin)), mibName(float64(peer)))
 	return nil
 }
 
@@ -188,5 +188,11 @@ func fmtBytes(n numbers) string {
 	if len(n) == 0 {
 		return "-"
 	}
-	return fmt.Sprintf("%s (%s–%s)", sizeName(int64(n.Median())), sizeName(int64(n.Min())), sizeName(int64(n.Max())))
+	if len(n) == 1 {
+		return mibName(n[0])
+	}
+	return fmt.Sprintf("%s (%s–%s)", mibName(n.Median()), mibName(n.Min()), mibName(n.Max()))
 }
+
+// mibName is a byte count in MiB, thousands separated.
+func mibName(b float64) string { return thousands(int(b/(1<<20)+0.5)) + " MiB" }
