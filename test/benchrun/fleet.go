@@ -75,7 +75,7 @@ func (b *bench) fleet(ctx context.Context, rep *Report) error {
 	admin := rest.CopyConfig(cp.Rest)
 	admin.QPS, admin.Burst = 100, 200
 
-	m := model{Name: sizeName(o.Size) + " in parts of " + sizeName(o.PartSize), Prefix: "fleet", Size: o.Size, Bytes: o.Size, Files: 1, Weights: "fleet/model.safetensors"}
+	m := model{Name: sizeName(o.Size) + " file uploaded in parts of " + sizeName(o.PartSize), Prefix: "fleet", Size: o.Size, Bytes: o.Size, Files: 1, Weights: "fleet/model.safetensors"}
 	buf := make([]byte, o.Size)
 	fill(m.Weights, buf)
 	b.logf("uploading %s (%s) in parts of %s", m.Weights, sizeName(o.Size), sizeName(o.PartSize))
@@ -144,7 +144,7 @@ func (b *bench) fleetRun(ctx context.Context, admin *rest.Config, m model, fr *F
 func (r *Report) fleetSection(w writer) {
 	s := r.Fleet
 	o := s.Options
-	w("\n## 10. Fleet\n\n%d node plugins (`test/testenv/nodes`: each in its own network namespace with its own cache, a real kube-apiserver and etcd) publish one %s model at once; the origin is MinIO behind a proxy capping its egress at %s in all and each stream at %s, %s to each first byte. Peers on: the nodes coordinate through Leases and read from each other (docs/design.md \"Peers\"); peers off: each node fetches from the origin, as before peers.\n\n",
+	w("\n## 10. Fleet\n\n%d node plugins (`test/testenv/nodes`: each in its own network namespace with its own cache, a real kube-apiserver and etcd) publish one model, a %s, at once; the origin is MinIO behind a proxy capping its egress at %s in all and each stream at %s, %s to each first byte. Peers on: the nodes coordinate through Leases and read from each other (docs/design.md \"Peers\"); peers off: each node fetches from the origin, as before peers.\n\n",
 		o.Nodes, s.Model.Name, rateName(o.Total), rateName(o.Stream), durName(o.FirstByte))
 	w("| | until all are warm | origin bytes / model | bytes between nodes |\n|---|---|---|---|\n")
 	for _, x := range []struct {
@@ -154,7 +154,7 @@ func (r *Report) fleetSection(w writer) {
 		w("| %s | %s | %s | %s |\n", x.name, fmtDurs(x.fr.Took), fmtNums(perModel(x.fr.Origin, s.Model.Bytes), "×"), fmtBytes(x.fr.Peer))
 	}
 	if d := s.All.Took.Median(); d > 0 {
-		w("\nBetween nodes the fleet moved %s while all were warming (peer bytes over that time, median run).\n", rateName(int64(s.All.Peer.Median()/d.Seconds())))
+		w("\nBetween nodes the fleet moved %s while all were warming (peer bytes over that time, median run).\n", rateName(int64(s.All.Peer.Median()/d.Seconds()/1e6)*1e6))
 	}
 }
 
@@ -188,7 +188,7 @@ func fmtBytes(n numbers) string {
 	if len(n) == 0 {
 		return "-"
 	}
-	if len(n) == 1 {
+	if n.Min() == n.Max() {
 		return mibName(n[0])
 	}
 	return fmt.Sprintf("%s (%s–%s)", mibName(n.Median()), mibName(n.Min()), mibName(n.Max()))
