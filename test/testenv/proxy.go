@@ -36,7 +36,7 @@ type Proxy struct {
 	// responses together: the origin's egress, which every stream shares
 	// (one token bucket), as a bucket's or a link's total bandwidth is.
 	TotalBytesPerSec atomic.Int64
-	egress           pacer
+	egress           Pacer
 
 	// served counts object bytes by object path and by client host.
 	served served
@@ -479,7 +479,7 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 		return c.trickleWrite(b)
 	}
 	if total := c.p.TotalBytesPerSec.Load(); total > 0 {
-		c.p.egress.take(int64(len(b)), total)
+		c.p.egress.Take(int64(len(b)), total)
 	}
 	n, err := c.ResponseWriter.Write(b)
 	c.count(n)
@@ -591,16 +591,16 @@ func (r *readAhead) Close() error {
 	return nil
 }
 
-// pacer is a token bucket shared by every stream, without a burst: each
+// Pacer is a token bucket shared by every stream, without a burst: each
 // write books its bytes' time after the writes booked before it and waits
-// until then.
-type pacer struct {
+// until then. The zero value is ready.
+type Pacer struct {
 	mu   sync.Mutex
 	next time.Time
 }
 
-// take waits until n bytes fit under rate bytes a second.
-func (p *pacer) take(n, rate int64) {
+// Take waits until n bytes fit under rate bytes a second.
+func (p *Pacer) Take(n, rate int64) {
 	d := time.Duration(float64(n) / float64(rate) * float64(time.Second))
 	p.mu.Lock()
 	now := time.Now()

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/modelcache/modelcache/test/testenv"
 )
 
 // Relay forwards TCP connections from a listener to one target and counts
@@ -32,7 +34,7 @@ type Relay struct {
 	conns  map[net.Conn]bool
 	closed bool
 	wg     sync.WaitGroup
-	pace   pacer
+	pace   testenv.Pacer // shared by the relay's connections
 }
 
 // newRelay serves ln, dialling target with dial for every connection.
@@ -107,7 +109,7 @@ func (r *Relay) copy(dst, src net.Conn, n *atomic.Int64, down bool) {
 		k, err := src.Read(buf)
 		if k > 0 {
 			if rate := r.Rate.Load(); down && rate > 0 {
-				r.pace.take(int64(k), rate)
+				r.pace.Take(int64(k), rate)
 			}
 			w, werr := dst.Write(buf[:k])
 			n.Add(int64(w))
@@ -143,24 +145,4 @@ func (r *Relay) Close() {
 	r.mu.Unlock()
 	r.ln.Close()
 	r.wg.Wait()
-}
-
-// pacer is a token bucket without a burst, shared by a relay's
-// connections.
-type pacer struct {
-	mu   sync.Mutex
-	next time.Time
-}
-
-func (p *pacer) take(n, rate int64) {
-	d := time.Duration(float64(n) / float64(rate) * float64(time.Second))
-	p.mu.Lock()
-	now := time.Now()
-	if p.next.Before(now) {
-		p.next = now
-	}
-	p.next = p.next.Add(d)
-	until := p.next
-	p.mu.Unlock()
-	time.Sleep(time.Until(until))
 }
